@@ -1,0 +1,361 @@
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cluster_core::Message;
+use mio::event::Source;
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+
+use crate::error::IpcError;
+use crate::frame::{self, DEFAULT_MAX_FRAME, Decoder, MAX_FDS_PER_FRAME};
+use crate::sys;
+
+/// Limits a channel enforces on what its peer sends.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// The largest frame body accepted (and sent).
+    pub max_frame: usize,
+    /// Whether the peer may attach fds at all. A master sets this to `false` for worker
+    /// channels: fds never flow from a worker unless a message type needs them (hazard E4).
+    pub accept_fds: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame: DEFAULT_MAX_FRAME,
+            accept_fds: true,
+        }
+    }
+}
+
+/// A message received together with the fds its frame declared.
+#[derive(Debug)]
+pub struct Received {
+    /// The message.
+    pub msg: Message,
+    /// Its fds, owned and close-on-exec.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// One frame waiting for the socket to drain. Its fds are attached only while nothing of it
+/// has been written: once the first byte is out, the fds are out too (hazard A7).
+#[derive(Debug)]
+struct Outgoing {
+    bytes: Vec<u8>,
+    written: usize,
+    fds: Vec<OwnedFd>,
+}
+
+/// One end of a non-blocking `SOCK_STREAM` Unix socketpair carrying framed [`Message`]s with
+/// fds attached.
+///
+/// # Theory of operation
+/// Sending tries `sendmsg` at once; whatever the kernel does not take is queued (with dups of
+/// its fds if none of the frame was written) and goes out on [`Channel::flush`], so `EAGAIN`
+/// loses nothing and never sends an fd twice. Receiving reads into a [`Decoder`]; every fd
+/// that arrives is owned at once and queued, and each completed frame takes exactly the number
+/// of fds its header declares. A shortfall, a surplus beyond one frame's worth, or
+/// `MSG_CTRUNC` is a protocol error: the channel must be dropped.
+///
+/// The socket is edge-triggered under mio: after a readable event call [`Channel::recv`] until
+/// it returns `Ok(None)`.
+#[derive(Debug)]
+pub struct Channel {
+    sock: UnixStream,
+    decoder: Decoder,
+    fds_in: VecDeque<OwnedFd>,
+    outq: VecDeque<Outgoing>,
+    scratch: Vec<u8>,
+    cmsg: Box<sys::CmsgBuf>,
+    limits: Limits,
+    eof: bool,
+}
+
+impl Channel {
+    /// A connected pair with default limits.
+    pub fn pair() -> Result<(Channel, Channel), IpcError> {
+        let (a, b) = UnixStream::pair()?;
+        Ok((
+            Channel::from_stream(a, Limits::default())?,
+            Channel::from_stream(b, Limits::default())?,
+        ))
+    }
+
+    /// Wraps a connected stream socket (made non-blocking here).
+    pub fn from_stream(sock: UnixStream, limits: Limits) -> Result<Channel, IpcError> {
+        sock.set_nonblocking(true)?;
+        Ok(Channel {
+            sock,
+            decoder: Decoder::new(limits.max_frame),
+            fds_in: VecDeque::new(),
+            outq: VecDeque::new(),
+            scratch: Vec::with_capacity(64),
+            cmsg: Box::new(sys::new_cmsg_buf()),
+            limits,
+            eof: false,
+        })
+    }
+
+    /// Adopts the channel a master left at fd `raw` (see [`spawn_with_channel`]), after
+    /// checking that it is an open socket.
+    pub fn from_inherited_fd(raw: RawFd, limits: Limits) -> Result<Channel, IpcError> {
+        let fd = sys::adopt_inherited_socket(raw)?;
+        Channel::from_stream(UnixStream::from(fd), limits)
+    }
+
+    /// Changes the limits (for example once a master knows which peer it talks to).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// Sends `msg` with `fds`, which must match what the message carries. The caller keeps its
+    /// fds: the kernel duplicates them into the peer. Never blocks.
+    pub fn send(&mut self, msg: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), IpcError> {
+        let allowed = msg.fds_allowed();
+        if !allowed.contains(&fds.len()) {
+            return Err(IpcError::WrongFdCount {
+                message: msg.name(),
+                allowed,
+                given: fds.len(),
+            });
+        }
+        let mut bytes = std::mem::take(&mut self.scratch);
+        bytes.clear();
+        frame::encode_into(msg, fds.len(), &mut bytes);
+        let body = bytes.len() - frame::HEADER_LEN;
+        let result = if body > self.limits.max_frame {
+            Err(IpcError::OutgoingTooLarge {
+                len: body,
+                max: self.limits.max_frame,
+            })
+        } else {
+            self.send_bytes(&bytes, fds)
+        };
+        self.scratch = bytes;
+        result
+    }
+
+    fn send_bytes(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), IpcError> {
+        if self.outq.is_empty() {
+            match sys::send_with_fds(self.sock.as_fd(), bytes, fds) {
+                Ok(n) if n == bytes.len() => return Ok(()),
+                Ok(n) => {
+                    // The fds left with the first chunk; the rest goes without them.
+                    self.outq.push_back(Outgoing {
+                        bytes: bytes.to_vec(),
+                        written: n,
+                        fds: Vec::new(),
+                    });
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Nothing of this frame is out: keep our own references to its fds until it is.
+        let owned = fds
+            .iter()
+            .map(|fd| fd.try_clone_to_owned())
+            .collect::<Result<Vec<_>, _>>()?;
+        self.outq.push_back(Outgoing {
+            bytes: bytes.to_vec(),
+            written: 0,
+            fds: owned,
+        });
+        Ok(())
+    }
+
+    /// Writes queued frames until done (`Ok(true)`) or the socket is full (`Ok(false)`: wait
+    /// for writability).
+    pub fn flush(&mut self) -> Result<bool, IpcError> {
+        while let Some(out) = self.outq.front_mut() {
+            let fds: Vec<BorrowedFd<'_>> = if out.written == 0 {
+                out.fds.iter().map(|f| f.as_fd()).collect()
+            } else {
+                Vec::new()
+            };
+            match sys::send_with_fds(self.sock.as_fd(), &out.bytes[out.written..], &fds) {
+                Ok(n) => {
+                    out.written += n;
+                    if n > 0 {
+                        out.fds.clear();
+                    }
+                    if out.written == out.bytes.len() {
+                        self.outq.pop_front();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
+    }
+
+    /// True while frames wait for the socket to drain.
+    pub fn has_pending_output(&self) -> bool {
+        !self.outq.is_empty()
+    }
+
+    /// The next message, `Ok(None)` when the socket has nothing more right now.
+    /// `Err(IpcError::Closed)` is a clean end of stream between frames.
+    pub fn recv(&mut self) -> Result<Option<Received>, IpcError> {
+        loop {
+            if let Some(frame) = self.decoder.next_frame()? {
+                if frame.n_fds > 0 && !self.limits.accept_fds {
+                    return Err(IpcError::FdsNotAllowed(frame.n_fds));
+                }
+                if self.fds_in.len() < frame.n_fds {
+                    return Err(IpcError::FdMismatch {
+                        declared: frame.n_fds,
+                        arrived: self.fds_in.len(),
+                    });
+                }
+                let fds = self.fds_in.drain(..frame.n_fds).collect();
+                return Ok(Some(Received {
+                    msg: frame.msg,
+                    fds,
+                }));
+            }
+            if self.eof {
+                return Err(match self.decoder.buffered() {
+                    0 => IpcError::Closed,
+                    n => IpcError::ClosedMidFrame(n),
+                });
+            }
+            let got = sys::recv_with_fds(
+                self.sock.as_fd(),
+                self.decoder.read_buf(),
+                &mut self.cmsg,
+                &mut self.fds_in,
+            );
+            match got {
+                Ok(r) => {
+                    if r.truncated {
+                        self.fds_in.clear();
+                        return Err(IpcError::FdsTruncated);
+                    }
+                    if !self.limits.accept_fds && !self.fds_in.is_empty() {
+                        let n = self.fds_in.len();
+                        self.fds_in.clear();
+                        return Err(IpcError::FdsNotAllowed(n));
+                    }
+                    // The kernel hands over at most one sendmsg's fds per read, and a frame is
+                    // one sendmsg, so more than two frames' worth can only be a lying peer.
+                    if self.fds_in.len() > 2 * MAX_FDS_PER_FRAME {
+                        let n = self.fds_in.len();
+                        self.fds_in.clear();
+                        return Err(IpcError::FdMismatch {
+                            declared: 0,
+                            arrived: n,
+                        });
+                    }
+                    if r.bytes == 0 {
+                        self.eof = true;
+                    } else {
+                        self.decoder.commit(r.bytes);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => self.eof = true,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Blocks until a message arrives or `timeout` passes (`None`: no limit). For simple
+    /// callers such as a worker starting up; event loops use [`Channel::recv`].
+    pub fn recv_blocking(&mut self, timeout: Option<Duration>) -> Result<Received, IpcError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if let Some(r) = self.recv()? {
+                return Ok(r);
+            }
+            self.wait(sys::POLLIN, deadline)?;
+        }
+    }
+
+    /// Sends and flushes, blocking until the frame is fully written or `timeout` passes.
+    pub fn send_blocking(
+        &mut self,
+        msg: &Message,
+        fds: &[BorrowedFd<'_>],
+        timeout: Option<Duration>,
+    ) -> Result<(), IpcError> {
+        self.send(msg, fds)?;
+        self.flush_blocking(timeout)
+    }
+
+    /// Blocks until every queued frame is written or `timeout` passes.
+    pub fn flush_blocking(&mut self, timeout: Option<Duration>) -> Result<(), IpcError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        while !self.flush()? {
+            self.wait(sys::POLLOUT, deadline)?;
+        }
+        Ok(())
+    }
+
+    fn wait(&self, events: libc::c_short, deadline: Option<Instant>) -> Result<(), IpcError> {
+        let ms = match deadline {
+            None => -1,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(IpcError::TimedOut);
+                }
+                left.as_millis().clamp(1, i32::MAX as u128) as i32
+            }
+        };
+        sys::poll_one(self.sock.as_fd(), events, ms)?;
+        Ok(())
+    }
+}
+
+impl AsFd for Channel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+}
+
+impl Source for Channel {
+    fn register(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        interests: Interest,
+    ) -> io::Result<()> {
+        SourceFd(&self.sock.as_raw_fd()).register(registry, token, interests)
+    }
+
+    fn reregister(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        interests: Interest,
+    ) -> io::Result<()> {
+        SourceFd(&self.sock.as_raw_fd()).reregister(registry, token, interests)
+    }
+
+    fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+        SourceFd(&self.sock.as_raw_fd()).deregister(registry)
+    }
+}
+
+/// Creates a channel pair and arranges for `cmd`'s child to inherit one end at fd `target`,
+/// close-on-exec cleared, and nothing else of ours. Returns the parent's end. The child's end
+/// stays open in this process until `cmd` is dropped, so drop `cmd` right after spawning:
+/// channel EOF is how each side learns that the other is gone.
+pub fn spawn_with_channel(
+    cmd: &mut Command,
+    target: RawFd,
+    limits: Limits,
+) -> Result<Channel, IpcError> {
+    let (parent, child) = UnixStream::pair()?;
+    sys::inherit_at(cmd, OwnedFd::from(child), target)?;
+    Channel::from_stream(parent, limits)
+}
