@@ -1,0 +1,4 @@
+//! cluster-cli: run a program as a cluster of workers.
+#![forbid(unsafe_code)]
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! The cluster-rs master.
+#![warn(missing_docs)]
+#![deny(unsafe_code)]
