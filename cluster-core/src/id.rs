@@ -31,3 +31,32 @@ id_type!(
     /// carry it instead of the whole key.
     ServerId(u32)
 );
+
+impl ConnId {
+    /// Bits of a connection id left for the per-server counter; the server id sits above them,
+    /// so a worker's bare `Accepted { conn }` still names the server it belongs to.
+    pub const COUNTER_BITS: u32 = 40;
+
+    /// The `n`-th connection of `server` (n wraps within [`ConnId::COUNTER_BITS`]).
+    pub fn new(server: ServerId, n: u64) -> ConnId {
+        ConnId((u64::from(server.0) << Self::COUNTER_BITS) | (n & ((1 << Self::COUNTER_BITS) - 1)))
+    }
+
+    /// The server this connection was accepted on.
+    pub fn server(self) -> ServerId {
+        ServerId((self.0 >> Self::COUNTER_BITS) as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conn_id_names_its_server() {
+        let c = ConnId::new(ServerId(77), 12345);
+        assert_eq!(c.server(), ServerId(77));
+        assert_ne!(c, ConnId::new(ServerId(78), 12345));
+        assert_eq!(ConnId::new(ServerId(1), 1 << 40), ConnId::new(ServerId(1), 0));
+    }
+}
