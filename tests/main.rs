@@ -1,1 +1,6 @@
 //! Cross-crate integration tests: real processes, real sockets on 127.0.0.1 only.
+
+mod hostile_worker;
+mod round_robin;
+mod shared_handle;
+mod util;

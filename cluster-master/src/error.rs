@@ -1,0 +1,42 @@
+use std::io;
+
+/// Errors of the master library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MasterError {
+    /// A system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the master was doing.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A pre-bound listen (`listen_fd`) could not be bound.
+    #[error(transparent)]
+    Listen(#[from] cluster_core::ListenError),
+    /// The event loop thread is gone (it panicked or already stopped).
+    #[error("the master's event loop has stopped")]
+    Stopped,
+    /// Every worker slot crashed repeatedly right after start and was given up.
+    #[error("all {slots} worker slots errored: {last}")]
+    AllSlotsErrored {
+        /// How many slots.
+        slots: usize,
+        /// The last crash seen, for the one-line reason.
+        last: String,
+    },
+    /// No worker with that id is running.
+    #[error("no worker {0}")]
+    NoSuchWorker(cluster_core::WorkerId),
+}
+
+impl MasterError {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        MasterError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,1335 @@
+//! The master's one thread: listeners, worker channels, exit notifications (pidfds), output
+//! pipes, timers and commands, all in one mio `Poll`. Every decision about connections is made
+//! by the pure [`RoundRobinHandle`]; this module carries out its actions.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::time::{Duration, Instant};
+
+use cluster_core::{
+    ConnId, ListenError, ListenSpec, Message, RefuseReason, Seq, ServerId, ServerReply, WorkerId,
+    env,
+};
+use cluster_ipc::{Channel, IpcError, Limits, Received};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::master::{Command, Event, MasterStats, WorkerInfo, WorkerState};
+use crate::round_robin::Action;
+use crate::server::{Server, ServerKind};
+use crate::supervisor::{Jitter, RestartDecision, SlotHistory};
+use crate::{MasterBuilder, MasterError, sys};
+
+/// Tokens carry a kind in the low bits and an id above them.
+const KIND_BITS: usize = 3;
+const KIND_WAKER: usize = 0;
+const KIND_LISTENER: usize = 1;
+const KIND_CHANNEL: usize = 2;
+const KIND_PIDFD: usize = 3;
+const KIND_STDOUT: usize = 4;
+const KIND_STDERR: usize = 5;
+
+fn token(kind: usize, id: u32) -> Token {
+    Token(((id as usize) << KIND_BITS) | kind)
+}
+
+fn split_token(t: Token) -> (usize, u32) {
+    (t.0 & ((1 << KIND_BITS) - 1), (t.0 >> KIND_BITS) as u32)
+}
+
+/// A line longer than this is delivered in pieces rather than buffered without bound.
+const MAX_LINE: usize = 64 * 1024;
+
+#[derive(Debug)]
+struct OutputPipe {
+    file: File,
+    buf: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct WorkerRec {
+    id: WorkerId,
+    slot: usize,
+    pid: u32,
+    child: Child,
+    pidfd: OwnedFd,
+    channel: Option<Channel>,
+    state: WorkerState,
+    exited_after_disconnect: bool,
+    /// Servers granted to it and not closed.
+    servers: Vec<ServerId>,
+    started: Instant,
+    stdout: Option<OutputPipe>,
+    stderr: Option<OutputPipe>,
+    /// SIGKILL at this instant (a disconnect that takes too long).
+    kill_at: Option<Instant>,
+    /// Hand-offs sent and not answered, and since when none was answered.
+    in_flight: usize,
+    waiting_since: Option<Instant>,
+    ready: bool,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    current: Option<WorkerId>,
+    history: SlotHistory,
+    restart_at: Option<Instant>,
+    errored: bool,
+    removed: bool,
+}
+
+#[derive(Debug)]
+struct Reload {
+    queue: std::collections::VecDeque<usize>,
+    /// (slot, new worker, old worker, deadline for the new one to listen)
+    waiting: Option<(usize, WorkerId, Option<WorkerId>, Instant)>,
+}
+
+pub(crate) struct EventLoop {
+    poll: Poll,
+    waker: Arc<Waker>,
+    cfg: MasterBuilder,
+    commands: Receiver<Command>,
+    events: Sender<Event>,
+    servers: HashMap<ServerId, Server>,
+    by_key: HashMap<cluster_core::ListenKey, ServerId>,
+    next_server: u32,
+    workers: HashMap<WorkerId, WorkerRec>,
+    slots: Vec<Slot>,
+    next_worker: u32,
+    prebound: Vec<(String, OwnedFd)>,
+    reload: Option<Reload>,
+    shutting_down: bool,
+    stats: MasterStats,
+    jitter: Jitter,
+    actions: Vec<Action<OwnedFd>>,
+    doomed: Vec<(WorkerId, String)>,
+    reserve_fd: Option<File>,
+    last_exit: String,
+    now: Instant,
+}
+
+impl EventLoop {
+    pub(crate) fn new(
+        cfg: MasterBuilder,
+        commands: Receiver<Command>,
+        events: Sender<Event>,
+    ) -> Result<EventLoop, MasterError> {
+        let poll = Poll::new().map_err(|e| MasterError::io("epoll_create", e))?;
+        let waker = Waker::new(poll.registry(), token(KIND_WAKER, 0))
+            .map_err(|e| MasterError::io("eventfd", e))?;
+        let mut prebound = Vec::new();
+        for (name, spec) in &cfg.listen_fds {
+            let bound = crate::bind::bind_spec(spec, false)?;
+            prebound.push((name.clone(), bound.fd));
+        }
+        let slots = (0..cfg.workers).map(|_| Slot::default()).collect();
+        let seed = u64::from(std::process::id()) ^ Instant::now().elapsed().as_nanos() as u64;
+        Ok(EventLoop {
+            poll,
+            waker: Arc::new(waker),
+            cfg,
+            commands,
+            events,
+            servers: HashMap::new(),
+            by_key: HashMap::new(),
+            next_server: 1,
+            workers: HashMap::new(),
+            slots,
+            next_worker: 1,
+            prebound,
+            reload: None,
+            shutting_down: false,
+            stats: MasterStats::default(),
+            jitter: Jitter::new(seed ^ 0x9e37_79b9_7f4a_7c15),
+            actions: Vec::new(),
+            doomed: Vec::new(),
+            // Kept open so that on EMFILE one fd can be freed to accept and shed a connection
+            // instead of leaving it in the backlog, where edge-triggered epoll never reports it
+            // again (hazard C1).
+            reserve_fd: File::open("/dev/null").ok(),
+            last_exit: String::new(),
+            now: Instant::now(),
+        })
+    }
+
+    pub(crate) fn waker(&self) -> Arc<Waker> {
+        Arc::clone(&self.waker)
+    }
+
+    fn emit(&self, e: Event) {
+        // Nobody listening is not an error: events are a courtesy to the owner.
+        let _ = self.events.send(e);
+    }
+
+    pub(crate) fn run(mut self) -> Result<(), MasterError> {
+        for slot in 0..self.slots.len() {
+            self.spawn_into_slot(slot);
+        }
+        let mut events = Events::with_capacity(256);
+        let result = loop {
+            let timeout = self.next_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout)
+                && e.kind() != io::ErrorKind::Interrupted {
+                    break Err(MasterError::io("epoll_wait", e));
+                }
+            self.now = Instant::now();
+            for ev in events.iter() {
+                let (kind, id) = split_token(ev.token());
+                match kind {
+                    KIND_LISTENER => self.accept_ready(ServerId(id)),
+                    KIND_CHANNEL => self.channel_ready(WorkerId(id), ev.is_writable()),
+                    KIND_PIDFD => self.reap(WorkerId(id)),
+                    KIND_STDOUT => self.output_ready(WorkerId(id), false),
+                    KIND_STDERR => self.output_ready(WorkerId(id), true),
+                    _ => {}
+                }
+                self.drop_doomed();
+            }
+            self.run_commands();
+            self.on_timers();
+            self.retry_backlogged();
+            self.drop_doomed();
+            if self.workers.is_empty() {
+                if self.shutting_down {
+                    break Ok(());
+                }
+                if self.all_slots_errored() {
+                    break Err(MasterError::AllSlotsErrored {
+                        slots: self.slots.iter().filter(|s| !s.removed).count(),
+                        last: self.last_exit.clone(),
+                    });
+                }
+            }
+        };
+        let ids: Vec<ServerId> = self.servers.keys().copied().collect();
+        for id in ids {
+            self.close_server(id);
+        }
+        let clean = result.is_ok() && self.stats.closed_unserved == 0;
+        self.emit(Event::Stopped {
+            clean: result.is_ok() && clean,
+        });
+        result
+    }
+
+    fn all_slots_errored(&self) -> bool {
+        let live: Vec<&Slot> = self.slots.iter().filter(|s| !s.removed).collect();
+        !live.is_empty() && live.iter().all(|s| s.errored)
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        for s in &self.slots {
+            consider(s.restart_at);
+        }
+        for w in self.workers.values() {
+            consider(w.kill_at);
+            consider(w.waiting_since.map(|t| t + self.cfg.ack_timeout));
+        }
+        for s in self.servers.values() {
+            if let ServerKind::RoundRobin {
+                handle, backlogged, ..
+            } = &s.kind
+            {
+                consider(handle.next_deadline());
+                if *backlogged {
+                    // Fd exhaustion or a full queue: look again soon rather than spin.
+                    consider(Some(self.now + Duration::from_millis(10)));
+                }
+            }
+        }
+        if let Some(r) = &self.reload {
+            consider(r.waiting.map(|w| w.3));
+        }
+        next.map(|t| t.saturating_duration_since(Instant::now()))
+    }
+
+    // ---------------------------------------------------------------- spawning
+
+    fn spawn_into_slot(&mut self, slot: usize) -> Option<WorkerId> {
+        match self.spawn_worker(slot) {
+            Ok(id) => {
+                if let Some(s) = self.slots.get_mut(slot) {
+                    s.current = Some(id);
+                }
+                Some(id)
+            }
+            Err(e) => {
+                // A program that cannot start is a crash at uptime zero: back off, then give up.
+                self.last_exit = format!("spawn {}: {e}", self.cfg.program.display());
+                self.on_slot_crash(slot, Duration::ZERO);
+                None
+            }
+        }
+    }
+
+    fn spawn_worker(&mut self, slot: usize) -> Result<WorkerId, MasterError> {
+        let id = WorkerId(self.next_worker);
+        self.next_worker += 1;
+        let n_listen = self.prebound.len();
+        let channel_fd = env::DEFAULT_CHANNEL_FD + n_listen as i32;
+        let mut cmd = if n_listen > 0 {
+            // LISTEN_PID must be the worker's own pid, known only after fork; a shell sets it
+            // and execs in place, so the pid is the same.
+            let mut c = std::process::Command::new("/bin/sh");
+            c.arg("-c")
+                .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"");
+            c.arg(&self.cfg.program);
+            let names: Vec<&str> = self.prebound.iter().map(|(n, _)| n.as_str()).collect();
+            c.env("LISTEN_FDS", n_listen.to_string())
+                .env("LISTEN_FDNAMES", names.join(":"));
+            c
+        } else {
+            std::process::Command::new(&self.cfg.program)
+        };
+        cmd.args(&self.cfg.args)
+            .envs(self.cfg.env.iter().map(|(k, v)| (k, v)))
+            .env(env::WORKER_ID, id.0.to_string())
+            .env(env::CHANNEL_FD, channel_fd.to_string())
+            .env(env::WORKER_SLOT, slot.to_string())
+            .stdin(Stdio::null());
+        if self.cfg.capture_output {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+        let limits = Limits {
+            max_frame: self.cfg.max_frame,
+            accept_fds: false,
+        };
+        let mut channel = cluster_ipc::spawn_with_channel(&mut cmd, channel_fd, limits)
+            .map_err(|e| MasterError::io("socketpair", e.into()))?;
+        if n_listen > 0 {
+            let fds: Vec<_> = self.prebound.iter().map(|(_, fd)| fd.as_fd()).collect();
+            sys::inherit_listen_fds(&mut cmd, &fds, env::DEFAULT_CHANNEL_FD)
+                .map_err(|e| MasterError::io("prepare LISTEN_FDS", e))?;
+        }
+        let mut child = cmd.spawn().map_err(|e| MasterError::io("spawn", e))?;
+        // Dropping the command closes our copy of the child's channel end, so that the child's
+        // exit shows up as EOF here.
+        drop(cmd);
+        let pid = child.id();
+        let pidfd = match sys::pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(MasterError::io("pidfd_open", e));
+            }
+        };
+        let reg = self.poll.registry();
+        let registered = reg
+            .register(
+                &mut channel,
+                token(KIND_CHANNEL, id.0),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .and_then(|_| {
+                reg.register(
+                    &mut SourceFd(&pidfd.as_raw_fd()),
+                    token(KIND_PIDFD, id.0),
+                    Interest::READABLE,
+                )
+            });
+        if let Err(e) = registered {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(MasterError::io("register worker", e));
+        }
+        let stdout = child
+            .stdout
+            .take()
+            .and_then(|p| self.register_pipe(OwnedFd::from(p), token(KIND_STDOUT, id.0)));
+        let stderr = child
+            .stderr
+            .take()
+            .and_then(|p| self.register_pipe(OwnedFd::from(p), token(KIND_STDERR, id.0)));
+        self.workers.insert(
+            id,
+            WorkerRec {
+                id,
+                slot,
+                pid,
+                child,
+                pidfd,
+                channel: Some(channel),
+                state: WorkerState::Spawned,
+                exited_after_disconnect: false,
+                servers: Vec::new(),
+                started: self.now,
+                stdout,
+                stderr,
+                kill_at: None,
+                in_flight: 0,
+                waiting_since: None,
+                // A LISTEN_FDS worker holds its sockets from the first instruction.
+                ready: n_listen > 0,
+            },
+        );
+        self.emit(Event::Fork {
+            worker: id,
+            slot,
+            pid,
+        });
+        Ok(id)
+    }
+
+    fn register_pipe(&self, fd: OwnedFd, tok: Token) -> Option<OutputPipe> {
+        let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).ok()?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags)).ok()?;
+        self.poll
+            .registry()
+            .register(&mut SourceFd(&fd.as_raw_fd()), tok, Interest::READABLE)
+            .ok()?;
+        Some(OutputPipe {
+            file: File::from(fd),
+            buf: Vec::new(),
+        })
+    }
+
+    // ---------------------------------------------------------------- accepting
+
+    fn accept_ready(&mut self, id: ServerId) {
+        let Some(server) = self.servers.get_mut(&id) else {
+            return;
+        };
+        let ServerKind::RoundRobin {
+            socket,
+            handle,
+            backlogged,
+        } = &mut server.kind
+        else {
+            return;
+        };
+        loop {
+            if !handle.accepting() {
+                *backlogged = true;
+                break;
+            }
+            match socket.accept_fd() {
+                Ok(fd) => {
+                    self.stats.accepted += 1;
+                    handle.distribute(fd, self.now, &mut self.actions);
+                    run_actions(
+                        id,
+                        handle,
+                        &mut self.workers,
+                        &mut self.actions,
+                        &mut self.doomed,
+                        &mut self.stats,
+                        self.now,
+                    );
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    *backlogged = false;
+                    break;
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // Shed one connection with the reserve fd so the backlog keeps moving.
+                    self.reserve_fd = None;
+                    if let Ok(fd) = socket.accept_fd() {
+                        drop(fd);
+                        self.stats.closed_unserved += 1;
+                    }
+                    self.reserve_fd = File::open("/dev/null").ok();
+                    *backlogged = true;
+                    break;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::Interrupted
+                            | io::ErrorKind::ConnectionReset
+                    ) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EPROTO | libc::EPERM | libc::ENOBUFS | libc::ENOMEM)
+                    ) =>
+                {
+                    *backlogged = true;
+                    break;
+                }
+                Err(_) => {
+                    *backlogged = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn retry_backlogged(&mut self) {
+        let ready: Vec<ServerId> = self
+            .servers
+            .values()
+            .filter(|s| matches!(&s.kind, ServerKind::RoundRobin { backlogged: true, handle, .. } if handle.accepting()))
+            .map(|s| s.id)
+            .collect();
+        for id in ready {
+            self.accept_ready(id);
+        }
+    }
+
+    // ---------------------------------------------------------------- channels
+
+    fn channel_ready(&mut self, id: WorkerId, writable: bool) {
+        if writable
+            && let Some(ch) = self.workers.get_mut(&id).and_then(|w| w.channel.as_mut())
+                && let Err(e) = ch.flush() {
+                    self.channel_failed(id, e);
+                    return;
+                }
+        self.drain_channel(id);
+    }
+
+    /// Reads every frame the worker has sent. Called on readiness and before reconciling an
+    /// exit, so that answers sent just before death are honoured (hazard A12).
+    fn drain_channel(&mut self, id: WorkerId) {
+        // Bounded so one chatty worker cannot starve the loop; edge-triggered readiness means
+        // we must come back, so a partial drain re-arms through the writable/readable edge of
+        // the next frame. 4096 frames is far above a window's worth of acks.
+        for _ in 0..4096 {
+            let Some(ch) = self.workers.get_mut(&id).and_then(|w| w.channel.as_mut()) else {
+                return;
+            };
+            match ch.recv() {
+                Ok(Some(r)) => self.on_message(id, r),
+                Ok(None) => return,
+                Err(e) => {
+                    self.channel_failed(id, e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn channel_failed(&mut self, id: WorkerId, e: IpcError) {
+        if e.is_closed() {
+            self.channel_closed(id);
+        } else {
+            self.doom(id, format!("channel error: {e}"));
+        }
+    }
+
+    fn doom(&mut self, id: WorkerId, reason: String) {
+        if !self.doomed.iter().any(|(w, _)| *w == id) {
+            self.doomed.push((id, reason));
+        }
+    }
+
+    /// Protocol violators: drop the channel with the logged reason, SIGKILL the process, and
+    /// send their connections elsewhere. The exit is reaped (and the slot restarted) as usual.
+    fn drop_doomed(&mut self) {
+        while let Some((id, reason)) = self.doomed.pop() {
+            let Some(w) = self.workers.get_mut(&id) else {
+                continue;
+            };
+            let _ = w.child.kill();
+            self.emit(Event::Dropped { worker: id, reason });
+            self.channel_closed(id);
+        }
+    }
+
+    /// The worker can no longer talk: re-queue what was in flight to it and release its
+    /// servers.
+    fn channel_closed(&mut self, id: WorkerId) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let Some(mut ch) = w.channel.take() else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut ch);
+        drop(ch);
+        w.state = WorkerState::Disconnected;
+        w.in_flight = 0;
+        w.waiting_since = None;
+        // A worker without a channel cannot be told to stop; do not let it linger.
+        if w.kill_at.is_none() {
+            w.kill_at = Some(self.now + self.cfg.shutdown_timeout);
+        }
+        let servers = std::mem::take(&mut w.servers);
+        for sid in servers {
+            self.release_server(sid, id, false);
+        }
+        self.emit(Event::Disconnect { worker: id });
+    }
+
+    /// `id` no longer holds `sid`. Its in-flight connections are re-queued; the server closes
+    /// when its last holder closed it explicitly or no worker will come back for it.
+    fn release_server(&mut self, sid: ServerId, id: WorkerId, explicit_close: bool) {
+        let replacement_coming = !self.shutting_down && !self.all_slots_errored();
+        let Some(server) = self.servers.get_mut(&sid) else {
+            return;
+        };
+        server.holders.remove(&id);
+        if let ServerKind::RoundRobin { handle, .. } = &mut server.kind {
+            let before = handle.in_flight_to(id);
+            handle.remove(id, self.now, &mut self.actions);
+            self.stats.requeued += before as u64;
+            run_actions(
+                sid,
+                handle,
+                &mut self.workers,
+                &mut self.actions,
+                &mut self.doomed,
+                &mut self.stats,
+                self.now,
+            );
+        }
+        if server.holders.is_empty() && (explicit_close || !replacement_coming) {
+            self.close_server(sid);
+        }
+    }
+
+    fn close_server(&mut self, sid: ServerId) {
+        let Some(mut server) = self.servers.remove(&sid) else {
+            return;
+        };
+        self.by_key.remove(&server.key);
+        if let ServerKind::RoundRobin { socket, handle, .. } = &mut server.kind {
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&socket.as_fd().as_raw_fd()));
+            handle.close_all(&mut self.actions);
+            run_actions(
+                sid,
+                handle,
+                &mut self.workers,
+                &mut self.actions,
+                &mut self.doomed,
+                &mut self.stats,
+                self.now,
+            );
+        }
+        for w in self.workers.values_mut() {
+            w.servers.retain(|s| *s != sid);
+        }
+    }
+
+    // ---------------------------------------------------------------- messages
+
+    fn on_message(&mut self, id: WorkerId, r: Received) {
+        match r.msg {
+            Message::Online => {
+                if let Some(w) = self.workers.get_mut(&id)
+                    && w.state == WorkerState::Spawned {
+                        w.state = WorkerState::Online;
+                    }
+                self.emit(Event::Online { worker: id });
+            }
+            Message::QueryServer { seq, spec, index } => self.query_server(id, seq, spec, index),
+            Message::Listening { server, addr } => self.on_listening(id, server, addr),
+            Message::Accepted { conn } => self.on_answer(id, conn, None),
+            Message::Refused { conn, reason } => self.on_answer(id, conn, Some(reason)),
+            Message::Close { server } => {
+                if let Some(w) = self.workers.get_mut(&id) {
+                    w.servers.retain(|s| *s != server);
+                }
+                self.release_server(server, id, true);
+            }
+            Message::ExitedAfterDisconnect => {
+                if let Some(w) = self.workers.get_mut(&id) {
+                    w.exited_after_disconnect = true;
+                    w.state = WorkerState::Disconnecting;
+                }
+                self.retire(id);
+            }
+            Message::User { payload } => self.emit(Event::Message {
+                worker: id,
+                payload,
+            }),
+            other => self.doom(
+                id,
+                format!("sent {}, which only a master may send", other.name()),
+            ),
+        }
+    }
+
+    fn reply(
+        &mut self,
+        id: WorkerId,
+        seq: Seq,
+        reply: Result<(ServerId, Option<OwnedFd>), ListenError>,
+    ) {
+        let msg_and_fd = match reply {
+            Ok((sid, fd)) => match self.servers.get(&sid) {
+                Some(s) => (
+                    Message::QueryServerReply {
+                        seq,
+                        reply: ServerReply::Granted {
+                            server: sid,
+                            addr: s.addr.clone(),
+                            grant: s.grant(),
+                        },
+                    },
+                    fd,
+                ),
+                None => return,
+            },
+            Err(e) => (
+                Message::QueryServerReply {
+                    seq,
+                    reply: ServerReply::Failed(e),
+                },
+                None,
+            ),
+        };
+        let Some(ch) = self.workers.get_mut(&id).and_then(|w| w.channel.as_mut()) else {
+            return;
+        };
+        let fds: Vec<_> = msg_and_fd.1.iter().map(|f| f.as_fd()).collect();
+        if let Err(e) = ch.send(&msg_and_fd.0, &fds) {
+            self.channel_failed(id, e);
+        }
+    }
+
+    fn query_server(&mut self, id: WorkerId, seq: Seq, spec: ListenSpec, index: u32) {
+        let Some(w) = self.workers.get(&id) else {
+            return;
+        };
+        let slot = w.slot;
+        if w.exited_after_disconnect || w.state == WorkerState::Disconnecting {
+            let e = ListenError {
+                errno: libc::ESHUTDOWN,
+                context: "worker is disconnecting".into(),
+            };
+            return self.reply(id, seq, Err(e));
+        }
+        if spec.exclusive {
+            let e = ListenError {
+                errno: libc::EINVAL,
+                context: "exclusive listens bind in the worker".into(),
+            };
+            return self.reply(id, seq, Err(e));
+        }
+        let key = spec.key(index);
+        let sid = match self.by_key.get(&key) {
+            Some(sid) => *sid,
+            None => {
+                let sid = ServerId(self.next_server);
+                match Server::bind(
+                    sid,
+                    key.clone(),
+                    &spec,
+                    self.cfg.policy,
+                    slot,
+                    &self.cfg.round_robin,
+                ) {
+                    Ok(server) => {
+                        self.next_server += 1;
+                        if let ServerKind::RoundRobin { socket, .. } = &server.kind {
+                            let raw = socket.as_fd().as_raw_fd();
+                            if let Err(e) = self.poll.registry().register(
+                                &mut SourceFd(&raw),
+                                token(KIND_LISTENER, sid.0),
+                                Interest::READABLE,
+                            ) {
+                                let e = ListenError {
+                                    errno: e.raw_os_error().unwrap_or(libc::EIO),
+                                    context: "register listener".into(),
+                                };
+                                return self.reply(id, seq, Err(e));
+                            }
+                        }
+                        self.servers.insert(sid, server);
+                        self.by_key.insert(key, sid);
+                        sid
+                    }
+                    // The key is not stored, so a later query binds afresh (Node's rule).
+                    Err(e) => return self.reply(id, seq, Err(e)),
+                }
+            }
+        };
+        let Some(server) = self.servers.get_mut(&sid) else {
+            return;
+        };
+        if server.holders.contains(&id) {
+            let e = ListenError {
+                errno: libc::EADDRINUSE,
+                context: format!("worker already listens on {}", server.key),
+            };
+            return self.reply(id, seq, Err(e));
+        }
+        let granted = server
+            .raise_backlog(spec.backlog)
+            .and_then(|_| server.socket_for(slot))
+            .and_then(|fd| {
+                fd.map(|f| f.try_clone_to_owned())
+                    .transpose()
+                    .map_err(|e| ListenError {
+                        errno: e.raw_os_error().unwrap_or(libc::EIO),
+                        context: "dup".into(),
+                    })
+            });
+        match granted {
+            Ok(fd) => {
+                server.holders.insert(id);
+                if let Some(w) = self.workers.get_mut(&id) {
+                    w.servers.push(sid);
+                }
+                self.reply(id, seq, Ok((sid, fd)));
+            }
+            Err(e) => {
+                let empty = server.holders.is_empty();
+                self.reply(id, seq, Err(e));
+                if empty {
+                    self.close_server(sid);
+                }
+            }
+        }
+    }
+
+    fn on_listening(&mut self, id: WorkerId, sid: ServerId, addr: cluster_core::BoundAddr) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if !w.servers.contains(&sid) {
+            return self.doom(
+                id,
+                format!("listening on server {sid} it was never granted"),
+            );
+        }
+        let draining = w.state == WorkerState::Disconnecting;
+        if !draining {
+            w.state = WorkerState::Listening;
+            w.ready = true;
+        }
+        // Round-robin hand-offs start only now that the worker says it takes connections, so
+        // one that listened but never serves holds nothing in flight.
+        if let Some(ServerKind::RoundRobin { handle, .. }) =
+            self.servers.get_mut(&sid).map(|s| &mut s.kind)
+            && !draining {
+                handle.add(id, &mut self.actions);
+                run_actions(
+                    sid,
+                    handle,
+                    &mut self.workers,
+                    &mut self.actions,
+                    &mut self.doomed,
+                    &mut self.stats,
+                    self.now,
+                );
+            }
+        self.emit(Event::Listening {
+            worker: id,
+            server: sid,
+            addr,
+        });
+        self.advance_reload();
+    }
+
+    fn on_answer(&mut self, id: WorkerId, conn: ConnId, refused: Option<RefuseReason>) {
+        let sid = conn.server();
+        let Some(ServerKind::RoundRobin { handle, .. }) =
+            self.servers.get_mut(&sid).map(|s| &mut s.kind)
+        else {
+            return self.doom(
+                id,
+                format!("answered hand-off {conn} of unknown server {sid}"),
+            );
+        };
+        let result = match refused {
+            None => handle.accepted(id, conn, &mut self.actions).map(drop),
+            Some(reason) => handle.refused(id, conn, reason, self.now, &mut self.actions),
+        };
+        if let Err(e) = result {
+            return self.doom(id, format!("bad answer: {e}"));
+        }
+        if refused.is_some() {
+            self.stats.refused += 1;
+        } else {
+            self.stats.taken += 1;
+        }
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.in_flight = w.in_flight.saturating_sub(1);
+            w.waiting_since = (w.in_flight > 0).then_some(self.now);
+        }
+        run_actions(
+            sid,
+            handle,
+            &mut self.workers,
+            &mut self.actions,
+            &mut self.doomed,
+            &mut self.stats,
+            self.now,
+        );
+    }
+
+    // ---------------------------------------------------------------- lifecycle
+
+    /// Stops offering connections to a worker that is leaving; what is already in flight to it
+    /// stays there until it answers, so nothing is delivered twice.
+    fn retire(&mut self, id: WorkerId) {
+        let sids = self
+            .workers
+            .get(&id)
+            .map(|w| w.servers.clone())
+            .unwrap_or_default();
+        for sid in sids {
+            if let Some(ServerKind::RoundRobin { handle, .. }) =
+                self.servers.get_mut(&sid).map(|s| &mut s.kind)
+            {
+                handle.retire(id, &mut self.actions);
+                run_actions(
+                    sid,
+                    handle,
+                    &mut self.workers,
+                    &mut self.actions,
+                    &mut self.doomed,
+                    &mut self.stats,
+                    self.now,
+                );
+            }
+        }
+    }
+
+    fn disconnect_worker(&mut self, id: WorkerId) {
+        let timeout = self.cfg.shutdown_timeout;
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if w.exited_after_disconnect && w.kill_at.is_some() {
+            return;
+        }
+        w.exited_after_disconnect = true;
+        w.state = WorkerState::Disconnecting;
+        w.kill_at = Some(self.now + timeout);
+        let sent = w
+            .channel
+            .as_mut()
+            .map(|ch| ch.send(&Message::Disconnect, &[]));
+        self.retire(id);
+        if let Some(Err(e)) = sent {
+            self.channel_failed(id, e);
+        }
+    }
+
+    fn reap(&mut self, id: WorkerId) {
+        let status = match self.workers.get_mut(&id).map(|w| w.child.try_wait()) {
+            Some(Ok(Some(status))) => status,
+            _ => return,
+        };
+        self.drain_channel(id);
+        self.drop_doomed();
+        self.channel_closed(id);
+        for stderr in [false, true] {
+            self.output_ready(id, stderr);
+        }
+        let Some(w) = self.workers.remove(&id) else {
+            return;
+        };
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&w.pidfd.as_raw_fd()));
+        use std::os::unix::process::ExitStatusExt;
+        let (code, signal) = (status.code(), status.signal());
+        let uptime = self.now.saturating_duration_since(w.started);
+        self.emit(Event::Exit {
+            worker: id,
+            slot: w.slot,
+            pid: w.pid,
+            code,
+            signal,
+            exited_after_disconnect: w.exited_after_disconnect,
+        });
+        self.last_exit = match (code, signal) {
+            (Some(c), _) => format!("worker {id} (pid {}) exited with code {c}", w.pid),
+            (_, Some(s)) => format!("worker {id} (pid {}) killed by signal {s}", w.pid),
+            _ => format!("worker {id} (pid {}) ended", w.pid),
+        };
+        // A new worker of a reload that dies before listening stops the reload.
+        if let Some(r) = &self.reload
+            && r.waiting.is_some_and(|(_, new, _, _)| new == id) {
+                self.fail_reload(format!(
+                    "new worker {id} exited before listening ({})",
+                    self.last_exit
+                ));
+            }
+        let Some(slot) = self.slots.get_mut(w.slot) else {
+            return;
+        };
+        if slot.current != Some(id) {
+            return;
+        }
+        slot.current = None;
+        if w.exited_after_disconnect || self.shutting_down || slot.removed {
+            return;
+        }
+        self.on_slot_crash(w.slot, uptime);
+    }
+
+    fn on_slot_crash(&mut self, slot: usize, uptime: Duration) {
+        if self.shutting_down {
+            return;
+        }
+        let unit = self.jitter.next_unit();
+        let policy = self.cfg.restart.clone();
+        let now = self.now;
+        let Some(s) = self.slots.get_mut(slot) else {
+            return;
+        };
+        match s.history.on_crash(&policy, uptime, now, unit) {
+            RestartDecision::RestartAt(t) => {
+                s.restart_at = Some(t);
+                self.emit(Event::Restarting {
+                    slot,
+                    after: t.saturating_duration_since(now),
+                });
+            }
+            RestartDecision::Errored { crashes } => {
+                s.errored = true;
+                let reason = format!(
+                    "{crashes} crashes in a row right after start; last: {}",
+                    self.last_exit
+                );
+                self.emit(Event::SlotErrored { slot, reason });
+                if self.all_slots_errored() {
+                    // Nobody will come back for the servers: close them now.
+                    let idle: Vec<ServerId> = self
+                        .servers
+                        .values()
+                        .filter(|s| s.holders.is_empty())
+                        .map(|s| s.id)
+                        .collect();
+                    for sid in idle {
+                        self.close_server(sid);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_timers(&mut self) {
+        let now = self.now;
+        for slot in 0..self.slots.len() {
+            let due = self.slots[slot].restart_at.is_some_and(|t| t <= now);
+            if due {
+                self.slots[slot].restart_at = None;
+                if !self.shutting_down && !self.slots[slot].removed {
+                    self.spawn_into_slot(slot);
+                }
+            }
+        }
+        let ack_timeout = self.cfg.ack_timeout;
+        let mut stuck = Vec::new();
+        for w in self.workers.values_mut() {
+            if w.kill_at.is_some_and(|t| t <= now) {
+                w.kill_at = None;
+                let _ = w.child.kill();
+            }
+            if w.waiting_since.is_some_and(|t| t + ack_timeout <= now) {
+                w.waiting_since = None;
+                stuck.push(w.id);
+            }
+        }
+        for id in stuck {
+            self.doom(
+                id,
+                format!("left a hand-off unanswered for {ack_timeout:?}"),
+            );
+        }
+        let sids: Vec<ServerId> = self.servers.keys().copied().collect();
+        for sid in sids {
+            if let Some(ServerKind::RoundRobin { handle, .. }) =
+                self.servers.get_mut(&sid).map(|s| &mut s.kind)
+                && handle.next_deadline().is_some_and(|t| t <= now) {
+                    handle.expire(now, &mut self.actions);
+                    run_actions(
+                        sid,
+                        handle,
+                        &mut self.workers,
+                        &mut self.actions,
+                        &mut self.doomed,
+                        &mut self.stats,
+                        now,
+                    );
+                }
+        }
+        if let Some(r) = &self.reload
+            && r.waiting.is_some_and(|(_, _, _, deadline)| deadline <= now) {
+                self.fail_reload("new worker did not reach listening in time".into());
+            }
+    }
+
+    // ---------------------------------------------------------------- reload
+
+    fn start_reload(&mut self) {
+        if self.reload.is_some() || self.shutting_down {
+            return;
+        }
+        let queue = (0..self.slots.len())
+            .filter(|s| !self.slots[*s].removed && !self.slots[*s].errored)
+            .collect();
+        self.reload = Some(Reload {
+            queue,
+            waiting: None,
+        });
+        self.advance_reload();
+    }
+
+    fn advance_reload(&mut self) {
+        loop {
+            let Some(r) = &mut self.reload else { return };
+            if let Some((slot, new, old, _)) = r.waiting {
+                let ready = self.workers.get(&new).is_some_and(|w| w.ready);
+                if !ready {
+                    return;
+                }
+                r.waiting = None;
+                if let Some(s) = self.slots.get_mut(slot) {
+                    s.current = Some(new);
+                }
+                if let Some(old) = old {
+                    self.disconnect_worker(old);
+                }
+                continue;
+            }
+            let Some(slot) = r.queue.pop_front() else {
+                self.reload = None;
+                self.emit(Event::ReloadDone);
+                return;
+            };
+            let old = self.slots.get(slot).and_then(|s| s.current);
+            match self.spawn_worker(slot) {
+                Ok(new) => {
+                    let deadline = self.now + self.cfg.ready_timeout;
+                    if let Some(r) = &mut self.reload {
+                        r.waiting = Some((slot, new, old, deadline));
+                    }
+                    // Until the old one is replaced the new worker is not the slot's current,
+                    // so its crash does not restart anything: the old one keeps serving.
+                }
+                Err(e) => return self.fail_reload(format!("spawn: {e}")),
+            }
+        }
+    }
+
+    fn fail_reload(&mut self, reason: String) {
+        if let Some(r) = self.reload.take() {
+            if let Some((_, new, _, _)) = r.waiting {
+                self.disconnect_worker(new);
+            }
+            self.emit(Event::ReloadFailed { reason });
+        }
+    }
+
+    // ---------------------------------------------------------------- output
+
+    fn output_ready(&mut self, id: WorkerId, stderr: bool) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let pid = w.pid;
+        let pipe = if stderr { &mut w.stderr } else { &mut w.stdout };
+        let Some(p) = pipe else { return };
+        let mut chunk = [0u8; 8192];
+        let mut lines = Vec::new();
+        let mut closed = false;
+        loop {
+            match p.file.read(&mut chunk) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => {
+                    p.buf.extend_from_slice(&chunk[..n]);
+                    while let Some(pos) = p.buf.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = p.buf.drain(..=pos).collect();
+                        lines.push(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
+                    }
+                    if p.buf.len() > MAX_LINE {
+                        lines.push(String::from_utf8_lossy(&p.buf).into_owned());
+                        p.buf.clear();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        if closed {
+            if !p.buf.is_empty() {
+                lines.push(String::from_utf8_lossy(&p.buf).into_owned());
+            }
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&p.file.as_raw_fd()));
+            *pipe = None;
+        }
+        for line in lines {
+            self.emit(Event::Output {
+                worker: id,
+                pid,
+                stderr,
+                line,
+            });
+        }
+    }
+
+    // ---------------------------------------------------------------- commands
+
+    fn run_commands(&mut self) {
+        loop {
+            let cmd = match self.commands.try_recv() {
+                Ok(c) => c,
+                Err(TryRecvError::Empty) => return,
+                // The owner is gone: nobody can stop us any more, so stop now.
+                Err(TryRecvError::Disconnected) => Command::ForceShutdown,
+            };
+            match cmd {
+                Command::Scale(n) if n > 0 => {
+                    if !self.shutting_down {
+                        self.slots.push(Slot::default());
+                        self.spawn_into_slot(self.slots.len() - 1);
+                    }
+                }
+                Command::Scale(_) => {
+                    let last = self.slots.iter().rposition(|s| !s.removed);
+                    let live = self.slots.iter().filter(|s| !s.removed).count();
+                    if let (Some(i), true) = (last, live > 1) {
+                        self.slots[i].removed = true;
+                        self.slots[i].restart_at = None;
+                        if let Some(w) = self.slots[i].current {
+                            self.disconnect_worker(w);
+                        }
+                    }
+                }
+                Command::Send(id, payload, reply) => {
+                    let r = match self.workers.get_mut(&id).and_then(|w| w.channel.as_mut()) {
+                        Some(ch) => ch
+                            .send(&Message::User { payload }, &[])
+                            .map_err(|e| MasterError::io("send to worker", e.into())),
+                        None => Err(MasterError::NoSuchWorker(id)),
+                    };
+                    let _ = reply.send(r);
+                }
+                Command::Disconnect(id) => self.disconnect_worker(id),
+                Command::Kill(id, sig) => {
+                    if let Some(w) = self.workers.get(&id)
+                        && let Ok(sig) = nix::sys::signal::Signal::try_from(sig) {
+                            // The child is not reaped until its pidfd fires, so the pid is ours.
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(w.pid as i32),
+                                sig,
+                            );
+                        }
+                }
+                Command::Reload => self.start_reload(),
+                Command::Shutdown => {
+                    self.shutting_down = true;
+                    self.reload = None;
+                    for s in &mut self.slots {
+                        s.restart_at = None;
+                    }
+                    let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+                    for id in ids {
+                        self.disconnect_worker(id);
+                    }
+                }
+                Command::ForceShutdown => {
+                    self.shutting_down = true;
+                    self.reload = None;
+                    for w in self.workers.values_mut() {
+                        w.exited_after_disconnect = true;
+                        let _ = w.child.kill();
+                    }
+                }
+                Command::Workers(reply) => {
+                    let mut list: Vec<WorkerInfo> = self
+                        .workers
+                        .values()
+                        .map(|w| WorkerInfo {
+                            id: w.id,
+                            slot: w.slot,
+                            pid: w.pid,
+                            state: w.state,
+                            in_flight: w.in_flight,
+                        })
+                        .collect();
+                    list.sort_by_key(|w| w.id);
+                    let _ = reply.send(list);
+                }
+                Command::Stats(reply) => {
+                    let mut s = self.stats.clone();
+                    s.pending = self
+                        .servers
+                        .values()
+                        .map(|sv| match &sv.kind {
+                            ServerKind::RoundRobin { handle, .. } => handle.pending_len(),
+                            _ => 0,
+                        })
+                        .sum();
+                    let _ = reply.send(s);
+                }
+            }
+        }
+    }
+}
+
+/// Carries out a handle's actions: hand-offs go out on the worker's channel with the master's
+/// fd attached (the master keeps its copy until the answer); closes drop the connection.
+fn run_actions(
+    sid: ServerId,
+    handle: &mut crate::round_robin::RoundRobinHandle<OwnedFd>,
+    workers: &mut HashMap<WorkerId, WorkerRec>,
+    actions: &mut Vec<Action<OwnedFd>>,
+    doomed: &mut Vec<(WorkerId, String)>,
+    stats: &mut MasterStats,
+    now: Instant,
+) {
+    for action in actions.drain(..) {
+        match action {
+            Action::Handoff { worker, conn } => {
+                let Some(fd) = handle.conn(conn) else {
+                    continue;
+                };
+                let sent = match workers.get_mut(&worker).and_then(|w| w.channel.as_mut()) {
+                    Some(ch) => ch
+                        .send(&Message::NewConn { server: sid, conn }, &[fd.as_fd()])
+                        .map_err(|e| e.to_string()),
+                    None => Err("channel closed".to_string()),
+                };
+                match sent {
+                    Ok(()) => {
+                        stats.handed_off += 1;
+                        if let Some(w) = workers.get_mut(&worker) {
+                            if w.in_flight == 0 {
+                                w.waiting_since = Some(now);
+                            }
+                            w.in_flight += 1;
+                        }
+                    }
+                    // The connection stays in flight to this worker in the handle; dropping
+                    // the worker re-queues it.
+                    Err(reason) => {
+                        if !doomed.iter().any(|(w, _)| *w == worker) {
+                            doomed.push((worker, format!("hand-off failed: {reason}")));
+                        }
+                    }
+                }
+            }
+            Action::Close { conn, .. } => {
+                drop(conn);
+                stats.closed_unserved += 1;
+            }
+        }
+    }
+}

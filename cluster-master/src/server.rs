@@ -1,0 +1,182 @@
+//! The server table: one entry per [`ListenKey`], holding the master's socket and, for
+//! round-robin, its [`RoundRobinHandle`].
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+
+use cluster_core::{
+    BoundAddr, ListenAddr, ListenError, ListenKey, ListenSpec, Policy, ServerGrant, ServerId,
+    WorkerId,
+};
+
+use crate::bind::{self, BoundSocket};
+use crate::round_robin::{RoundRobinConfig, RoundRobinHandle};
+
+/// The master's accepting socket of a round-robin server.
+#[derive(Debug)]
+pub(crate) enum AcceptSocket {
+    Tcp(std::net::TcpListener),
+    Unix(UnixListener),
+}
+
+impl AcceptSocket {
+    /// One `accept4` (close-on-exec). The fd goes to a worker as it is: the master never reads
+    /// from it, so its blocking mode does not matter here.
+    pub(crate) fn accept_fd(&self) -> io::Result<OwnedFd> {
+        match self {
+            AcceptSocket::Tcp(l) => l.accept().map(|(s, _)| OwnedFd::from(s)),
+            AcceptSocket::Unix(l) => l.accept().map(|(s, _)| OwnedFd::from(s)),
+        }
+    }
+
+    pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            AcceptSocket::Tcp(l) => l.as_fd(),
+            AcceptSocket::Unix(l) => l.as_fd(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum ServerKind {
+    RoundRobin {
+        socket: AcceptSocket,
+        handle: Box<RoundRobinHandle<OwnedFd>>,
+        /// Accepting stopped before `WouldBlock` (backpressure or fd exhaustion): the
+        /// edge-triggered listener will not report the connections already waiting, so the
+        /// loop must try again itself.
+        backlogged: bool,
+    },
+    Shared {
+        socket: OwnedFd,
+    },
+    ReusePort {
+        /// The spec with the resolved port, to bind further slots' sockets.
+        spec: ListenSpec,
+        /// One socket per worker slot, kept across that slot's restarts.
+        sockets: HashMap<usize, OwnedFd>,
+    },
+}
+
+#[derive(Debug)]
+pub(crate) struct Server {
+    pub id: ServerId,
+    pub key: ListenKey,
+    pub addr: BoundAddr,
+    pub backlog: u32,
+    /// Workers granted this server that have not closed it.
+    pub holders: HashSet<WorkerId>,
+    pub kind: ServerKind,
+    /// A socket path the master created and removes when the server closes.
+    pub unix_path: Option<PathBuf>,
+}
+
+impl Server {
+    /// Binds a new server for `spec` under `policy`.
+    pub(crate) fn bind(
+        id: ServerId,
+        key: ListenKey,
+        spec: &ListenSpec,
+        policy: Policy,
+        slot: usize,
+        rr: &RoundRobinConfig,
+    ) -> Result<Server, ListenError> {
+        let policy = policy.effective(spec.addr.is_udp());
+        let BoundSocket { fd, addr } = bind::bind_spec(spec, policy == Policy::ReusePort)?;
+        let unix_path = match &spec.addr {
+            ListenAddr::Unix(p) => Some(p.clone()),
+            _ => None,
+        };
+        let kind = match policy {
+            Policy::ReusePort => {
+                let mut resolved = spec.clone();
+                if let (ListenAddr::Tcp(a) | ListenAddr::Udp(a), BoundAddr::Inet(bound)) =
+                    (&mut resolved.addr, &addr)
+                {
+                    *a = *bound;
+                }
+                ServerKind::ReusePort {
+                    spec: resolved,
+                    sockets: HashMap::from([(slot, fd)]),
+                }
+            }
+            Policy::Shared => ServerKind::Shared { socket: fd },
+            _ => {
+                let socket = if unix_path.is_some() {
+                    AcceptSocket::Unix(UnixListener::from(fd))
+                } else {
+                    AcceptSocket::Tcp(std::net::TcpListener::from(fd))
+                };
+                ServerKind::RoundRobin {
+                    socket,
+                    handle: Box::new(RoundRobinHandle::new(id, *rr)),
+                    backlogged: false,
+                }
+            }
+        };
+        Ok(Server {
+            id,
+            key,
+            addr,
+            backlog: spec.backlog.unwrap_or(bind::DEFAULT_BACKLOG),
+            holders: HashSet::new(),
+            kind,
+            unix_path,
+        })
+    }
+
+    pub(crate) fn grant(&self) -> ServerGrant {
+        match self.kind {
+            ServerKind::RoundRobin { .. } => ServerGrant::RoundRobin,
+            ServerKind::Shared { .. } => ServerGrant::Shared,
+            ServerKind::ReusePort { .. } => ServerGrant::ReusePort,
+        }
+    }
+
+    /// The socket a worker in `slot` receives with its grant (none for round-robin). For
+    /// reuse-port the slot's own socket is bound on first use.
+    pub(crate) fn socket_for(
+        &mut self,
+        slot: usize,
+    ) -> Result<Option<BorrowedFd<'_>>, ListenError> {
+        match &mut self.kind {
+            ServerKind::RoundRobin { .. } => Ok(None),
+            ServerKind::Shared { socket } => Ok(Some((*socket).as_fd())),
+            ServerKind::ReusePort { spec, sockets } => {
+                if let std::collections::hash_map::Entry::Vacant(e) = sockets.entry(slot) {
+                    let bound = bind::bind_spec(spec, true)?;
+                    e.insert(bound.fd);
+                }
+                Ok(sockets.get(&slot).map(|s| s.as_fd()))
+            }
+        }
+    }
+
+    /// Applies a larger backlog asked for by a later worker (Node keeps only the first).
+    pub(crate) fn raise_backlog(&mut self, wanted: Option<u32>) -> Result<(), ListenError> {
+        let Some(wanted) = wanted else { return Ok(()) };
+        if wanted <= self.backlog {
+            return Ok(());
+        }
+        self.backlog = wanted;
+        match &self.kind {
+            ServerKind::RoundRobin { socket, .. } => bind::set_backlog(socket.as_fd(), wanted),
+            ServerKind::Shared { socket } if !self.key.addr.is_udp() => {
+                bind::set_backlog(socket.as_fd(), wanted)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // The master bound this path, so it removes it (as Node does when the server closes).
+        if let Some(p) = &self.unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

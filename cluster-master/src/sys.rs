@@ -1,0 +1,55 @@
+//! The crate's only unsafe code.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+/// A pollable fd that becomes readable when process `pid` exits (`pidfd_open(2)`, Linux 5.3).
+/// Waiting on it needs no `SIGCHLD` handler, so the master library installs no signal handler
+/// and cannot confuse a reused pid with its child (hazards D1, D7).
+pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
+    let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let raw = i32::try_from(rc).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the kernel just created `raw` for us (pidfds are always close-on-exec).
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Arranges for `fds` to be open at `first`, `first + 1`, ... in the child `cmd` spawns, without
+/// close-on-exec (systemd's `LISTEN_FDS` layout). Each fd is first duplicated above every
+/// target, so one `dup2` can never overwrite a source that a later one still needs.
+pub(crate) fn inherit_listen_fds(
+    cmd: &mut std::process::Command,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+    first: i32,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let above = first + fds.len() as i32 + 64;
+    let mut sources = Vec::with_capacity(fds.len());
+    for fd in fds {
+        // SAFETY: F_DUPFD_CLOEXEC on a borrowed, open fd; returns a new fd or -1.
+        let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, above) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just created `raw` for us.
+        sources.push(unsafe { OwnedFd::from_raw_fd(raw) });
+    }
+    let closure = move || {
+        for (i, src) in sources.iter().enumerate() {
+            // SAFETY: dup2 is async-signal-safe; the target does not get FD_CLOEXEC.
+            if unsafe { libc::dup2(src.as_raw_fd(), first + i as i32) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the closure only calls dup2 (async-signal-safe) and does not allocate.
+    unsafe { cmd.pre_exec(closure) };
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! A test worker that speaks the master protocol by hand (cluster-ipc only, no worker runtime),
+//! so tests can make it misbehave on purpose.
+//!
+//! Usage: `raw-worker LISTEN [MODE]` where LISTEN is `tcp:ADDR`, `udp:ADDR` or `unix:PATH` and
+//! MODE is one of:
+//! - `serve` (default): take every connection; write `worker <id> pid <pid>\n` and close.
+//! - `refuse`: refuse every hand-off as `MaxConnections`.
+//! - `close-listener`: announce listening, then `Close` the server and refuse hand-offs as
+//!   `ListenerClosed`.
+//! - `hold`: never answer hand-offs (a stuck worker).
+//! - `garbage-after-N`: serve N connections, then write garbage on the channel.
+//! - `crash-after-N`: serve N connections, then abort on the next hand-off without answering.
+//!
+//! `MODE@SLOT` applies MODE in that worker slot only; the others serve.
+//!
+//! It prints `LISTEN_ERROR <errno>` and exits 3 when the master refuses the listen.
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use cluster_core::{ListenSpec, Message, RefuseReason, Seq, ServerGrant, ServerReply, env};
+use cluster_ipc::{Channel, Limits};
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("raw-worker: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn parse_listen(s: &str) -> Result<ListenSpec, String> {
+    let addr = |a: &str| a.parse::<SocketAddr>().map_err(|e| format!("{a}: {e}"));
+    match s.split_once(':') {
+        Some(("tcp", a)) => Ok(ListenSpec::tcp(addr(a)?)),
+        Some(("udp", a)) => Ok(ListenSpec::udp(addr(a)?)),
+        Some(("unix", p)) => Ok(ListenSpec::unix(p)),
+        _ => Err(format!("bad listen spec {s}")),
+    }
+}
+
+fn identity(id: &str) -> String {
+    format!("worker {id} pid {}\n", std::process::id())
+}
+
+fn serve_stream(mut s: impl Read + Write, id: &str) {
+    let _ = s.write_all(identity(id).as_bytes());
+    // Read until the client closes, so the client decides when the exchange ends.
+    let mut sink = [0u8; 256];
+    let _ = s.read(&mut sink);
+}
+
+fn run() -> Result<u8, String> {
+    let args: Vec<String> = std::env::args().collect();
+    let spec = parse_listen(args.get(1).map(String::as_str).unwrap_or("tcp:127.0.0.1:0"))?;
+    let mode = args.get(2).cloned().unwrap_or_else(|| "serve".into());
+    // `MODE@SLOT` applies MODE only in that slot; the other slots serve normally.
+    let mode = match mode.split_once('@') {
+        Some((m, slot)) if std::env::var(env::WORKER_SLOT).ok().as_deref() == Some(slot) => {
+            m.to_owned()
+        }
+        Some(_) => "serve".to_owned(),
+        None => mode,
+    };
+    let id = std::env::var(env::WORKER_ID).map_err(|_| "not under a master".to_string())?;
+    let fd = std::env::var(env::CHANNEL_FD).map_err(|_| "no channel fd".to_string())?;
+    let fd = env::parse_channel_fd(&fd).map_err(|e| e.to_string())?;
+    let mut ch = Channel::from_inherited_fd(fd, Limits::default()).map_err(|e| e.to_string())?;
+    let t = Some(Duration::from_secs(10));
+    let send =
+        |ch: &mut Channel, m: &Message| ch.send_blocking(m, &[], t).map_err(|e| e.to_string());
+    send(&mut ch, &Message::Online)?;
+    send(
+        &mut ch,
+        &Message::QueryServer {
+            seq: Seq(1),
+            spec: spec.clone(),
+            index: 0,
+        },
+    )?;
+    let reply = ch.recv_blocking(t).map_err(|e| e.to_string())?;
+    let (server, addr, grant, mut fds) = match reply.msg {
+        Message::QueryServerReply {
+            reply:
+                ServerReply::Granted {
+                    server,
+                    addr,
+                    grant,
+                },
+            ..
+        } => (server, addr, grant, reply.fds),
+        Message::QueryServerReply {
+            reply: ServerReply::Failed(e),
+            ..
+        } => {
+            println!("LISTEN_ERROR {}", e.errno);
+            return Ok(3);
+        }
+        other => return Err(format!("unexpected {other:?}")),
+    };
+    send(&mut ch, &Message::Listening { server, addr })?;
+    let limit = |prefix: &str| {
+        mode.strip_prefix(prefix)
+            .and_then(|n| n.parse::<usize>().ok())
+    };
+    if mode == "close-listener" {
+        send(&mut ch, &Message::Close { server })?;
+    }
+    if grant != ServerGrant::RoundRobin {
+        let socket: OwnedFd = fds.pop().ok_or("shared grant without a socket")?;
+        return serve_shared(socket, &spec, &id, &mut ch);
+    }
+    let mut served = 0usize;
+    loop {
+        let r = match ch.recv_blocking(None) {
+            Ok(r) => r,
+            Err(_) => return Ok(0),
+        };
+        match r.msg {
+            Message::NewConn { conn, .. } => {
+                let answer = match mode.as_str() {
+                    "refuse" => Some(Message::Refused {
+                        conn,
+                        reason: RefuseReason::MaxConnections,
+                    }),
+                    "close-listener" => Some(Message::Refused {
+                        conn,
+                        reason: RefuseReason::ListenerClosed,
+                    }),
+                    "hold" => None,
+                    _ if limit("crash-after-").is_some_and(|n| served >= n) => {
+                        std::process::abort()
+                    }
+                    _ if limit("garbage-after-").is_some_and(|n| served >= n) => {
+                        use std::os::fd::AsFd;
+                        let mut raw = UnixStream::from(
+                            ch.as_fd().try_clone_to_owned().map_err(|e| e.to_string())?,
+                        );
+                        let _ = raw.write_all(&[0xff; 64]);
+                        None
+                    }
+                    _ => Some(Message::Accepted { conn }),
+                };
+                let Some(answer) = answer else { continue };
+                let accepted = matches!(answer, Message::Accepted { .. });
+                send(&mut ch, &answer)?;
+                if accepted {
+                    served += 1;
+                    if let Some(fd) = r.fds.into_iter().next() {
+                        let stream = std::net::TcpStream::from(fd);
+                        let id = id.clone();
+                        std::thread::spawn(move || serve_stream(stream, &id));
+                    }
+                }
+            }
+            Message::Disconnect => return Ok(0),
+            _ => {}
+        }
+    }
+}
+
+fn serve_shared(
+    socket: OwnedFd,
+    spec: &ListenSpec,
+    id: &str,
+    ch: &mut Channel,
+) -> Result<u8, String> {
+    // Watch the channel on a thread: its EOF or a Disconnect ends the worker.
+    let mut watcher = std::mem::replace(ch, Channel::pair().map_err(|e| e.to_string())?.0);
+    std::thread::spawn(move || {
+        while let Ok(r) = watcher.recv_blocking(None) {
+            if matches!(r.msg, Message::Disconnect) {
+                break;
+            }
+        }
+        std::process::exit(0);
+    });
+    match &spec.addr {
+        cluster_core::ListenAddr::Udp(_) => {
+            let sock = UdpSocket::from(socket);
+            sock.set_nonblocking(false).map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 1500];
+            loop {
+                let (n, from) = sock.recv_from(&mut buf).map_err(|e| e.to_string())?;
+                let mut reply = identity(id).into_bytes();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = sock.send_to(&reply, from);
+            }
+        }
+        cluster_core::ListenAddr::Unix(_) => {
+            let l = UnixListener::from(socket);
+            l.set_nonblocking(false).map_err(|e| e.to_string())?;
+            loop {
+                let (s, _) = l.accept().map_err(|e| e.to_string())?;
+                let id = id.to_owned();
+                std::thread::spawn(move || serve_stream(s, &id));
+            }
+        }
+        _ => {
+            let l = TcpListener::from(socket);
+            l.set_nonblocking(false).map_err(|e| e.to_string())?;
+            loop {
+                let (s, _) = l.accept().map_err(|e| e.to_string())?;
+                let id = id.to_owned();
+                std::thread::spawn(move || serve_stream(s, &id));
+            }
+        }
+    }
+}

@@ -1,0 +1,40 @@
+use cluster_master::{Event, MasterBuilder};
+
+use crate::util::*;
+
+#[test]
+fn garbage_on_the_channel_drops_that_worker_only() {
+    let _fds = shared_fds();
+    let mut c = Cluster::start(
+        MasterBuilder::new(raw_worker())
+            .args(["tcp:127.0.0.1:0", "garbage-after-3@0"])
+            .workers(2)
+            .restart_policy(cluster_master::RestartPolicy {
+                max_fast_crashes: 1000,
+                ..Default::default()
+            }),
+    );
+    let addr = inet(&c.wait_listening(2));
+    // Every connection is answered even while workers turn hostile and are replaced.
+    let mut served = 0;
+    for _ in 0..40 {
+        if ask_worker(addr).is_ok() {
+            served += 1;
+        }
+    }
+    let dropped = c.wait_for(WAIT, |e| matches!(e, Event::Dropped { .. }));
+    assert!(
+        matches!(&dropped, Event::Dropped { reason, .. } if reason.contains("malformed")),
+        "{dropped:?}"
+    );
+    assert_eq!(
+        served, 40,
+        "no connection lost while hostile workers were dropped"
+    );
+    // The dropped slot comes back with a new worker.
+    c.wait_for(
+        WAIT,
+        |e| matches!(e, Event::Fork { worker, slot: 0, .. } if worker.0 > 2),
+    );
+    c.stop();
+}

@@ -1,0 +1,114 @@
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cluster_core::WorkerId;
+use cluster_master::{Event, MasterBuilder};
+
+use crate::util::*;
+
+fn rr(n: usize, mode: &str) -> MasterBuilder {
+    MasterBuilder::new(raw_worker())
+        .args(["tcp:127.0.0.1:0", mode])
+        .workers(n)
+}
+
+#[test]
+fn four_workers_share_one_port_and_split_evenly() {
+    let _fds = shared_fds();
+    let mut c = Cluster::start(rr(4, "serve"));
+    let addr = inet(&c.wait_listening(4));
+    // port 0 resolved once: every worker reported the same address.
+    let ports: std::collections::HashSet<_> = c
+        .seen
+        .iter()
+        .filter_map(|e| match e {
+            Event::Listening { addr, .. } => Some(addr.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ports.len(), 1, "all workers share one port: {ports:?}");
+    let mut split: HashMap<WorkerId, usize> = HashMap::new();
+    for _ in 0..1000 {
+        *split
+            .entry(ask_worker(addr).expect("answered"))
+            .or_default() += 1;
+    }
+    assert_eq!(split.len(), 4, "{split:?}");
+    for (w, n) in &split {
+        // Sequential clients against an idle cluster: the oldest idle worker goes first, so
+        // the split is a strict rotation (within 5 % of 250).
+        assert!((238..=262).contains(n), "worker {w} served {n}: {split:?}");
+    }
+    c.stop();
+}
+
+#[test]
+fn eaddrinuse_reaches_the_worker_and_a_retry_after_release_works() {
+    let _fds = shared_fds();
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = holder.local_addr().expect("addr").port();
+    let spec = format!("tcp:127.0.0.1:{port}");
+    let mut c = Cluster::start(
+        MasterBuilder::new(raw_worker())
+            .args([spec.as_str(), "serve"])
+            .capture_output(true)
+            .restart_policy(cluster_master::RestartPolicy {
+                max_fast_crashes: 1000,
+                ..Default::default()
+            }),
+    );
+    c.wait_for(WAIT, |e| matches!(e, Event::Output { line, .. } if line == &format!("LISTEN_ERROR {}", libc::EADDRINUSE)));
+    c.wait_for(WAIT, |e| matches!(e, Event::Exit { code: Some(3), .. }));
+    drop(holder);
+    // The master did not keep the failed key: the restarted worker binds for real.
+    let addr = inet(&c.wait_listening(1));
+    assert_eq!(addr.port(), port);
+    ask_worker(addr).expect("served after the port was released");
+    c.stop();
+}
+
+#[test]
+fn a_refusing_worker_loses_no_connection() {
+    let _fds = shared_fds();
+    let mut c = Cluster::start(rr(2, "refuse@0"));
+    let addr = inet(&c.wait_listening(2));
+    let refuser = c
+        .seen
+        .iter()
+        .find_map(|e| match e {
+            Event::Fork {
+                worker, slot: 0, ..
+            } => Some(*worker),
+            _ => None,
+        })
+        .expect("slot 0 forked");
+    for _ in 0..100 {
+        let w = ask_worker(addr).expect("every connection is served");
+        assert_ne!(w, refuser, "the refusing worker never serves");
+    }
+    let stats = c.master().stats().expect("stats");
+    assert!(stats.refused >= 1, "{stats:?}");
+    assert_eq!(stats.closed_unserved, 0, "{stats:?}");
+    c.stop();
+}
+
+#[test]
+fn when_every_worker_refuses_the_connection_is_closed_not_hung() {
+    let _fds = shared_fds();
+    let mut c = Cluster::start(rr(2, "refuse"));
+    let addr = inet(&c.wait_listening(2));
+    let started = std::time::Instant::now();
+    let r = ask_worker(addr);
+    assert!(
+        r.is_err(),
+        "nobody serves, so the client sees a close: {r:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "closed after the retry limit, not hung"
+    );
+    let stats = c.master().stats().expect("stats");
+    assert!(stats.refused >= 2, "{stats:?}");
+    assert_eq!(stats.closed_unserved, 1, "{stats:?}");
+    c.stop();
+}

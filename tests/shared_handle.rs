@@ -1,0 +1,82 @@
+use std::collections::HashSet;
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use cluster_core::Policy;
+use cluster_master::MasterBuilder;
+
+use crate::util::*;
+
+#[test]
+fn udp_four_workers_bound_through_the_master_all_receive() {
+    let _fds = shared_fds();
+    let mut c = Cluster::start(
+        MasterBuilder::new(raw_worker())
+            .args(["udp:127.0.0.1:0"])
+            .workers(4),
+    );
+    let addr = inet(&c.wait_listening(4));
+    let mut seen = HashSet::new();
+    // The kernel wakes whichever worker it likes; many sends from distinct sockets reach all.
+    for i in 0..400 {
+        let client = UdpSocket::bind("127.0.0.1:0").expect("client");
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        client
+            .send_to(format!("ping {i}").as_bytes(), addr)
+            .expect("send");
+        let mut buf = [0u8; 256];
+        let (n, _) = client.recv_from(&mut buf).expect("reply");
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let id = text
+            .split_whitespace()
+            .nth(1)
+            .map(str::to_owned)
+            .expect("id");
+        seen.insert(id);
+        if seen.len() == 4 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 4, "every worker received datagrams: {seen:?}");
+    c.stop();
+}
+
+#[test]
+fn shared_policy_tcp_every_worker_accepts() {
+    let _fds = shared_fds();
+    let mut c = Cluster::start(
+        MasterBuilder::new(raw_worker())
+            .args(["tcp:127.0.0.1:0"])
+            .workers(2)
+            .policy(Policy::Shared),
+    );
+    let addr = inet(&c.wait_listening(2));
+    for _ in 0..50 {
+        ask_worker(addr).expect("served");
+    }
+    c.stop();
+}
+
+#[test]
+fn reuseport_policy_serves() {
+    let _fds = shared_fds();
+    let mut c = Cluster::start(
+        MasterBuilder::new(raw_worker())
+            .args(["tcp:127.0.0.1:0"])
+            .workers(2)
+            .policy(Policy::ReusePort),
+    );
+    let addr = inet(&c.wait_listening(2));
+    let mut seen = HashSet::new();
+    for _ in 0..200 {
+        seen.insert(ask_worker(addr).expect("served"));
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "the kernel spreads reuse-port connections: {seen:?}"
+    );
+    c.stop();
+}

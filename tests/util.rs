@@ -1,0 +1,160 @@
+//! The fixture: a master in this process, events awaited against deadlines, children killed
+//! and reaped by the master on drop.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use cluster_core::{BoundAddr, WorkerId};
+use cluster_master::{Event, Master, MasterBuilder};
+
+/// Tests that count this process's fds take the write side; every other test the read side,
+/// so no test opens fds while a count is being compared.
+static FD_LOCK: RwLock<()> = RwLock::new(());
+
+pub fn shared_fds() -> RwLockReadGuard<'static, ()> {
+    FD_LOCK.read().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn exclusive_fds() -> RwLockWriteGuard<'static, ()> {
+    FD_LOCK.write().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn fd_count() -> usize {
+    // The directory handle itself is one entry.
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count().saturating_sub(1))
+        .unwrap_or(0)
+}
+
+pub fn raw_worker() -> &'static str {
+    env!("CARGO_BIN_EXE_raw-worker")
+}
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct Cluster {
+    pub master: Option<Master>,
+    pub seen: Vec<Event>,
+}
+
+impl Cluster {
+    pub fn start(builder: MasterBuilder) -> Cluster {
+        Cluster {
+            master: Some(builder.start().expect("master starts")),
+            seen: Vec::new(),
+        }
+    }
+
+    pub fn master(&self) -> &Master {
+        self.master.as_ref().expect("master running")
+    }
+
+    /// The next event matching `pred`, within `timeout`; every event seen is kept in `seen`.
+    pub fn wait_for(&mut self, timeout: Duration, mut pred: impl FnMut(&Event) -> bool) -> Event {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "timed out; events so far: {:#?}",
+                self.seen
+            );
+            match self.master().events().recv_timeout(left) {
+                Ok(e) => {
+                    self.seen.push(e.clone());
+                    if pred(&e) {
+                        return e;
+                    }
+                }
+                Err(_) => panic!(
+                    "no matching event in {timeout:?}; events so far: {:#?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
+    /// Waits until `n` distinct workers announced listening; returns the address.
+    pub fn wait_listening(&mut self, n: usize) -> BoundAddr {
+        let mut workers = std::collections::HashSet::new();
+        let mut addr = None;
+        for e in &self.seen {
+            if let Event::Listening {
+                worker, addr: a, ..
+            } = e
+            {
+                workers.insert(*worker);
+                addr = Some(a.clone());
+            }
+        }
+        let mut guard = 0;
+        while workers.len() < n {
+            guard += 1;
+            assert!(guard < 1000, "too many events");
+            if let Event::Listening {
+                worker, addr: a, ..
+            } = self.wait_for(WAIT, |e| matches!(e, Event::Listening { .. }))
+            {
+                workers.insert(worker);
+                addr = Some(a);
+            }
+        }
+        addr.expect("listening address")
+    }
+
+    pub fn stop(mut self) {
+        if let Some(m) = self.master.take() {
+            m.shutdown().expect("shutdown");
+            let deadline = Instant::now() + WAIT;
+            while Instant::now() < deadline {
+                match m.events().recv_timeout(Duration::from_millis(100)) {
+                    Ok(Event::Stopped { .. }) => break,
+                    Ok(e) => self.seen.push(e),
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                    Err(_) => {}
+                }
+            }
+            m.wait().expect("master stops cleanly");
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(m) = self.master.take() {
+            let _ = m.force_shutdown();
+            drop(m);
+        }
+    }
+}
+
+pub fn inet(addr: &BoundAddr) -> SocketAddr {
+    match addr {
+        BoundAddr::Inet(a) => *a,
+        other => panic!("not an inet address: {other:?}"),
+    }
+}
+
+/// Connects, reads the raw worker's identity line (`worker <id> pid <pid>`), returns the id.
+pub fn ask_worker(addr: SocketAddr) -> std::io::Result<WorkerId> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 128 {
+        match s.read(&mut byte)? {
+            0 => break,
+            _ if byte[0] == b'\n' => break,
+            _ => line.push(byte[0]),
+        }
+    }
+    let _ = s.write_all(b"bye");
+    let text = String::from_utf8_lossy(&line);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|id| id.parse().ok())
+        .map(WorkerId)
+        .ok_or_else(|| std::io::Error::other(format!("unexpected reply {text:?}")))
+}
