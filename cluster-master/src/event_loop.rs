@@ -175,9 +175,10 @@ impl EventLoop {
         let result = loop {
             let timeout = self.next_timeout();
             if let Err(e) = self.poll.poll(&mut events, timeout)
-                && e.kind() != io::ErrorKind::Interrupted {
-                    break Err(MasterError::io("epoll_wait", e));
-                }
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                break Err(MasterError::io("epoll_wait", e));
+            }
             self.now = Instant::now();
             for ev in events.iter() {
                 let (kind, id) = split_token(ev.token());
@@ -486,10 +487,11 @@ impl EventLoop {
     fn channel_ready(&mut self, id: WorkerId, writable: bool) {
         if writable
             && let Some(ch) = self.workers.get_mut(&id).and_then(|w| w.channel.as_mut())
-                && let Err(e) = ch.flush() {
-                    self.channel_failed(id, e);
-                    return;
-                }
+            && let Err(e) = ch.flush()
+        {
+            self.channel_failed(id, e);
+            return;
+        }
         self.drain_channel(id);
     }
 
@@ -575,9 +577,16 @@ impl EventLoop {
         };
         server.holders.remove(&id);
         if let ServerKind::RoundRobin { handle, .. } = &mut server.kind {
-            let before = handle.in_flight_to(id);
+            let held = handle.in_flight_to(id);
+            let requeued_before = handle.stats().requeued_on_remove;
             handle.remove(id, self.now, &mut self.actions);
-            self.stats.requeued += before as u64;
+            self.stats.requeued += handle.stats().requeued_on_remove - requeued_before;
+            if let Some(w) = self.workers.get_mut(&id) {
+                w.in_flight = w.in_flight.saturating_sub(held);
+                if w.in_flight == 0 {
+                    w.waiting_since = None;
+                }
+            }
             run_actions(
                 sid,
                 handle,
@@ -625,9 +634,10 @@ impl EventLoop {
         match r.msg {
             Message::Online => {
                 if let Some(w) = self.workers.get_mut(&id)
-                    && w.state == WorkerState::Spawned {
-                        w.state = WorkerState::Online;
-                    }
+                    && w.state == WorkerState::Spawned
+                {
+                    w.state = WorkerState::Online;
+                }
                 self.emit(Event::Online { worker: id });
             }
             Message::QueryServer { seq, spec, index } => self.query_server(id, seq, spec, index),
@@ -811,18 +821,19 @@ impl EventLoop {
         // one that listened but never serves holds nothing in flight.
         if let Some(ServerKind::RoundRobin { handle, .. }) =
             self.servers.get_mut(&sid).map(|s| &mut s.kind)
-            && !draining {
-                handle.add(id, &mut self.actions);
-                run_actions(
-                    sid,
-                    handle,
-                    &mut self.workers,
-                    &mut self.actions,
-                    &mut self.doomed,
-                    &mut self.stats,
-                    self.now,
-                );
-            }
+            && !draining
+        {
+            handle.add(id, &mut self.actions);
+            run_actions(
+                sid,
+                handle,
+                &mut self.workers,
+                &mut self.actions,
+                &mut self.doomed,
+                &mut self.stats,
+                self.now,
+            );
+        }
         self.emit(Event::Listening {
             worker: id,
             server: sid,
@@ -836,17 +847,20 @@ impl EventLoop {
         let Some(ServerKind::RoundRobin { handle, .. }) =
             self.servers.get_mut(&sid).map(|s| &mut s.kind)
         else {
-            return self.doom(
-                id,
-                format!("answered hand-off {conn} of unknown server {sid}"),
-            );
+            // The server closed while the answer was on its way.
+            self.stats.stray_answers += 1;
+            return;
         };
         let result = match refused {
             None => handle.accepted(id, conn, &mut self.actions).map(drop),
             Some(reason) => handle.refused(id, conn, reason, self.now, &mut self.actions),
         };
-        if let Err(e) = result {
-            return self.doom(id, format!("bad answer: {e}"));
+        if result.is_err() {
+            // An answer for a hand-off this worker no longer holds: it closed that server (the
+            // connection was re-queued then). The handle ignored it, so it cannot cause a
+            // double delivery; counting it is enough.
+            self.stats.stray_answers += 1;
+            return;
         }
         if refused.is_some() {
             self.stats.refused += 1;
@@ -953,12 +967,13 @@ impl EventLoop {
         };
         // A new worker of a reload that dies before listening stops the reload.
         if let Some(r) = &self.reload
-            && r.waiting.is_some_and(|(_, new, _, _)| new == id) {
-                self.fail_reload(format!(
-                    "new worker {id} exited before listening ({})",
-                    self.last_exit
-                ));
-            }
+            && r.waiting.is_some_and(|(_, new, _, _)| new == id)
+        {
+            self.fail_reload(format!(
+                "new worker {id} exited before listening ({})",
+                self.last_exit
+            ));
+        }
         let Some(slot) = self.slots.get_mut(w.slot) else {
             return;
         };
@@ -1046,23 +1061,25 @@ impl EventLoop {
         for sid in sids {
             if let Some(ServerKind::RoundRobin { handle, .. }) =
                 self.servers.get_mut(&sid).map(|s| &mut s.kind)
-                && handle.next_deadline().is_some_and(|t| t <= now) {
-                    handle.expire(now, &mut self.actions);
-                    run_actions(
-                        sid,
-                        handle,
-                        &mut self.workers,
-                        &mut self.actions,
-                        &mut self.doomed,
-                        &mut self.stats,
-                        now,
-                    );
-                }
+                && handle.next_deadline().is_some_and(|t| t <= now)
+            {
+                handle.expire(now, &mut self.actions);
+                run_actions(
+                    sid,
+                    handle,
+                    &mut self.workers,
+                    &mut self.actions,
+                    &mut self.doomed,
+                    &mut self.stats,
+                    now,
+                );
+            }
         }
         if let Some(r) = &self.reload
-            && r.waiting.is_some_and(|(_, _, _, deadline)| deadline <= now) {
-                self.fail_reload("new worker did not reach listening in time".into());
-            }
+            && r.waiting.is_some_and(|(_, _, _, deadline)| deadline <= now)
+        {
+            self.fail_reload("new worker did not reach listening in time".into());
+        }
     }
 
     // ---------------------------------------------------------------- reload
@@ -1224,13 +1241,12 @@ impl EventLoop {
                 Command::Disconnect(id) => self.disconnect_worker(id),
                 Command::Kill(id, sig) => {
                     if let Some(w) = self.workers.get(&id)
-                        && let Ok(sig) = nix::sys::signal::Signal::try_from(sig) {
-                            // The child is not reaped until its pidfd fires, so the pid is ours.
-                            let _ = nix::sys::signal::kill(
-                                nix::unistd::Pid::from_raw(w.pid as i32),
-                                sig,
-                            );
-                        }
+                        && let Ok(sig) = nix::sys::signal::Signal::try_from(sig)
+                    {
+                        // The child is not reaped until its pidfd fires, so the pid is ours.
+                        let _ =
+                            nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid as i32), sig);
+                    }
                 }
                 Command::Reload => self.start_reload(),
                 Command::Shutdown => {

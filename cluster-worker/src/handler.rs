@@ -81,3 +81,36 @@ pub trait SessionFactory: Send + Sync + 'static {
     /// A new session for a connection the worker just took.
     fn new_session(&self, info: &ConnInfo) -> Self::Session;
 }
+
+impl mio::event::Source for Conn {
+    fn register(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+        interests: mio::Interest,
+    ) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.register(registry, token, interests),
+            Conn::Unix(s) => s.register(registry, token, interests),
+        }
+    }
+
+    fn reregister(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+        interests: mio::Interest,
+    ) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.reregister(registry, token, interests),
+            Conn::Unix(s) => s.reregister(registry, token, interests),
+        }
+    }
+
+    fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.deregister(registry),
+            Conn::Unix(s) => s.deregister(registry),
+        }
+    }
+}

@@ -9,6 +9,7 @@
 //!   `ListenerClosed`.
 //! - `hold`: never answer hand-offs (a stuck worker).
 //! - `garbage-after-N`: serve N connections, then write garbage on the channel.
+//! - `fail-if-exists:PATH`: exit 4 before listening when PATH exists, serve otherwise.
 //! - `crash-after-N`: serve N connections, then abort on the next hand-off without answering.
 //!
 //! `MODE@SLOT` applies MODE in that worker slot only; the others serve.
@@ -71,6 +72,11 @@ fn run() -> Result<u8, String> {
     let fd = std::env::var(env::CHANNEL_FD).map_err(|_| "no channel fd".to_string())?;
     let fd = env::parse_channel_fd(&fd).map_err(|e| e.to_string())?;
     let mut ch = Channel::from_inherited_fd(fd, Limits::default()).map_err(|e| e.to_string())?;
+    if let Some(path) = mode.strip_prefix("fail-if-exists:")
+        && std::path::Path::new(path).exists()
+    {
+        return Ok(4);
+    }
     let t = Some(Duration::from_secs(10));
     let send =
         |ch: &mut Channel, m: &Message| ch.send_blocking(m, &[], t).map_err(|e| e.to_string());

@@ -1,0 +1,480 @@
+use std::collections::HashSet;
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use cluster_core::{Message, RefuseReason, ServerId};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use parking_lot::Mutex;
+
+use crate::handler::{ConnInfo, Session, SessionFactory};
+use crate::listener::{Listener, Sock};
+use crate::pool::{Pool, Shared};
+use crate::stream::Stream;
+use crate::sys;
+use crate::worker::{DisconnectBy, Worker};
+
+pub(crate) type BlockingFn = Arc<dyn Fn(Stream, ConnInfo) + Send + Sync + 'static>;
+
+/// An object-safe [`SessionFactory`].
+pub(crate) trait DynFactory: Send + Sync + 'static {
+    fn make(&self, info: &ConnInfo) -> Box<dyn Session>;
+}
+
+impl<F: SessionFactory> DynFactory for F {
+    fn make(&self, info: &ConnInfo) -> Box<dyn Session> {
+        Box::new(self.new_session(info))
+    }
+}
+
+pub(crate) enum HandlerKind {
+    Sessions(Arc<dyn DynFactory>),
+    Blocking(BlockingFn),
+}
+
+/// What serves each connection.
+pub struct Handler(pub(crate) HandlerKind);
+
+impl Handler {
+    /// Event-driven sessions, spread over [`ServeConfig::threads`] session threads.
+    pub fn sessions<F: SessionFactory>(factory: F) -> Handler {
+        Handler(HandlerKind::Sessions(Arc::new(factory)))
+    }
+
+    /// A blocking function per connection, run on a pool of [`ServeConfig::threads`] threads
+    /// fed through a queue of [`ServeConfig::queue`] connections.
+    pub fn blocking<F>(f: F) -> Handler
+    where
+        F: Fn(Stream, ConnInfo) + Send + Sync + 'static,
+    {
+        Handler(HandlerKind::Blocking(Arc::new(f)))
+    }
+}
+
+impl fmt::Debug for Handler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.0 {
+            HandlerKind::Sessions(_) => "Handler::Sessions",
+            HandlerKind::Blocking(_) => "Handler::Blocking",
+        })
+    }
+}
+
+/// A trigger that makes a running serve drain and return [`ServeOutcome::Stopped`]; the way
+/// to stop a standalone server (a worker under a master uses [`Worker::disconnect`]).
+#[derive(Clone, Default)]
+pub struct Shutdown(Arc<ShutdownInner>);
+
+#[derive(Default)]
+struct ShutdownInner {
+    flag: AtomicBool,
+    waker: Mutex<Option<Arc<Waker>>>,
+}
+
+impl Shutdown {
+    /// A trigger not yet pulled.
+    pub fn new() -> Shutdown {
+        Shutdown::default()
+    }
+
+    /// Pulls the trigger; idempotent, callable from any thread.
+    pub fn trigger(&self) {
+        self.0.flag.store(true, Ordering::Release);
+        if let Some(w) = &*self.0.waker.lock() {
+            let _ = w.wake();
+        }
+    }
+
+    /// True once triggered.
+    pub fn is_triggered(&self) -> bool {
+        self.0.flag.load(Ordering::Acquire)
+    }
+
+    fn attach(&self, waker: Option<Arc<Waker>>) {
+        *self.0.waker.lock() = waker;
+    }
+}
+
+impl fmt::Debug for Shutdown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Shutdown")
+            .field(&self.is_triggered())
+            .finish()
+    }
+}
+
+type OnMessage = Arc<dyn Fn(Vec<u8>) + Send + Sync + 'static>;
+
+/// How [`Worker::serve`] runs. Build with the chained setters from [`ServeConfig::new`].
+#[derive(Clone)]
+pub struct ServeConfig {
+    threads: Option<usize>,
+    max_connections: Option<usize>,
+    queue: usize,
+    drain_timeout: Duration,
+    on_message: Option<OnMessage>,
+    shutdown: Option<Shutdown>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            threads: None,
+            max_connections: None,
+            queue: 64,
+            drain_timeout: Duration::from_secs(30),
+            on_message: None,
+            shutdown: None,
+        }
+    }
+}
+
+impl fmt::Debug for ServeConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServeConfig")
+            .field("threads", &self.threads)
+            .field("max_connections", &self.max_connections)
+            .field("queue", &self.queue)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("on_message", &self.on_message.as_ref().map(|_| "Fn"))
+            .field("shutdown", &self.shutdown)
+            .finish()
+    }
+}
+
+impl ServeConfig {
+    /// The defaults: threads = available parallelism (sessions) or 4x that (blocking), no
+    /// connection limit, a queue of 64, a 30 s drain.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Session threads, or blocking handler threads.
+    pub fn threads(mut self, n: usize) -> Self {
+        self.threads = Some(n.max(1));
+        self
+    }
+
+    /// Connections taken at once; beyond it hand-offs are refused with `MaxConnections` and
+    /// shared listeners leave connections in the kernel backlog.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = Some(n);
+        self
+    }
+
+    /// The blocking pool's queue of connections waiting for a thread. When it is full the
+    /// worker refuses hand-offs (`MaxConnections`) rather than hold them.
+    pub fn queue(mut self, n: usize) -> Self {
+        self.queue = n.max(1);
+        self
+    }
+
+    /// How long a drain waits for open connections before closing them.
+    pub fn drain_timeout(mut self, d: Duration) -> Self {
+        self.drain_timeout = d;
+        self
+    }
+
+    /// Called on the serve thread for each user message from the master.
+    pub fn on_message<F>(mut self, f: F) -> Self
+    where
+        F: Fn(Vec<u8>) + Send + Sync + 'static,
+    {
+        self.on_message = Some(Arc::new(f));
+        self
+    }
+
+    /// A trigger that stops the serve (drain, then return [`ServeOutcome::Stopped`]).
+    pub fn shutdown(mut self, s: &Shutdown) -> Self {
+        self.shutdown = Some(s.clone());
+        self
+    }
+
+    fn thread_count(&self, blocking: bool) -> usize {
+        self.threads.unwrap_or_else(|| {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            if blocking { (n * 4).max(4) } else { n }
+        })
+    }
+}
+
+/// Why a serve returned. Every case means "exit now"; a worker binary exits 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServeOutcome {
+    /// The master sent `Disconnect`.
+    MasterDisconnect,
+    /// Worker code called [`Worker::disconnect`].
+    WorkerDisconnect,
+    /// The channel to the master closed or broke: the master is gone.
+    MasterGone,
+    /// The [`Shutdown`] trigger was pulled.
+    Stopped,
+}
+
+const CHANNEL: Token = Token(0);
+const WAKE: Token = Token(1);
+const FIRST_LISTENER: usize = 2;
+/// How long to leave connections in the backlog when at capacity; the next try is cheap.
+const FULL_RETRY: Duration = Duration::from_millis(10);
+/// Back-off after `EMFILE`-like accept errors (hazard C1), as asyncio does.
+const EXHAUSTED_RETRY: Duration = Duration::from_millis(100);
+/// How long the final flush of the channel may take.
+const FINAL_FLUSH: Duration = Duration::from_secs(1);
+
+struct Local {
+    listener: Listener,
+    needs_accept: bool,
+}
+
+pub(crate) fn run(
+    worker: Option<&Worker>,
+    listeners: Vec<Listener>,
+    handler: Handler,
+    cfg: ServeConfig,
+) -> io::Result<ServeOutcome> {
+    let mut poll = Poll::new()?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+    let shared = Arc::new(Shared::new(waker.clone()));
+    let blocking = matches!(handler.0, HandlerKind::Blocking(_));
+    let mut pool = Pool::start(
+        &handler.0,
+        cfg.thread_count(blocking),
+        cfg.queue,
+        shared.clone(),
+    )?;
+    if let Some(s) = &cfg.shutdown {
+        s.attach(Some(waker.clone()));
+    }
+
+    let mut served_rr: HashSet<ServerId> = HashSet::new();
+    let mut rr_listeners = Vec::new();
+    let mut locals: Vec<Option<Local>> = Vec::new();
+    for l in listeners {
+        l.announce()?;
+        match l.sock {
+            Sock::RoundRobin { .. } => {
+                if let Some(s) = l.server {
+                    served_rr.insert(s);
+                }
+                rr_listeners.push(l);
+            }
+            Sock::Tcp(_) | Sock::Unix(_) => {
+                let token = Token(FIRST_LISTENER + locals.len());
+                let mut l = l;
+                mio::event::Source::register(&mut l, poll.registry(), token, Interest::READABLE)?;
+                // Connections may already wait: their edge came before registration.
+                locals.push(Some(Local {
+                    listener: l,
+                    needs_accept: true,
+                }));
+            }
+        }
+    }
+    if let Some(w) = worker {
+        let mut st = w.inner.state.lock();
+        st.loop_waker = Some(waker.clone());
+        if let Some(chan) = st.channel_mut() {
+            poll.registry()
+                .register(chan, CHANNEL, Interest::READABLE | Interest::WRITABLE)?;
+        }
+    }
+
+    let mut events = Events::with_capacity(128);
+    let mut outcome: Option<ServeOutcome> = None;
+    let mut drain_deadline: Option<Instant> = None;
+    let mut pause_until: Option<Instant> = None;
+    let at_capacity = |pool: &Pool| {
+        cfg.max_connections
+            .is_some_and(|m| shared.live.load(Ordering::Acquire) >= m)
+            || !pool.can_take()
+    };
+
+    loop {
+        // The channel: hand-offs are answered here, before any client byte is read.
+        if let Some(w) = worker {
+            let (user, stop) = {
+                let mut st = w.inner.state.lock();
+                st.pump();
+                for &server in &served_rr {
+                    while let Some((conn, fd)) = st.take_pending(server) {
+                        let reason = if st.draining {
+                            Some(RefuseReason::Draining)
+                        } else if at_capacity(&pool) {
+                            Some(RefuseReason::MaxConnections)
+                        } else if w.over_fd_mark(&fd) {
+                            Some(RefuseReason::FdLimit)
+                        } else {
+                            None
+                        };
+                        if let Some(reason) = reason {
+                            st.refuse(conn, reason);
+                            continue;
+                        }
+                        let Ok(stream) = sys::stream_from_fd(fd) else {
+                            st.refuse(conn, RefuseReason::FdLost);
+                            continue;
+                        };
+                        if st.send(&Message::Accepted { conn }).is_err() {
+                            // The master is gone and will not re-route: serve it anyway.
+                        }
+                        let info = ConnInfo {
+                            server: Some(server),
+                            peer: stream.peer_addr(),
+                        };
+                        pool.dispatch(stream, info);
+                    }
+                }
+                st.flush();
+                let closed = st.gone || st.channel_mut().is_none();
+                let stop = match st.disconnect {
+                    Some(DisconnectBy::Master) => Some(ServeOutcome::MasterDisconnect),
+                    Some(DisconnectBy::Worker) => Some(ServeOutcome::WorkerDisconnect),
+                    None if closed => Some(ServeOutcome::MasterGone),
+                    None => None,
+                };
+                (st.take_user(), stop)
+            };
+            if let Some(cb) = &cfg.on_message {
+                for p in user {
+                    cb(p);
+                }
+            }
+            if let (Some(o), None) = (stop, outcome) {
+                outcome = Some(o);
+            }
+        }
+        if outcome.is_none() && cfg.shutdown.as_ref().is_some_and(Shutdown::is_triggered) {
+            if let Some(w) = worker {
+                // Leaving on our own: tell the master it is not a crash.
+                let _ = w.disconnect();
+            }
+            outcome = Some(ServeOutcome::Stopped);
+        }
+
+        if outcome.is_some() && drain_deadline.is_none() {
+            drain_deadline = Some(Instant::now() + cfg.drain_timeout);
+            begin_drain(
+                worker,
+                &mut poll,
+                &mut rr_listeners,
+                &mut locals,
+                &served_rr,
+            );
+            pool.drain();
+        }
+
+        // Real listening sockets: accept until WouldBlock (edge-triggered), unless full.
+        let now = Instant::now();
+        if outcome.is_none() && pause_until.is_none_or(|t| now >= t) {
+            pause_until = None;
+            'listeners: for local in locals.iter_mut().flatten() {
+                while local.needs_accept {
+                    if at_capacity(&pool) {
+                        pause_until = Some(now + FULL_RETRY);
+                        break 'listeners;
+                    }
+                    match local.listener.sock.accept_local(local.listener.server) {
+                        Ok((stream, info)) => pool.dispatch(stream, info),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            local.needs_accept = false
+                        }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                            ) => {}
+                        Err(e) => {
+                            if !sys::is_resource_exhaustion(&e) {
+                                eprintln!("cluster-worker: accept failed: {e}");
+                            }
+                            pause_until = Some(now + EXHAUSTED_RETRY);
+                            break 'listeners;
+                        }
+                    }
+                }
+            }
+        }
+
+        if let Some(deadline) = drain_deadline {
+            let live = shared.live.load(Ordering::Acquire);
+            if live == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                eprintln!("cluster-worker: drain timed out with {live} connections open");
+                break;
+            }
+        }
+
+        let wake_at = [pause_until, drain_deadline].into_iter().flatten().min();
+        let timeout = wake_at.map(|t| t.saturating_duration_since(Instant::now()));
+        if let Err(e) = poll.poll(&mut events, timeout)
+            && e.kind() != io::ErrorKind::Interrupted
+        {
+            return Err(e);
+        }
+        for ev in events.iter() {
+            if let Some(i) = ev.token().0.checked_sub(FIRST_LISTENER)
+                && let Some(Some(local)) = locals.get_mut(i)
+            {
+                local.needs_accept = true;
+            }
+        }
+    }
+
+    pool.shutdown();
+    if let Some(s) = &cfg.shutdown {
+        s.attach(None);
+    }
+    if let Some(w) = worker {
+        let mut st = w.inner.state.lock();
+        st.loop_waker = None;
+        if let Some(chan) = st.channel_mut() {
+            let _ = poll.registry().deregister(chan);
+        }
+        st.close_channel(FINAL_FLUSH);
+    }
+    Ok(outcome.unwrap_or(ServeOutcome::Stopped))
+}
+
+/// Stops taking connections: hand-offs are refused with `Draining` from now on, every served
+/// server is closed (the master stops routing to us), the listening sockets are closed.
+fn begin_drain(
+    worker: Option<&Worker>,
+    poll: &mut Poll,
+    rr_listeners: &mut Vec<Listener>,
+    locals: &mut [Option<Local>],
+    served_rr: &HashSet<ServerId>,
+) {
+    if let Some(w) = worker {
+        let mut st = w.inner.state.lock();
+        st.draining = true;
+        st.refuse_all_pending(RefuseReason::Draining);
+        for &s in served_rr {
+            st.close_server(s);
+        }
+    }
+    // Dropped without the state lock held: a listener's drop takes it.
+    rr_listeners.clear();
+    for slot in locals.iter_mut() {
+        if let Some(mut local) = slot.take() {
+            let _ = poll
+                .registry()
+                .deregister(&mut SourceFd(&local.listener.sock.raw_fd()));
+            local.needs_accept = false;
+        }
+    }
+}
+
+/// Serves `listeners` in a process with no master: just accepts on the real sockets.
+pub(crate) fn run_standalone(
+    listeners: Vec<Listener>,
+    handler: Handler,
+    cfg: ServeConfig,
+) -> io::Result<ServeOutcome> {
+    run(None, listeners, handler, cfg)
+}

@@ -1,0 +1,522 @@
+//! The worker driven against a fake master on the other end of `Channel::pair()`, with real
+//! TCP sockets on 127.0.0.1.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use cluster_core::{
+    BoundAddr, ConnId, ListenError, ListenSpec, Message, RefuseReason, ServerGrant, ServerId,
+    ServerReply, WorkerId,
+};
+use cluster_ipc::{Channel, Received};
+
+use crate::{Conn, ConnInfo, Handler, Next, ServeConfig, ServeOutcome, Session, SessionFactory};
+use crate::{Listener, Shutdown, Worker};
+
+const T: Duration = Duration::from_secs(5);
+
+fn setup() -> (Channel, Worker) {
+    let (mut master, theirs) = Channel::pair().unwrap();
+    let worker = Worker::with_channel(theirs, WorkerId(1)).unwrap();
+    assert_eq!(recv(&mut master).msg, Message::Online);
+    (master, worker)
+}
+
+fn recv(m: &mut Channel) -> Received {
+    m.recv_blocking(Some(T)).unwrap()
+}
+
+fn any_port() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// Runs `listen` on a thread while the test thread plays the master's side of the query.
+fn listen_with(
+    m: &mut Channel,
+    w: &Worker,
+    spec: ListenSpec,
+    reply: impl FnOnce(&mut Channel, cluster_core::Seq, u32),
+) -> std::io::Result<Listener> {
+    let w2 = w.clone();
+    let h = thread::spawn(move || w2.listen(spec));
+    let Received { msg, .. } = recv(m);
+    let Message::QueryServer { seq, index, .. } = msg else {
+        panic!("expected queryServer, got {msg:?}");
+    };
+    reply(m, seq, index);
+    h.join().unwrap()
+}
+
+fn grant_rr(m: &mut Channel, w: &Worker, server: u32) -> (Listener, u32) {
+    let mut idx = u32::MAX;
+    let l = listen_with(m, w, ListenSpec::tcp(any_port()), |m, seq, index| {
+        idx = index;
+        let reply = ServerReply::Granted {
+            server: ServerId(server),
+            addr: BoundAddr::Inet("127.0.0.1:4321".parse().unwrap()),
+            grant: ServerGrant::RoundRobin,
+        };
+        m.send_blocking(&Message::QueryServerReply { seq, reply }, &[], Some(T))
+            .unwrap();
+    })
+    .unwrap();
+    (l, idx)
+}
+
+/// A connected client and the server side of it, as the master's accept would produce.
+fn tcp_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind(any_port()).unwrap();
+    let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (s, _) = l.accept().unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    (c, s)
+}
+
+fn hand_off(m: &mut Channel, server: u32, conn: u64, sock: &TcpStream) {
+    let msg = Message::NewConn {
+        server: ServerId(server),
+        conn: ConnId(conn),
+    };
+    m.send_blocking(&msg, &[sock.as_fd()], Some(T)).unwrap();
+}
+
+/// Skips `Listening`/`Close` noise and returns the next answer to a hand-off.
+fn next_answer(m: &mut Channel) -> Message {
+    let deadline = Instant::now() + T;
+    while Instant::now() < deadline {
+        match recv(m).msg {
+            Message::Listening { .. } | Message::Close { .. } => continue,
+            other => return other,
+        }
+    }
+    panic!("no answer");
+}
+
+fn expect_listening(m: &mut Channel, server: u32) {
+    match recv(m).msg {
+        Message::Listening { server: s, .. } => assert_eq!(s, ServerId(server)),
+        other => panic!("expected listening, got {other:?}"),
+    }
+}
+
+struct Echo;
+struct EchoSession;
+
+impl Session for EchoSession {
+    fn on_ready(&mut self, conn: &mut Conn, _now: Instant) -> std::io::Result<Next> {
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => return Ok(Next::Close),
+                Ok(n) => conn.write_all(&buf[..n])?,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Next::Continue),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl SessionFactory for Echo {
+    type Session = EchoSession;
+    fn new_session(&self, _info: &ConnInfo) -> EchoSession {
+        EchoSession
+    }
+}
+
+fn echo_once(c: &mut TcpStream, what: &[u8]) {
+    c.write_all(what).unwrap();
+    let mut got = vec![0u8; what.len()];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(got, what);
+}
+
+fn spawn_serve(
+    w: &Worker,
+    ls: Vec<Listener>,
+    h: Handler,
+    cfg: ServeConfig,
+) -> thread::JoinHandle<std::io::Result<ServeOutcome>> {
+    let w = w.clone();
+    thread::spawn(move || w.serve(ls, h, cfg))
+}
+
+#[test]
+fn listen_round_robin_indexes_and_close() {
+    let (mut m, w) = setup();
+    let (a, ia) = grant_rr(&mut m, &w, 1);
+    assert_eq!(ia, 0);
+    assert_eq!(a.grant(), Some(ServerGrant::RoundRobin));
+    assert_eq!(
+        a.local_addr(),
+        BoundAddr::Inet("127.0.0.1:4321".parse().unwrap())
+    );
+    let (b, ib) = grant_rr(&mut m, &w, 2);
+    assert_eq!(ib, 1, "second concurrent listen(0) takes the next index");
+    drop(a);
+    assert_eq!(
+        recv(&mut m).msg,
+        Message::Close {
+            server: ServerId(1)
+        }
+    );
+    let (_c, ic) = grant_rr(&mut m, &w, 3);
+    assert_eq!(ic, 0, "a closed index is reused");
+    drop(b);
+}
+
+#[test]
+fn listen_shared_accepts_on_the_masters_socket() {
+    let (mut m, w) = setup();
+    let sock = TcpListener::bind(any_port()).unwrap();
+    let addr = sock.local_addr().unwrap();
+    let l = listen_with(&mut m, &w, ListenSpec::tcp(addr), |m, seq, _| {
+        let reply = ServerReply::Granted {
+            server: ServerId(5),
+            addr: BoundAddr::Inet(addr),
+            grant: ServerGrant::Shared,
+        };
+        m.send_blocking(
+            &Message::QueryServerReply { seq, reply },
+            &[sock.as_fd()],
+            Some(T),
+        )
+        .unwrap();
+    })
+    .unwrap();
+    drop(sock); // the worker's copy alone keeps it listening
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.write_all(b"hi").unwrap();
+    let (mut s, info) = l.accept().unwrap();
+    assert_eq!(info.server, Some(ServerId(5)));
+    let mut got = [0u8; 2];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hi");
+    expect_listening(&mut m, 5);
+}
+
+#[test]
+fn listen_failure_keeps_its_kind() {
+    let (mut m, w) = setup();
+    let r = listen_with(&mut m, &w, ListenSpec::tcp(any_port()), |m, seq, _| {
+        let e = ListenError {
+            errno: libc::EADDRINUSE,
+            context: "bind 127.0.0.1:80".into(),
+        };
+        let msg = Message::QueryServerReply {
+            seq,
+            reply: ServerReply::Failed(e),
+        };
+        m.send_blocking(&msg, &[], Some(T)).unwrap();
+    });
+    assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::AddrInUse);
+    // The failed query's index is free again.
+    let (_l, i) = grant_rr(&mut m, &w, 1);
+    assert_eq!(i, 0);
+}
+
+#[test]
+fn messages_during_a_query_are_not_lost() {
+    let (mut m, w) = setup();
+    m.send_blocking(
+        &Message::User {
+            payload: b"early".to_vec(),
+        },
+        &[],
+        Some(T),
+    )
+    .unwrap();
+    let (_l, _) = grant_rr(&mut m, &w, 1);
+    assert_eq!(w.take_messages(), vec![b"early".to_vec()]);
+}
+
+#[test]
+fn accepted_before_any_byte_is_read_then_handled() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    let (go_tx, go_rx) = crossbeam::channel::bounded::<()>(1);
+    let handler = Handler::blocking(move |mut s, info| {
+        assert_eq!(info.server, Some(ServerId(1)));
+        let _ = go_rx.recv_timeout(T);
+        let mut buf = [0u8; 5];
+        if s.read_exact(&mut buf).is_ok() {
+            let _ = s.write_all(&buf);
+        }
+    });
+    let serve = spawn_serve(&w, vec![l], handler, ServeConfig::new().threads(1));
+    expect_listening(&mut m, 1);
+    let (mut c, s) = tcp_pair();
+    c.write_all(b"hello").unwrap();
+    hand_off(&mut m, 1, 7, &s);
+    assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(7) });
+    // The master's copy is the same socket: the bytes are still unread when the ack arrives.
+    let mut peek = [0u8; 5];
+    s.set_read_timeout(Some(T)).unwrap();
+    assert_eq!(s.peek(&mut peek).unwrap(), 5);
+    drop(s);
+    go_tx.send(()).unwrap();
+    let mut got = [0u8; 5];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello");
+    drop(m);
+    assert_eq!(serve.join().unwrap().unwrap(), ServeOutcome::MasterGone);
+}
+
+#[test]
+fn unknown_or_closed_server_is_refused() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    let (closed, _) = grant_rr(&mut m, &w, 2);
+    drop(closed);
+    assert_eq!(
+        recv(&mut m).msg,
+        Message::Close {
+            server: ServerId(2)
+        }
+    );
+    let serve = spawn_serve(
+        &w,
+        vec![l],
+        Handler::sessions(Echo),
+        ServeConfig::new().threads(1),
+    );
+    expect_listening(&mut m, 1);
+    let (_c, s) = tcp_pair();
+    hand_off(&mut m, 99, 1, &s);
+    let refused = |conn| Message::Refused {
+        conn: ConnId(conn),
+        reason: RefuseReason::ListenerClosed,
+    };
+    assert_eq!(next_answer(&mut m), refused(1));
+    hand_off(&mut m, 2, 2, &s);
+    assert_eq!(next_answer(&mut m), refused(2));
+    // The worker closed its copies; ours still works (the master re-routes it).
+    let mut c2 = tcp_pair();
+    hand_off(&mut m, 1, 3, &c2.1);
+    assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(3) });
+    drop(c2.1);
+    echo_once(&mut c2.0, b"x");
+    drop(c2.0);
+    drop(m);
+    assert_eq!(serve.join().unwrap().unwrap(), ServeOutcome::MasterGone);
+}
+
+#[test]
+fn disconnect_lets_the_open_session_finish() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    let serve = spawn_serve(
+        &w,
+        vec![l],
+        Handler::sessions(Echo),
+        ServeConfig::new().threads(1),
+    );
+    expect_listening(&mut m, 1);
+    let (mut c, s) = tcp_pair();
+    hand_off(&mut m, 1, 1, &s);
+    assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(1) });
+    drop(s);
+    echo_once(&mut c, b"one");
+    m.send_blocking(&Message::Disconnect, &[], Some(T)).unwrap();
+    assert_eq!(
+        recv(&mut m).msg,
+        Message::Close {
+            server: ServerId(1)
+        }
+    );
+    // Hand-offs racing the disconnect are refused, not lost.
+    let (_c2, s2) = tcp_pair();
+    hand_off(&mut m, 1, 2, &s2);
+    let ans = next_answer(&mut m);
+    assert!(
+        matches!(
+            ans,
+            Message::Refused {
+                conn: ConnId(2),
+                reason: RefuseReason::Draining | RefuseReason::ListenerClosed
+            }
+        ),
+        "{ans:?}"
+    );
+    // The open connection still works until the client closes it.
+    echo_once(&mut c, b"two");
+    assert!(!serve.is_finished());
+    drop(c);
+    assert_eq!(
+        serve.join().unwrap().unwrap(),
+        ServeOutcome::MasterDisconnect
+    );
+    // The worker closed its end.
+    let end = m.recv_blocking(Some(T));
+    assert!(matches!(&end, Err(e) if e.is_closed()), "{end:?}");
+}
+
+#[test]
+fn channel_eof_ends_serve_promptly() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    let serve = spawn_serve(
+        &w,
+        vec![l],
+        Handler::sessions(Echo),
+        ServeConfig::new().threads(1),
+    );
+    expect_listening(&mut m, 1);
+    let started = Instant::now();
+    drop(m);
+    assert_eq!(serve.join().unwrap().unwrap(), ServeOutcome::MasterGone);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(!w.is_connected());
+}
+
+#[test]
+fn slow_handler_does_not_delay_the_next_ack() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    let handler = Handler::blocking(|_s, _i| thread::sleep(Duration::from_millis(500)));
+    let serve = spawn_serve(&w, vec![l], handler, ServeConfig::new().threads(1));
+    expect_listening(&mut m, 1);
+    let (_c1, s1) = tcp_pair();
+    let (_c2, s2) = tcp_pair();
+    hand_off(&mut m, 1, 1, &s1);
+    assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(1) });
+    let t = Instant::now();
+    hand_off(&mut m, 1, 2, &s2);
+    assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(2) });
+    assert!(
+        t.elapsed() < Duration::from_millis(250),
+        "ack took {:?}",
+        t.elapsed()
+    );
+    drop(m);
+    assert_eq!(serve.join().unwrap().unwrap(), ServeOutcome::MasterGone);
+}
+
+#[test]
+fn max_connections_refuses() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    let cfg = ServeConfig::new()
+        .threads(1)
+        .max_connections(1)
+        .drain_timeout(Duration::from_secs(1));
+    let serve = spawn_serve(&w, vec![l], Handler::sessions(Echo), cfg);
+    expect_listening(&mut m, 1);
+    let (mut c1, s1) = tcp_pair();
+    let (_c2, s2) = tcp_pair();
+    hand_off(&mut m, 1, 1, &s1);
+    assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(1) });
+    hand_off(&mut m, 1, 2, &s2);
+    assert_eq!(
+        next_answer(&mut m),
+        Message::Refused {
+            conn: ConnId(2),
+            reason: RefuseReason::MaxConnections
+        }
+    );
+    drop(s1);
+    echo_once(&mut c1, b"still served");
+    drop(c1);
+    drop(m);
+    assert_eq!(serve.join().unwrap().unwrap(), ServeOutcome::MasterGone);
+}
+
+#[test]
+fn user_messages_both_ways_and_worker_disconnect() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    let (tx, rx) = crossbeam::channel::unbounded();
+    let cfg = ServeConfig::new().threads(1).on_message(move |p| {
+        let _ = tx.send(p);
+    });
+    let serve = spawn_serve(&w, vec![l], Handler::sessions(Echo), cfg);
+    expect_listening(&mut m, 1);
+    m.send_blocking(
+        &Message::User {
+            payload: b"ping".to_vec(),
+        },
+        &[],
+        Some(T),
+    )
+    .unwrap();
+    assert_eq!(rx.recv_timeout(T).unwrap(), b"ping".to_vec());
+    let w2 = w.clone();
+    thread::spawn(move || w2.send(b"pong".to_vec()).unwrap())
+        .join()
+        .unwrap();
+    assert_eq!(
+        recv(&mut m).msg,
+        Message::User {
+            payload: b"pong".to_vec()
+        }
+    );
+    w.disconnect().unwrap();
+    assert_eq!(recv(&mut m).msg, Message::ExitedAfterDisconnect);
+    assert_eq!(
+        serve.join().unwrap().unwrap(),
+        ServeOutcome::WorkerDisconnect
+    );
+}
+
+#[test]
+fn standalone_listen_and_serve() {
+    assert!(!crate::is_worker());
+    let l = crate::listen(ListenSpec::tcp(any_port())).unwrap();
+    let BoundAddr::Inet(addr) = l.local_addr() else {
+        panic!("not inet")
+    };
+    assert_ne!(addr.port(), 0);
+    let stop = Shutdown::new();
+    let cfg = ServeConfig::new().threads(1).shutdown(&stop);
+    let serve = thread::spawn(move || crate::serve(vec![l], Handler::sessions(Echo), cfg));
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(T)).unwrap();
+        echo_once(&mut c, b"standalone");
+    }
+    stop.trigger();
+    assert_eq!(serve.join().unwrap().unwrap(), ServeOutcome::Stopped);
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "listener closed after serve"
+    );
+}
+
+#[test]
+fn exclusive_and_ipv6_bind_in_the_worker() {
+    let (_m, w) = setup();
+    let mut spec = ListenSpec::tcp(any_port());
+    spec.exclusive = true;
+    let l = w.listen(spec).unwrap(); // no query: the fake master never answers
+    assert_eq!(l.server(), None);
+    let BoundAddr::Inet(a) = l.local_addr() else {
+        panic!()
+    };
+    let second = crate::listen(ListenSpec::tcp(a)).unwrap_err();
+    assert_eq!(second.kind(), std::io::ErrorKind::AddrInUse);
+}
+
+#[test]
+fn rr_blocking_accept_and_incoming_end_on_disconnect() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    let acc = thread::spawn(move || {
+        let mut n = 0;
+        for r in l.incoming() {
+            let (mut s, _) = r.unwrap();
+            let _ = s.write_all(b"k");
+            n += 1;
+        }
+        n
+    });
+    expect_listening(&mut m, 1);
+    let (mut c, s) = tcp_pair();
+    hand_off(&mut m, 1, 1, &s);
+    assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(1) });
+    let mut b = [0u8; 1];
+    c.read_exact(&mut b).unwrap();
+    m.send_blocking(&Message::Disconnect, &[], Some(T)).unwrap();
+    assert_eq!(acc.join().unwrap(), 1);
+}

@@ -1,0 +1,233 @@
+use std::time::Duration;
+
+use cluster_core::WorkerId;
+use cluster_master::{Event, MasterBuilder, MasterError, RestartPolicy};
+
+use crate::util::*;
+
+fn pos(seen: &[Event], pred: impl Fn(&Event) -> bool) -> usize {
+    seen.iter()
+        .position(pred)
+        .unwrap_or_else(|| panic!("event missing from {seen:#?}"))
+}
+
+#[test]
+fn events_come_in_node_order_and_shutdown_is_not_a_crash() {
+    let _fds = shared_fds();
+    let mut c = Cluster::start(
+        MasterBuilder::new(raw_worker())
+            .args(["tcp:127.0.0.1:0"])
+            .workers(1),
+    );
+    c.wait_listening(1);
+    c.master().shutdown().expect("shutdown");
+    c.wait_for(WAIT, |e| matches!(e, Event::Stopped { .. }));
+    let w = WorkerId(1);
+    let fork = pos(
+        &c.seen,
+        |e| matches!(e, Event::Fork { worker, .. } if *worker == w),
+    );
+    let online = pos(
+        &c.seen,
+        |e| matches!(e, Event::Online { worker } if *worker == w),
+    );
+    let listening = pos(
+        &c.seen,
+        |e| matches!(e, Event::Listening { worker, .. } if *worker == w),
+    );
+    let disconnect = pos(
+        &c.seen,
+        |e| matches!(e, Event::Disconnect { worker } if *worker == w),
+    );
+    let exit = pos(
+        &c.seen,
+        |e| matches!(e, Event::Exit { worker, .. } if *worker == w),
+    );
+    assert!(fork < online && online < listening && listening < disconnect && disconnect < exit);
+    assert!(matches!(
+        c.seen[exit],
+        Event::Exit {
+            exited_after_disconnect: true,
+            code: Some(0),
+            ..
+        }
+    ));
+    assert!(!c.seen.iter().any(|e| matches!(e, Event::Restarting { .. })));
+    assert!(matches!(
+        c.seen.last(),
+        Some(Event::Stopped { clean: true })
+    ));
+    c.master.take().expect("master").wait().expect("clean stop");
+}
+
+#[test]
+fn a_crash_is_restarted_and_marked_as_a_crash() {
+    let _fds = shared_fds();
+    let mut c = Cluster::start(
+        MasterBuilder::new(raw_worker())
+            .args(["tcp:127.0.0.1:0"])
+            .workers(1),
+    );
+    c.wait_listening(1);
+    c.master().kill(WorkerId(1), libc::SIGKILL).expect("kill");
+    let exit = c.wait_for(WAIT, |e| matches!(e, Event::Exit { .. }));
+    assert!(
+        matches!(
+            exit,
+            Event::Exit {
+                signal: Some(9),
+                exited_after_disconnect: false,
+                ..
+            }
+        ),
+        "{exit:?}"
+    );
+    c.wait_for(WAIT, |e| matches!(e, Event::Restarting { slot: 0, .. }));
+    c.wait_for(WAIT, |e| {
+        matches!(
+            e,
+            Event::Listening {
+                worker: WorkerId(2),
+                ..
+            }
+        )
+    });
+    c.stop();
+}
+
+#[test]
+fn a_program_that_exits_at_once_ends_errored_not_in_a_restart_loop() {
+    let _fds = shared_fds();
+    let policy = RestartPolicy {
+        initial_delay: Duration::from_millis(10),
+        ..RestartPolicy::default()
+    };
+    let mut c = Cluster::start(
+        MasterBuilder::new("/bin/false")
+            .workers(2)
+            .restart_policy(policy),
+    );
+    c.wait_for(WAIT, |e| matches!(e, Event::Stopped { clean: false }));
+    let errored = c
+        .seen
+        .iter()
+        .filter(|e| matches!(e, Event::SlotErrored { .. }))
+        .count();
+    assert_eq!(errored, 2);
+    let forks = c
+        .seen
+        .iter()
+        .filter(|e| matches!(e, Event::Fork { .. }))
+        .count();
+    assert_eq!(forks, 10, "five tries per slot, then it gives up");
+    let result = c.master.take().expect("master").wait();
+    assert!(
+        matches!(result, Err(MasterError::AllSlotsErrored { slots: 2, .. })),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn a_missing_program_is_reported_not_retried_forever() {
+    let _fds = shared_fds();
+    let policy = RestartPolicy {
+        initial_delay: Duration::from_millis(5),
+        ..RestartPolicy::default()
+    };
+    let mut c = Cluster::start(MasterBuilder::new("/nonexistent/worker").restart_policy(policy));
+    let e = c.wait_for(WAIT, |e| matches!(e, Event::SlotErrored { .. }));
+    assert!(
+        matches!(&e, Event::SlotErrored { reason, .. } if reason.contains("spawn")),
+        "{e:?}"
+    );
+    let result = c.master.take().expect("master").wait();
+    assert!(
+        matches!(result, Err(MasterError::AllSlotsErrored { .. })),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn rolling_reload_replaces_every_worker_after_its_successor_listens() {
+    let _fds = shared_fds();
+    let mut c = Cluster::start(
+        MasterBuilder::new(raw_worker())
+            .args(["tcp:127.0.0.1:0"])
+            .workers(2),
+    );
+    let addr = inet(&c.wait_listening(2));
+    c.master().reload().expect("reload");
+    c.wait_for(WAIT, |e| matches!(e, Event::ReloadDone));
+    // Each old worker was disconnected only after a new one listened.
+    for old in [WorkerId(1), WorkerId(2)] {
+        let is_exit = |e: &Event| matches!(e, Event::Exit { worker, .. } if *worker == old);
+        let gone = match c.seen.iter().find(|e| is_exit(e)) {
+            Some(e) => e.clone(),
+            None => c.wait_for(WAIT, is_exit),
+        };
+        assert!(
+            matches!(
+                gone,
+                Event::Exit {
+                    exited_after_disconnect: true,
+                    ..
+                }
+            ),
+            "{gone:?}"
+        );
+    }
+    let first_new_listen = pos(
+        &c.seen,
+        |e| matches!(e, Event::Listening { worker, .. } if worker.0 > 2),
+    );
+    let first_old_disconnect = pos(
+        &c.seen,
+        |e| matches!(e, Event::Disconnect { worker } if worker.0 <= 2),
+    );
+    assert!(first_new_listen < first_old_disconnect);
+    let ids: Vec<WorkerId> = c
+        .master()
+        .workers()
+        .expect("workers")
+        .iter()
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(ids, [WorkerId(3), WorkerId(4)]);
+    for _ in 0..20 {
+        let w = ask_worker(addr).expect("served after reload");
+        assert!(w.0 > 2, "only new workers serve: {w:?}");
+    }
+    c.stop();
+}
+
+#[test]
+fn a_reload_whose_new_worker_crashes_keeps_the_old_ones() {
+    let _fds = shared_fds();
+    let flag = std::env::temp_dir().join(format!("cluster-rs-reload-fail-{}", std::process::id()));
+    let _ = std::fs::remove_file(&flag);
+    let mode = format!("fail-if-exists:{}", flag.display());
+    let mut c = Cluster::start(
+        MasterBuilder::new(raw_worker())
+            .args(["tcp:127.0.0.1:0", mode.as_str()])
+            .workers(2),
+    );
+    let addr = inet(&c.wait_listening(2));
+    std::fs::write(&flag, b"x").expect("flag");
+    c.master().reload().expect("reload");
+    let e = c.wait_for(WAIT, |e| matches!(e, Event::ReloadFailed { .. }));
+    assert!(
+        matches!(&e, Event::ReloadFailed { reason } if reason.contains("before listening")),
+        "{e:?}"
+    );
+    let _ = std::fs::remove_file(&flag);
+    let ids: Vec<WorkerId> = c
+        .master()
+        .workers()
+        .expect("workers")
+        .iter()
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(ids, [WorkerId(1), WorkerId(2)], "the old workers stay");
+    ask_worker(addr).expect("still served");
+    c.stop();
+}
