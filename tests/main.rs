@@ -1,4 +1,6 @@
 //! Cross-crate integration tests: real processes, real sockets on 127.0.0.1 only.
+// Test helpers outside #[test] functions panic on failure by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod handoff_loss;
 mod hostile_worker;
