@@ -42,6 +42,20 @@ pub struct Received {
     pub fds: Vec<OwnedFd>,
 }
 
+/// Fds that arrived together in one `recvmsg`, with the stream offsets that read covered.
+///
+/// The kernel hands a sendmsg's fds to the read that first touches its first byte, and one
+/// read never returns two sendmsgs' fds (hazard A8). A frame is one sendmsg, so the frame that
+/// owns a batch is the one whose first byte lies in `[first, end)`. Checking that exact rule,
+/// instead of popping from a plain fd FIFO, catches a peer that attaches fds to a frame that
+/// declares none before the fds can be handed to a later frame.
+#[derive(Debug)]
+struct FdBatch {
+    first: u64,
+    end: u64,
+    fds: Vec<OwnedFd>,
+}
+
 /// One frame waiting for the socket to drain. Its fds are attached only while nothing of it
 /// has been written: once the first byte is out, the fds are out too (hazard A7).
 #[derive(Debug)]
@@ -58,9 +72,11 @@ struct Outgoing {
 /// Sending tries `sendmsg` at once; whatever the kernel does not take is queued (with dups of
 /// its fds if none of the frame was written) and goes out on [`Channel::flush`], so `EAGAIN`
 /// loses nothing and never sends an fd twice. Receiving reads into a [`Decoder`]; every fd
-/// that arrives is owned at once and queued, and each completed frame takes exactly the number
-/// of fds its header declares. A shortfall, a surplus beyond one frame's worth, or
-/// `MSG_CTRUNC` is a protocol error: the channel must be dropped.
+/// that arrives is owned at once and filed with the stream range of the read that brought it,
+/// and each completed frame takes the batch that arrived with its first byte, which must hold
+/// exactly the number of fds its header declares. A shortfall, fds on a frame that declares
+/// none, or `MSG_CTRUNC` is a protocol error: the channel must be dropped (any error from
+/// [`Channel::recv`] has already closed the fds it held).
 ///
 /// The socket is edge-triggered under mio: after a readable event call [`Channel::recv`] until
 /// it returns `Ok(None)`.
@@ -68,6 +84,11 @@ struct Outgoing {
 pub struct Channel {
     sock: UnixStream,
     decoder: Decoder,
+    /// Stream offset just past the last byte handed to the decoder.
+    read_pos: u64,
+    /// Fds received but not yet claimed by a frame, oldest first.
+    fd_batches: VecDeque<FdBatch>,
+    /// Landing area for one `recvmsg`'s fds, kept to reuse its allocation.
     fds_in: VecDeque<OwnedFd>,
     outq: VecDeque<Outgoing>,
     scratch: Vec<u8>,
@@ -92,6 +113,8 @@ impl Channel {
         Ok(Channel {
             sock,
             decoder: Decoder::new(limits.max_frame),
+            read_pos: 0,
+            fd_batches: VecDeque::new(),
             fds_in: VecDeque::new(),
             outq: VecDeque::new(),
             scratch: Vec::with_capacity(64),
@@ -204,18 +227,22 @@ impl Channel {
     /// The next message, `Ok(None)` when the socket has nothing more right now.
     /// `Err(IpcError::Closed)` is a clean end of stream between frames.
     pub fn recv(&mut self) -> Result<Option<Received>, IpcError> {
+        let result = self.recv_inner();
+        if result.is_err() {
+            // The channel is dead after any error; close unclaimed fds now rather than whenever
+            // the owner gets round to dropping it.
+            self.fd_batches.clear();
+            self.fds_in.clear();
+        }
+        result
+    }
+
+    fn recv_inner(&mut self) -> Result<Option<Received>, IpcError> {
         loop {
+            let start = self.read_pos - self.decoder.buffered() as u64;
             if let Some(frame) = self.decoder.next_frame()? {
-                if frame.n_fds > 0 && !self.limits.accept_fds {
-                    return Err(IpcError::FdsNotAllowed(frame.n_fds));
-                }
-                if self.fds_in.len() < frame.n_fds {
-                    return Err(IpcError::FdMismatch {
-                        declared: frame.n_fds,
-                        arrived: self.fds_in.len(),
-                    });
-                }
-                let fds = self.fds_in.drain(..frame.n_fds).collect();
+                let end = self.read_pos - self.decoder.buffered() as u64;
+                let fds = self.claim_fds(frame.n_fds, start, end)?;
                 return Ok(Some(Received {
                     msg: frame.msg,
                     fds,
@@ -236,28 +263,16 @@ impl Channel {
             match got {
                 Ok(r) => {
                     if r.truncated {
-                        self.fds_in.clear();
                         return Err(IpcError::FdsTruncated);
                     }
-                    if !self.limits.accept_fds && !self.fds_in.is_empty() {
-                        let n = self.fds_in.len();
-                        self.fds_in.clear();
-                        return Err(IpcError::FdsNotAllowed(n));
-                    }
-                    // The kernel hands over at most one sendmsg's fds per read, and a frame is
-                    // one sendmsg, so more than two frames' worth can only be a lying peer.
-                    if self.fds_in.len() > 2 * MAX_FDS_PER_FRAME {
-                        let n = self.fds_in.len();
-                        self.fds_in.clear();
-                        return Err(IpcError::FdMismatch {
-                            declared: 0,
-                            arrived: n,
-                        });
+                    if !self.fds_in.is_empty() {
+                        self.stash_fds(r.bytes)?;
                     }
                     if r.bytes == 0 {
                         self.eof = true;
                     } else {
                         self.decoder.commit(r.bytes);
+                        self.read_pos += r.bytes as u64;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
@@ -266,6 +281,75 @@ impl Channel {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Files the fds one read of `bytes` bytes brought as a batch owned by the frame that
+    /// starts inside that read.
+    fn stash_fds(&mut self, bytes: usize) -> Result<(), IpcError> {
+        let n = self.fds_in.len();
+        if !self.limits.accept_fds {
+            return Err(IpcError::FdsNotAllowed(n));
+        }
+        // One read carries one sendmsg's fds and a frame is one sendmsg, so more than a frame's
+        // worth, fds without data, or a third unclaimed batch (at most the frame in progress
+        // and the one after it can own fds) can only come from a lying peer.
+        if n > MAX_FDS_PER_FRAME || bytes == 0 || self.fd_batches.len() >= 2 {
+            return Err(IpcError::FdMismatch {
+                declared: 0,
+                arrived: n,
+            });
+        }
+        self.fd_batches.push_back(FdBatch {
+            first: self.read_pos,
+            end: self.read_pos + bytes as u64,
+            fds: self.fds_in.drain(..).collect(),
+        });
+        Ok(())
+    }
+
+    /// The fds of the frame occupying stream offsets `[start, end)` that declares `declared`.
+    fn claim_fds(
+        &mut self,
+        declared: usize,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<OwnedFd>, IpcError> {
+        if declared > 0 && !self.limits.accept_fds {
+            return Err(IpcError::FdsNotAllowed(declared));
+        }
+        let mut fds = Vec::new();
+        if declared > 0 {
+            match self.fd_batches.front() {
+                Some(b) if b.first <= start && start < b.end && b.fds.len() == declared => {
+                    if let Some(b) = self.fd_batches.pop_front() {
+                        fds = b.fds;
+                    }
+                }
+                Some(b) if b.first <= start && start < b.end => {
+                    return Err(IpcError::FdMismatch {
+                        declared,
+                        arrived: b.fds.len(),
+                    });
+                }
+                _ => {
+                    return Err(IpcError::FdMismatch {
+                        declared,
+                        arrived: 0,
+                    });
+                }
+            }
+        }
+        // A batch whose read ended inside this frame belongs to this frame or an earlier one;
+        // if it is still here, a frame that declared no fds brought it.
+        if let Some(b) = self.fd_batches.front()
+            && b.end <= end
+        {
+            return Err(IpcError::FdMismatch {
+                declared,
+                arrived: b.fds.len(),
+            });
+        }
+        Ok(fds)
     }
 
     /// Blocks until a message arrives or `timeout` passes (`None`: no limit). For simple

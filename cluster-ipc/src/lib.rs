@@ -31,6 +31,8 @@ mod channel;
 mod error;
 pub mod frame;
 mod sys;
+#[cfg(test)]
+mod tests;
 
 pub use channel::{Channel, Limits, Received, spawn_with_channel};
 pub use error::{DecodeError, IpcError};

@@ -228,3 +228,42 @@ pub(crate) fn poll_one(
 }
 
 pub(crate) use libc::{POLLIN, POLLOUT};
+
+/// Sets `SO_SNDBUF` (the kernel doubles it and applies its minimum), so tests can force partial
+/// writes and `EAGAIN` with small volumes.
+#[cfg(test)]
+pub(crate) fn set_sndbuf(sock: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
+    // SAFETY: the option value is a live c_int and its size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&bytes as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Lowers this process's soft `RLIMIT_NOFILE`, so a test child can make the kernel refuse to
+/// install received fds (`MSG_CTRUNC`, hazard A2).
+#[cfg(test)]
+pub(crate) fn set_nofile_soft(limit: u64) -> io::Result<()> {
+    // SAFETY: rlimit is plain old data; getrlimit fills it.
+    let mut rl: libc::rlimit = unsafe { mem::zeroed() };
+    // SAFETY: rl is a live rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    rl.rlim_cur = limit as libc::rlim_t;
+    // SAFETY: rl is a live rlimit; lowering the soft limit needs no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
