@@ -8,3 +8,4 @@ mod lifecycle;
 mod round_robin;
 mod shared_handle;
 mod util;
+mod worker_runtime;

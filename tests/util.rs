@@ -32,6 +32,36 @@ pub fn raw_worker() -> &'static str {
     env!("CARGO_BIN_EXE_raw-worker")
 }
 
+pub fn hello_worker() -> &'static str {
+    env!("CARGO_BIN_EXE_hello-worker")
+}
+
+pub fn mini_master() -> &'static str {
+    env!("CARGO_BIN_EXE_mini-master")
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns (status, x-worker-id, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, u32, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok());
+    let worker = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-worker-id: "))
+        .and_then(|v| v.trim().parse().ok());
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    match (status, worker) {
+        (Some(st), Some(w)) => Ok((st, w, body)),
+        _ => Err(std::io::Error::other(format!("bad response {text:?}"))),
+    }
+}
+
 pub const WAIT: Duration = Duration::from_secs(20);
 
 pub struct Cluster {

@@ -314,6 +314,7 @@ impl EventLoop {
             sys::inherit_listen_fds(&mut cmd, &fds, env::DEFAULT_CHANNEL_FD)
                 .map_err(|e| MasterError::io("prepare LISTEN_FDS", e))?;
         }
+        sys::cloexec_from(&mut cmd, channel_fd + 1);
         let mut child = cmd.spawn().map_err(|e| MasterError::io("spawn", e))?;
         // Dropping the command closes our copy of the child's channel end, so that the child's
         // exit shows up as EOF here.

@@ -394,9 +394,15 @@ impl HelloCore {
 
     /// Everything owed has been sent and the connection should close.
     pub(crate) fn finished(&self) -> bool {
+        self.output().is_empty() && (self.closing || (self.eof && self.delayed.is_none()))
+    }
+
+    /// Draining, nothing owed and nothing half-received: the connection may close. Only
+    /// meaningful once the socket has been read to `WouldBlock`, or a request that already
+    /// sits in the kernel buffer would be dropped unanswered.
+    pub(crate) fn drained_idle(&self) -> bool {
         let idle = self.start == self.end && self.body_left == 0 && self.delayed.is_none();
-        self.output().is_empty()
-            && (self.closing || (self.eof && self.delayed.is_none()) || (self.draining && idle))
+        self.draining && idle && self.output().is_empty()
     }
 
     fn next_if_blocked(&self) -> Next {
@@ -484,6 +490,9 @@ impl HelloSession {
                     reads += 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if core.drained_idle() {
+                        return Ok(Next::Close);
+                    }
                     return Ok(core.next_if_blocked());
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -819,7 +828,7 @@ mod tests {
         feed(&mut c, GET, now);
         c.drain();
         c.process(now);
-        assert!(c.finished());
+        assert!(c.drained_idle());
     }
 
     #[test]
@@ -1018,6 +1027,23 @@ mod tests {
         assert_eq!(s.drive(&mut io, Instant::now()).unwrap(), Next::Continue);
         s.on_drain();
         assert_eq!(s.drive(&mut io, Instant::now()).unwrap(), Next::Close);
+    }
+
+    #[test]
+    fn session_drained_before_its_request_was_read_still_answers_it() {
+        // The hand-off was accepted, the drain began, and only then did the session first
+        // look at the socket: the request already waiting there must be answered.
+        let mut s = session(1);
+        let mut io = Fake {
+            reads: vec![GET.to_vec()],
+            eof: false,
+            write_room: usize::MAX,
+            written: Vec::new(),
+            write_calls: 0,
+        };
+        s.on_drain();
+        assert_eq!(s.drive(&mut io, Instant::now()).unwrap(), Next::Close);
+        assert_eq!(text(&io.written), ok(1, Some("close")));
     }
 
     #[test]
