@@ -15,10 +15,11 @@ use cluster_core::{
     ConnId, ListenError, ListenSpec, Message, RefuseReason, Seq, ServerId, ServerReply, WorkerId,
     env,
 };
-use cluster_ipc::{Channel, IpcError, Limits, Received};
+use cluster_ipc::{IpcError, Limits, Received};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::channel::WorkerChannel;
 use crate::master::{Command, Event, MasterStats, WorkerInfo, WorkerState};
 use crate::round_robin::Action;
 use crate::server::{Server, ServerKind};
@@ -58,7 +59,7 @@ struct WorkerRec {
     pid: u32,
     child: Child,
     pidfd: OwnedFd,
-    channel: Option<Channel>,
+    channel: Option<Box<dyn WorkerChannel>>,
     state: WorkerState,
     exited_after_disconnect: bool,
     /// Servers granted to it and not closed.
@@ -363,7 +364,7 @@ impl EventLoop {
                 pid,
                 child,
                 pidfd,
-                channel: Some(channel),
+                channel: Some(Box::new(channel)),
                 state: WorkerState::Spawned,
                 exited_after_disconnect: false,
                 servers: Vec::new(),

@@ -25,6 +25,7 @@
 #![deny(unsafe_code)]
 
 mod bind;
+mod channel;
 mod config;
 mod error;
 mod event_loop;
@@ -34,6 +35,7 @@ mod server;
 mod supervisor;
 mod sys;
 
+pub use channel::WorkerChannel;
 pub use config::MasterBuilder;
 pub use error::MasterError;
 pub use master::{Event, Master, MasterStats, WorkerInfo, WorkerState};

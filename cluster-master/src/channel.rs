@@ -1,0 +1,35 @@
+//! The master's view of a worker channel. Node's own IPC (JSON lines plus `SCM_RIGHTS`, for
+//! unmodified Node.js workers) will be a second implementation; the handles and the event loop
+//! only speak [`cluster_core::Message`].
+
+use std::fmt::Debug;
+use std::os::fd::BorrowedFd;
+
+use cluster_core::Message;
+use cluster_ipc::{Channel, IpcError, Received};
+use mio::event::Source;
+
+/// A bidirectional, non-blocking message channel to one worker, registrable in mio
+/// (edge-triggered: `recv` until `Ok(None)`, `flush` on writable).
+pub trait WorkerChannel: Source + Debug + Send {
+    /// Queues `msg` with `fds` (the caller keeps its fds); never blocks.
+    fn send(&mut self, msg: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), IpcError>;
+    /// The next message, `Ok(None)` when nothing more is available now.
+    fn recv(&mut self) -> Result<Option<Received>, IpcError>;
+    /// Writes queued output; `Ok(false)` when the socket is full.
+    fn flush(&mut self) -> Result<bool, IpcError>;
+}
+
+impl WorkerChannel for Channel {
+    fn send(&mut self, msg: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), IpcError> {
+        Channel::send(self, msg, fds)
+    }
+
+    fn recv(&mut self) -> Result<Option<Received>, IpcError> {
+        Channel::recv(self)
+    }
+
+    fn flush(&mut self) -> Result<bool, IpcError> {
+        Channel::flush(self)
+    }
+}
