@@ -38,3 +38,36 @@ fn garbage_on_the_channel_drops_that_worker_only() {
     );
     c.stop();
 }
+
+fn dropped_for(mode: &str, builder: impl FnOnce(MasterBuilder) -> MasterBuilder) -> String {
+    let mut c = Cluster::start(builder(
+        MasterBuilder::new(raw_worker())
+            .args(["tcp:127.0.0.1:0".to_owned(), format!("{mode}@0")])
+            .workers(2),
+    ));
+    let addr = inet(&c.wait_listening(2));
+    let e = c.wait_for(WAIT, |e| matches!(e, Event::Dropped { .. }));
+    // The other worker keeps serving.
+    for _ in 0..10 {
+        ask_worker(addr).expect("served by the healthy worker");
+    }
+    c.stop();
+    match e {
+        Event::Dropped { reason, .. } => reason,
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn a_worker_sending_an_fd_is_dropped() {
+    let _fds = shared_fds();
+    let reason = dropped_for("send-fd", |b| b);
+    assert!(reason.contains("fds where none are accepted"), "{reason}");
+}
+
+#[test]
+fn a_frame_over_the_cap_drops_the_worker() {
+    let _fds = shared_fds();
+    let reason = dropped_for("oversize", |b| b.max_frame(4096));
+    assert!(reason.contains("exceeds the cap"), "{reason}");
+}

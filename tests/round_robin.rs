@@ -112,3 +112,43 @@ fn when_every_worker_refuses_the_connection_is_closed_not_hung() {
     assert_eq!(stats.closed_unserved, 1, "{stats:?}");
     c.stop();
 }
+
+#[test]
+fn a_full_queue_stops_accepting_and_the_backlog_is_served_later() {
+    let _fds = shared_fds();
+    use std::time::Instant;
+    let cfg = cluster_master::RoundRobinConfig {
+        window: 1,
+        max_pending: 4,
+        ..Default::default()
+    };
+    let mut c = Cluster::start(
+        MasterBuilder::new(raw_worker())
+            .args(["tcp:127.0.0.1:0", "hold@0"])
+            .round_robin(cfg)
+            .ack_timeout(Duration::from_millis(500)),
+    );
+    let addr = inet(&c.wait_listening(1));
+    let clients: Vec<_> = (0..20)
+        .map(|_| std::thread::spawn(move || ask_worker(addr)))
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = c.master().stats().expect("stats");
+        if s.pending >= 4 {
+            // One in flight to the stuck worker, four queued: the rest wait in the kernel.
+            assert_eq!(s.accepted, 5, "{s:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "queue never filled: {s:?}");
+        std::thread::yield_now();
+    }
+    // A healthy worker arrives (slot 1 serves); the stuck one is dropped at its ack timeout.
+    c.master().fork().expect("fork");
+    for h in clients {
+        h.join()
+            .expect("client")
+            .expect("every queued and backlogged connection served");
+    }
+    c.stop();
+}

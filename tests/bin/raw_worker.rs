@@ -10,6 +10,8 @@
 //! - `hold`: never answer hand-offs (a stuck worker).
 //! - `garbage-after-N`: serve N connections, then write garbage on the channel.
 //! - `fail-if-exists:PATH`: exit 4 before listening when PATH exists, serve otherwise.
+//! - `send-fd`: after listening, send a user message carrying an fd (forbidden).
+//! - `oversize`: after listening, send a 64 KiB user message.
 //! - `crash-after-N`: serve N connections, then abort on the next hand-off without answering.
 //!
 //! `MODE@SLOT` applies MODE in that worker slot only; the others serve.
@@ -114,6 +116,29 @@ fn run() -> Result<u8, String> {
         mode.strip_prefix(prefix)
             .and_then(|n| n.parse::<usize>().ok())
     };
+    match mode.as_str() {
+        // Workers may not send fds: the master must drop this channel.
+        "send-fd" => {
+            let (a, _b) = UnixStream::pair().map_err(|e| e.to_string())?;
+            use std::os::fd::AsFd;
+            ch.send_blocking(
+                &Message::User {
+                    payload: b"fd".to_vec(),
+                },
+                &[a.as_fd()],
+                t,
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        // Far over any sane cap the master sets.
+        "oversize" => send(
+            &mut ch,
+            &Message::User {
+                payload: vec![7; 64 * 1024],
+            },
+        )?,
+        _ => {}
+    }
     if mode == "close-listener" {
         send(&mut ch, &Message::Close { server })?;
     }
