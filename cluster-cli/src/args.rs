@@ -1,0 +1,276 @@
+//! Command-line arguments (clap derive). Parsing of values lives here too, so that a bad
+//! value is clap's usage error (exit 2), not a runtime failure.
+
+use std::ffi::OsString;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use cluster_core::{ListenAddr, ListenSpec, Policy};
+use cluster_master::{RestartPolicy, RoundRobinConfig};
+
+/// The stable log formats, shown at the end of `spawn --help`.
+const LOG_FORMATS: &str = "\
+Log lines (stdout unless noted; one per event, flushed at each line):
+  [master] pid P: starting N workers: PROGRAM ARGS... (policy rr)
+  [master] pre-bound ADDR as fd N (LISTEN_FDNAMES name listenI)
+  [master] worker W (pid P) forked in slot S
+  [master] worker W (pid P) online
+  [master] worker W (pid P) listening on ADDR
+  [master] worker W (pid P) channel closed
+  [master] worker W (pid P) dropped: REASON
+  [master] worker W (pid P) exited with code C, after disconnect|crashed
+  [master] worker W (pid P) exited on signal N (SIGNAME), after disconnect|crashed
+  [master] slot S restarting in MSms
+  [master] slot S errored: REASON
+  [master] reload done
+  [master] reload failed: REASON
+  [master] message from worker W (pid P): N bytes
+  [master] SIGNAME: ACTION
+  [master] stopped (clean|not clean)
+  [worker W pid P] LINE      (a worker's stdout line; its stderr lines go to stderr)
+Fatal errors: one line `cluster-cli: REASON` on stderr, exit 1.
+
+Signals: TERM, INT, QUIT = graceful stop (disconnect all, SIGKILL after --shutdown-timeout);
+a second TERM/INT/QUIT = forced stop (SIGKILL now); HUP = rolling reload;
+TTIN / TTOU = one worker more / less.";
+
+/// Run a program as a cluster of workers, the way Node's `cluster` does.
+#[derive(Debug, Parser)]
+#[command(name = "cluster-cli", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a master that runs PROGRAM (default: the built-in hello worker) N times.
+    #[command(after_help = LOG_FORMATS)]
+    Spawn(SpawnArgs),
+    /// Run the built-in hello HTTP worker (standalone, or as a worker of a cluster-rs master).
+    Hello(HelloArgs),
+}
+
+/// How many workers to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerCount {
+    /// As many as CPUs this process may use (affinity and cgroup quota).
+    Auto,
+    /// Exactly this many (at least 1).
+    Fixed(usize),
+}
+
+#[derive(Debug, Args)]
+pub struct SpawnArgs {
+    /// Number of workers, or `auto` for the CPUs this process may use.
+    #[arg(short = 'n', long, value_name = "N|auto", default_value = "auto", value_parser = parse_workers)]
+    pub workers: WorkerCount,
+
+    /// How listening sockets are shared: rr (master accepts and hands off), shared (workers
+    /// accept on one socket), reuseport (one SO_REUSEPORT socket per slot).
+    #[arg(long, value_name = "rr|shared|reuseport", default_value = "rr", value_parser = parse_policy)]
+    pub policy: Policy,
+
+    /// Round-robin hand-offs in flight per worker (Node's is 1).
+    #[arg(long, value_name = "N", default_value_t = RoundRobinConfig::default().window,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub window: usize,
+
+    /// Delay before restarting a crashed worker, in ms (doubles per fast crash).
+    #[arg(long, value_name = "MS", default_value_t = millis(RestartPolicy::default().initial_delay))]
+    pub restart_delay: u64,
+
+    /// Cap on the restart delay, in ms.
+    #[arg(long, value_name = "MS", default_value_t = millis(RestartPolicy::default().max_delay))]
+    pub restart_max_delay: u64,
+
+    /// Consecutive fast crashes (see --min-uptime) before a slot is given up (errored).
+    #[arg(long, value_name = "N", default_value_t = RestartPolicy::default().max_fast_crashes,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_restarts: u32,
+
+    /// A worker that ran this long (ms) before crashing does not count as a fast crash.
+    #[arg(long, value_name = "MS", default_value_t = millis(RestartPolicy::default().min_uptime))]
+    pub min_uptime: u64,
+
+    /// How long (ms) a stopping worker may take to finish before it is killed.
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    pub shutdown_timeout: u64,
+
+    /// An environment variable for every worker (repeatable).
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+
+    /// Pre-bind ADDR in the master and pass it to every worker the systemd way (LISTEN_FDS,
+    /// LISTEN_PID, LISTEN_FDNAMES; fds from 3), for programs that do not link cluster-worker.
+    /// ADDR: tcp:HOST:PORT, HOST:PORT, udp:HOST:PORT or unix:PATH. Repeatable; needs PROGRAM.
+    #[arg(long = "listen", value_name = "ADDR", value_parser = parse_listen, requires = "program")]
+    pub listen: Vec<ListenSpec>,
+
+    /// Address the built-in hello worker listens on.
+    #[arg(long, default_value = "127.0.0.1", conflicts_with = "program")]
+    pub host: IpAddr,
+
+    /// Port the built-in hello worker listens on (0: any free port, shared by all workers).
+    #[arg(long, default_value_t = 8000, conflicts_with = "program")]
+    pub port: u16,
+
+    /// The worker program and its arguments (after `--`). Default: the built-in hello worker.
+    #[arg(last = true, value_name = "PROGRAM [ARGS]")]
+    pub program: Vec<OsString>,
+}
+
+#[derive(Debug, Args)]
+pub struct HelloArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+
+    /// Port to listen on (0: any free port).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+
+    /// Session threads (default: the CPUs available).
+    #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub threads: Option<usize>,
+}
+
+impl SpawnArgs {
+    /// The program, or `None` for the built-in hello worker.
+    pub fn program(&self) -> Option<(PathBuf, &[OsString])> {
+        let (first, rest) = self.program.split_first()?;
+        Some((PathBuf::from(first), rest))
+    }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+pub fn parse_workers(s: &str) -> Result<WorkerCount, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(WorkerCount::Auto);
+    }
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (or `auto`)".into()),
+        Ok(n) => Ok(WorkerCount::Fixed(n)),
+        Err(_) => Err(format!("`{s}` is neither a number nor `auto`")),
+    }
+}
+
+pub fn parse_policy(s: &str) -> Result<Policy, String> {
+    s.parse::<Policy>()
+        .map_err(|_| format!("`{s}` is not one of rr, shared, reuseport"))
+}
+
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
+            Ok((k.to_owned(), v.to_owned()))
+        }
+        _ => Err(format!("`{s}` is not of the form KEY=VALUE")),
+    }
+}
+
+pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
+    fn inet(rest: &str, whole: &str) -> Result<SocketAddr, String> {
+        // An IP literal only: resolving names here would pick one address family silently.
+        rest.parse::<SocketAddr>().map_err(|_| {
+            format!(
+                "`{whole}`: expected HOST:PORT with an IP address (e.g. 127.0.0.1:8000, [::1]:8000)"
+            )
+        })
+    }
+    let addr = if let Some(rest) = s.strip_prefix("tcp:") {
+        ListenAddr::Tcp(inet(rest, s)?)
+    } else if let Some(rest) = s.strip_prefix("udp:") {
+        ListenAddr::Udp(inet(rest, s)?)
+    } else if let Some(rest) = s.strip_prefix("unix:") {
+        if rest.is_empty() {
+            return Err(format!("`{s}`: empty socket path"));
+        }
+        ListenAddr::Unix(PathBuf::from(rest))
+    } else {
+        ListenAddr::Tcp(inet(s, s)?)
+    };
+    Ok(ListenSpec::new(addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn workers_values() {
+        assert_eq!(parse_workers("auto"), Ok(WorkerCount::Auto));
+        assert_eq!(parse_workers("3"), Ok(WorkerCount::Fixed(3)));
+        assert!(parse_workers("0").is_err());
+        assert!(parse_workers("-1").is_err());
+        assert!(parse_workers("many").is_err());
+    }
+
+    #[test]
+    fn listen_forms() {
+        let t = parse_listen("tcp:127.0.0.1:8000").unwrap();
+        assert_eq!(t.addr, ListenAddr::Tcp("127.0.0.1:8000".parse().unwrap()));
+        assert_eq!(parse_listen("127.0.0.1:8000").unwrap(), t);
+        assert_eq!(
+            parse_listen("[::1]:9").unwrap().addr,
+            ListenAddr::Tcp("[::1]:9".parse().unwrap())
+        );
+        assert_eq!(
+            parse_listen("udp:0.0.0.0:53").unwrap().addr,
+            ListenAddr::Udp("0.0.0.0:53".parse().unwrap())
+        );
+        assert_eq!(
+            parse_listen("unix:/tmp/x.sock").unwrap().addr,
+            ListenAddr::Unix("/tmp/x.sock".into())
+        );
+        for bad in [
+            "",
+            "unix:",
+            "tcp:localhost:80",
+            "8000",
+            "tcp:1.2.3.4",
+            "udp:[::1]",
+        ] {
+            assert!(parse_listen(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn env_values() {
+        assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert_eq!(parse_env("A="), Ok(("A".into(), String::new())));
+        assert!(parse_env("=x").is_err());
+        assert!(parse_env("noequals").is_err());
+    }
+
+    #[test]
+    fn spawn_parses_program_and_rejects_misuse() {
+        let cli =
+            Cli::try_parse_from(["cluster-cli", "spawn", "-n", "2", "--", "prog", "--x"]).unwrap();
+        let Command::Spawn(a) = cli.command else {
+            panic!("not spawn")
+        };
+        assert_eq!(a.workers, WorkerCount::Fixed(2));
+        let (p, rest) = a.program().unwrap();
+        assert_eq!(p, PathBuf::from("prog"));
+        assert_eq!(rest, [OsString::from("--x")]);
+        // --listen makes no sense for the hello worker, which listens through the master.
+        assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--listen", "127.0.0.1:1"]).is_err());
+        // --port is the hello worker's; a program gets its own arguments.
+        assert!(
+            Cli::try_parse_from(["cluster-cli", "spawn", "--port", "1", "--", "prog"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--policy", "fastest"]).is_err());
+        assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--window", "0"]).is_err());
+    }
+}

@@ -1,0 +1,270 @@
+//! `cluster-cli spawn`: build a master from the arguments, forward signals to it, print its
+//! events, and turn how it ended into an exit status.
+//!
+//! Threads: the master's own event loop (inside cluster-master); a signal thread that only
+//! forwards signal numbers from signal-hook's iterator into a channel (no logic runs in a
+//! signal handler); and this thread, which owns the [`Master`] handle, prints its events and
+//! acts on the forwarded signals.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread;
+use std::time::Duration;
+
+use cluster_master::{Event, Master, MasterBuilder, MasterError, RestartPolicy};
+use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU};
+use signal_hook::iterator::Signals;
+
+use crate::args::{SpawnArgs, WorkerCount};
+use crate::cpus;
+use crate::log::{self, EventLog, Line};
+
+/// How long the main thread waits for a master event before looking at the signal channel.
+/// `Master` is not `Sync` (its event receiver), so the signal thread cannot call it, and a
+/// thread blocked in `recv` on the events cannot be woken by anything else: polling at this
+/// tick bounds the delay between a signal and its effect.
+const SIGNAL_TICK: Duration = Duration::from_millis(20);
+
+pub fn run(a: SpawnArgs) -> Result<(), String> {
+    let workers = match a.workers {
+        WorkerCount::Auto => cpus::available(),
+        WorkerCount::Fixed(n) => n,
+    };
+    let (program, args): (PathBuf, Vec<OsString>) = match a.program() {
+        Some((p, rest)) => (p, rest.to_vec()),
+        None => {
+            let exe = std::env::current_exe()
+                .map_err(|e| format!("cannot find this executable to run the hello worker: {e}"))?;
+            let args = vec![
+                "hello".into(),
+                "--host".into(),
+                a.host.to_string().into(),
+                "--port".into(),
+                a.port.to_string().into(),
+            ];
+            (exe, args)
+        }
+    };
+    let shutdown_timeout = Duration::from_millis(a.shutdown_timeout);
+    let initial_delay = Duration::from_millis(a.restart_delay);
+    let restart = RestartPolicy {
+        initial_delay,
+        // A cap below the first delay would make the first delay meaningless.
+        max_delay: Duration::from_millis(a.restart_max_delay).max(initial_delay),
+        min_uptime: Duration::from_millis(a.min_uptime),
+        max_fast_crashes: a.max_restarts,
+        ..RestartPolicy::default()
+    };
+    let mut builder = MasterBuilder::new(&program)
+        .args(&args)
+        .workers(workers)
+        .policy(a.policy)
+        .window(a.window)
+        .restart_policy(restart)
+        .shutdown_timeout(shutdown_timeout)
+        .capture_output(true);
+    for (k, v) in &a.env {
+        builder = builder.env(k, v);
+    }
+    for (i, spec) in a.listen.iter().enumerate() {
+        builder = builder.listen_fd(format!("listen{i}"), spec.clone());
+    }
+
+    // Signals are registered before any worker exists: a TERM that arrives during start-up
+    // must mean "stop gracefully", not the default action that would orphan the workers.
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let sig_handle = signals.handle();
+    let (sig_tx, sig_rx) = mpsc::channel();
+    let sig_thread = thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if sig_tx.send(sig).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+
+    let shown: Vec<String> = std::iter::once(program.display().to_string())
+        .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
+        .collect();
+    log::master(format!(
+        "pid {}: starting {workers} workers: {} (policy {})",
+        std::process::id(),
+        shown.join(" "),
+        a.policy
+    ))
+    .print();
+    for (i, spec) in a.listen.iter().enumerate() {
+        log::master(format!(
+            "pre-bound {} as fd {} (LISTEN_FDNAMES name listen{i})",
+            spec.addr,
+            3 + i
+        ))
+        .print();
+    }
+
+    let master = match builder.start() {
+        Ok(m) => m,
+        Err(e) => {
+            sig_handle.close();
+            let _ = sig_thread.join();
+            return Err(format!("cannot start the master: {e}"));
+        }
+    };
+    let mut sup = Supervisor {
+        stop: Stop::Running,
+        slots: workers,
+        shutdown_timeout,
+        unclean: Vec::new(),
+        stopped_clean: None,
+    };
+    sup.run(&master, &sig_rx);
+    sig_handle.close();
+    let _ = sig_thread.join();
+    sup.verdict(master.wait())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    Running,
+    Graceful,
+    Forced,
+}
+
+/// What the main thread knows about the run, to act on signals and to judge the stop.
+#[derive(Debug)]
+struct Supervisor {
+    stop: Stop,
+    /// Slots not removed, as far as our own TTIN/TTOU tell (the master keeps at least one).
+    slots: usize,
+    shutdown_timeout: Duration,
+    /// Exits during the stop that were not a clean `exit 0` after disconnect.
+    unclean: Vec<String>,
+    stopped_clean: Option<bool>,
+}
+
+impl Supervisor {
+    fn run(&mut self, master: &Master, signals: &Receiver<i32>) {
+        let mut log = EventLog::default();
+        loop {
+            while let Ok(sig) = signals.try_recv() {
+                self.on_signal(master, sig).print();
+            }
+            let ev = match master.events().recv_timeout(SIGNAL_TICK) {
+                Ok(ev) => ev,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            if let Some(line) = log.line(&ev) {
+                line.print();
+            }
+            match ev {
+                // A stop is clean only if every worker left by itself with status 0.
+                Event::Exit {
+                    worker,
+                    pid,
+                    code,
+                    signal,
+                    exited_after_disconnect,
+                    ..
+                } if self.stop != Stop::Running
+                    && !(exited_after_disconnect && code == Some(0)) =>
+                {
+                    let how = match (code, signal) {
+                        (Some(c), _) => format!("exited with code {c}"),
+                        (None, Some(s)) => format!("was killed by {}", log::signal_name(s)),
+                        (None, None) => "ended".to_owned(),
+                    };
+                    self.unclean
+                        .push(format!("worker {worker} (pid {pid}) {how}"));
+                }
+                Event::Stopped { clean } => {
+                    self.stopped_clean = Some(clean);
+                    return;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn on_signal(&mut self, master: &Master, sig: i32) -> Line {
+        let name = log::signal_name(sig);
+        let (text, sent) = match sig {
+            SIGTERM | SIGINT | SIGQUIT => match self.stop {
+                Stop::Running => {
+                    self.stop = Stop::Graceful;
+                    (
+                        format!(
+                            "{name}: graceful shutdown (SIGKILL after {}ms; send again to force)",
+                            self.shutdown_timeout.as_millis()
+                        ),
+                        master.shutdown(),
+                    )
+                }
+                Stop::Graceful => {
+                    self.stop = Stop::Forced;
+                    (
+                        format!("{name} again: forced shutdown (SIGKILL now)"),
+                        master.force_shutdown(),
+                    )
+                }
+                Stop::Forced => (format!("{name}: already stopping by force"), Ok(())),
+            },
+            _ if self.stop != Stop::Running => (format!("{name} ignored: stopping"), Ok(())),
+            SIGHUP => (format!("{name}: rolling reload"), master.reload()),
+            SIGTTIN => {
+                self.slots += 1;
+                (
+                    format!("{name}: adding a worker (now {})", self.slots),
+                    master.fork(),
+                )
+            }
+            SIGTTOU if self.slots <= 1 => (format!("{name} ignored: one worker left"), Ok(())),
+            SIGTTOU => {
+                self.slots -= 1;
+                (
+                    format!("{name}: removing a worker (now {})", self.slots),
+                    master.remove_one(),
+                )
+            }
+            _ => (format!("{name} ignored"), Ok(())),
+        };
+        match sent {
+            Ok(()) => log::master(text),
+            Err(e) => log::master(format!("{text} (not done: {e})")),
+        }
+    }
+
+    /// The exit status: `Ok` only for a graceful stop where every worker left cleanly.
+    fn verdict(&self, result: Result<(), MasterError>) -> Result<(), String> {
+        match result {
+            Err(e @ MasterError::AllSlotsErrored { .. }) => {
+                Err(format!("workers cannot start: {e}"))
+            }
+            Err(e) => Err(format!("master failed: {e}")),
+            Ok(()) => match self.stop {
+                Stop::Forced => Err("stopped by force: workers were killed".into()),
+                Stop::Running => Err("the master stopped without being asked to".into()),
+                Stop::Graceful => {
+                    if let Some(first) = self.unclean.first() {
+                        Err(format!(
+                            "shutdown was not clean: {first}{}",
+                            match self.unclean.len() - 1 {
+                                0 => String::new(),
+                                n => format!(" (and {n} more)"),
+                            }
+                        ))
+                    } else if self.stopped_clean == Some(false) {
+                        Err("shutdown was not clean: connections were closed unserved".into())
+                    } else {
+                        Ok(())
+                    }
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,721 @@
+//! End-to-end tests of the `cluster-cli` binary: real master, real workers, real sockets on
+//! 127.0.0.1. Every wait is on an event (a log line, a response, stdout EOF) with a deadline;
+//! every loop is bounded in count and time. A test that fails SIGKILLs and reaps the master it
+//! started (by its PID, through `Child`); its workers then see their channel close and exit.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cluster-cli");
+/// Deadline for any single awaited log line.
+const LINE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Socket timeouts of the test client: a hung request is a failure, not a hung test.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+// ------------------------------------------------------------------------------- the master
+
+/// A running `cluster-cli spawn`, its stdout lines arriving on a channel.
+struct Cluster {
+    child: Option<Child>,
+    lines: Receiver<String>,
+    /// Every stdout line seen so far, for the failure report and later searches.
+    seen: Vec<String>,
+    stderr: Arc<Mutex<Vec<String>>>,
+    stderr_reader: Option<JoinHandle<()>>,
+    eof: bool,
+}
+
+impl Cluster {
+    fn start(args: &[&str]) -> Cluster {
+        let mut child = Command::new(BIN)
+            .arg("spawn")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cluster-cli");
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&stderr);
+        let stderr_reader = thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Cluster {
+            child: Some(child),
+            lines,
+            seen: Vec::new(),
+            stderr,
+            stderr_reader: Some(stderr_reader),
+            eof: false,
+        }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().unwrap().id() as i32)
+    }
+
+    fn signal(&self, sig: Signal) {
+        kill(self.pid(), sig).unwrap();
+    }
+
+    /// Waits for the next line (after those already seen) that satisfies `pred`.
+    fn wait_line(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + LINE_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!("timed out waiting for {what}"),
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.eof = true;
+                    panic!("master's stdout closed while waiting for {what}")
+                }
+            }
+        }
+    }
+
+    /// A line already seen that satisfies `pred`, or else the next one that does.
+    fn find_line(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        match self.seen.iter().find(|l| pred(l)) {
+            Some(l) => l.clone(),
+            None => self.wait_line(what, pred),
+        }
+    }
+
+    /// Waits for `n` `listening on` lines; returns the port and the (worker id, pid) pairs.
+    fn wait_listening(&mut self, n: usize) -> (u16, Vec<(u32, u32)>) {
+        let mut port = 0;
+        let mut workers = Vec::new();
+        for _ in 0..n {
+            let line = self.wait_line("a listening line", |l| l.contains(" listening on "));
+            let (id, pid) = worker_of(&line).unwrap();
+            let addr = line.rsplit(' ').next().unwrap();
+            port = addr.rsplit(':').next().unwrap().parse().unwrap();
+            workers.push((id, pid));
+        }
+        (port, workers)
+    }
+
+    /// Waits for the master to exit (stdout EOF, then reap) within `timeout`.
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        while !self.eof {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(RecvTimeoutError::Disconnected) => self.eof = true,
+                Err(RecvTimeoutError::Timeout) => panic!("master did not exit in {timeout:?}"),
+            }
+        }
+        // Stdout is closed: the master is exiting (its workers' stdout are pipes to it, not
+        // ours, so they cannot hold it open).
+        let status = self.child.take().unwrap().wait().unwrap();
+        // The master is gone, so its stderr is at EOF: collect the last lines.
+        if let Some(t) = self.stderr_reader.take() {
+            t.join().unwrap();
+        }
+        status
+    }
+
+    fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Still running: the test failed before it stopped the master. SIGKILL it (by the
+            // PID we own through `Child`) and reap it; the workers exit on channel EOF.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if thread::panicking() {
+            while let Ok(l) = self.lines.try_recv() {
+                self.seen.push(l);
+            }
+            eprintln!("--- master stdout ---\n{}", self.seen.join("\n"));
+            eprintln!("--- master stderr ---\n{}", self.stderr_lines().join("\n"));
+        }
+    }
+}
+
+/// `(worker id, pid)` from a `[master] worker W (pid P) ...` line.
+fn worker_of(line: &str) -> Option<(u32, u32)> {
+    let rest = line.strip_prefix("[master] worker ")?;
+    let (id, rest) = rest.split_once(" (pid ")?;
+    let (pid, _) = rest.split_once(')')?;
+    Some((id.parse().ok()?, pid.parse().ok()?))
+}
+
+// ------------------------------------------------------------------------------- HTTP client
+
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+impl Response {
+    fn worker_id(&self) -> Option<u32> {
+        self.headers.get("x-worker-id")?.parse().ok()
+    }
+}
+
+fn connect(port: u16) -> io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), IO_TIMEOUT)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(s)
+}
+
+/// Reads one response (head, then a `content-length` body).
+fn read_response(r: &mut impl BufRead) -> io::Result<Response> {
+    let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_owned());
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "closed before a response",
+        ));
+    }
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad status line"))?;
+    let mut headers = HashMap::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            return Err(bad("closed in the head"));
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(':').ok_or_else(|| bad("bad header"))?;
+        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+    }
+    let len: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    r.read_exact(&mut body)?;
+    Ok(Response {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// One request on a new connection with `Connection: close`.
+fn get(port: u16, path: &str) -> io::Result<Response> {
+    let mut s = connect(port)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    read_response(&mut BufReader::new(s))
+}
+
+/// `get` that must succeed with 200.
+fn get_ok(port: u16, path: &str) -> Response {
+    let r = get(port, path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    assert_eq!(r.status, 200, "GET {path}: {r:?}");
+    r
+}
+
+// ------------------------------------------------------------------------------- load
+
+/// Connection-per-request load from a few threads until told to stop, then a fixed tail.
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<LoadResult>>,
+}
+
+#[derive(Debug, Default)]
+struct LoadResult {
+    ok: usize,
+    failed: Vec<String>,
+}
+
+/// Requests per thread after the stop flag, so that the time right after the event is loaded.
+const LOAD_TAIL: usize = 30;
+/// Client threads of the load.
+const LOAD_THREADS: usize = 3;
+/// Hard caps per thread, whatever happens.
+const LOAD_MAX_REQUESTS: usize = 20_000;
+const LOAD_MAX_TIME: Duration = Duration::from_secs(25);
+
+impl Load {
+    /// Starts `n` threads and returns once each has had some requests answered.
+    fn start(port: u16, n: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (warm_tx, warm_rx) = mpsc::channel();
+        let threads = (0..n)
+            .map(|_| {
+                let stop = Arc::clone(&stop);
+                let warm = warm_tx.clone();
+                thread::spawn(move || {
+                    let mut res = LoadResult::default();
+                    let started = Instant::now();
+                    let mut tail = 0;
+                    for i in 0..LOAD_MAX_REQUESTS {
+                        if stop.load(Ordering::Acquire) {
+                            tail += 1;
+                            if tail > LOAD_TAIL {
+                                break;
+                            }
+                        }
+                        if started.elapsed() > LOAD_MAX_TIME {
+                            res.failed.push("load ran out of time".into());
+                            break;
+                        }
+                        match get(port, "/") {
+                            Ok(r) if r.status == 200 => res.ok += 1,
+                            Ok(r) => res.failed.push(format!("status {}", r.status)),
+                            Err(e) => res.failed.push(format!("{:?}: {e}", e.kind())),
+                        }
+                        if i == 5 {
+                            let _ = warm.send(());
+                        }
+                    }
+                    res
+                })
+            })
+            .collect();
+        for _ in 0..n {
+            warm_rx
+                .recv_timeout(LINE_TIMEOUT)
+                .expect("load threads got going");
+        }
+        Load { stop, threads }
+    }
+
+    fn finish(self) -> LoadResult {
+        self.stop.store(true, Ordering::Release);
+        let mut all = LoadResult::default();
+        for t in self.threads {
+            let r = t.join().unwrap();
+            all.ok += r.ok;
+            all.failed.extend(r.failed);
+        }
+        all
+    }
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+fn assert_clean_exit(c: &mut Cluster) {
+    let status = c.wait_exit(Duration::from_secs(15));
+    assert!(
+        status.success(),
+        "exit {status:?}, stderr {:?}",
+        c.stderr_lines()
+    );
+    assert!(c.seen.iter().any(|l| l == "[master] stopped (clean)"));
+}
+
+// ------------------------------------------------------------------------------- tests
+
+#[test]
+fn four_workers_share_the_requests_and_stop_cleanly() {
+    let mut c = Cluster::start(&["-n", "4", "--port", "0"]);
+    let (port, workers) = c.wait_listening(4);
+    let expected: BTreeSet<u32> = workers.iter().map(|w| w.0).collect();
+    assert_eq!(expected.len(), 4);
+    let mut served = BTreeSet::new();
+    for _ in 0..400 {
+        let r = get_ok(port, "/");
+        let id = r.worker_id().unwrap();
+        assert_eq!(r.body, format!("hello from worker {id}\n"));
+        served.insert(id);
+    }
+    assert_eq!(served, expected);
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+    for (id, pid) in workers {
+        let want = format!("[master] worker {id} (pid {pid}) exited with code 0, after disconnect");
+        assert!(c.seen.contains(&want), "missing: {want}");
+    }
+}
+
+#[test]
+fn reload_under_load_fails_nothing_and_replaces_every_worker() {
+    let mut c = Cluster::start(&["-n", "2", "--port", "0"]);
+    let (port, old) = c.wait_listening(2);
+    let load = Load::start(port, LOAD_THREADS);
+    c.signal(Signal::SIGHUP);
+    let start = c.seen.len();
+    c.wait_line("reload done", |l| l == "[master] reload done");
+    let new: BTreeSet<u32> = c.seen[start..]
+        .iter()
+        .filter(|l| l.contains(" forked in slot "))
+        .filter_map(|l| worker_of(l))
+        .map(|w| w.0)
+        .collect();
+    assert_eq!(new.len(), 2, "two new workers forked");
+    let res = load.finish();
+    assert!(res.failed.is_empty(), "failed requests: {:?}", res.failed);
+    assert!(res.ok > LOAD_THREADS * LOAD_TAIL);
+    // Only the new workers serve now; the old ones left after disconnect.
+    for _ in 0..40 {
+        let id = get_ok(port, "/").worker_id().unwrap();
+        assert!(new.contains(&id), "old worker {id} still serving");
+    }
+    for (id, pid) in old {
+        let want = format!("[master] worker {id} (pid {pid}) exited with code 0, after disconnect");
+        c.find_line(&want, |l| l == want);
+    }
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+}
+
+#[test]
+fn killed_worker_loses_only_what_it_held_and_its_slot_comes_back() {
+    let mut c = Cluster::start(&["-n", "2", "--port", "0", "--restart-delay", "50"]);
+    let (port, workers) = c.wait_listening(2);
+    let load = Load::start(port, LOAD_THREADS);
+    let (victim, pid) = workers[0];
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    let exit =
+        format!("[master] worker {victim} (pid {pid}) exited on signal 9 (SIGKILL), crashed");
+    c.wait_line(&exit, |l| l == exit);
+    let fork = c.wait_line("a replacement fork", |l| l.contains(" forked in slot "));
+    let (new_id, _) = worker_of(&fork).unwrap();
+    c.wait_line("the replacement listening", |l| {
+        worker_of(l).is_some_and(|w| w.0 == new_id) && l.contains(" listening on ")
+    });
+    let res = load.finish();
+    // What the master holds survives the kill: hand-offs in flight to the victim are
+    // re-queued, none hangs (Node leaks that connection: its client waits forever). A request
+    // the victim had already *taken* is its own socket and dies with it (reset), so at most
+    // one per client thread can fail, and only with a reset, never a timeout.
+    assert!(
+        res.failed.len() <= LOAD_THREADS,
+        "failed requests: {:?}",
+        res.failed
+    );
+    for f in &res.failed {
+        assert!(
+            ["ConnectionReset", "UnexpectedEof", "BrokenPipe"]
+                .iter()
+                .any(|k| f.starts_with(k)),
+            "a request failed otherwise than by the victim's death: {f}"
+        );
+    }
+    // And the cluster serves on: every request after the replacement listens succeeds.
+    for _ in 0..50 {
+        get_ok(port, "/");
+    }
+    eprintln!(
+        "kill under load: {} ok, {} reset with the victim",
+        res.ok,
+        res.failed.len()
+    );
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+}
+
+#[test]
+fn sigterm_lets_requests_in_flight_finish() {
+    let mut c = Cluster::start(&["-n", "2", "--port", "0"]);
+    let (port, _) = c.wait_listening(2);
+    let (sent_tx, sent_rx) = mpsc::channel();
+    let clients: Vec<JoinHandle<io::Result<(Response, Duration)>>> = (0..4)
+        .map(|_| {
+            let sent = sent_tx.clone();
+            thread::spawn(move || {
+                let s = connect(port)?;
+                let mut w = s.try_clone()?;
+                let mut r = BufReader::new(s);
+                // Both requests in one write, so the worker reads both at once: when the
+                // answer to the first arrives, the delayed one is already in its hands (in
+                // flight), not somewhere in a queue.
+                let t0 = Instant::now();
+                w.write_all(
+                    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\
+                      GET /delay/500 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                )?;
+                let first = read_response(&mut r)?;
+                assert_eq!(first.status, 200);
+                let _ = sent.send(());
+                let delayed = read_response(&mut r)?;
+                Ok((delayed, t0.elapsed()))
+            })
+        })
+        .collect();
+    for _ in 0..4 {
+        sent_rx
+            .recv_timeout(LINE_TIMEOUT)
+            .expect("request in flight");
+    }
+    c.signal(Signal::SIGTERM);
+    for t in clients {
+        let (r, took) = t.join().unwrap().expect("delayed request answered");
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(took >= Duration::from_millis(500), "{took:?}");
+    }
+    assert_clean_exit(&mut c);
+}
+
+#[test]
+fn ttin_adds_and_ttou_removes_a_worker() {
+    let mut c = Cluster::start(&["-n", "2", "--port", "0"]);
+    c.wait_listening(2);
+    c.signal(Signal::SIGTTIN);
+    let fork = c.wait_line("fork in slot 2", |l| l.ends_with(" forked in slot 2"));
+    let (id, pid) = worker_of(&fork).unwrap();
+    c.wait_line("the new worker listening", |l| {
+        worker_of(l) == Some((id, pid)) && l.contains(" listening on ")
+    });
+    c.signal(Signal::SIGTTOU);
+    let want = format!("[master] worker {id} (pid {pid}) exited with code 0, after disconnect");
+    c.wait_line(&want, |l| l == want);
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+}
+
+#[test]
+fn program_that_exits_at_once_errors_the_slots_and_fails() {
+    let started = Instant::now();
+    let mut c = Cluster::start(&[
+        "-n",
+        "2",
+        "--restart-delay",
+        "10",
+        "--max-restarts",
+        "3",
+        "--",
+        "/bin/false",
+    ]);
+    let status = c.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let errored = c
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("[master] slot ") && l.contains(" errored: "))
+        .count();
+    assert_eq!(errored, 2, "{:?}", c.seen);
+    let err = c.stderr_lines();
+    assert_eq!(err.len(), 1, "one-line reason: {err:?}");
+    assert!(
+        err[0].starts_with("cluster-cli: workers cannot start: "),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &["spawn", "-n", "0"][..],
+        &["spawn", "--policy", "fastest"],
+        &["spawn", "--listen", "127.0.0.1:1"],
+        &["spawn", "--listen", "nowhere", "--", "/bin/true"],
+        &["spawn", "--env", "NOEQUALS"],
+        &["hello", "--port", "70000"],
+        &["frobnicate"],
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+}
+
+/// A program that knows nothing of cluster-rs, only systemd's socket passing: it serves the
+/// socket at fd 3 and leaves when the master writes to (or closes) its channel.
+const LISTEN_FDS_PROGRAM: &str = r#"
+import os, select, socket, sys
+pid = os.getpid()
+assert os.environ["LISTEN_PID"] == str(pid), "LISTEN_PID is not mine"
+assert os.environ["LISTEN_FDS"] == "1"
+chan = int(os.environ["CLUSTER_RS_CHANNEL_FD"])
+sock = socket.socket(fileno=3)
+sock.setblocking(False)
+print("ready pid", pid, flush=True)
+while True:
+    ready, _, _ = select.select([sock, chan], [], [], 30)
+    if chan in ready or not ready:
+        sys.exit(0)
+    try:
+        conn, _ = sock.accept()
+    except BlockingIOError:
+        continue
+    conn.setblocking(True)
+    conn.settimeout(5)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    body = b"pid %d\n" % pid
+    conn.sendall(b"HTTP/1.1 200 OK\r\nx-pid: %d\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % (pid, len(body)) + body)
+    conn.close()
+"#;
+
+#[test]
+fn listen_fds_reach_a_program_that_knows_only_systemd() {
+    if Command::new("python3")
+        .arg("--version")
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        eprintln!("SKIPPED: python3 is not installed");
+        return;
+    }
+    let port = free_port();
+    let addr = format!("tcp:127.0.0.1:{port}");
+    let mut c = Cluster::start(&[
+        "--listen",
+        &addr,
+        "-n",
+        "2",
+        "--shutdown-timeout",
+        "5000",
+        "--",
+        "python3",
+        "-c",
+        LISTEN_FDS_PROGRAM,
+    ]);
+    let mut pids = BTreeSet::new();
+    for _ in 0..2 {
+        let line = c.wait_line("a worker's ready line", |l| {
+            l.starts_with("[worker ") && l.contains("] ready pid ")
+        });
+        pids.insert(line.rsplit(' ').next().unwrap().parse::<u32>().unwrap());
+    }
+    assert_eq!(pids.len(), 2);
+    let mut seen = BTreeSet::new();
+    for _ in 0..300 {
+        let r = get_ok(port, "/");
+        seen.insert(r.headers["x-pid"].parse::<u32>().unwrap());
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen, pids, "both instances served");
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+}
+
+#[test]
+fn second_sigint_forces_the_stop() {
+    let mut c = Cluster::start(&["-n", "1", "--port", "0"]);
+    let (port, workers) = c.wait_listening(1);
+    let s = connect(port).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    // As above: once the first answer is back, the long request is in the worker's hands,
+    // so the graceful stop has to wait for it.
+    w.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /delay/20000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut r).unwrap().status, 200);
+    c.signal(Signal::SIGINT);
+    c.wait_line("graceful stop", |l| {
+        l.starts_with("[master] SIGINT: graceful shutdown")
+    });
+    c.signal(Signal::SIGINT);
+    c.wait_line("forced stop", |l| {
+        l.starts_with("[master] SIGINT again: forced shutdown")
+    });
+    let (id, pid) = workers[0];
+    let want =
+        format!("[master] worker {id} (pid {pid}) exited on signal 9 (SIGKILL), after disconnect");
+    c.wait_line(&want, |l| l == want);
+    let status = c.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1));
+    let err = c.stderr_lines();
+    assert_eq!(err, ["cluster-cli: stopped by force: workers were killed"]);
+    // The delayed request died with its worker.
+    assert!(read_response(&mut r).is_err());
+}
+
+/// Kills and reaps a child by its PID (through `Child`) if a test leaves it running.
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[test]
+fn hello_runs_standalone_and_stops_on_sigterm() {
+    let mut child = Reap(
+        Command::new(BIN)
+            .args(["hello", "--port", "0", "--threads", "1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let out = child.0.stdout.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = lines.recv_timeout(LINE_TIMEOUT).expect("a listening line");
+    let port: u16 = line
+        .strip_prefix("hello worker listening on 127.0.0.1:")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    let r = get_ok(port, "/");
+    assert_eq!(r.worker_id(), Some(0));
+    assert_eq!(r.body, "hello from worker 0\n");
+    kill(Pid::from_raw(child.0.id() as i32), Signal::SIGTERM).unwrap();
+    // Stdout EOF means the process is exiting.
+    loop {
+        match lines.recv_timeout(LINE_TIMEOUT) {
+            Ok(_) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => panic!("hello did not stop on SIGTERM"),
+        }
+    }
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
