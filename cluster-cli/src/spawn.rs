@@ -1,30 +1,25 @@
 //! `cluster-cli spawn`: build a master from the arguments, forward signals to it, print its
 //! events, and turn how it ended into an exit status.
 //!
-//! Threads: the master's own event loop (inside cluster-master); a signal thread that only
-//! forwards signal numbers from signal-hook's iterator into a channel (no logic runs in a
-//! signal handler); and this thread, which owns the [`Master`] handle, prints its events and
-//! acts on the forwarded signals.
+//! Threads: the master's own event loop (inside cluster-master); a signal thread that reads
+//! signal-hook's iterator (no logic runs in a signal handler) and commands the master through
+//! a [`MasterControl`]; and this thread, which blocks on the master's events, prints them and
+//! judges the stop.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use cluster_master::{Event, Master, MasterBuilder, MasterError, RestartPolicy};
+use cluster_master::{Event, Master, MasterBuilder, MasterControl, MasterError, RestartPolicy};
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU};
 use signal_hook::iterator::Signals;
 
 use crate::args::{SpawnArgs, WorkerCount};
 use crate::cpus;
 use crate::log::{self, EventLog, Line};
-
-/// How long the main thread waits for a master event before looking at the signal channel.
-/// `Master` is not `Sync` (its event receiver), so the signal thread cannot call it, and a
-/// thread blocked in `recv` on the events cannot be woken by anything else: polling at this
-/// tick bounds the delay between a signal and its effect.
-const SIGNAL_TICK: Duration = Duration::from_millis(20);
 
 pub fn run(a: SpawnArgs) -> Result<(), String> {
     let workers = match a.workers {
@@ -73,20 +68,9 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
 
     // Signals are registered before any worker exists: a TERM that arrives during start-up
     // must mean "stop gracefully", not the default action that would orphan the workers.
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU])
+    let signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let sig_handle = signals.handle();
-    let (sig_tx, sig_rx) = mpsc::channel();
-    let sig_thread = thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for sig in signals.forever() {
-                if sig_tx.send(sig).is_err() {
-                    break;
-                }
-            }
-        })
-        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
 
     let shown: Vec<String> = std::iter::once(program.display().to_string())
         .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
@@ -111,92 +95,74 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
         Ok(m) => m,
         Err(e) => {
             sig_handle.close();
-            let _ = sig_thread.join();
             return Err(format!("cannot start the master: {e}"));
         }
     };
-    let mut sup = Supervisor {
-        stop: Stop::Running,
+    let stop = Arc::new(AtomicU8::new(Stop::Running as u8));
+    let mut policy = SignalPolicy {
+        control: master.control(),
+        stop: Arc::clone(&stop),
         slots: workers,
         shutdown_timeout,
+    };
+    // The signal thread acts on signals itself through a control handle, so the main thread
+    // can block on the master's events without polling.
+    let sig_thread = thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut signals = signals;
+            for sig in signals.forever() {
+                policy.on_signal(sig).print();
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    let mut sup = Supervisor {
+        stop,
         unclean: Vec::new(),
         stopped_clean: None,
     };
-    sup.run(&master, &sig_rx);
+    sup.run(&master);
     sig_handle.close();
     let _ = sig_thread.join();
     sup.verdict(master.wait())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 enum Stop {
-    Running,
-    Graceful,
-    Forced,
+    Running = 0,
+    Graceful = 1,
+    Forced = 2,
 }
 
-/// What the main thread knows about the run, to act on signals and to judge the stop.
+impl Stop {
+    fn load(cell: &AtomicU8) -> Stop {
+        match cell.load(Ordering::Acquire) {
+            0 => Stop::Running,
+            1 => Stop::Graceful,
+            _ => Stop::Forced,
+        }
+    }
+}
+
+/// The signal thread's state: what each signal means given how far the stop has gone.
 #[derive(Debug)]
-struct Supervisor {
-    stop: Stop,
+struct SignalPolicy {
+    control: MasterControl,
+    stop: Arc<AtomicU8>,
     /// Slots not removed, as far as our own TTIN/TTOU tell (the master keeps at least one).
     slots: usize,
     shutdown_timeout: Duration,
-    /// Exits during the stop that were not a clean `exit 0` after disconnect.
-    unclean: Vec<String>,
-    stopped_clean: Option<bool>,
 }
 
-impl Supervisor {
-    fn run(&mut self, master: &Master, signals: &Receiver<i32>) {
-        let mut log = EventLog::default();
-        loop {
-            while let Ok(sig) = signals.try_recv() {
-                self.on_signal(master, sig).print();
-            }
-            let ev = match master.events().recv_timeout(SIGNAL_TICK) {
-                Ok(ev) => ev,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => return,
-            };
-            if let Some(line) = log.line(&ev) {
-                line.print();
-            }
-            match ev {
-                // A stop is clean only if every worker left by itself with status 0.
-                Event::Exit {
-                    worker,
-                    pid,
-                    code,
-                    signal,
-                    exited_after_disconnect,
-                    ..
-                } if self.stop != Stop::Running
-                    && !(exited_after_disconnect && code == Some(0)) =>
-                {
-                    let how = match (code, signal) {
-                        (Some(c), _) => format!("exited with code {c}"),
-                        (None, Some(s)) => format!("was killed by {}", log::signal_name(s)),
-                        (None, None) => "ended".to_owned(),
-                    };
-                    self.unclean
-                        .push(format!("worker {worker} (pid {pid}) {how}"));
-                }
-                Event::Stopped { clean } => {
-                    self.stopped_clean = Some(clean);
-                    return;
-                }
-                _ => {}
-            }
-        }
-    }
-
-    fn on_signal(&mut self, master: &Master, sig: i32) -> Line {
+impl SignalPolicy {
+    fn on_signal(&mut self, sig: i32) -> Line {
+        let master = &self.control;
         let name = log::signal_name(sig);
         let (text, sent) = match sig {
-            SIGTERM | SIGINT | SIGQUIT => match self.stop {
+            SIGTERM | SIGINT | SIGQUIT => match Stop::load(&self.stop) {
                 Stop::Running => {
-                    self.stop = Stop::Graceful;
+                    self.stop.store(Stop::Graceful as u8, Ordering::Release);
                     (
                         format!(
                             "{name}: graceful shutdown (SIGKILL after {}ms; send again to force)",
@@ -206,7 +172,7 @@ impl Supervisor {
                     )
                 }
                 Stop::Graceful => {
-                    self.stop = Stop::Forced;
+                    self.stop.store(Stop::Forced as u8, Ordering::Release);
                     (
                         format!("{name} again: forced shutdown (SIGKILL now)"),
                         master.force_shutdown(),
@@ -214,7 +180,9 @@ impl Supervisor {
                 }
                 Stop::Forced => (format!("{name}: already stopping by force"), Ok(())),
             },
-            _ if self.stop != Stop::Running => (format!("{name} ignored: stopping"), Ok(())),
+            _ if Stop::load(&self.stop) != Stop::Running => {
+                (format!("{name} ignored: stopping"), Ok(()))
+            }
             SIGHUP => (format!("{name}: rolling reload"), master.reload()),
             SIGTTIN => {
                 self.slots += 1;
@@ -238,7 +206,52 @@ impl Supervisor {
             Err(e) => log::master(format!("{text} (not done: {e})")),
         }
     }
+}
 
+/// What the main thread knows about the run, to judge the stop.
+#[derive(Debug)]
+struct Supervisor {
+    stop: Arc<AtomicU8>,
+    /// Exits during the stop that were not a clean `exit 0` after disconnect.
+    unclean: Vec<String>,
+    stopped_clean: Option<bool>,
+}
+
+impl Supervisor {
+    fn run(&mut self, master: &Master) {
+        let mut log = EventLog::default();
+        while let Ok(ev) = master.events().recv() {
+            if let Some(line) = log.line(&ev) {
+                line.print();
+            }
+            match ev {
+                // A stop is clean only if every worker left by itself with status 0.
+                Event::Exit {
+                    worker,
+                    pid,
+                    code,
+                    signal,
+                    exited_after_disconnect,
+                    ..
+                } if Stop::load(&self.stop) != Stop::Running
+                    && !(exited_after_disconnect && code == Some(0)) =>
+                {
+                    let how = match (code, signal) {
+                        (Some(c), _) => format!("exited with code {c}"),
+                        (None, Some(s)) => format!("was killed by {}", log::signal_name(s)),
+                        (None, None) => "ended".to_owned(),
+                    };
+                    self.unclean
+                        .push(format!("worker {worker} (pid {pid}) {how}"));
+                }
+                Event::Stopped { clean } => {
+                    self.stopped_clean = Some(clean);
+                    return;
+                }
+                _ => {}
+            }
+        }
+    }
     /// The exit status: `Ok` only for a graceful stop where every worker left cleanly.
     fn verdict(&self, result: Result<(), MasterError>) -> Result<(), String> {
         match result {
@@ -246,7 +259,7 @@ impl Supervisor {
                 Err(format!("workers cannot start: {e}"))
             }
             Err(e) => Err(format!("master failed: {e}")),
-            Ok(()) => match self.stop {
+            Ok(()) => match Stop::load(&self.stop) {
                 Stop::Forced => Err("stopped by force: workers were killed".into()),
                 Stop::Running => Err("the master stopped without being asked to".into()),
                 Stop::Graceful => {

@@ -38,7 +38,7 @@ mod sys;
 pub use channel::WorkerChannel;
 pub use config::MasterBuilder;
 pub use error::MasterError;
-pub use master::{Event, Master, MasterStats, WorkerInfo, WorkerState};
+pub use master::{Event, Master, MasterControl, MasterStats, WorkerInfo, WorkerState};
 pub use round_robin::{
     Action, CloseReason, HandleError, RoundRobinConfig, RoundRobinHandle, RoundRobinStats,
 };

@@ -109,7 +109,7 @@ pub enum Event {
     },
 }
 
-/// One worker as reported by [`Master::workers`].
+/// One worker as reported by [`MasterControl::workers`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkerInfo {
     /// Its id.
@@ -176,13 +176,21 @@ pub(crate) enum Command {
 /// A running master: an event loop thread that owns the listeners and the workers.
 ///
 /// Methods send commands to the loop and return at once; what follows is reported as
-/// [`Event`]s on [`Master::events`]. Drain the events: they queue until read.
+/// [`Event`]s on [`Master::events`]. Drain the events: they queue until read. To command the
+/// master from other threads (a signal thread, say), take a [`MasterControl`] with
+/// [`Master::control`].
 #[derive(Debug)]
 pub struct Master {
-    commands: Sender<Command>,
-    waker: Arc<mio::Waker>,
+    control: MasterControl,
     events: Receiver<Event>,
     thread: Option<JoinHandle<Result<(), MasterError>>>,
+}
+
+/// A cloneable, thread-safe handle that sends commands to a [`Master`]'s event loop.
+#[derive(Clone, Debug)]
+pub struct MasterControl {
+    commands: Sender<Command>,
+    waker: Arc<mio::Waker>,
 }
 
 impl std::fmt::Debug for Command {
@@ -202,6 +210,25 @@ impl std::fmt::Debug for Command {
 }
 
 impl Master {
+    /// A handle for commanding this master from any thread.
+    pub fn control(&self) -> MasterControl {
+        self.control.clone()
+    }
+
+    /// The events of this master.
+    pub fn events(&self) -> &Receiver<Event> {
+        &self.events
+    }
+
+    /// Waits for the loop to stop (after [`MasterControl::shutdown`], or when every slot
+    /// errored).
+    pub fn wait(mut self) -> Result<(), MasterError> {
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| MasterError::Stopped)?,
+            None => Ok(()),
+        }
+    }
+
     /// Starts from a builder (same as [`MasterBuilder::start`]).
     pub fn start(config: MasterBuilder) -> Result<Master, MasterError> {
         let (cmd_tx, cmd_rx) = mpsc::channel();
@@ -213,23 +240,28 @@ impl Master {
             .spawn(move || event_loop.run())
             .map_err(|e| MasterError::io("spawn the event loop thread", e))?;
         Ok(Master {
-            commands: cmd_tx,
-            waker,
+            control: MasterControl { commands: cmd_tx, waker },
             events: ev_rx,
             thread: Some(thread),
         })
     }
+}
 
+impl std::ops::Deref for Master {
+    type Target = MasterControl;
+
+    /// Every command of [`MasterControl`] is available on the master itself.
+    fn deref(&self) -> &MasterControl {
+        &self.control
+    }
+}
+
+impl MasterControl {
     fn command(&self, c: Command) -> Result<(), MasterError> {
         self.commands.send(c).map_err(|_| MasterError::Stopped)?;
         self.waker
             .wake()
             .map_err(|e| MasterError::io("wake the event loop", e))
-    }
-
-    /// The events of this master.
-    pub fn events(&self) -> &Receiver<Event> {
-        &self.events
     }
 
     /// Adds one worker slot and forks its worker (Node's `cluster.fork()`).
@@ -272,7 +304,7 @@ impl Master {
         self.command(Command::Shutdown)
     }
 
-    /// Same as [`Master::shutdown`] (Node's name).
+    /// Same as [`MasterControl::shutdown`] (Node's name).
     pub fn disconnect_all(&self) -> Result<(), MasterError> {
         self.shutdown()
     }
@@ -296,13 +328,6 @@ impl Master {
         rx.recv().map_err(|_| MasterError::Stopped)
     }
 
-    /// Waits for the loop to stop (after [`Master::shutdown`], or when every slot errored).
-    pub fn wait(mut self) -> Result<(), MasterError> {
-        match self.thread.take() {
-            Some(t) => t.join().map_err(|_| MasterError::Stopped)?,
-            None => Ok(()),
-        }
-    }
 }
 
 impl Drop for Master {
