@@ -152,3 +152,20 @@ fn a_full_queue_stops_accepting_and_the_backlog_is_served_later() {
     }
     c.stop();
 }
+
+#[test]
+fn a_worker_that_closed_its_listener_gets_nothing_and_loses_nothing() {
+    let _fds = shared_fds();
+    // Slot 0 announces listening, then closes the server at once; hand-offs that raced the
+    // close are refused with ListenerClosed and re-routed.
+    let mut c = Cluster::start(rr(2, "close-listener@0"));
+    let addr = inet(&c.wait_listening(2));
+    let closer = WorkerId(1);
+    for _ in 0..100 {
+        let w = ask_worker(addr).expect("every connection is served");
+        assert_ne!(w, closer, "a closed listener serves nothing");
+    }
+    let stats = c.master().stats().expect("stats");
+    assert_eq!(stats.closed_unserved, 0, "{stats:?}");
+    c.stop();
+}

@@ -29,7 +29,8 @@ fn main() -> ExitCode {
     };
     // Tests wait on this line instead of polling the port.
     println!("listening {}", listener.local_addr());
-    let mut config = ServeConfig::new().threads(1);
+    // Sessions inline on the serve loop: one thread per process, like Node, on any machine.
+    let mut config = ServeConfig::new().threads(0);
     if let Some(d) = drain {
         config = config.drain_timeout(d);
     }
