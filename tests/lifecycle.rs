@@ -231,3 +231,51 @@ fn a_reload_whose_new_worker_crashes_keeps_the_old_ones() {
     ask_worker(addr).expect("still served");
     c.stop();
 }
+
+#[test]
+fn an_old_worker_crashing_during_its_reload_leaves_exactly_its_replacement() {
+    let _fds = shared_fds();
+    let gate = std::env::temp_dir().join(format!("cluster-rs-reload-gate-{}", std::process::id()));
+    let mode = format!("wait-for-absent:{}", gate.display());
+    let mut c =
+        Cluster::start(MasterBuilder::new(raw_worker()).args(["tcp:127.0.0.1:0", mode.as_str()]));
+    let addr = inet(&c.wait_listening(1));
+    std::fs::write(&gate, b"x").expect("gate");
+    c.master().reload().expect("reload");
+    c.wait_for(WAIT, |e| {
+        matches!(
+            e,
+            Event::Fork {
+                worker: WorkerId(2),
+                ..
+            }
+        )
+    });
+    // The old worker dies while its replacement is held before listening.
+    c.master().kill(WorkerId(1), libc::SIGKILL).expect("kill");
+    c.wait_for(WAIT, |e| {
+        matches!(
+            e,
+            Event::Exit {
+                worker: WorkerId(1),
+                ..
+            }
+        )
+    });
+    std::fs::remove_file(&gate).expect("open the gate");
+    c.wait_for(WAIT, |e| matches!(e, Event::ReloadDone));
+    assert!(
+        !c.seen.iter().any(|e| matches!(e, Event::Restarting { .. })),
+        "no second replacement"
+    );
+    let ids: Vec<WorkerId> = c
+        .master()
+        .workers()
+        .expect("workers")
+        .iter()
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(ids, [WorkerId(2)]);
+    ask_worker(addr).expect("served by the replacement");
+    c.stop();
+}

@@ -986,6 +986,16 @@ impl EventLoop {
         if w.exited_after_disconnect || self.shutting_down || slot.removed {
             return;
         }
+        // A reload is already bringing up this slot's replacement: restarting too would leave
+        // two workers in one slot.
+        let replacement_coming = self
+            .reload
+            .as_ref()
+            .and_then(|r| r.waiting)
+            .is_some_and(|(s, _, _, _)| s == w.slot);
+        if replacement_coming {
+            return;
+        }
         self.on_slot_crash(w.slot, uptime);
     }
 
@@ -1138,12 +1148,25 @@ impl EventLoop {
     }
 
     fn fail_reload(&mut self, reason: String) {
-        if let Some(r) = self.reload.take() {
-            if let Some((_, new, _, _)) = r.waiting {
+        let Some(r) = self.reload.take() else {
+            return;
+        };
+        if let Some((slot, new, _, _)) = r.waiting {
+            let slot_empty = self.slots.get(slot).is_some_and(|s| s.current.is_none());
+            if !slot_empty {
+                // The old worker still serves this slot: the half-started new one goes.
                 self.disconnect_worker(new);
+            } else if self.workers.contains_key(&new) {
+                // The old worker crashed meanwhile: the new one is all this slot has.
+                if let Some(s) = self.slots.get_mut(slot) {
+                    s.current = Some(new);
+                }
+            } else {
+                // Both are gone: the slot restarts as after any crash.
+                self.on_slot_crash(slot, Duration::ZERO);
             }
-            self.emit(Event::ReloadFailed { reason });
         }
+        self.emit(Event::ReloadFailed { reason });
     }
 
     // ---------------------------------------------------------------- output

@@ -240,7 +240,10 @@ impl Master {
             .spawn(move || event_loop.run())
             .map_err(|e| MasterError::io("spawn the event loop thread", e))?;
         Ok(Master {
-            control: MasterControl { commands: cmd_tx, waker },
+            control: MasterControl {
+                commands: cmd_tx,
+                waker,
+            },
             events: ev_rx,
             thread: Some(thread),
         })
@@ -327,7 +330,6 @@ impl MasterControl {
         self.command(Command::Stats(tx))?;
         rx.recv().map_err(|_| MasterError::Stopped)
     }
-
 }
 
 impl Drop for Master {

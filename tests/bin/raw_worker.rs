@@ -12,6 +12,7 @@
 //! - `fail-if-exists:PATH`: exit 4 before listening when PATH exists, serve otherwise.
 //! - `send-fd`: after listening, send a user message carrying an fd (forbidden).
 //! - `oversize`: after listening, send a 64 KiB user message.
+//! - `wait-for-absent:PATH`: before listening, wait (up to 20 s) until PATH does not exist.
 //! - `crash-after-N`: serve N connections, then abort on the next hand-off without answering.
 //!
 //! `MODE@SLOT` applies MODE in that worker slot only; the others serve.
@@ -78,6 +79,15 @@ fn run() -> Result<u8, String> {
         && std::path::Path::new(path).exists()
     {
         return Ok(4);
+    }
+    if let Some(path) = mode.strip_prefix("wait-for-absent:") {
+        // Lets a test hold this worker between spawn and listen (bounded: 20 s).
+        for _ in 0..2000 {
+            if !std::path::Path::new(path).exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     let t = Some(Duration::from_secs(10));
     let send =
