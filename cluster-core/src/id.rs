@@ -57,6 +57,9 @@ mod tests {
         let c = ConnId::new(ServerId(77), 12345);
         assert_eq!(c.server(), ServerId(77));
         assert_ne!(c, ConnId::new(ServerId(78), 12345));
-        assert_eq!(ConnId::new(ServerId(1), 1 << 40), ConnId::new(ServerId(1), 0));
+        assert_eq!(
+            ConnId::new(ServerId(1), 1 << 40),
+            ConnId::new(ServerId(1), 0)
+        );
     }
 }

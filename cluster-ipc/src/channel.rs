@@ -56,8 +56,14 @@ struct FdBatch {
     fds: Vec<OwnedFd>,
 }
 
-/// One frame waiting for the socket to drain. Its fds are attached only while nothing of it
-/// has been written: once the first byte is out, the fds are out too (hazard A7).
+/// Fd-less frames [`Channel::queue`] may pack into one buffer: enough for hundreds of
+/// answers (a `Refused` frame is under 32 bytes), small enough that appending never copies
+/// much.
+const COALESCE_LIMIT: usize = 64 * 1024;
+
+/// One frame waiting for the socket to drain, or several fd-less frames queued together by
+/// [`Channel::queue`]. Its fds are attached only while nothing of it has been written: once
+/// the first byte is out, the fds are out too (hazard A7).
 #[derive(Debug)]
 struct Outgoing {
     bytes: Vec<u8>,
@@ -92,6 +98,9 @@ pub struct Channel {
     fds_in: VecDeque<OwnedFd>,
     outq: VecDeque<Outgoing>,
     scratch: Vec<u8>,
+    /// The buffer of the last fully written queue entry, kept so that [`Channel::queue`] does
+    /// not allocate on every batch.
+    recycled: Vec<u8>,
     cmsg: Box<sys::CmsgBuf>,
     limits: Limits,
     eof: bool,
@@ -118,6 +127,7 @@ impl Channel {
             fds_in: VecDeque::new(),
             outq: VecDeque::new(),
             scratch: Vec::with_capacity(64),
+            recycled: Vec::new(),
             cmsg: Box::new(sys::new_cmsg_buf()),
             limits,
             eof: false,
@@ -193,6 +203,54 @@ impl Channel {
         Ok(())
     }
 
+    /// Queues an fd-less frame behind everything queued, without sending it: a batch of
+    /// frames queued in a row leaves in one `sendmsg` on the next [`Channel::flush`] (the
+    /// worker answers all the hand-offs of one loop pass this way). Never blocks, never sends.
+    ///
+    /// The frame is appended to the last queued buffer when that buffer carries no fds (fds
+    /// leave with a buffer's first byte, so they would not be misattributed; a buffer that has
+    /// partly gone out already lost its fds and may grow too). Frames keep their order with
+    /// [`Channel::send`]: a `send` while anything is queued queues behind it.
+    pub fn queue(&mut self, msg: &Message) -> Result<(), IpcError> {
+        let allowed = msg.fds_allowed();
+        if !allowed.contains(&0) {
+            return Err(IpcError::WrongFdCount {
+                message: msg.name(),
+                allowed,
+                given: 0,
+            });
+        }
+        let reuse_tail = self
+            .outq
+            .back()
+            .is_some_and(|o| o.fds.is_empty() && o.bytes.len() < COALESCE_LIMIT);
+        if !reuse_tail {
+            let mut bytes = std::mem::take(&mut self.recycled);
+            bytes.clear();
+            self.outq.push_back(Outgoing {
+                bytes,
+                written: 0,
+                fds: Vec::new(),
+            });
+        }
+        let max = self.limits.max_frame;
+        let Some(tail) = self.outq.back_mut() else {
+            // Unreachable: an entry was pushed above if there was none.
+            return Ok(());
+        };
+        let before = tail.bytes.len();
+        frame::encode_into(msg, 0, &mut tail.bytes);
+        let body = tail.bytes.len() - before - frame::HEADER_LEN;
+        if body > max {
+            tail.bytes.truncate(before);
+            if tail.bytes.is_empty() {
+                self.outq.pop_back();
+            }
+            return Err(IpcError::OutgoingTooLarge { len: body, max });
+        }
+        Ok(())
+    }
+
     /// Writes queued frames until done (`Ok(true)`) or the socket is full (`Ok(false)`: wait
     /// for writability).
     pub fn flush(&mut self) -> Result<bool, IpcError> {
@@ -208,8 +266,11 @@ impl Channel {
                     if n > 0 {
                         out.fds.clear();
                     }
-                    if out.written == out.bytes.len() {
-                        self.outq.pop_front();
+                    if out.written == out.bytes.len()
+                        && let Some(done) = self.outq.pop_front()
+                        && done.bytes.capacity() <= COALESCE_LIMIT * 2
+                    {
+                        self.recycled = done.bytes;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -442,4 +503,141 @@ pub fn spawn_with_channel(
     let (parent, child) = UnixStream::pair()?;
     sys::inherit_at(cmd, OwnedFd::from(child), target)?;
     Channel::from_stream(parent, limits)
+}
+
+#[cfg(test)]
+mod queue_tests {
+    //! [`Channel::queue`]: coalescing fd-less frames without changing the byte stream or the
+    //! fd rules.
+
+    use std::io::Read;
+    use std::net::TcpListener;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    use cluster_core::{ConnId, Message, RefuseReason, ServerId};
+
+    use super::{Channel, Limits};
+    use crate::frame;
+    // Other tests of this binary count open fds; ours must not run alongside them.
+    use crate::tests::fd_lock;
+
+    const WAIT: Option<Duration> = Some(Duration::from_secs(10));
+
+    fn answers(n: u64) -> Vec<Message> {
+        (0..n)
+            .map(|i| {
+                if i % 3 == 0 {
+                    Message::Refused {
+                        conn: ConnId(i),
+                        reason: RefuseReason::MaxConnections,
+                    }
+                } else {
+                    Message::Accepted { conn: ConnId(i) }
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn queued_frames_are_one_buffer_with_the_bytes_of_separate_sends() {
+        let _g = fd_lock();
+        let msgs = answers(50);
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut ch = Channel::from_stream(a, Limits::default()).unwrap();
+        for m in &msgs {
+            ch.queue(m).unwrap();
+        }
+        // Nothing sent yet, and everything in one buffer: one sendmsg on flush.
+        assert_eq!(ch.outq.len(), 1);
+        assert!(ch.flush().unwrap());
+        assert!(!ch.has_pending_output());
+
+        let want: Vec<u8> = msgs.iter().flat_map(|m| frame::encode(m, 0)).collect();
+        let mut got = vec![0u8; want.len()];
+        b.set_read_timeout(WAIT).unwrap();
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn queue_refuses_messages_that_need_fds() {
+        let _g = fd_lock();
+        let (mut a, _b) = Channel::pair().unwrap();
+        let err = a
+            .queue(&Message::NewConn {
+                server: ServerId(1),
+                conn: ConnId(1),
+            })
+            .unwrap_err();
+        assert!(matches!(err, crate::IpcError::WrongFdCount { .. }), "{err}");
+        assert!(!a.has_pending_output());
+    }
+
+    #[test]
+    fn a_frame_with_fds_is_never_coalesced() {
+        let _g = fd_lock();
+        let (mut a, mut b) = Channel::pair().unwrap();
+        let sock = TcpListener::bind("127.0.0.1:0").unwrap();
+        a.queue(&Message::Accepted { conn: ConnId(1) }).unwrap();
+        // Something is queued, so the send queues too, in order, in its own buffer.
+        let new_conn = Message::NewConn {
+            server: ServerId(1),
+            conn: ConnId(2),
+        };
+        a.send(&new_conn, &[sock.as_fd()]).unwrap();
+        // Not appended to the buffer that carries fds: its fds would come first.
+        a.queue(&Message::Accepted { conn: ConnId(3) }).unwrap();
+        assert_eq!(a.outq.len(), 3);
+        assert!(a.flush().unwrap());
+        assert_eq!(
+            b.recv_blocking(WAIT).unwrap().msg,
+            Message::Accepted { conn: ConnId(1) }
+        );
+        let got = b.recv_blocking(WAIT).unwrap();
+        assert_eq!((got.msg, got.fds.len()), (new_conn, 1));
+        let got = b.recv_blocking(WAIT).unwrap();
+        assert_eq!(
+            (got.msg, got.fds.len()),
+            (Message::Accepted { conn: ConnId(3) }, 0)
+        );
+    }
+
+    /// Far more than a socket buffer, queued while the socket is full and partly written,
+    /// with fd-carrying frames in between: the peer gets every frame, in order, each fd with
+    /// its own frame.
+    #[test]
+    fn eagain_mid_batch_loses_nothing() {
+        let _g = fd_lock();
+        let (mut a, mut b) = Channel::pair().unwrap();
+        let sock = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut sent = Vec::new();
+        let mut saw_full = false;
+        for round in 0..20u64 {
+            for m in answers(2_000) {
+                a.queue(&m).unwrap();
+                sent.push((m, 0));
+            }
+            let nc = Message::NewConn {
+                server: ServerId(1),
+                conn: ConnId(1_000_000 + round),
+            };
+            a.send(&nc, &[sock.as_fd()]).unwrap();
+            sent.push((nc, 1));
+            // Partial writes happen here once the peer stops reading.
+            saw_full |= !a.flush().unwrap();
+        }
+        assert!(saw_full, "the socket never filled: the test proves nothing");
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for _ in 0..(20 * 2_001) {
+                let r = b.recv_blocking(WAIT).unwrap();
+                got.push((r.msg, r.fds.len()));
+            }
+            got
+        });
+        a.flush_blocking(WAIT).unwrap();
+        assert_eq!(reader.join().unwrap(), sent);
+    }
 }

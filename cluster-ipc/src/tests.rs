@@ -22,7 +22,7 @@ use crate::{Channel, IpcError, Limits, spawn_with_channel, sys};
 static FD_LOCK: Mutex<()> = Mutex::new(());
 
 /// Serialises fd-counting tests; a test that failed while holding it must not fail the rest.
-fn fd_lock() -> MutexGuard<'static, ()> {
+pub(crate) fn fd_lock() -> MutexGuard<'static, ()> {
     FD_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 

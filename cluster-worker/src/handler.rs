@@ -4,8 +4,10 @@ use std::time::Instant;
 
 use cluster_core::ServerId;
 
-/// A client connection as an event-driven [`Session`] sees it: non-blocking, registered with
-/// the session thread's mio `Poll` for both readable and writable (edge-triggered).
+/// A client connection as an event-driven [`Session`] sees it: non-blocking, and (from the end
+/// of its first `on_ready`, if that leaves it open) registered for both readable and writable,
+/// edge-triggered, with the mio `Poll` that runs its session: the serve loop's when sessions
+/// run inline, else its session thread's.
 #[derive(Debug)]
 pub enum Conn {
     /// A TCP client.

@@ -42,22 +42,30 @@
 //! serves has nothing stuck in flight.
 //!
 //! **Threads.** [`serve`] runs on the caller's thread: one mio loop owning the channel and the
-//! listening sockets. Handlers run elsewhere: either [`Handler::sessions`] (event-driven
-//! [`Session`]s spread round-robin over `threads` session threads, each with its own `Poll`,
-//! fed over a crossbeam channel plus a mio `Waker`, honouring [`Next::WakeAt`]) or
-//! [`Handler::blocking`] (a function per connection on `threads` pool threads fed by a bounded
-//! queue). [`Worker::send`] may be called from any thread: it queues on the channel and wakes
-//! the loop if the socket could not take it at once.
+//! listening sockets. [`Handler::sessions`] (event-driven [`Session`]s, honouring
+//! [`Next::WakeAt`]) run either *inline*, in that loop's own `Poll` (`threads(0)`; the default
+//! under a master, which runs one worker per CPU as Node does, and on machines with at most 2
+//! CPUs), or round-robin over `threads` session threads, each with its own `Poll`, fed over a
+//! crossbeam channel and woken through a mio `Waker` only when parked in `poll`. Both use one
+//! bookkeeping structure: sessions in a slab whose tokens carry a generation (so a socket can
+//! be closed without `epoll_ctl(DEL)`: late events for a reused slot are recognised as stale),
+//! a ready list, and a min-heap of wake times; a session is registered in the `Poll` only if
+//! its first `on_ready` leaves it open. [`Handler::blocking`] runs a function per connection on
+//! `threads` pool threads fed by a bounded queue. [`Worker::send`] may be called from any
+//! thread, inline sessions included: it queues on the channel and wakes the loop if the socket
+//! could not take it at once.
 //!
-//! **The loop.** On every wake it drains the channel until `WouldBlock` (edge-triggered), then
-//! answers every queued `NewConn` at once, before any client byte is read (hazard A12):
+//! **The loop.** When the channel has an event it drains it until `WouldBlock`
+//! (edge-triggered), then answers every queued `NewConn` at once, before any client byte is
+//! read (hazard A12); the answers of one pass are queued and leave in one `sendmsg`, and the
+//! accepted connections reach their handlers only after that flush:
 //! - `Refused(ListenerClosed)`: the server is not open in this worker (never was, or closed);
 //! - `Refused(Draining)`: the worker is disconnecting;
 //! - `Refused(MaxConnections)`: `max_connections` connections are open, or the blocking
 //!   queue is full;
 //! - `Refused(FdLimit)`: the received fd's number is within 32 of the soft `RLIMIT_NOFILE`
 //!   (the kernel hands out the lowest free fd, so its number is a cheap count, hazard A2);
-//! - otherwise `Accepted`, and the stream goes to a handler thread.
+//! - otherwise `Accepted`, and the stream goes to its handler (inline or on a thread).
 //!
 //! A refused fd is closed at once; the master kept its own copy and re-routes it. On real
 //! listening sockets (shared grants, standalone, exclusive) the loop accepts until
@@ -85,6 +93,7 @@ pub mod hello;
 mod listener;
 mod pool;
 mod serve;
+mod sessions;
 mod stream;
 mod sys;
 mod worker;

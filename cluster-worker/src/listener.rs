@@ -199,8 +199,8 @@ impl Listener {
                 st.refuse(conn, RefuseReason::FdLimit);
                 continue;
             }
-            let stream = match sys::stream_from_fd(fd) {
-                Ok(s) => s,
+            let (stream, peer) = match sys::stream_from_fd(fd) {
+                Ok(got) => got,
                 Err(_) => {
                     st.refuse(conn, RefuseReason::FdLost);
                     continue;
@@ -210,7 +210,6 @@ impl Listener {
             // The master may have accepted it non-blocking; blocking callers expect std's
             // default.
             stream.set_nonblocking(false)?;
-            let peer = stream.peer_addr();
             return Ok(Some((
                 stream,
                 ConnInfo {

@@ -1,19 +1,20 @@
-//! The threads that run connection handlers: event-driven session threads (each with its own
-//! mio `Poll`) or a pool of blocking handler threads fed through a bounded queue.
+//! What runs connection handlers: event-driven sessions on the serve loop itself (inline) or
+//! on session threads (each with its own mio `Poll`), or a pool of blocking handler threads
+//! fed through a bounded queue.
 
-use std::collections::HashMap;
 use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Poll, Registry, Token, Waker};
 
-use crate::handler::{Conn, ConnInfo, Next, Session};
+use crate::handler::ConnInfo;
 use crate::serve::{BlockingFn, DynFactory, HandlerKind};
+use crate::sessions::SessionSet;
 use crate::stream::Stream;
 
 /// Counters and flags shared by the serve loop and the handler threads.
@@ -36,12 +37,18 @@ impl Shared {
         }
     }
 
-    fn finished(&self) {
+    pub(crate) fn finished(&self) {
         self.live.fetch_sub(1, Ordering::AcqRel);
         // Only a draining loop waits for the count to reach zero.
         if self.draining.load(Ordering::Acquire) {
             let _ = self.loop_waker.wake();
         }
+    }
+
+    /// [`finished`](Self::finished) from the serve loop's own thread: it looks at the count
+    /// before it next sleeps, so waking it would only cost a syscall.
+    pub(crate) fn finished_quietly(&self) {
+        self.live.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -51,6 +58,9 @@ const SESSION_WAKE: Token = Token(0);
 pub(crate) struct SessionThread {
     tx: Sender<(Stream, ConnInfo)>,
     waker: Arc<Waker>,
+    /// True while the thread is (about to be) asleep in `poll`: only then does a hand-over
+    /// need the waker's eventfd write. A busy thread finds new connections on its own.
+    parked: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -59,6 +69,11 @@ pub(crate) enum Pool {
     Sessions {
         threads: Vec<SessionThread>,
         next: usize,
+        shared: Arc<Shared>,
+    },
+    /// Sessions run by the serve loop, registered in its own `Poll`.
+    Inline {
+        set: SessionSet,
         shared: Arc<Shared>,
     },
     Blocking {
@@ -75,21 +90,26 @@ impl Pool {
         queue: usize,
         shared: Arc<Shared>,
     ) -> io::Result<Pool> {
-        let threads = threads.max(1);
         match kind {
+            HandlerKind::Sessions(factory) if threads == 0 => Ok(Pool::Inline {
+                set: SessionSet::new(factory.clone(), shared.clone(), false),
+                shared,
+            }),
             HandlerKind::Sessions(factory) => {
                 let mut out = Vec::with_capacity(threads);
                 for i in 0..threads {
                     let poll = Poll::new()?;
                     let waker = Arc::new(Waker::new(poll.registry(), SESSION_WAKE)?);
                     let (tx, rx) = channel::unbounded();
-                    let (f, sh) = (factory.clone(), shared.clone());
+                    let parked = Arc::new(AtomicBool::new(false));
+                    let (f, sh, p) = (factory.clone(), shared.clone(), parked.clone());
                     let handle = std::thread::Builder::new()
                         .name(format!("cluster-session-{i}"))
-                        .spawn(move || session_main(poll, rx, f, sh))?;
+                        .spawn(move || session_main(poll, rx, p, f, sh))?;
                     out.push(SessionThread {
                         tx,
                         waker,
+                        parked,
                         handle: Some(handle),
                     });
                 }
@@ -100,6 +120,7 @@ impl Pool {
                 })
             }
             HandlerKind::Blocking(f) => {
+                let threads = threads.max(1);
                 let (tx, rx) = channel::bounded::<(Stream, ConnInfo)>(queue.max(1));
                 let mut handles = Vec::with_capacity(threads);
                 for i in 0..threads {
@@ -119,18 +140,27 @@ impl Pool {
         }
     }
 
-    /// False while the blocking queue is full: the connection would have to wait for a
-    /// handler, and another worker may take it sooner.
-    pub(crate) fn can_take(&self) -> bool {
+    /// False while the blocking queue would be full with `extra` more connections (taken
+    /// but not yet dispatched): the connection would have to wait for a handler, and another
+    /// worker may take it sooner.
+    pub(crate) fn can_take(&self, extra: usize) -> bool {
         match self {
-            Pool::Sessions { .. } => true,
-            Pool::Blocking { tx, .. } => tx.as_ref().is_some_and(|t| !t.is_full()),
+            Pool::Sessions { .. } | Pool::Inline { .. } => true,
+            Pool::Blocking { tx, .. } => tx.as_ref().is_some_and(|t| {
+                t.capacity()
+                    .is_none_or(|cap| t.len().saturating_add(extra) < cap)
+            }),
         }
     }
 
-    /// Hands a taken connection to a handler thread.
+    /// Hands a taken connection to its handler: to the inline sessions (it runs at the next
+    /// [`run_inline`](Self::run_inline)), or to a handler thread.
     pub(crate) fn dispatch(&mut self, stream: Stream, info: ConnInfo) {
         match self {
+            Pool::Inline { set, shared } => {
+                shared.live.fetch_add(1, Ordering::AcqRel);
+                set.add(stream, &info);
+            }
             Pool::Sessions {
                 threads,
                 next,
@@ -145,7 +175,12 @@ impl Pool {
                     shared.finished();
                     return;
                 }
-                let _ = t.waker.wake();
+                // Pairs with the fence in `session_main`: either the thread sees the connection
+                // before it sleeps, or we see it parked and wake it (Dekker's handshake).
+                fence(Ordering::SeqCst);
+                if t.parked.swap(false, Ordering::SeqCst) {
+                    let _ = t.waker.wake();
+                }
             }
             Pool::Blocking { tx, shared, .. } => {
                 shared.live.fetch_add(1, Ordering::AcqRel);
@@ -163,9 +198,37 @@ impl Pool {
         }
     }
 
-    /// Tells every session to finish up.
-    pub(crate) fn drain(&self) {
+    /// A readiness event of the serve loop's `Poll`: true when it was an inline session's.
+    pub(crate) fn on_event(&mut self, token: Token) -> bool {
         match self {
+            Pool::Inline { set, .. } => set.on_event(token),
+            _ => false,
+        }
+    }
+
+    /// Runs the inline sessions that are ready or due. Call without the worker's state lock:
+    /// a session may call `Worker::send`.
+    pub(crate) fn run_inline(&mut self, now: Instant, registry: &Registry) {
+        if let Pool::Inline { set, .. } = self {
+            set.run(now, registry);
+        }
+    }
+
+    /// When an inline session next wants to run, for the serve loop's poll timeout.
+    pub(crate) fn next_wake(&mut self) -> Option<Instant> {
+        match self {
+            Pool::Inline { set, .. } => set.next_wake(),
+            _ => None,
+        }
+    }
+
+    /// Tells every session to finish up.
+    pub(crate) fn drain(&mut self) {
+        match self {
+            Pool::Inline { set, shared } => {
+                shared.draining.store(true, Ordering::Release);
+                set.drain();
+            }
             Pool::Sessions {
                 threads, shared, ..
             } => {
@@ -183,6 +246,7 @@ impl Pool {
     /// detached, so the caller can exit on time.
     pub(crate) fn shutdown(self) {
         match self {
+            Pool::Inline { mut set, .. } => set.close_all(),
             Pool::Sessions {
                 mut threads,
                 shared,
@@ -226,31 +290,29 @@ fn blocking_main(rx: Receiver<(Stream, ConnInfo)>, f: BlockingFn, shared: Arc<Sh
     }
 }
 
-struct Entry {
-    conn: Conn,
-    session: Box<dyn Session>,
-    wake_at: Option<Instant>,
-}
-
 fn session_main(
     mut poll: Poll,
     rx: Receiver<(Stream, ConnInfo)>,
+    parked: Arc<AtomicBool>,
     factory: Arc<dyn DynFactory>,
     shared: Arc<Shared>,
 ) {
     let mut events = Events::with_capacity(256);
-    let mut sessions: HashMap<usize, Entry> = HashMap::new();
-    let mut next_token = 1usize;
-    let mut drained = false;
-    let mut ready: Vec<usize> = Vec::new();
+    let mut set = SessionSet::new(factory, shared.clone(), true);
     while !shared.stop.load(Ordering::Acquire) {
-        let now = Instant::now();
-        let timeout = sessions
-            .values()
-            .filter_map(|e| e.wake_at)
-            .min()
-            .map(|t| t.saturating_duration_since(now));
-        if let Err(e) = poll.poll(&mut events, timeout) {
+        let mut timeout = set
+            .next_wake()
+            .map(|t| t.saturating_duration_since(Instant::now()));
+        parked.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if !rx.is_empty() {
+            // Handed over before we announced the nap: look at it now, not after a wake.
+            parked.store(false, Ordering::SeqCst);
+            timeout = Some(Duration::ZERO);
+        }
+        let polled = poll.poll(&mut events, timeout);
+        parked.store(false, Ordering::SeqCst);
+        if let Err(e) = polled {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
@@ -260,84 +322,17 @@ fn session_main(
         if shared.stop.load(Ordering::Acquire) {
             break;
         }
-        ready.clear();
-        ready.extend(
-            events
-                .iter()
-                .map(|e| e.token().0)
-                .filter(|&t| t != SESSION_WAKE.0),
-        );
+        for ev in events.iter() {
+            // The waker's token is not a session token: it only ends the poll.
+            set.on_event(ev.token());
+        }
         while let Ok((stream, info)) = rx.try_recv() {
-            let mut conn = match stream.into_conn() {
-                Ok(c) => c,
-                Err(_) => {
-                    shared.finished();
-                    continue;
-                }
-            };
-            let id = next_token;
-            next_token = next_token.wrapping_add(1).max(1);
-            if poll
-                .registry()
-                .register(
-                    &mut conn,
-                    Token(id),
-                    Interest::READABLE | Interest::WRITABLE,
-                )
-                .is_err()
-            {
-                shared.finished();
-                continue;
-            }
-            let mut session = factory.make(&info);
-            if drained {
-                session.on_drain();
-            }
-            sessions.insert(
-                id,
-                Entry {
-                    conn,
-                    session,
-                    wake_at: None,
-                },
-            );
-            // The client may have written before registration; give the session a first go.
-            ready.push(id);
+            set.add(stream, &info);
         }
-        if !drained && shared.draining.load(Ordering::Acquire) {
-            drained = true;
-            for e in sessions.values_mut() {
-                e.session.on_drain();
-            }
-            ready.extend(sessions.keys().copied());
+        if shared.draining.load(Ordering::Acquire) {
+            set.drain();
         }
-        let now = Instant::now();
-        ready.extend(
-            sessions
-                .iter()
-                .filter(|(_, e)| e.wake_at.is_some_and(|t| t <= now))
-                .map(|(id, _)| *id),
-        );
-        ready.sort_unstable();
-        ready.dedup();
-        for &id in &ready {
-            let Some(e) = sessions.get_mut(&id) else {
-                continue;
-            };
-            let r = catch_unwind(AssertUnwindSafe(|| e.session.on_ready(&mut e.conn, now)));
-            match r {
-                Ok(Ok(Next::Continue)) => e.wake_at = None,
-                Ok(Ok(Next::WakeAt(t))) => e.wake_at = Some(t),
-                Ok(Ok(Next::Close) | Err(_)) | Err(_) => {
-                    if let Some(mut e) = sessions.remove(&id) {
-                        let _ = poll.registry().deregister(&mut e.conn);
-                    }
-                    shared.finished();
-                }
-            }
-        }
+        set.run(Instant::now(), poll.registry());
     }
-    for _ in sessions.drain() {
-        shared.finished();
-    }
+    set.close_all();
 }

@@ -39,7 +39,8 @@ pub(crate) enum HandlerKind {
 pub struct Handler(pub(crate) HandlerKind);
 
 impl Handler {
-    /// Event-driven sessions, spread over [`ServeConfig::threads`] session threads.
+    /// Event-driven sessions, run by the serve loop itself or spread over session threads
+    /// (see [`ServeConfig::threads`]).
     pub fn sessions<F: SessionFactory>(factory: F) -> Handler {
         Handler(HandlerKind::Sessions(Arc::new(factory)))
     }
@@ -146,15 +147,27 @@ impl fmt::Debug for ServeConfig {
 }
 
 impl ServeConfig {
-    /// The defaults: threads = available parallelism (sessions) or 4x that (blocking), no
-    /// connection limit, a queue of 64, a 30 s drain.
+    /// The defaults: sessions inline under a master or on a machine with at most 2 CPUs,
+    /// else one session thread per CPU (see [`threads`](Self::threads)); 4 blocking threads
+    /// per CPU; no connection limit, a queue of 64, a 30 s drain.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Session threads, or blocking handler threads.
+    /// For [`Handler::sessions`]: `0` runs the sessions inline, on the serve loop's own thread
+    /// and `Poll` (no hand-over between threads, no wake-up per connection); `n > 0` runs them
+    /// on `n` session threads, each with its own `Poll`, fed by the loop. For
+    /// [`Handler::blocking`]: the pool's thread count (`0` keeps the default).
+    ///
+    /// By default sessions run inline under a master, which runs one worker per CPU as Node
+    /// does (a second thread per worker only adds a thread hop and a context switch per
+    /// connection), and standalone when at most 2 CPUs are available (there the loop and one
+    /// session thread compete for the same cores). Otherwise one session thread per CPU.
+    ///
+    /// Inline, a session's `on_ready` delays everything else the loop does, answering the
+    /// master's hand-offs included: sessions must not block (the [`Session`] contract).
     pub fn threads(mut self, n: usize) -> Self {
-        self.threads = Some(n.max(1));
+        self.threads = Some(n);
         self
     }
 
@@ -193,11 +206,19 @@ impl ServeConfig {
         self
     }
 
-    fn thread_count(&self, blocking: bool) -> usize {
-        self.threads.unwrap_or_else(|| {
-            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-            if blocking { (n * 4).max(4) } else { n }
-        })
+    /// Handler threads to start; 0 means sessions inline.
+    fn thread_count(&self, blocking: bool, under_master: bool) -> usize {
+        let cpus = || std::thread::available_parallelism().map_or(1, |n| n.get());
+        match (blocking, self.threads) {
+            (true, Some(n)) if n > 0 => n,
+            (true, _) => (cpus() * 4).max(4),
+            (false, Some(n)) => n,
+            (false, None) if under_master => 0,
+            (false, None) => {
+                let n = cpus();
+                if n <= 2 { 0 } else { n }
+            }
+        }
     }
 }
 
@@ -242,7 +263,7 @@ pub(crate) fn run(
     let blocking = matches!(handler.0, HandlerKind::Blocking(_));
     let mut pool = Pool::start(
         &handler.0,
-        cfg.thread_count(blocking),
+        cfg.thread_count(blocking, worker.is_some()),
         cfg.queue,
         shared.clone(),
     )?;
@@ -287,23 +308,33 @@ pub(crate) fn run(
     let mut outcome: Option<ServeOutcome> = None;
     let mut drain_deadline: Option<Instant> = None;
     let mut pause_until: Option<Instant> = None;
-    let at_capacity = |pool: &Pool| {
+    // `extra`: connections taken in this pass but not yet dispatched.
+    let at_capacity = |pool: &Pool, extra: usize| {
         cfg.max_connections
-            .is_some_and(|m| shared.live.load(Ordering::Acquire) >= m)
-            || !pool.can_take()
+            .is_some_and(|m| shared.live.load(Ordering::Acquire).saturating_add(extra) >= m)
+            || !pool.can_take(extra)
     };
+    // Hand-offs accepted in one pass: dispatched only once their `Accepted` frames are out.
+    let mut taken: Vec<(Stream, ConnInfo)> = Vec::new();
 
+    // Whether the channel (or a thread that read it for us, or a disconnect or shutdown) may
+    // have something for this pass: with sessions inline most wake-ups are client events, and
+    // looking at the channel costs a recvmsg that would only say EAGAIN.
+    let mut chan_event = true;
     loop {
         // The channel: hand-offs are answered here, before any client byte is read.
-        if let Some(w) = worker {
+        if let Some(w) = worker
+            && std::mem::take(&mut chan_event)
+        {
             let (user, stop) = {
                 let mut st = w.inner.state.lock();
                 st.pump();
+                // Every answer of the pass is queued and leaves in one sendmsg at the flush.
                 for &server in &served_rr {
                     while let Some((conn, fd)) = st.take_pending(server) {
                         let reason = if st.draining {
                             Some(RefuseReason::Draining)
-                        } else if at_capacity(&pool) {
+                        } else if at_capacity(&pool, taken.len()) {
                             Some(RefuseReason::MaxConnections)
                         } else if w.over_fd_mark(&fd) {
                             Some(RefuseReason::FdLimit)
@@ -311,21 +342,23 @@ pub(crate) fn run(
                             None
                         };
                         if let Some(reason) = reason {
-                            st.refuse(conn, reason);
+                            st.queue(&Message::Refused { conn, reason });
                             continue;
                         }
-                        let Ok(stream) = sys::stream_from_fd(fd) else {
-                            st.refuse(conn, RefuseReason::FdLost);
+                        let Ok((stream, peer)) = sys::stream_from_fd(fd) else {
+                            st.queue(&Message::Refused {
+                                conn,
+                                reason: RefuseReason::FdLost,
+                            });
                             continue;
                         };
-                        if st.send(&Message::Accepted { conn }).is_err() {
-                            // The master is gone and will not re-route: serve it anyway.
-                        }
+                        // If the master is gone it will not re-route: serve it anyway.
+                        st.queue(&Message::Accepted { conn });
                         let info = ConnInfo {
                             server: Some(server),
-                            peer: stream.peer_addr(),
+                            peer,
                         };
-                        pool.dispatch(stream, info);
+                        taken.push((stream, info));
                     }
                 }
                 st.flush();
@@ -338,6 +371,11 @@ pub(crate) fn run(
                 };
                 (st.take_user(), stop)
             };
+            // After the flush, so no client byte is read before the answer is on its way
+            // (hazard A12), and without the state lock.
+            for (stream, info) in taken.drain(..) {
+                pool.dispatch(stream, info);
+            }
             if let Some(cb) = &cfg.on_message {
                 for p in user {
                     cb(p);
@@ -373,7 +411,7 @@ pub(crate) fn run(
             pause_until = None;
             'listeners: for local in locals.iter_mut().flatten() {
                 while local.needs_accept {
-                    if at_capacity(&pool) {
+                    if at_capacity(&pool, 0) {
                         pause_until = Some(now + FULL_RETRY);
                         break 'listeners;
                     }
@@ -399,6 +437,9 @@ pub(crate) fn run(
             }
         }
 
+        // Inline sessions: the new ones get their first go, then those with events or due.
+        pool.run_inline(Instant::now(), poll.registry());
+
         if let Some(deadline) = drain_deadline {
             let live = shared.live.load(Ordering::Acquire);
             if live == 0 {
@@ -410,7 +451,10 @@ pub(crate) fn run(
             }
         }
 
-        let wake_at = [pause_until, drain_deadline].into_iter().flatten().min();
+        let wake_at = [pause_until, drain_deadline, pool.next_wake()]
+            .into_iter()
+            .flatten()
+            .min();
         let timeout = wake_at.map(|t| t.saturating_duration_since(Instant::now()));
         if let Err(e) = poll.poll(&mut events, timeout)
             && e.kind() != io::ErrorKind::Interrupted
@@ -418,6 +462,12 @@ pub(crate) fn run(
             return Err(e);
         }
         for ev in events.iter() {
+            if pool.on_event(ev.token()) {
+                continue;
+            }
+            if ev.token() == CHANNEL || ev.token() == WAKE {
+                chan_event = true;
+            }
             if let Some(i) = ev.token().0.checked_sub(FIRST_LISTENER)
                 && let Some(Some(local)) = locals.get_mut(i)
             {

@@ -121,12 +121,32 @@ pub(crate) fn classify(fd: OwnedFd) -> io::Result<StreamFd> {
     }
 }
 
-/// The received fd as a connected stream.
-pub(crate) fn stream_from_fd(fd: OwnedFd) -> io::Result<crate::Stream> {
-    Ok(match classify(fd)? {
-        StreamFd::Tcp(fd) => crate::Stream::Tcp(TcpStream::from(fd)),
-        StreamFd::Unix(fd) => crate::Stream::Unix(UnixStream::from(fd)),
+/// A handed-off fd as a connected stream, with the client's address for TCP.
+///
+/// One `getpeername` both types the socket and names the peer (a syscall per connection
+/// instead of `getsockname` + `getpeername`). A socket with no peer any more (reset before it
+/// reached us) is typed by `getsockname` as before and served with no address: its session
+/// sees the error, as it would have.
+pub(crate) fn stream_from_fd(fd: OwnedFd) -> io::Result<(crate::Stream, Option<SocketAddr>)> {
+    let peer = socket::getpeername::<SockaddrStorage>(fd.as_raw_fd()).ok();
+    let (family, addr) = match &peer {
+        Some(sa) => (sa.family(), inet_addr(sa)),
+        None => (socket_family(fd.as_fd())?, None),
+    };
+    Ok(match family {
+        Some(AddressFamily::Inet | AddressFamily::Inet6) => {
+            (crate::Stream::Tcp(TcpStream::from(fd)), addr)
+        }
+        Some(AddressFamily::Unix) => (crate::Stream::Unix(UnixStream::from(fd)), None),
+        other => return Err(unsupported("received socket", other)),
     })
+}
+
+fn inet_addr(sa: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = sa.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    sa.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
 }
 
 /// The soft `RLIMIT_NOFILE`, or `None` when unlimited.

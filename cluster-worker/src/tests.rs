@@ -266,6 +266,13 @@ fn accepted_before_any_byte_is_read_then_handled() {
 
 #[test]
 fn unknown_or_closed_server_is_refused() {
+    // Sessions inline on the serve loop, and on a session thread.
+    for threads in [0, 1] {
+        unknown_or_closed_server_is_refused_with(threads);
+    }
+}
+
+fn unknown_or_closed_server_is_refused_with(threads: usize) {
     let (mut m, w) = setup();
     let (l, _) = grant_rr(&mut m, &w, 1);
     let (closed, _) = grant_rr(&mut m, &w, 2);
@@ -280,7 +287,7 @@ fn unknown_or_closed_server_is_refused() {
         &w,
         vec![l],
         Handler::sessions(Echo),
-        ServeConfig::new().threads(1),
+        ServeConfig::new().threads(threads),
     );
     expect_listening(&mut m, 1);
     let (_c, s) = tcp_pair();
@@ -305,13 +312,20 @@ fn unknown_or_closed_server_is_refused() {
 
 #[test]
 fn disconnect_lets_the_open_session_finish() {
+    // Sessions inline on the serve loop, and on a session thread.
+    for threads in [0, 1] {
+        disconnect_lets_the_open_session_finish_with(threads);
+    }
+}
+
+fn disconnect_lets_the_open_session_finish_with(threads: usize) {
     let (mut m, w) = setup();
     let (l, _) = grant_rr(&mut m, &w, 1);
     let serve = spawn_serve(
         &w,
         vec![l],
         Handler::sessions(Echo),
-        ServeConfig::new().threads(1),
+        ServeConfig::new().threads(threads),
     );
     expect_listening(&mut m, 1);
     let (mut c, s) = tcp_pair();
@@ -396,10 +410,17 @@ fn slow_handler_does_not_delay_the_next_ack() {
 
 #[test]
 fn max_connections_refuses() {
+    // Sessions inline on the serve loop, and on a session thread.
+    for threads in [0, 1] {
+        max_connections_refuses_with(threads);
+    }
+}
+
+fn max_connections_refuses_with(threads: usize) {
     let (mut m, w) = setup();
     let (l, _) = grant_rr(&mut m, &w, 1);
     let cfg = ServeConfig::new()
-        .threads(1)
+        .threads(threads)
         .max_connections(1)
         .drain_timeout(Duration::from_secs(1));
     let serve = spawn_serve(&w, vec![l], Handler::sessions(Echo), cfg);
@@ -462,6 +483,13 @@ fn user_messages_both_ways_and_worker_disconnect() {
 
 #[test]
 fn standalone_listen_and_serve() {
+    // Sessions inline on the serve loop, and on a session thread.
+    for threads in [0, 1] {
+        standalone_listen_and_serve_with(threads);
+    }
+}
+
+fn standalone_listen_and_serve_with(threads: usize) {
     assert!(!crate::is_worker());
     let l = crate::listen(ListenSpec::tcp(any_port())).unwrap();
     let BoundAddr::Inet(addr) = l.local_addr() else {
@@ -469,7 +497,7 @@ fn standalone_listen_and_serve() {
     };
     assert_ne!(addr.port(), 0);
     let stop = Shutdown::new();
-    let cfg = ServeConfig::new().threads(1).shutdown(&stop);
+    let cfg = ServeConfig::new().threads(threads).shutdown(&stop);
     let serve = thread::spawn(move || crate::serve(vec![l], Handler::sessions(Echo), cfg));
     for _ in 0..3 {
         let mut c = TcpStream::connect(addr).unwrap();
@@ -519,4 +547,116 @@ fn rr_blocking_accept_and_incoming_end_on_disconnect() {
     c.read_exact(&mut b).unwrap();
     m.send_blocking(&Message::Disconnect, &[], Some(T)).unwrap();
     assert_eq!(acc.join().unwrap(), 1);
+}
+
+/// A session that reports the thread it runs on and greets the master from `on_ready`.
+struct Where {
+    worker: Worker,
+    tx: crossbeam::channel::Sender<thread::ThreadId>,
+}
+struct WhereSession(Worker, crossbeam::channel::Sender<thread::ThreadId>);
+
+impl Session for WhereSession {
+    fn on_ready(&mut self, _conn: &mut Conn, _now: Instant) -> std::io::Result<Next> {
+        let _ = self.1.send(thread::current().id());
+        // Inline, this runs on the serve loop: it must not hold the worker's lock here.
+        self.0.send(b"hi".to_vec())?;
+        Ok(Next::Close)
+    }
+}
+
+impl SessionFactory for Where {
+    type Session = WhereSession;
+    fn new_session(&self, _info: &ConnInfo) -> WhereSession {
+        WhereSession(self.worker.clone(), self.tx.clone())
+    }
+}
+
+#[test]
+fn sessions_run_inline_by_default_under_a_master() {
+    for (cfg, inline) in [
+        (ServeConfig::new(), true),
+        (ServeConfig::new().threads(0), true),
+        (ServeConfig::new().threads(1), false),
+    ] {
+        let (mut m, w) = setup();
+        let (l, _) = grant_rr(&mut m, &w, 1);
+        let (tx, rx) = crossbeam::channel::unbounded();
+        let h = Handler::sessions(Where {
+            worker: w.clone(),
+            tx,
+        });
+        let serve = spawn_serve(&w, vec![l], h, cfg);
+        expect_listening(&mut m, 1);
+        let (_c, s) = tcp_pair();
+        hand_off(&mut m, 1, 1, &s);
+        assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(1) });
+        let ran_on = rx.recv_timeout(T).unwrap();
+        assert_eq!(ran_on == serve.thread().id(), inline);
+        assert_eq!(
+            next_answer(&mut m),
+            Message::User {
+                payload: b"hi".to_vec()
+            }
+        );
+        drop(m);
+        assert_eq!(serve.join().unwrap().unwrap(), ServeOutcome::MasterGone);
+    }
+}
+
+/// Many hand-offs arriving together are answered together (one batch of frames), in order,
+/// before any of them is served; then every one is served.
+#[test]
+fn a_burst_of_hand_offs_is_answered_in_order() {
+    for threads in [0, 1] {
+        let (mut m, w) = setup();
+        let (l, _) = grant_rr(&mut m, &w, 1);
+        let serve = spawn_serve(
+            &w,
+            vec![l],
+            Handler::sessions(Echo),
+            ServeConfig::new().threads(threads),
+        );
+        expect_listening(&mut m, 1);
+        let pairs: Vec<_> = (0..40).map(|_| tcp_pair()).collect();
+        for (i, (_, s)) in pairs.iter().enumerate() {
+            let msg = Message::NewConn {
+                server: ServerId(1),
+                conn: ConnId(i as u64),
+            };
+            // Queued back to back, so most arrive in one read on the worker's side.
+            m.send(&msg, &[s.as_fd()]).unwrap();
+        }
+        m.flush_blocking(Some(T)).unwrap();
+        for i in 0..40u64 {
+            assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(i) });
+        }
+        for (mut c, s) in pairs {
+            drop(s);
+            echo_once(&mut c, b"burst");
+        }
+        drop(m);
+        assert_eq!(serve.join().unwrap().unwrap(), ServeOutcome::MasterGone);
+    }
+}
+
+/// A hand-off's `ConnInfo` names the client: typed and addressed by one `getpeername`.
+#[test]
+fn hand_off_info_names_the_client() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    let (tx, rx) = crossbeam::channel::unbounded();
+    let handler = Handler::blocking(move |_s, info| {
+        let _ = tx.send(info);
+    });
+    let serve = spawn_serve(&w, vec![l], handler, ServeConfig::new().threads(1));
+    expect_listening(&mut m, 1);
+    let (c, s) = tcp_pair();
+    hand_off(&mut m, 1, 1, &s);
+    assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(1) });
+    let info = rx.recv_timeout(T).unwrap();
+    assert_eq!(info.server, Some(ServerId(1)));
+    assert_eq!(info.peer, Some(c.local_addr().unwrap()));
+    drop(m);
+    assert_eq!(serve.join().unwrap().unwrap(), ServeOutcome::MasterGone);
 }

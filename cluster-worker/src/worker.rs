@@ -157,6 +157,21 @@ impl State {
         Ok(())
     }
 
+    /// Queues an fd-less message without sending it: the caller flushes (the serve loop answers
+    /// a whole pass of hand-offs in one `sendmsg`). A failure means the master is gone, which
+    /// `flush` reports too.
+    pub(crate) fn queue(&mut self, msg: &Message) {
+        if let Some(chan) = self.chan.as_mut()
+            && let Err(e) = chan.queue(msg)
+        {
+            if e.is_closed() {
+                self.gone = true;
+            } else {
+                eprintln!("cluster-worker: cannot queue {}: {e}", msg.name());
+            }
+        }
+    }
+
     /// Answers a hand-off with a refusal; the received fd is dropped by the caller, the master
     /// keeps its own copy and re-routes.
     pub(crate) fn refuse(&mut self, conn: ConnId, reason: RefuseReason) {
