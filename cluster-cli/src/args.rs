@@ -131,8 +131,9 @@ pub struct HelloArgs {
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
 
-    /// Session threads (default: the CPUs available).
-    #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    /// Session threads; 0 runs sessions on the worker's loop thread (default: inline under a
+    /// master or on 2 CPUs or fewer, else one per CPU).
+    #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..))]
     pub threads: Option<usize>,
 }
 
