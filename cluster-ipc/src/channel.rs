@@ -104,6 +104,9 @@ pub struct Channel {
     cmsg: Box<sys::CmsgBuf>,
     limits: Limits,
     eof: bool,
+    /// The last read of an fd-less channel came back short: the socket was empty then, so
+    /// the next `recv` that needs bytes reports `Ok(None)` without a syscall.
+    read_drained: bool,
 }
 
 impl Channel {
@@ -131,6 +134,7 @@ impl Channel {
             cmsg: Box::new(sys::new_cmsg_buf()),
             limits,
             eof: false,
+            read_drained: false,
         })
     }
 
@@ -315,17 +319,22 @@ impl Channel {
                     n => IpcError::ClosedMidFrame(n),
                 });
             }
-            let got = sys::recv_with_fds(
-                self.sock.as_fd(),
-                self.decoder.read_buf(),
-                &mut self.cmsg,
-                &mut self.fds_in,
-            );
+            if std::mem::take(&mut self.read_drained) {
+                return Ok(None);
+            }
+            let buf = self.decoder.read_buf();
+            let space = buf.len();
+            let got = sys::recv_with_fds(self.sock.as_fd(), buf, &mut self.cmsg, &mut self.fds_in);
             match got {
                 Ok(r) => {
                     if r.truncated {
                         return Err(IpcError::FdsTruncated);
                     }
+                    // On a channel that never carries fds (a master's view of a worker) a short
+                    // stream read means the queue was empty, so the next recvmsg would only say
+                    // EAGAIN; edge-triggered readiness reports anything that arrives later.
+                    // Reads that may meet fds can stop short at an fd boundary: no shortcut.
+                    self.read_drained = !self.limits.accept_fds && r.bytes > 0 && r.bytes < space;
                     if !self.fds_in.is_empty() {
                         self.stash_fds(r.bytes)?;
                     }

@@ -113,6 +113,7 @@ pub(crate) struct EventLoop {
     reserve_fd: Option<File>,
     last_exit: String,
     now: Instant,
+    timer_due: Option<Instant>,
 }
 
 impl EventLoop {
@@ -156,6 +157,7 @@ impl EventLoop {
             reserve_fd: File::open("/dev/null").ok(),
             last_exit: String::new(),
             now: Instant::now(),
+            timer_due: None,
         })
     }
 
@@ -174,7 +176,10 @@ impl EventLoop {
         }
         let mut events = Events::with_capacity(256);
         let result = loop {
-            let timeout = self.next_timeout();
+            self.timer_due = self.next_deadline();
+            let timeout = self
+                .timer_due
+                .map(|t| t.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
             {
@@ -225,7 +230,8 @@ impl EventLoop {
         !live.is_empty() && live.iter().all(|s| s.errored)
     }
 
-    fn next_timeout(&self) -> Option<Duration> {
+    /// The earliest instant at which a timer is due, computed right before each poll.
+    fn next_deadline(&self) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Option<Instant>| {
             if let Some(t) = t {
@@ -254,7 +260,7 @@ impl EventLoop {
         if let Some(r) = &self.reload {
             consider(r.waiting.map(|w| w.3));
         }
-        next.map(|t| t.saturating_duration_since(Instant::now()))
+        next
     }
 
     // ---------------------------------------------------------------- spawning
@@ -1042,6 +1048,11 @@ impl EventLoop {
 
     fn on_timers(&mut self) {
         let now = self.now;
+        // Only a deadline known before the poll can be due now; one set during this pass
+        // sets the next poll's timeout instead. This keeps the scan off the hot path.
+        if self.timer_due.is_none_or(|t| t > now) {
+            return;
+        }
         for slot in 0..self.slots.len() {
             let due = self.slots[slot].restart_at.is_some_and(|t| t <= now);
             if due {
