@@ -101,9 +101,10 @@ COMMANDS="$RESULTS/commands.txt"
 REPORT="$RESULTS/report.md"
 URL="http://127.0.0.1:$PORT/"
 CLK_TCK=$(getconf CLK_TCK)
-CLI="$ROOT/target/release/cluster-cli"
-HELLO_BIN="$ROOT/target/release/hello-worker"
-MINI_BIN="$ROOT/target/release/mini-master"
+RELEASE="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+CLI="$RELEASE/cluster-cli"
+HELLO_BIN="$RELEASE/hello-worker"
+MINI_BIN="$RELEASE/mini-master"
 
 SERVER_PID=""
 SERVER_BIN=""
