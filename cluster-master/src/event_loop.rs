@@ -91,6 +91,18 @@ struct Reload {
     waiting: Option<(usize, WorkerId, Option<WorkerId>, Instant)>,
 }
 
+/// What carrying out a handle's actions touches, kept apart from the server table so that a
+/// handle (borrowed from a server) and these can be borrowed at once.
+#[derive(Debug, Default)]
+struct Fleet {
+    workers: HashMap<WorkerId, WorkerRec>,
+    /// Reused for every handle call, so a hand-off allocates nothing.
+    actions: Vec<Action<OwnedFd>>,
+    /// Workers to drop after the current step (dropping one re-enters the handles).
+    doomed: Vec<(WorkerId, String)>,
+    stats: MasterStats,
+}
+
 pub(crate) struct EventLoop {
     poll: Poll,
     waker: Arc<Waker>,
@@ -100,16 +112,13 @@ pub(crate) struct EventLoop {
     servers: HashMap<ServerId, Server>,
     by_key: HashMap<cluster_core::ListenKey, ServerId>,
     next_server: u32,
-    workers: HashMap<WorkerId, WorkerRec>,
+    fleet: Fleet,
     slots: Vec<Slot>,
     next_worker: u32,
     prebound: Vec<(String, OwnedFd)>,
     reload: Option<Reload>,
     shutting_down: bool,
-    stats: MasterStats,
     jitter: Jitter,
-    actions: Vec<Action<OwnedFd>>,
-    doomed: Vec<(WorkerId, String)>,
     reserve_fd: Option<File>,
     last_exit: String,
     now: Instant,
@@ -141,16 +150,13 @@ impl EventLoop {
             servers: HashMap::new(),
             by_key: HashMap::new(),
             next_server: 1,
-            workers: HashMap::new(),
+            fleet: Fleet::default(),
             slots,
             next_worker: 1,
             prebound,
             reload: None,
             shutting_down: false,
-            stats: MasterStats::default(),
             jitter: Jitter::new(seed ^ 0x9e37_79b9_7f4a_7c15),
-            actions: Vec::new(),
-            doomed: Vec::new(),
             // Kept open so that on EMFILE one fd can be freed to accept and shed a connection
             // instead of leaving it in the backlog, where edge-triggered epoll never reports it
             // again (hazard C1).
@@ -202,7 +208,7 @@ impl EventLoop {
             self.on_timers();
             self.retry_backlogged();
             self.drop_doomed();
-            if self.workers.is_empty() {
+            if self.fleet.workers.is_empty() {
                 if self.shutting_down {
                     break Ok(());
                 }
@@ -218,7 +224,7 @@ impl EventLoop {
         for id in ids {
             self.close_server(id);
         }
-        let clean = result.is_ok() && self.stats.closed_unserved == 0;
+        let clean = result.is_ok() && self.fleet.stats.closed_unserved == 0;
         self.emit(Event::Stopped {
             clean: result.is_ok() && clean,
         });
@@ -241,7 +247,7 @@ impl EventLoop {
         for s in &self.slots {
             consider(s.restart_at);
         }
-        for w in self.workers.values() {
+        for w in self.fleet.workers.values() {
             consider(w.kill_at);
             consider(w.waiting_since.map(|t| t + self.cfg.ack_timeout));
         }
@@ -362,7 +368,7 @@ impl EventLoop {
             .stderr
             .take()
             .and_then(|p| self.register_pipe(OwnedFd::from(p), token(KIND_STDERR, id.0)));
-        self.workers.insert(
+        self.fleet.workers.insert(
             id,
             WorkerRec {
                 id,
@@ -427,17 +433,9 @@ impl EventLoop {
             }
             match socket.accept_fd() {
                 Ok(fd) => {
-                    self.stats.accepted += 1;
-                    handle.distribute(fd, self.now, &mut self.actions);
-                    run_actions(
-                        id,
-                        handle,
-                        &mut self.workers,
-                        &mut self.actions,
-                        &mut self.doomed,
-                        &mut self.stats,
-                        self.now,
-                    );
+                    self.fleet.stats.accepted += 1;
+                    handle.distribute(fd, self.now, &mut self.fleet.actions);
+                    run_actions(id, handle, &mut self.fleet, self.now);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     *backlogged = false;
@@ -448,7 +446,7 @@ impl EventLoop {
                     self.reserve_fd = None;
                     if let Ok(fd) = socket.accept_fd() {
                         drop(fd);
-                        self.stats.closed_unserved += 1;
+                        self.fleet.stats.closed_unserved += 1;
                     }
                     self.reserve_fd = File::open("/dev/null").ok();
                     *backlogged = true;
@@ -494,7 +492,11 @@ impl EventLoop {
 
     fn channel_ready(&mut self, id: WorkerId, writable: bool) {
         if writable
-            && let Some(ch) = self.workers.get_mut(&id).and_then(|w| w.channel.as_mut())
+            && let Some(ch) = self
+                .fleet
+                .workers
+                .get_mut(&id)
+                .and_then(|w| w.channel.as_mut())
             && let Err(e) = ch.flush()
         {
             self.channel_failed(id, e);
@@ -510,7 +512,12 @@ impl EventLoop {
         // we must come back, so a partial drain re-arms through the writable/readable edge of
         // the next frame. 4096 frames is far above a window's worth of acks.
         for _ in 0..4096 {
-            let Some(ch) = self.workers.get_mut(&id).and_then(|w| w.channel.as_mut()) else {
+            let Some(ch) = self
+                .fleet
+                .workers
+                .get_mut(&id)
+                .and_then(|w| w.channel.as_mut())
+            else {
                 return;
             };
             match ch.recv() {
@@ -533,16 +540,16 @@ impl EventLoop {
     }
 
     fn doom(&mut self, id: WorkerId, reason: String) {
-        if !self.doomed.iter().any(|(w, _)| *w == id) {
-            self.doomed.push((id, reason));
+        if !self.fleet.doomed.iter().any(|(w, _)| *w == id) {
+            self.fleet.doomed.push((id, reason));
         }
     }
 
     /// Protocol violators: drop the channel with the logged reason, SIGKILL the process, and
     /// send their connections elsewhere. The exit is reaped (and the slot restarted) as usual.
     fn drop_doomed(&mut self) {
-        while let Some((id, reason)) = self.doomed.pop() {
-            let Some(w) = self.workers.get_mut(&id) else {
+        while let Some((id, reason)) = self.fleet.doomed.pop() {
+            let Some(w) = self.fleet.workers.get_mut(&id) else {
                 continue;
             };
             let _ = w.child.kill();
@@ -554,7 +561,7 @@ impl EventLoop {
     /// The worker can no longer talk: re-queue what was in flight to it and release its
     /// servers.
     fn channel_closed(&mut self, id: WorkerId) {
-        let Some(w) = self.workers.get_mut(&id) else {
+        let Some(w) = self.fleet.workers.get_mut(&id) else {
             return;
         };
         let Some(mut ch) = w.channel.take() else {
@@ -587,23 +594,15 @@ impl EventLoop {
         if let ServerKind::RoundRobin { handle, .. } = &mut server.kind {
             let held = handle.in_flight_to(id);
             let requeued_before = handle.stats().requeued_on_remove;
-            handle.remove(id, self.now, &mut self.actions);
-            self.stats.requeued += handle.stats().requeued_on_remove - requeued_before;
-            if let Some(w) = self.workers.get_mut(&id) {
+            handle.remove(id, self.now, &mut self.fleet.actions);
+            self.fleet.stats.requeued += handle.stats().requeued_on_remove - requeued_before;
+            if let Some(w) = self.fleet.workers.get_mut(&id) {
                 w.in_flight = w.in_flight.saturating_sub(held);
                 if w.in_flight == 0 {
                     w.waiting_since = None;
                 }
             }
-            run_actions(
-                sid,
-                handle,
-                &mut self.workers,
-                &mut self.actions,
-                &mut self.doomed,
-                &mut self.stats,
-                self.now,
-            );
+            run_actions(sid, handle, &mut self.fleet, self.now);
         }
         if server.holders.is_empty() && (explicit_close || !replacement_coming) {
             self.close_server(sid);
@@ -620,18 +619,10 @@ impl EventLoop {
                 .poll
                 .registry()
                 .deregister(&mut SourceFd(&socket.as_fd().as_raw_fd()));
-            handle.close_all(&mut self.actions);
-            run_actions(
-                sid,
-                handle,
-                &mut self.workers,
-                &mut self.actions,
-                &mut self.doomed,
-                &mut self.stats,
-                self.now,
-            );
+            handle.close_all(&mut self.fleet.actions);
+            run_actions(sid, handle, &mut self.fleet, self.now);
         }
-        for w in self.workers.values_mut() {
+        for w in self.fleet.workers.values_mut() {
             w.servers.retain(|s| *s != sid);
         }
     }
@@ -641,7 +632,7 @@ impl EventLoop {
     fn on_message(&mut self, id: WorkerId, r: Received) {
         match r.msg {
             Message::Online => {
-                if let Some(w) = self.workers.get_mut(&id)
+                if let Some(w) = self.fleet.workers.get_mut(&id)
                     && w.state == WorkerState::Spawned
                 {
                     w.state = WorkerState::Online;
@@ -653,13 +644,13 @@ impl EventLoop {
             Message::Accepted { conn } => self.on_answer(id, conn, None),
             Message::Refused { conn, reason } => self.on_answer(id, conn, Some(reason)),
             Message::Close { server } => {
-                if let Some(w) = self.workers.get_mut(&id) {
+                if let Some(w) = self.fleet.workers.get_mut(&id) {
                     w.servers.retain(|s| *s != server);
                 }
                 self.release_server(server, id, true);
             }
             Message::ExitedAfterDisconnect => {
-                if let Some(w) = self.workers.get_mut(&id) {
+                if let Some(w) = self.fleet.workers.get_mut(&id) {
                     w.exited_after_disconnect = true;
                     w.state = WorkerState::Disconnecting;
                 }
@@ -705,7 +696,12 @@ impl EventLoop {
                 None,
             ),
         };
-        let Some(ch) = self.workers.get_mut(&id).and_then(|w| w.channel.as_mut()) else {
+        let Some(ch) = self
+            .fleet
+            .workers
+            .get_mut(&id)
+            .and_then(|w| w.channel.as_mut())
+        else {
             return;
         };
         let fds: Vec<_> = msg_and_fd.1.iter().map(|f| f.as_fd()).collect();
@@ -715,7 +711,7 @@ impl EventLoop {
     }
 
     fn query_server(&mut self, id: WorkerId, seq: Seq, spec: ListenSpec, index: u32) {
-        let Some(w) = self.workers.get(&id) else {
+        let Some(w) = self.fleet.workers.get(&id) else {
             return;
         };
         let slot = w.slot;
@@ -795,7 +791,7 @@ impl EventLoop {
         match granted {
             Ok(fd) => {
                 server.holders.insert(id);
-                if let Some(w) = self.workers.get_mut(&id) {
+                if let Some(w) = self.fleet.workers.get_mut(&id) {
                     w.servers.push(sid);
                 }
                 self.reply(id, seq, Ok((sid, fd)));
@@ -811,7 +807,7 @@ impl EventLoop {
     }
 
     fn on_listening(&mut self, id: WorkerId, sid: ServerId, addr: cluster_core::BoundAddr) {
-        let Some(w) = self.workers.get_mut(&id) else {
+        let Some(w) = self.fleet.workers.get_mut(&id) else {
             return;
         };
         if !w.servers.contains(&sid) {
@@ -831,16 +827,8 @@ impl EventLoop {
             self.servers.get_mut(&sid).map(|s| &mut s.kind)
             && !draining
         {
-            handle.add(id, &mut self.actions);
-            run_actions(
-                sid,
-                handle,
-                &mut self.workers,
-                &mut self.actions,
-                &mut self.doomed,
-                &mut self.stats,
-                self.now,
-            );
+            handle.add(id, &mut self.fleet.actions);
+            run_actions(sid, handle, &mut self.fleet, self.now);
         }
         self.emit(Event::Listening {
             worker: id,
@@ -856,38 +844,30 @@ impl EventLoop {
             self.servers.get_mut(&sid).map(|s| &mut s.kind)
         else {
             // The server closed while the answer was on its way.
-            self.stats.stray_answers += 1;
+            self.fleet.stats.stray_answers += 1;
             return;
         };
         let result = match refused {
-            None => handle.accepted(id, conn, &mut self.actions).map(drop),
-            Some(reason) => handle.refused(id, conn, reason, self.now, &mut self.actions),
+            None => handle.accepted(id, conn, &mut self.fleet.actions).map(drop),
+            Some(reason) => handle.refused(id, conn, reason, self.now, &mut self.fleet.actions),
         };
         if result.is_err() {
             // An answer for a hand-off this worker no longer holds: it closed that server (the
             // connection was re-queued then). The handle ignored it, so it cannot cause a
             // double delivery; counting it is enough.
-            self.stats.stray_answers += 1;
+            self.fleet.stats.stray_answers += 1;
             return;
         }
         if refused.is_some() {
-            self.stats.refused += 1;
+            self.fleet.stats.refused += 1;
         } else {
-            self.stats.taken += 1;
+            self.fleet.stats.taken += 1;
         }
-        if let Some(w) = self.workers.get_mut(&id) {
+        if let Some(w) = self.fleet.workers.get_mut(&id) {
             w.in_flight = w.in_flight.saturating_sub(1);
             w.waiting_since = (w.in_flight > 0).then_some(self.now);
         }
-        run_actions(
-            sid,
-            handle,
-            &mut self.workers,
-            &mut self.actions,
-            &mut self.doomed,
-            &mut self.stats,
-            self.now,
-        );
+        run_actions(sid, handle, &mut self.fleet, self.now);
     }
 
     // ---------------------------------------------------------------- lifecycle
@@ -896,6 +876,7 @@ impl EventLoop {
     /// stays there until it answers, so nothing is delivered twice.
     fn retire(&mut self, id: WorkerId) {
         let sids = self
+            .fleet
             .workers
             .get(&id)
             .map(|w| w.servers.clone())
@@ -904,23 +885,15 @@ impl EventLoop {
             if let Some(ServerKind::RoundRobin { handle, .. }) =
                 self.servers.get_mut(&sid).map(|s| &mut s.kind)
             {
-                handle.retire(id, &mut self.actions);
-                run_actions(
-                    sid,
-                    handle,
-                    &mut self.workers,
-                    &mut self.actions,
-                    &mut self.doomed,
-                    &mut self.stats,
-                    self.now,
-                );
+                handle.retire(id, &mut self.fleet.actions);
+                run_actions(sid, handle, &mut self.fleet, self.now);
             }
         }
     }
 
     fn disconnect_worker(&mut self, id: WorkerId) {
         let timeout = self.cfg.shutdown_timeout;
-        let Some(w) = self.workers.get_mut(&id) else {
+        let Some(w) = self.fleet.workers.get_mut(&id) else {
             return;
         };
         if w.exited_after_disconnect && w.kill_at.is_some() {
@@ -940,7 +913,7 @@ impl EventLoop {
     }
 
     fn reap(&mut self, id: WorkerId) {
-        let status = match self.workers.get_mut(&id).map(|w| w.child.try_wait()) {
+        let status = match self.fleet.workers.get_mut(&id).map(|w| w.child.try_wait()) {
             Some(Ok(Some(status))) => status,
             _ => return,
         };
@@ -950,7 +923,7 @@ impl EventLoop {
         for stderr in [false, true] {
             self.output_ready(id, stderr);
         }
-        let Some(w) = self.workers.remove(&id) else {
+        let Some(w) = self.fleet.workers.remove(&id) else {
             return;
         };
         let _ = self
@@ -1064,7 +1037,7 @@ impl EventLoop {
         }
         let ack_timeout = self.cfg.ack_timeout;
         let mut stuck = Vec::new();
-        for w in self.workers.values_mut() {
+        for w in self.fleet.workers.values_mut() {
             if w.kill_at.is_some_and(|t| t <= now) {
                 w.kill_at = None;
                 let _ = w.child.kill();
@@ -1086,16 +1059,8 @@ impl EventLoop {
                 self.servers.get_mut(&sid).map(|s| &mut s.kind)
                 && handle.next_deadline().is_some_and(|t| t <= now)
             {
-                handle.expire(now, &mut self.actions);
-                run_actions(
-                    sid,
-                    handle,
-                    &mut self.workers,
-                    &mut self.actions,
-                    &mut self.doomed,
-                    &mut self.stats,
-                    now,
-                );
+                handle.expire(now, &mut self.fleet.actions);
+                run_actions(sid, handle, &mut self.fleet, now);
             }
         }
         if let Some(r) = &self.reload
@@ -1125,7 +1090,7 @@ impl EventLoop {
         loop {
             let Some(r) = &mut self.reload else { return };
             if let Some((slot, new, old, _)) = r.waiting {
-                let ready = self.workers.get(&new).is_some_and(|w| w.ready);
+                let ready = self.fleet.workers.get(&new).is_some_and(|w| w.ready);
                 if !ready {
                     return;
                 }
@@ -1167,7 +1132,7 @@ impl EventLoop {
             if !slot_empty {
                 // The old worker still serves this slot: the half-started new one goes.
                 self.disconnect_worker(new);
-            } else if self.workers.contains_key(&new) {
+            } else if self.fleet.workers.contains_key(&new) {
                 // The old worker crashed meanwhile: the new one is all this slot has.
                 if let Some(s) = self.slots.get_mut(slot) {
                     s.current = Some(new);
@@ -1183,7 +1148,7 @@ impl EventLoop {
     // ---------------------------------------------------------------- output
 
     fn output_ready(&mut self, id: WorkerId, stderr: bool) {
-        let Some(w) = self.workers.get_mut(&id) else {
+        let Some(w) = self.fleet.workers.get_mut(&id) else {
             return;
         };
         let pid = w.pid;
@@ -1266,7 +1231,12 @@ impl EventLoop {
                     }
                 }
                 Command::Send(id, payload, reply) => {
-                    let r = match self.workers.get_mut(&id).and_then(|w| w.channel.as_mut()) {
+                    let r = match self
+                        .fleet
+                        .workers
+                        .get_mut(&id)
+                        .and_then(|w| w.channel.as_mut())
+                    {
                         Some(ch) => ch
                             .send(&Message::User { payload }, &[])
                             .map_err(|e| MasterError::io("send to worker", e.into())),
@@ -1276,7 +1246,7 @@ impl EventLoop {
                 }
                 Command::Disconnect(id) => self.disconnect_worker(id),
                 Command::Kill(id, sig) => {
-                    if let Some(w) = self.workers.get(&id)
+                    if let Some(w) = self.fleet.workers.get(&id)
                         && let Ok(sig) = nix::sys::signal::Signal::try_from(sig)
                     {
                         // The child is not reaped until its pidfd fires, so the pid is ours.
@@ -1291,7 +1261,7 @@ impl EventLoop {
                     for s in &mut self.slots {
                         s.restart_at = None;
                     }
-                    let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+                    let ids: Vec<WorkerId> = self.fleet.workers.keys().copied().collect();
                     for id in ids {
                         self.disconnect_worker(id);
                     }
@@ -1299,13 +1269,14 @@ impl EventLoop {
                 Command::ForceShutdown => {
                     self.shutting_down = true;
                     self.reload = None;
-                    for w in self.workers.values_mut() {
+                    for w in self.fleet.workers.values_mut() {
                         w.exited_after_disconnect = true;
                         let _ = w.child.kill();
                     }
                 }
                 Command::Workers(reply) => {
                     let mut list: Vec<WorkerInfo> = self
+                        .fleet
                         .workers
                         .values()
                         .map(|w| WorkerInfo {
@@ -1320,7 +1291,7 @@ impl EventLoop {
                     let _ = reply.send(list);
                 }
                 Command::Stats(reply) => {
-                    let mut s = self.stats.clone();
+                    let mut s = self.fleet.stats.clone();
                     s.pending = self
                         .servers
                         .values()
@@ -1341,12 +1312,15 @@ impl EventLoop {
 fn run_actions(
     sid: ServerId,
     handle: &mut crate::round_robin::RoundRobinHandle<OwnedFd>,
-    workers: &mut HashMap<WorkerId, WorkerRec>,
-    actions: &mut Vec<Action<OwnedFd>>,
-    doomed: &mut Vec<(WorkerId, String)>,
-    stats: &mut MasterStats,
+    fleet: &mut Fleet,
     now: Instant,
 ) {
+    let Fleet {
+        workers,
+        actions,
+        doomed,
+        stats,
+    } = fleet;
     for action in actions.drain(..) {
         match action {
             Action::Handoff { worker, conn } => {
