@@ -38,9 +38,9 @@ impl Shared {
     }
 
     pub(crate) fn finished(&self) {
-        self.live.fetch_sub(1, Ordering::AcqRel);
+        self.live.fetch_sub(1, Ordering::SeqCst);
         // Only a draining loop waits for the count to reach zero.
-        if self.draining.load(Ordering::Acquire) {
+        if self.draining.load(Ordering::SeqCst) {
             let _ = self.loop_waker.wake();
         }
     }
@@ -226,37 +226,35 @@ impl Pool {
     pub(crate) fn drain(&mut self) {
         match self {
             Pool::Inline { set, shared } => {
-                shared.draining.store(true, Ordering::Release);
+                shared.draining.store(true, Ordering::SeqCst);
                 set.drain();
             }
             Pool::Sessions {
                 threads, shared, ..
             } => {
-                shared.draining.store(true, Ordering::Release);
+                shared.draining.store(true, Ordering::SeqCst);
                 for t in threads {
                     let _ = t.waker.wake();
                 }
             }
-            Pool::Blocking { shared, .. } => shared.draining.store(true, Ordering::Release),
+            Pool::Blocking { shared, .. } => shared.draining.store(true, Ordering::SeqCst),
         }
     }
 
     /// Stops the threads. Sessions still open are closed. Blocking handlers cannot be
     /// interrupted: if some still run (drain timed out) their threads are left to finish
     /// detached, so the caller can exit on time.
-    pub(crate) fn shutdown(self) {
+    pub(crate) fn shutdown(&mut self) {
         match self {
-            Pool::Inline { mut set, .. } => set.close_all(),
+            Pool::Inline { set, .. } => set.close_all(),
             Pool::Sessions {
-                mut threads,
-                shared,
-                ..
+                threads, shared, ..
             } => {
                 shared.stop.store(true, Ordering::Release);
-                for t in &threads {
+                for t in threads.iter() {
                     let _ = t.waker.wake();
                 }
-                for t in &mut threads {
+                for t in threads.iter_mut() {
                     if let Some(h) = t.handle.take() {
                         let _ = h.join();
                     }
@@ -267,7 +265,8 @@ impl Pool {
                 handles,
                 shared,
             } => {
-                drop(tx);
+                tx.take();
+                let handles = std::mem::take(handles);
                 if shared.live.load(Ordering::Acquire) == 0 {
                     for h in handles {
                         let _ = h.join();
@@ -335,4 +334,12 @@ fn session_main(
         set.run(Instant::now(), poll.registry());
     }
     set.close_all();
+}
+
+impl Drop for Pool {
+    /// An early error return from `serve` must not leave handler threads running with the
+    /// clients they hold; `shutdown` is idempotent, so the normal path pays nothing twice.
+    fn drop(&mut self) {
+        self.shutdown();
+    }
 }

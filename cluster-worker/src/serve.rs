@@ -326,7 +326,7 @@ pub(crate) fn run(
         if let Some(w) = worker
             && std::mem::take(&mut chan_event)
         {
-            let (user, stop) = {
+            let (user, stop, answered) = {
                 let mut st = w.inner.state.lock();
                 st.pump();
                 // Every answer of the pass is queued and leaves in one sendmsg at the flush.
@@ -363,18 +363,23 @@ pub(crate) fn run(
                 }
                 st.flush();
                 let closed = st.gone || st.channel_mut().is_none();
+                // Answers still queued (the socket is full): the connections wait for the
+                // writable edge, which brings this block back to flush and dispatch them.
+                let answered = closed || st.channel_mut().is_none_or(|c| !c.has_pending_output());
                 let stop = match st.disconnect {
                     Some(DisconnectBy::Master) => Some(ServeOutcome::MasterDisconnect),
                     Some(DisconnectBy::Worker) => Some(ServeOutcome::WorkerDisconnect),
                     None if closed => Some(ServeOutcome::MasterGone),
                     None => None,
                 };
-                (st.take_user(), stop)
+                (st.take_user(), stop, answered)
             };
-            // After the flush, so no client byte is read before the answer is on its way
-            // (hazard A12), and without the state lock.
-            for (stream, info) in taken.drain(..) {
-                pool.dispatch(stream, info);
+            // After the flush has written the answers, so no client byte is read before the
+            // master has them (hazard A12), and without the state lock.
+            if answered {
+                for (stream, info) in taken.drain(..) {
+                    pool.dispatch(stream, info);
+                }
             }
             if let Some(cb) = &cfg.on_message {
                 for p in user {
@@ -395,6 +400,8 @@ pub(crate) fn run(
 
         if outcome.is_some() && drain_deadline.is_none() {
             drain_deadline = Some(Instant::now() + cfg.drain_timeout);
+            // No more accepting, so an accept back-off must not keep waking the loop.
+            pause_until = None;
             begin_drain(
                 worker,
                 &mut poll,
@@ -441,7 +448,9 @@ pub(crate) fn run(
         pool.run_inline(Instant::now(), poll.registry());
 
         if let Some(deadline) = drain_deadline {
-            let live = shared.live.load(Ordering::Acquire);
+            // SeqCst pairs with the handler side's decrement-then-check of `draining`: with
+            // weaker orderings both sides may read the old value and the wake-up is lost.
+            let live = shared.live.load(Ordering::SeqCst);
             if live == 0 {
                 break;
             }

@@ -249,10 +249,14 @@ impl State {
     }
 
     pub(crate) fn flush(&mut self) {
+        // Any error but a full socket (which `flush` reports as Ok(false)) leaves answers the
+        // master waits for unsent with no writable edge to retry on: treat the master as gone.
         if let Some(chan) = self.chan.as_mut()
             && let Err(e) = chan.flush()
-            && e.is_closed()
         {
+            if !e.is_closed() {
+                eprintln!("cluster-worker: channel to the master failed: {e}");
+            }
             self.gone = true;
         }
     }
