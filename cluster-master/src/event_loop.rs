@@ -43,6 +43,9 @@ fn split_token(t: Token) -> (usize, u32) {
     (t.0 & ((1 << KIND_BITS) - 1), (t.0 >> KIND_BITS) as u32)
 }
 
+/// Frames read from one worker per pass before the others get a turn.
+const MAX_FRAMES_PER_DRAIN: usize = 4096;
+
 /// A line longer than this is delivered in pieces rather than buffered without bound.
 const MAX_LINE: usize = 64 * 1024;
 
@@ -123,6 +126,8 @@ pub(crate) struct EventLoop {
     last_exit: String,
     now: Instant,
     timer_due: Option<Instant>,
+    /// Workers whose channel still had frames when their drain hit its bound.
+    unread: Vec<WorkerId>,
 }
 
 impl EventLoop {
@@ -164,6 +169,7 @@ impl EventLoop {
             last_exit: String::new(),
             now: Instant::now(),
             timer_due: None,
+            unread: Vec::new(),
         })
     }
 
@@ -183,9 +189,12 @@ impl EventLoop {
         let mut events = Events::with_capacity(256);
         let result = loop {
             self.timer_due = self.next_deadline();
-            let timeout = self
-                .timer_due
-                .map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = if self.unread.is_empty() {
+                self.timer_due
+                    .map(|t| t.saturating_duration_since(Instant::now()))
+            } else {
+                Some(Duration::ZERO)
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
             {
@@ -207,6 +216,7 @@ impl EventLoop {
             self.run_commands();
             self.on_timers();
             self.retry_backlogged();
+            self.resume_unread();
             self.drop_doomed();
             if self.fleet.workers.is_empty() {
                 if self.shutting_down {
@@ -459,15 +469,7 @@ impl EventLoop {
                             | io::ErrorKind::Interrupted
                             | io::ErrorKind::ConnectionReset
                     ) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EPROTO | libc::EPERM | libc::ENOBUFS | libc::ENOMEM)
-                    ) =>
-                {
-                    *backlogged = true;
-                    break;
-                }
+                // EPROTO, EPERM, ENOBUFS, ENOMEM...: try again shortly (the backlogged timer).
                 Err(_) => {
                     *backlogged = true;
                     break;
@@ -508,10 +510,10 @@ impl EventLoop {
     /// Reads every frame the worker has sent. Called on readiness and before reconciling an
     /// exit, so that answers sent just before death are honoured (hazard A12).
     fn drain_channel(&mut self, id: WorkerId) {
-        // Bounded so one chatty worker cannot starve the loop; edge-triggered readiness means
-        // we must come back, so a partial drain re-arms through the writable/readable edge of
-        // the next frame. 4096 frames is far above a window's worth of acks.
-        for _ in 0..4096 {
+        // Bounded so one chatty worker cannot starve the others. Edge-triggered readiness
+        // will not report frames already queued, so a drain cut short is resumed on the next
+        // pass (with a zero poll timeout) rather than left for the ack timeout to find.
+        for _ in 0..MAX_FRAMES_PER_DRAIN {
             let Some(ch) = self
                 .fleet
                 .workers
@@ -528,6 +530,15 @@ impl EventLoop {
                     return;
                 }
             }
+        }
+        if !self.unread.contains(&id) {
+            self.unread.push(id);
+        }
+    }
+
+    fn resume_unread(&mut self) {
+        for id in std::mem::take(&mut self.unread) {
+            self.drain_channel(id);
         }
     }
 

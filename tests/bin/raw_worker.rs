@@ -11,6 +11,7 @@
 //! - `garbage-after-N`: serve N connections, then write garbage on the channel.
 //! - `fail-if-exists:PATH`: exit 4 before listening when PATH exists, serve otherwise.
 //! - `send-fd`: after listening, send a user message carrying an fd (forbidden).
+//! - `flood`: after listening, send 5000 user messages in one burst, then nothing.
 //! - `oversize`: after listening, send a 64 KiB user message.
 //! - `wait-for-absent:PATH`: before listening, wait (up to 20 s) until PATH does not exist.
 //! - `crash-after-N`: serve N connections, then abort on the next hand-off without answering.
@@ -139,6 +140,17 @@ fn run() -> Result<u8, String> {
                 t,
             )
             .map_err(|e| e.to_string())?;
+        }
+        // More frames in one burst than the master reads per pass, then silence.
+        "flood" => {
+            // Queued, so the burst leaves in a few large writes and sits in the master's
+            // socket buffer all at once.
+            for i in 0..5000u32 {
+                let payload = i.to_le_bytes().to_vec();
+                ch.queue(&Message::User { payload })
+                    .map_err(|e| e.to_string())?;
+            }
+            ch.flush_blocking(t).map_err(|e| e.to_string())?;
         }
         // Far over any sane cap the master sets.
         "oversize" => send(
