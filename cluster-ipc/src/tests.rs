@@ -5,10 +5,8 @@
 //! Every test here that opens fds holds [`fd_lock`]: tests in one binary run on parallel
 //! threads and share `/proc/self/fd`, so leak checks are only meaningful one at a time.
 
-use std::collections::{BTreeSet, VecDeque};
-use std::fs::{self, File};
-use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::fs::MetadataExt;
+use std::collections::VecDeque;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
@@ -19,6 +17,10 @@ use cluster_core::{ConnId, Message, ServerId};
 use crate::frame::{self, HEADER_LEN};
 use crate::{Channel, IpcError, Limits, spawn_with_channel, sys};
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{ino, open_fds};
+
 static FD_LOCK: Mutex<()> = Mutex::new(());
 
 /// Serialises fd-counting tests; a test that failed while holding it must not fail the rest.
@@ -27,29 +29,6 @@ pub(crate) fn fd_lock() -> MutexGuard<'static, ()> {
 }
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(10));
-
-/// The fds open in this process.
-fn open_fds() -> BTreeSet<i32> {
-    let names: Vec<i32> = fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
-        .collect();
-    // The directory's own fd is closed once the iterator is gone, so it is the one entry whose
-    // link no longer resolves.
-    names
-        .into_iter()
-        .filter(|fd| fs::read_link(format!("/proc/self/fd/{fd}")).is_ok())
-        .collect()
-}
-
-/// Inode of the open file behind `fd` (fstat through a dup), to tell fds apart after a
-/// transfer has renumbered them.
-fn ino(fd: BorrowedFd<'_>) -> u64 {
-    File::from(fd.try_clone_to_owned().unwrap())
-        .metadata()
-        .unwrap()
-        .ino()
-}
 
 fn new_conn(c: u64) -> Message {
     Message::NewConn {

@@ -16,21 +16,12 @@ use std::time::Duration;
 use cluster_core::Message;
 use cluster_ipc::{Channel, Limits, spawn_with_channel};
 
+mod common;
+use common::open_fds;
+
 const CHILD_ENV: &str = "CLUSTER_IPC_TEST_FD_CHILD";
 const CHANNEL_FD: i32 = 3;
 const WAIT: Option<Duration> = Some(Duration::from_secs(30));
-
-fn open_fds() -> BTreeSet<i32> {
-    let names: Vec<i32> = fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
-        .collect();
-    // The directory's own fd is closed by now: it is the entry whose link does not resolve.
-    names
-        .into_iter()
-        .filter(|fd| fs::read_link(format!("/proc/self/fd/{fd}")).is_ok())
-        .collect()
-}
 
 /// Fds this process holds without close-on-exec, which every exec'd child gets whatever
 /// `spawn_with_channel` does. A test runner may hand such fds down to us (seen here: a

@@ -6,39 +6,20 @@
 // The helpers below are test code too: like the tests, they fail by panicking.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{BTreeSet, VecDeque};
-use std::fs::{self, File};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use cluster_core::{ConnId, Message, ServerId};
 use cluster_ipc::{Channel, Received};
 
+mod common;
+use common::{ino, open_fds};
+
 const PER_DIRECTION: usize = 10_000;
 /// Frames sent per side before either reads: enough to fill a default socket buffer.
 const BURST: usize = 500;
-
-fn open_fds() -> BTreeSet<i32> {
-    let names: Vec<i32> = fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
-        .collect();
-    // The directory's own fd is closed by now: it is the entry whose link does not resolve.
-    names
-        .into_iter()
-        .filter(|fd| fs::read_link(format!("/proc/self/fd/{fd}")).is_ok())
-        .collect()
-}
-
-/// Inode of the file behind `fd`: fds are renumbered in transit, inodes are not.
-fn ino(fd: BorrowedFd<'_>) -> u64 {
-    File::from(fd.try_clone_to_owned().unwrap())
-        .metadata()
-        .unwrap()
-        .ino()
-}
 
 /// What one side sent, in order, for the other to check against.
 type Expected = VecDeque<(Message, Vec<u64>)>;
