@@ -622,9 +622,23 @@ fn listen_fds_reach_a_program_that_knows_only_systemd() {
         pids.insert(line.rsplit(' ').next().unwrap().parse::<u32>().unwrap());
     }
     assert_eq!(pids.len(), 2);
+    // Both instances wait on one shared socket, so which one the kernel wakes first is up to
+    // the scheduler: sequential requests may all land on one of them (CI saw 300 in a row).
+    // The accept queue is FIFO, so the first accept takes the idle connection and pins that
+    // instance in its blocking `recv` until the idle connection's request is written, after
+    // the other request has been answered: the other instance must serve that one. The
+    // bounded retry only guards against an instance that restarts in between.
     let mut seen = BTreeSet::new();
-    for _ in 0..300 {
-        let r = get_ok(port, "/");
+    for _ in 0..20 {
+        let mut idle = connect(port).unwrap();
+        seen.insert(get_ok(port, "/").headers["x-pid"].parse::<u32>().unwrap());
+        write!(
+            idle,
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let r = read_response(&mut BufReader::new(idle)).unwrap();
+        assert_eq!(r.status, 200);
         seen.insert(r.headers["x-pid"].parse::<u32>().unwrap());
         if seen.len() == 2 {
             break;
