@@ -26,7 +26,7 @@
 # Environment (full-run defaults): PORT [18480] DURATION [10] s per wrk run, REPEATS [3],
 #   CONNS [64], WARMUP [1] s, CLIENT_SECONDS [5], RSS_SETTLE [2], STARTUP_RUNS [10],
 #   STARTUP_WORKERS ["2 16"], STARTUP_VARIANTS ["rs-rr rs-shared rs-reuseport node-rr"],
-#   SPLIT_WORKERS [4], SPLIT_REQUESTS [2000], SPLIT_VARIANTS ["rs-rr rs-rr-w1 rs-shared
+#   SPLIT_WORKERS [4], SPLIT_REQUESTS [20000], SPLIT_VARIANTS ["rs-rr rs-rr-w1 rs-shared
 #   rs-reuseport node-rr"], VARIANTS [all eight], PHASES [all five], SERVER_CPUS / WRK_CPUS
 #   [unset: no taskset], BINARIES [cli | fallback: target/release/{hello-worker,mini-master},
 #   which only run rs-standalone and rs-rr], SHARED [$(dirname $0)/../../shared/bench],
@@ -78,7 +78,11 @@ STARTUP_RUNS=${STARTUP_RUNS:-10}
 STARTUP_WORKERS=${STARTUP_WORKERS:-2 16}
 STARTUP_VARIANTS=${STARTUP_VARIANTS:-rs-rr rs-shared rs-reuseport node-rr}
 SPLIT_WORKERS=${SPLIT_WORKERS:-4}
-SPLIT_REQUESTS=${SPLIT_REQUESTS:-2000}
+# 20000, not 2000: at the close-client's ~6k req/s, 2000 requests last ~0.3 s, a few dozen
+# scheduler slices of six runnable processes on 2 cores, so which worker ran when decides the
+# split; and even a fair coin per request spreads 500 expected by +-4 %, too coarse for a 5 %
+# target. Over 20000 it is +-1.2 %, and the runs measure the scheduler less and rr more.
+SPLIT_REQUESTS=${SPLIT_REQUESTS:-20000}
 SPLIT_VARIANTS=${SPLIT_VARIANTS:-rs-rr rs-rr-w1 rs-shared rs-reuseport node-rr}
 VARIANTS=${ARG_VARIANTS:-${VARIANTS:-$ALL_VARIANTS}}
 PHASES=${ARG_PHASES:-${PHASES:-$ALL_PHASES}}
@@ -347,7 +351,7 @@ run_client() {
 # ---------------------------------------------------------------------------------------
 # Phases
 
-declare -A RPS P99 CPUUS ERRS NON2XX OTHER RSS_M RSS_W CLIENT LEAKS RPS_ALL CPU_ALL P99_ALL
+declare -A RPS=() P99=() CPUUS=() ERRS=() NON2XX=() OTHER=() RSS_M=() RSS_W=() CLIENT=() LEAKS=() RPS_ALL=() CPU_ALL=() P99_ALL=()
 
 phase_throughput() {
   say ""
@@ -451,7 +455,7 @@ phase_rss() {
   done
 }
 
-declare -A STARTUP STARTUP_FORK
+declare -A STARTUP=() STARTUP_FORK=()
 phase_startup() {
   say ""
   say "== startup: process start -> all N workers listening (bench/launch-timer.js), $STARTUP_RUNS starts, median (min-max) =="
@@ -483,7 +487,7 @@ phase_startup() {
   done
 }
 
-declare -A SPLIT
+declare -A SPLIT=()
 phase_split() {
   say ""
   say "== split: $SPLIT_WORKERS workers, $SPLIT_REQUESTS Connection: close requests per run (CONNS=$CONNS), $REPEATS runs =="
