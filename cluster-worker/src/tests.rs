@@ -66,6 +66,23 @@ fn grant_rr(m: &mut Channel, w: &Worker, server: u32) -> (Listener, u32) {
     (l, idx)
 }
 
+/// The master's side of a shared grant: the reply with `fd` as the listening socket.
+fn send_shared_grant(
+    m: &mut Channel,
+    seq: cluster_core::Seq,
+    server: u32,
+    addr: SocketAddr,
+    fd: std::os::fd::BorrowedFd<'_>,
+) {
+    let reply = ServerReply::Granted {
+        server: ServerId(server),
+        addr: BoundAddr::Inet(addr),
+        grant: ServerGrant::Shared,
+    };
+    m.send_blocking(&Message::QueryServerReply { seq, reply }, &[fd], Some(T))
+        .unwrap();
+}
+
 /// A connected client and the server side of it, as the master's accept would produce.
 fn tcp_pair() -> (TcpStream, TcpStream) {
     let l = TcpListener::bind(any_port()).unwrap();
@@ -173,17 +190,7 @@ fn listen_shared_accepts_on_the_masters_socket() {
     let sock = TcpListener::bind(any_port()).unwrap();
     let addr = sock.local_addr().unwrap();
     let l = listen_with(&mut m, &w, ListenSpec::tcp(addr), |m, seq, _| {
-        let reply = ServerReply::Granted {
-            server: ServerId(5),
-            addr: BoundAddr::Inet(addr),
-            grant: ServerGrant::Shared,
-        };
-        m.send_blocking(
-            &Message::QueryServerReply { seq, reply },
-            &[sock.as_fd()],
-            Some(T),
-        )
-        .unwrap();
+        send_shared_grant(m, seq, 5, addr, sock.as_fd());
     })
     .unwrap();
     drop(sock); // the worker's copy alone keeps it listening
@@ -215,6 +222,61 @@ fn listen_failure_keeps_its_kind() {
     // The failed query's index is free again.
     let (_l, i) = grant_rr(&mut m, &w, 1);
     assert_eq!(i, 0);
+}
+
+#[test]
+fn a_grant_after_listen_gave_up_is_closed_and_its_socket_dropped() {
+    let (mut m, w) = setup();
+    w.set_listen_timeout(Duration::from_millis(50));
+    let w2 = w.clone();
+    let waiter = thread::spawn(move || w2.listen(ListenSpec::tcp(any_port())));
+    let Message::QueryServer { seq, index, .. } = recv(&mut m).msg else {
+        panic!("expected queryServer");
+    };
+    assert_eq!(index, 0);
+    // The master stays silent until listen() has given up.
+    let err = waiter.join().unwrap().unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    // Then it grants a shared socket: the worker must hand the server back at once.
+    let sock = TcpListener::bind(any_port()).unwrap();
+    let addr = sock.local_addr().unwrap();
+    send_shared_grant(&mut m, seq, 9, addr, sock.as_fd());
+    assert!(w.take_messages().is_empty(), "pumps the late reply");
+    assert_eq!(
+        recv(&mut m).msg,
+        Message::Close {
+            server: ServerId(9)
+        }
+    );
+    // The worker kept no copy: with ours closed, nothing listens on the port any more.
+    drop(sock);
+    assert_eq!(
+        TcpStream::connect(addr).unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    // The timed-out query's index is free again.
+    w.set_listen_timeout(T);
+    let (_l, i) = grant_rr(&mut m, &w, 1);
+    assert_eq!(i, 0);
+}
+
+#[test]
+fn a_grant_that_cannot_be_used_is_closed() {
+    let (mut m, w) = setup();
+    // A shared grant whose "socket" is a pipe: the worker cannot listen on it.
+    let (not_a_socket, _w) = std::io::pipe().unwrap();
+    let r = listen_with(&mut m, &w, ListenSpec::tcp(any_port()), |m, seq, _| {
+        send_shared_grant(m, seq, 4, any_port(), not_a_socket.as_fd());
+    });
+    assert!(r.is_err());
+    assert_eq!(
+        recv(&mut m).msg,
+        Message::Close {
+            server: ServerId(4)
+        }
+    );
+    let (_l, i) = grant_rr(&mut m, &w, 1);
+    assert_eq!(i, 0, "the index went back with the server");
 }
 
 #[test]

@@ -1,4 +1,4 @@
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -16,7 +16,7 @@ use crate::listener::{Listener, Sock};
 use crate::serve::{Handler, ServeConfig, ServeOutcome};
 use crate::sys;
 
-/// How long `listen` waits for the master's answer.
+/// How long `listen` waits for the master's answer unless `set_listen_timeout` says otherwise.
 pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a blocking waiter sleeps in `poll(2)` before looking again at what another thread
 /// may have received for it.
@@ -50,6 +50,10 @@ pub(crate) struct State {
     /// Indexes in use per address (open servers and queries in flight).
     indexes: HashMap<ListenAddr, BTreeSet<u32>>,
     replies: HashMap<Seq, Received>,
+    /// Queries whose `listen` gave up waiting: a late grant is closed at once, so neither the
+    /// worker nor the master keeps a server nobody listens on.
+    abandoned: HashSet<Seq>,
+    query_timeout: Duration,
     /// Hand-offs for open round-robin servers, not yet answered.
     pending: HashMap<ServerId, VecDeque<(ConnId, OwnedFd)>>,
     user: VecDeque<Vec<u8>>,
@@ -90,6 +94,16 @@ impl State {
     fn route(&mut self, r: Received) {
         let Received { msg, mut fds } = r;
         match msg {
+            Message::QueryServerReply { seq, reply } if self.abandoned.remove(&seq) => {
+                // The fds (a shared socket) close here; the master forgets our registration.
+                if let ServerReply::Granted { server, .. } = reply {
+                    eprintln!(
+                        "cluster-worker: the master granted {server:?} after listen() gave up; \
+                         closing it"
+                    );
+                    let _ = self.send(&Message::Close { server });
+                }
+            }
             Message::QueryServerReply { seq, reply } => {
                 self.replies.insert(
                     seq,
@@ -320,6 +334,8 @@ impl Worker {
                     servers: HashMap::new(),
                     indexes: HashMap::new(),
                     replies: HashMap::new(),
+                    abandoned: HashSet::new(),
+                    query_timeout: QUERY_TIMEOUT,
                     pending: HashMap::new(),
                     user: VecDeque::new(),
                     disconnect: None,
@@ -368,10 +384,17 @@ impl Worker {
         st.chan.is_some() && !st.gone
     }
 
+    /// How long [`Worker::listen`] and [`Worker::bind_udp_spec`] wait for the master's answer
+    /// (30 s unless set). A grant that arrives after the wait gave up is closed at once.
+    pub fn set_listen_timeout(&self, timeout: Duration) {
+        self.inner.state.lock().query_timeout = timeout;
+    }
+
     /// Listens on `spec`: through the master, or in this process for `exclusive` specs.
     ///
-    /// Blocks until the master answers (at most 30 s). The master's bind error comes back as an
-    /// `io::Error` of the same kind (`EADDRINUSE` is [`io::ErrorKind::AddrInUse`]).
+    /// Blocks until the master answers (at most the listen timeout, 30 s by default). The
+    /// master's bind error comes back as an `io::Error` of the same kind (`EADDRINUSE` is
+    /// [`io::ErrorKind::AddrInUse`]).
     pub fn listen(&self, spec: ListenSpec) -> io::Result<Listener> {
         if spec.addr.is_udp() {
             return Err(io::Error::new(
@@ -384,15 +407,24 @@ impl Worker {
         }
         let (server, addr, grant, mut fds) = self.query(spec)?;
         let sock = match grant {
-            ServerGrant::RoundRobin => Sock::RoundRobin {
-                poll_fd: self.inner.poll_fd.try_clone()?,
-            },
-            ServerGrant::Shared | ServerGrant::ReusePort => match fds.pop() {
-                Some(fd) => Sock::from_listening_fd(fd)?,
-                None => return Err(missing_fd()),
-            },
+            ServerGrant::RoundRobin => self
+                .inner
+                .poll_fd
+                .try_clone()
+                .map(|poll_fd| Sock::RoundRobin { poll_fd }),
+            ServerGrant::Shared | ServerGrant::ReusePort => fds
+                .pop()
+                .ok_or_else(missing_fd)
+                .and_then(Sock::from_listening_fd),
         };
-        Ok(Listener::granted(sock, self.clone(), server, grant, addr))
+        match sock {
+            Ok(sock) => Ok(Listener::granted(sock, self.clone(), server, grant, addr)),
+            Err(e) => {
+                // Granted but unusable here: the master must not count us as listening.
+                self.inner.state.lock().close_server(server);
+                Err(e)
+            }
+        }
     }
 
     /// Binds a UDP socket: through the master (always shared, as in Node), in this process when
@@ -410,10 +442,13 @@ impl Worker {
         if spec.exclusive {
             return sys::bind_udp(&addr, spec.ipv6_only);
         }
-        let (_server, _addr, _grant, mut fds) = self.query(spec)?;
+        let (server, _addr, _grant, mut fds) = self.query(spec)?;
         match fds.pop() {
             Some(fd) => Ok(UdpSocket::from(fd)),
-            None => Err(missing_fd()),
+            None => {
+                self.inner.state.lock().close_server(server);
+                Err(missing_fd())
+            }
         }
     }
 
@@ -426,7 +461,7 @@ impl Worker {
         &self,
         spec: ListenSpec,
     ) -> io::Result<(ServerId, cluster_core::BoundAddr, ServerGrant, Vec<OwnedFd>)> {
-        let (seq, index) = {
+        let (seq, index, timeout) = {
             let mut st = self.inner.state.lock();
             let used = st.indexes.entry(spec.addr.clone()).or_default();
             let index = (0..).find(|i| !used.contains(i)).unwrap_or(u32::MAX);
@@ -442,19 +477,23 @@ impl Worker {
                 st.release_index(&spec.addr, index);
                 return Err(e);
             }
-            (seq, index)
+            (seq, index, st.query_timeout)
         };
-        let got = self.wait_for(Some(Instant::now() + QUERY_TIMEOUT), |st| {
-            st.replies.remove(&seq).map(Ok)
-        });
+        let deadline = Instant::now().checked_add(timeout);
+        let got = self.wait_for(deadline, |st| st.replies.remove(&seq).map(Ok));
         let mut st = self.inner.state.lock();
         let failed = |st: &mut State, e: io::Error| {
             st.release_index(&spec.addr, index);
             Err(e)
         };
+        // Another thread's pump may have routed the reply after our wait ended.
+        let got = got.or_else(|e| st.replies.remove(&seq).ok_or(e));
         let Received { msg, fds } = match got {
             Ok(r) => r,
-            Err(e) => return failed(&mut st, e),
+            Err(e) => {
+                st.abandoned.insert(seq);
+                return failed(&mut st, e);
+            }
         };
         match msg {
             Message::QueryServerReply {
