@@ -25,6 +25,9 @@ pub(crate) struct Shared {
     pub(crate) draining: AtomicBool,
     stop: AtomicBool,
     loop_waker: Arc<Waker>,
+    /// Test hook: the session thread with this index + 1 sees its `poll` fail.
+    #[cfg(test)]
+    pub(crate) fail_poll_of: AtomicUsize,
 }
 
 impl Shared {
@@ -34,6 +37,8 @@ impl Shared {
             draining: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             loop_waker,
+            #[cfg(test)]
+            fail_poll_of: AtomicUsize::new(0),
         }
     }
 
@@ -57,10 +62,15 @@ const SESSION_WAKE: Token = Token(0);
 #[derive(Debug)]
 pub(crate) struct SessionThread {
     tx: Sender<(Stream, ConnInfo)>,
+    /// A second receiver, so that a connection sent to a thread that has just died is taken
+    /// back by the sender instead of lying in the channel with nobody to count it finished.
+    rx: Receiver<(Stream, ConnInfo)>,
     waker: Arc<Waker>,
     /// True while the thread is (about to be) asleep in `poll`: only then does a hand-over
     /// need the waker's eventfd write. A busy thread finds new connections on its own.
     parked: Arc<AtomicBool>,
+    /// Set when the thread's `poll` failed for good: it takes no new connections.
+    dead: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -102,14 +112,24 @@ impl Pool {
                     let waker = Arc::new(Waker::new(poll.registry(), SESSION_WAKE)?);
                     let (tx, rx) = channel::unbounded();
                     let parked = Arc::new(AtomicBool::new(false));
-                    let (f, sh, p) = (factory.clone(), shared.clone(), parked.clone());
+                    let dead = Arc::new(AtomicBool::new(false));
+                    let me = SessionMain {
+                        index: i,
+                        rx: rx.clone(),
+                        parked: parked.clone(),
+                        dead: dead.clone(),
+                        factory: factory.clone(),
+                        shared: shared.clone(),
+                    };
                     let handle = std::thread::Builder::new()
                         .name(format!("cluster-session-{i}"))
-                        .spawn(move || session_main(poll, rx, p, f, sh))?;
+                        .spawn(move || me.run(poll))?;
                     out.push(SessionThread {
                         tx,
+                        rx,
                         waker,
                         parked,
+                        dead,
                         handle: Some(handle),
                     });
                 }
@@ -145,7 +165,12 @@ impl Pool {
     /// worker may take it sooner.
     pub(crate) fn can_take(&self, extra: usize) -> bool {
         match self {
-            Pool::Sessions { .. } | Pool::Inline { .. } => true,
+            Pool::Inline { .. } => true,
+            // With every session thread dead a taken connection could only be closed; refused,
+            // another worker serves it.
+            Pool::Sessions { threads, .. } => {
+                threads.iter().any(|t| !t.dead.load(Ordering::SeqCst))
+            }
             Pool::Blocking { tx, .. } => tx.as_ref().is_some_and(|t| {
                 t.capacity()
                     .is_none_or(|cap| t.len().saturating_add(extra) < cap)
@@ -166,19 +191,33 @@ impl Pool {
                 next,
                 shared,
             } => {
-                let Some(t) = threads.get(*next % threads.len().max(1)) else {
+                shared.live.fetch_add(1, Ordering::AcqRel);
+                let n = threads.len();
+                let live_thread = (0..n).map(|k| next.wrapping_add(k) % n).find(|&i| {
+                    threads
+                        .get(i)
+                        .is_some_and(|t| !t.dead.load(Ordering::SeqCst))
+                });
+                let Some((i, t)) = live_thread.and_then(|i| Some((i, threads.get(i)?))) else {
+                    // Every session thread died: the client is closed, not parked forever.
+                    shared.finished();
                     return;
                 };
-                *next = next.wrapping_add(1);
-                shared.live.fetch_add(1, Ordering::AcqRel);
+                *next = i.wrapping_add(1);
                 if t.tx.send((stream, info)).is_err() {
                     shared.finished();
                     return;
                 }
-                // Pairs with the fence in `session_main`: either the thread sees the connection
-                // before it sleeps, or we see it parked and wake it (Dekker's handshake).
+                // Pairs with the fence in `SessionMain::run`: either the thread sees the
+                // connection before it sleeps, or we see it parked and wake it (Dekker's
+                // handshake). The same pairing covers a thread that dies meanwhile: either its
+                // last sweep of the channel finds the connection, or we see it dead here.
                 fence(Ordering::SeqCst);
-                if t.parked.swap(false, Ordering::SeqCst) {
+                if t.dead.load(Ordering::SeqCst) {
+                    while t.rx.try_recv().is_ok() {
+                        shared.finished();
+                    }
+                } else if t.parked.swap(false, Ordering::SeqCst) {
                     let _ = t.waker.wake();
                 }
             }
@@ -289,51 +328,79 @@ fn blocking_main(rx: Receiver<(Stream, ConnInfo)>, f: BlockingFn, shared: Arc<Sh
     }
 }
 
-fn session_main(
-    mut poll: Poll,
+/// What one session thread owns besides its `Poll`.
+struct SessionMain {
+    index: usize,
     rx: Receiver<(Stream, ConnInfo)>,
     parked: Arc<AtomicBool>,
+    dead: Arc<AtomicBool>,
     factory: Arc<dyn DynFactory>,
     shared: Arc<Shared>,
-) {
-    let mut events = Events::with_capacity(256);
-    let mut set = SessionSet::new(factory, shared.clone(), true);
-    while !shared.stop.load(Ordering::Acquire) {
-        let mut timeout = set
-            .next_wake()
-            .map(|t| t.saturating_duration_since(Instant::now()));
-        parked.store(true, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        if !rx.is_empty() {
-            // Handed over before we announced the nap: look at it now, not after a wake.
-            parked.store(false, Ordering::SeqCst);
-            timeout = Some(Duration::ZERO);
-        }
-        let polled = poll.poll(&mut events, timeout);
-        parked.store(false, Ordering::SeqCst);
-        if let Err(e) = polled {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+}
+
+impl SessionMain {
+    fn run(self, mut poll: Poll) {
+        let SessionMain {
+            index,
+            rx,
+            parked,
+            dead,
+            factory,
+            shared,
+        } = self;
+        let mut events = Events::with_capacity(256);
+        let mut set = SessionSet::new(factory, shared.clone(), true);
+        while !shared.stop.load(Ordering::Acquire) {
+            let mut timeout = set
+                .next_wake()
+                .map(|t| t.saturating_duration_since(Instant::now()));
+            parked.store(true, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if !rx.is_empty() {
+                // Handed over before we announced the nap: look at it now, not after a wake.
+                parked.store(false, Ordering::SeqCst);
+                timeout = Some(Duration::ZERO);
             }
-            eprintln!("cluster-worker: session thread poll failed: {e}");
-            break;
+            #[cfg(test)]
+            let polled = if shared.fail_poll_of.load(Ordering::SeqCst) == index + 1 {
+                Err(io::Error::other("injected poll failure"))
+            } else {
+                poll.poll(&mut events, timeout)
+            };
+            #[cfg(not(test))]
+            let polled = poll.poll(&mut events, timeout);
+            parked.store(false, Ordering::SeqCst);
+            if let Err(e) = polled {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                eprintln!("cluster-worker: session thread {index} stops: poll failed: {e}");
+                dead.store(true, Ordering::SeqCst);
+                break;
+            }
+            if shared.stop.load(Ordering::Acquire) {
+                break;
+            }
+            for ev in events.iter() {
+                // The waker's token is not a session token: it only ends the poll.
+                set.on_event(ev.token());
+            }
+            while let Ok((stream, info)) = rx.try_recv() {
+                set.add(stream, &info);
+            }
+            if shared.draining.load(Ordering::Acquire) {
+                set.drain();
+            }
+            set.run(Instant::now(), poll.registry());
         }
-        if shared.stop.load(Ordering::Acquire) {
-            break;
+        set.close_all();
+        // After `dead` is set (see `Pool::dispatch`): what is still queued here is closed and
+        // counted, so a drain does not wait for connections nobody runs.
+        fence(Ordering::SeqCst);
+        while rx.try_recv().is_ok() {
+            shared.finished();
         }
-        for ev in events.iter() {
-            // The waker's token is not a session token: it only ends the poll.
-            set.on_event(ev.token());
-        }
-        while let Ok((stream, info)) = rx.try_recv() {
-            set.add(stream, &info);
-        }
-        if shared.draining.load(Ordering::Acquire) {
-            set.drain();
-        }
-        set.run(Instant::now(), poll.registry());
     }
-    set.close_all();
 }
 
 impl Drop for Pool {
@@ -343,3 +410,6 @@ impl Drop for Pool {
         self.shutdown();
     }
 }
+
+#[cfg(test)]
+mod tests;
