@@ -205,6 +205,8 @@ impl Pool {
                 };
                 *next = i.wrapping_add(1);
                 if t.tx.send((stream, info)).is_err() {
+                    // Cannot happen while `t.rx` lives (it keeps the channel connected); if it
+                    // did, the connection is gone and must still be counted.
                     shared.finished();
                     return;
                 }
@@ -348,6 +350,13 @@ impl SessionMain {
             factory,
             shared,
         } = self;
+        // Declared before the sessions, so it runs after they are gone, on every way out:
+        // a stop, a failed poll, or a panic in a session factory or drain hook.
+        let _last_sweep = LastSweep {
+            rx: &rx,
+            dead: &dead,
+            shared: &shared,
+        };
         let mut events = Events::with_capacity(256);
         let mut set = SessionSet::new(factory, shared.clone(), true);
         while !shared.stop.load(Ordering::Acquire) {
@@ -375,7 +384,6 @@ impl SessionMain {
                     continue;
                 }
                 eprintln!("cluster-worker: session thread {index} stops: poll failed: {e}");
-                dead.store(true, Ordering::SeqCst);
                 break;
             }
             if shared.stop.load(Ordering::Acquire) {
@@ -394,11 +402,24 @@ impl SessionMain {
             set.run(Instant::now(), poll.registry());
         }
         set.close_all();
-        // After `dead` is set (see `Pool::dispatch`): what is still queued here is closed and
-        // counted, so a drain does not wait for connections nobody runs.
+    }
+}
+
+/// Marks a session thread dead when it ends, then closes and counts what is still queued for
+/// it, so a drain does not wait for connections nobody runs. `Pool::dispatch` pairs with this:
+/// either this sweep finds a connection sent meanwhile, or the sender sees `dead` and sweeps.
+struct LastSweep<'a> {
+    rx: &'a Receiver<(Stream, ConnInfo)>,
+    dead: &'a AtomicBool,
+    shared: &'a Shared,
+}
+
+impl Drop for LastSweep<'_> {
+    fn drop(&mut self) {
+        self.dead.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        while rx.try_recv().is_ok() {
-            shared.finished();
+        while self.rx.try_recv().is_ok() {
+            self.shared.finished();
         }
     }
 }

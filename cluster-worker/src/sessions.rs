@@ -140,15 +140,22 @@ impl SessionSet {
                 return;
             }
         };
-        let Some(s) = self.slots.get_mut(slot) else {
+        // User code: a panic here loses this client (closed and counted), not the thread and
+        // every session on it.
+        let (factory, drained) = (&self.factory, self.drained);
+        let made = catch_unwind(AssertUnwindSafe(|| {
+            let mut session = factory.make(info);
+            if drained {
+                session.on_drain();
+            }
+            session
+        }));
+        let (Ok(session), Some(s)) = (made, self.slots.get_mut(slot)) else {
+            self.free.push(slot);
             self.finished();
             return;
         };
         let tok = token(slot, s.generation);
-        let mut session = self.factory.make(info);
-        if self.drained {
-            session.on_drain();
-        }
         s.entry = Some(Entry {
             conn,
             session,
@@ -189,14 +196,20 @@ impl SessionSet {
             return;
         }
         self.drained = true;
+        let mut panicked = Vec::new();
         for (i, s) in self.slots.iter_mut().enumerate() {
             if let Some(e) = &mut s.entry {
-                e.session.on_drain();
-                if !e.queued {
+                let tok = token(i, s.generation);
+                if catch_unwind(AssertUnwindSafe(|| e.session.on_drain())).is_err() {
+                    panicked.push(tok);
+                } else if !e.queued {
                     e.queued = true;
-                    self.ready.push(token(i, s.generation));
+                    self.ready.push(tok);
                 }
             }
+        }
+        for tok in panicked {
+            self.close(tok);
         }
     }
 

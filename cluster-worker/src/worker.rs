@@ -385,7 +385,9 @@ impl Worker {
     }
 
     /// How long [`Worker::listen`] and [`Worker::bind_udp_spec`] wait for the master's answer
-    /// (30 s unless set). A grant that arrives after the wait gave up is closed at once.
+    /// (30 s unless set). A grant that arrives after the wait gave up is closed at once; a
+    /// retry sent before that `Close` reaches the master can still be refused with
+    /// `EADDRINUSE`, as the master then counts this worker among the server's holders.
     pub fn set_listen_timeout(&self, timeout: Duration) {
         self.inner.state.lock().query_timeout = timeout;
     }
@@ -491,7 +493,10 @@ impl Worker {
         let Received { msg, fds } = match got {
             Ok(r) => r,
             Err(e) => {
-                st.abandoned.insert(seq);
+                // Only a timeout leaves a master that may still answer.
+                if e.kind() == io::ErrorKind::TimedOut {
+                    st.abandoned.insert(seq);
+                }
                 return failed(&mut st, e);
             }
         };

@@ -74,11 +74,16 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
+        let probes = Probes::default();
+        Rig::with_factory(probes.clone(), probes)
+    }
+
+    /// A rig whose sessions come from `factory` (`probes` stays empty unless it is the factory).
+    fn with_factory(factory: impl SessionFactory, probes: Probes) -> Rig {
         let poll = Poll::new().unwrap();
         let waker = Arc::new(Waker::new(poll.registry(), Token(0)).unwrap());
         let shared = Arc::new(Shared::new(waker));
-        let probes = Probes::default();
-        let factory: Arc<dyn DynFactory> = Arc::new(probes.clone());
+        let factory: Arc<dyn DynFactory> = Arc::new(factory);
         let set = SessionSet::new(factory, shared.clone(), false);
         Rig {
             poll,
@@ -295,4 +300,63 @@ fn moving_deadlines_do_not_grow_the_timer_heap() {
         r.set.next_wake(),
         Some(t0 + Duration::from_secs(60) + Duration::from_millis(9_999))
     );
+}
+
+/// Application code that panics: in the factory, or in a session's `on_drain`.
+struct Panicky {
+    in_make: bool,
+}
+
+struct PanickySession;
+
+impl Session for PanickySession {
+    fn on_ready(&mut self, _conn: &mut Conn, _now: Instant) -> std::io::Result<Next> {
+        Ok(Next::Continue)
+    }
+
+    fn on_drain(&mut self) {
+        panic!("test: on_drain panics");
+    }
+}
+
+impl SessionFactory for Panicky {
+    type Session = PanickySession;
+    fn new_session(&self, _info: &ConnInfo) -> PanickySession {
+        assert!(!self.in_make, "test: the factory panics");
+        PanickySession
+    }
+}
+
+#[test]
+fn a_panicking_factory_loses_only_its_client() {
+    let mut r = Rig::with_factory(Panicky { in_make: true }, Probes::default());
+    let (mut c, s) = r.pair();
+    r.add(s);
+    assert_eq!(r.set.open(), 0);
+    assert_eq!(
+        r.shared.live.load(Ordering::SeqCst),
+        0,
+        "counted as finished"
+    );
+    c.set_read_timeout(Some(T)).unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(
+        c.read_to_end(&mut rest).unwrap_or(0),
+        0,
+        "closed, not left open"
+    );
+}
+
+#[test]
+fn a_session_panicking_in_on_drain_is_closed_and_counted() {
+    let mut r = Rig::with_factory(Panicky { in_make: false }, Probes::default());
+    let (_c1, s1) = r.pair();
+    let (_c2, s2) = r.pair();
+    r.add(s1);
+    r.add(s2);
+    r.set.run(Instant::now(), r.poll.registry());
+    assert_eq!(r.set.open(), 2);
+    r.set.drain();
+    assert_eq!(r.set.open(), 0);
+    assert_eq!(r.shared.live.load(Ordering::SeqCst), 0);
 }
