@@ -2,6 +2,7 @@
 // Test helpers outside #[test] functions panic on failure by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod fd_exhaustion;
 mod handoff_loss;
 mod hostile_worker;
 mod lifecycle;

@@ -15,6 +15,8 @@
 //! - `oversize`: after listening, send a 64 KiB user message.
 //! - `wait-for-absent:PATH`: before listening, wait (up to 20 s) until PATH does not exist.
 //! - `crash-after-N`: serve N connections, then abort on the next hand-off without answering.
+//! - `hold-while-exists:PATH`: after listening, read nothing from the channel while PATH exists
+//!   (up to 20 s), so hand-offs pile up unanswered in the master; then serve.
 //!
 //! `MODE@SLOT` applies MODE in that worker slot only; the others serve.
 //!
@@ -46,6 +48,17 @@ fn parse_listen(s: &str) -> Result<ListenSpec, String> {
         Some(("udp", a)) => Ok(ListenSpec::udp(addr(a)?)),
         Some(("unix", p)) => Ok(ListenSpec::unix(p)),
         _ => Err(format!("bad listen spec {s}")),
+    }
+}
+
+/// Waits until `path` is gone, at most 20 s: the test removing a file is the only signal a
+/// worker that must not read its channel can get.
+fn wait_while_exists(path: &str) {
+    for _ in 0..2000 {
+        if !std::path::Path::new(path).exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -82,13 +95,8 @@ fn run() -> Result<u8, String> {
         return Ok(4);
     }
     if let Some(path) = mode.strip_prefix("wait-for-absent:") {
-        // Lets a test hold this worker between spawn and listen (bounded: 20 s).
-        for _ in 0..2000 {
-            if !std::path::Path::new(path).exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        // Lets a test hold this worker between spawn and listen.
+        wait_while_exists(path);
     }
     let t = Some(Duration::from_secs(10));
     let send =
@@ -167,6 +175,9 @@ fn run() -> Result<u8, String> {
     if grant != ServerGrant::RoundRobin {
         let socket: OwnedFd = fds.pop().ok_or("shared grant without a socket")?;
         return serve_shared(socket, &spec, &id, &mut ch);
+    }
+    if let Some(path) = mode.strip_prefix("hold-while-exists:") {
+        wait_while_exists(path);
     }
     let mut served = 0usize;
     loop {
