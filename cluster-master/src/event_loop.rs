@@ -267,8 +267,10 @@ impl EventLoop {
             } = &s.kind
             {
                 consider(handle.next_deadline());
-                if *backlogged {
-                    // Fd exhaustion or a full queue: look again soon rather than spin.
+                // Fd exhaustion or a transient accept error: look again soon rather than spin.
+                // A full queue needs no timer: it drains on answers and expiries, which wake
+                // the loop, and every pass retries backlogged servers that accept again.
+                if *backlogged && handle.accepting() {
                     consider(Some(self.now + Duration::from_millis(10)));
                 }
             }
