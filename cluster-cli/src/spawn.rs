@@ -82,14 +82,6 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
         a.policy
     ))
     .print();
-    for (i, spec) in a.listen.iter().enumerate() {
-        log::master(format!(
-            "pre-bound {} as fd {} (LISTEN_FDNAMES name listen{i})",
-            spec.addr,
-            3 + i
-        ))
-        .print();
-    }
 
     let master = match builder.start() {
         Ok(m) => m,
@@ -98,6 +90,15 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
             return Err(format!("cannot start the master: {e}"));
         }
     };
+    // After the bind, so a port-0 `--listen` shows the port it got. Events (forks first) are
+    // printed only from `sup.run` on, so these lines still come before them.
+    for (i, (name, addr)) in master.listen_fds().iter().enumerate() {
+        log::master(format!(
+            "pre-bound {addr} as fd {} (LISTEN_FDNAMES name {name})",
+            3 + i
+        ))
+        .print();
+    }
     let stop = Arc::new(AtomicU8::new(Stop::Running as u8));
     let mut policy = SignalPolicy {
         control: master.control(),

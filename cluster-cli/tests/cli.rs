@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -337,11 +337,6 @@ impl Load {
     }
 }
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 fn assert_clean_exit(c: &mut Cluster) {
     let status = c.wait_exit(Duration::from_secs(15));
     assert!(
@@ -600,11 +595,9 @@ fn listen_fds_reach_a_program_that_knows_only_systemd() {
         eprintln!("SKIPPED: python3 is not installed");
         return;
     }
-    let port = free_port();
-    let addr = format!("tcp:127.0.0.1:{port}");
     let mut c = Cluster::start(&[
         "--listen",
-        &addr,
+        "tcp:127.0.0.1:0",
         "-n",
         "2",
         "--shutdown-timeout",
@@ -614,6 +607,18 @@ fn listen_fds_reach_a_program_that_knows_only_systemd() {
         "-c",
         LISTEN_FDS_PROGRAM,
     ]);
+    // Port 0: the master's log names the port it got.
+    let line = c.wait_line("the pre-bound line", |l| {
+        l.starts_with("[master] pre-bound 127.0.0.1:")
+    });
+    let port: u16 = line
+        .split_whitespace()
+        .nth(2)
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    assert_ne!(port, 0);
+    assert!(line.ends_with(" as fd 3 (LISTEN_FDNAMES name listen0)"), "{line}");
     let mut pids = BTreeSet::new();
     for _ in 0..2 {
         let line = c.wait_line("a worker's ready line", |l| {

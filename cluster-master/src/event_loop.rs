@@ -12,8 +12,8 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
 use cluster_core::{
-    ConnId, ListenError, ListenSpec, Message, RefuseReason, Seq, ServerId, ServerReply, WorkerId,
-    env,
+    BoundAddr, ConnId, ListenError, ListenSpec, Message, RefuseReason, Seq, ServerId, ServerReply,
+    WorkerId, env,
 };
 use cluster_ipc::{IpcError, Limits, Received};
 use mio::unix::SourceFd;
@@ -119,6 +119,8 @@ pub(crate) struct EventLoop {
     slots: Vec<Slot>,
     next_worker: u32,
     prebound: Vec<(String, OwnedFd)>,
+    /// What each pre-bound socket is bound to (the real port for a port-0 spec).
+    prebound_addrs: Vec<(String, BoundAddr)>,
     reload: Option<Reload>,
     shutting_down: bool,
     jitter: Jitter,
@@ -140,9 +142,11 @@ impl EventLoop {
         let waker = Waker::new(poll.registry(), token(KIND_WAKER, 0))
             .map_err(|e| MasterError::io("eventfd", e))?;
         let mut prebound = Vec::new();
+        let mut prebound_addrs = Vec::new();
         for (name, spec) in &cfg.listen_fds {
             let bound = crate::bind::bind_spec(spec, false)?;
             prebound.push((name.clone(), bound.fd));
+            prebound_addrs.push((name.clone(), bound.addr));
         }
         let slots = (0..cfg.workers).map(|_| Slot::default()).collect();
         let seed = u64::from(std::process::id()) ^ Instant::now().elapsed().as_nanos() as u64;
@@ -159,6 +163,7 @@ impl EventLoop {
             slots,
             next_worker: 1,
             prebound,
+            prebound_addrs,
             reload: None,
             shutting_down: false,
             jitter: Jitter::new(seed ^ 0x9e37_79b9_7f4a_7c15),
@@ -175,6 +180,10 @@ impl EventLoop {
 
     pub(crate) fn waker(&self) -> Arc<Waker> {
         Arc::clone(&self.waker)
+    }
+
+    pub(crate) fn prebound_addrs(&self) -> Vec<(String, BoundAddr)> {
+        self.prebound_addrs.clone()
     }
 
     fn emit(&self, e: Event) {

@@ -184,6 +184,7 @@ pub struct Master {
     control: MasterControl,
     events: Receiver<Event>,
     thread: Option<JoinHandle<Result<(), MasterError>>>,
+    listen_fds: Vec<(String, BoundAddr)>,
 }
 
 /// A cloneable, thread-safe handle that sends commands to a [`Master`]'s event loop.
@@ -220,6 +221,12 @@ impl Master {
         &self.events
     }
 
+    /// The sockets pre-bound for [`MasterBuilder::listen_fd`], in order (fd 3 first), each
+    /// with its name and the address it is bound to: a port-0 spec shows its real port here.
+    pub fn listen_fds(&self) -> &[(String, BoundAddr)] {
+        &self.listen_fds
+    }
+
     /// Waits for the loop to stop (after [`MasterControl::shutdown`], or when every slot
     /// errored).
     pub fn wait(mut self) -> Result<(), MasterError> {
@@ -235,6 +242,7 @@ impl Master {
         let (ev_tx, ev_rx) = mpsc::channel();
         let event_loop = EventLoop::new(config, cmd_rx, ev_tx)?;
         let waker = event_loop.waker();
+        let listen_fds = event_loop.prebound_addrs();
         let thread = std::thread::Builder::new()
             .name("cluster-master".into())
             .spawn(move || event_loop.run())
@@ -246,6 +254,7 @@ impl Master {
             },
             events: ev_rx,
             thread: Some(thread),
+            listen_fds,
         })
     }
 }
