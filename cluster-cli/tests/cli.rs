@@ -618,7 +618,10 @@ fn listen_fds_reach_a_program_that_knows_only_systemd() {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no port in {line:?}"));
     assert_ne!(port, 0);
-    assert!(line.ends_with(" as fd 3 (LISTEN_FDNAMES name listen0)"), "{line}");
+    assert!(
+        line.ends_with(" as fd 3 (LISTEN_FDNAMES name listen0)"),
+        "{line}"
+    );
     let mut pids = BTreeSet::new();
     for _ in 0..2 {
         let line = c.wait_line("a worker's ready line", |l| {

@@ -118,9 +118,9 @@ pub(crate) struct EventLoop {
     fleet: Fleet,
     slots: Vec<Slot>,
     next_worker: u32,
-    prebound: Vec<(String, OwnedFd)>,
-    /// What each pre-bound socket is bound to (the real port for a port-0 spec).
-    prebound_addrs: Vec<(String, BoundAddr)>,
+    /// The `listen_fd` sockets: name, socket, and what it is bound to (the real port for a
+    /// port-0 spec).
+    prebound: Vec<(String, OwnedFd, BoundAddr)>,
     reload: Option<Reload>,
     shutting_down: bool,
     jitter: Jitter,
@@ -142,11 +142,9 @@ impl EventLoop {
         let waker = Waker::new(poll.registry(), token(KIND_WAKER, 0))
             .map_err(|e| MasterError::io("eventfd", e))?;
         let mut prebound = Vec::new();
-        let mut prebound_addrs = Vec::new();
         for (name, spec) in &cfg.listen_fds {
             let bound = crate::bind::bind_spec(spec, false)?;
-            prebound.push((name.clone(), bound.fd));
-            prebound_addrs.push((name.clone(), bound.addr));
+            prebound.push((name.clone(), bound.fd, bound.addr));
         }
         let slots = (0..cfg.workers).map(|_| Slot::default()).collect();
         let seed = u64::from(std::process::id()) ^ Instant::now().elapsed().as_nanos() as u64;
@@ -163,7 +161,6 @@ impl EventLoop {
             slots,
             next_worker: 1,
             prebound,
-            prebound_addrs,
             reload: None,
             shutting_down: false,
             jitter: Jitter::new(seed ^ 0x9e37_79b9_7f4a_7c15),
@@ -183,7 +180,10 @@ impl EventLoop {
     }
 
     pub(crate) fn prebound_addrs(&self) -> Vec<(String, BoundAddr)> {
-        self.prebound_addrs.clone()
+        self.prebound
+            .iter()
+            .map(|(name, _, addr)| (name.clone(), addr.clone()))
+            .collect()
     }
 
     fn emit(&self, e: Event) {
@@ -321,7 +321,7 @@ impl EventLoop {
             c.arg("-c")
                 .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"");
             c.arg(&self.cfg.program);
-            let names: Vec<&str> = self.prebound.iter().map(|(n, _)| n.as_str()).collect();
+            let names: Vec<&str> = self.prebound.iter().map(|(n, ..)| n.as_str()).collect();
             c.env("LISTEN_FDS", n_listen.to_string())
                 .env("LISTEN_FDNAMES", names.join(":"));
             c
@@ -344,7 +344,7 @@ impl EventLoop {
         let mut channel = cluster_ipc::spawn_with_channel(&mut cmd, channel_fd, limits)
             .map_err(|e| MasterError::io("socketpair", e.into()))?;
         if n_listen > 0 {
-            let fds: Vec<_> = self.prebound.iter().map(|(_, fd)| fd.as_fd()).collect();
+            let fds: Vec<_> = self.prebound.iter().map(|(_, fd, _)| fd.as_fd()).collect();
             sys::inherit_listen_fds(&mut cmd, &fds, env::DEFAULT_CHANNEL_FD)
                 .map_err(|e| MasterError::io("prepare LISTEN_FDS", e))?;
         }

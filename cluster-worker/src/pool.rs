@@ -69,7 +69,8 @@ pub(crate) struct SessionThread {
     /// True while the thread is (about to be) asleep in `poll`: only then does a hand-over
     /// need the waker's eventfd write. A busy thread finds new connections on its own.
     parked: Arc<AtomicBool>,
-    /// Set when the thread's `poll` failed for good: it takes no new connections.
+    /// Set when the thread has ended (its `poll` failed, it panicked, or the pool stopped):
+    /// it takes no new connections.
     dead: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
 }
