@@ -45,6 +45,11 @@ fn split_token(t: Token) -> (usize, u32) {
 
 /// Frames read from one worker per pass before the others get a turn.
 const MAX_FRAMES_PER_DRAIN: usize = 4096;
+/// Frames read from a worker that is being dropped (already SIGKILLed, or exited): its answers
+/// must be honoured before what was in flight to it is re-queued (hazard A12). Its socket
+/// buffer is finite once it stops writing; the bound only guards against a kill that has not
+/// landed yet.
+const MAX_FRAMES_FINAL_DRAIN: usize = 1 << 20;
 
 /// A line longer than this is delivered in pieces rather than buffered without bound.
 const MAX_LINE: usize = 64 * 1024;
@@ -521,10 +526,14 @@ impl EventLoop {
     /// Reads every frame the worker has sent. Called on readiness and before reconciling an
     /// exit, so that answers sent just before death are honoured (hazard A12).
     fn drain_channel(&mut self, id: WorkerId) {
+        self.drain_channel_up_to(id, MAX_FRAMES_PER_DRAIN);
+    }
+
+    fn drain_channel_up_to(&mut self, id: WorkerId, max_frames: usize) {
         // Bounded so one chatty worker cannot starve the others. Edge-triggered readiness
         // will not report frames already queued, so a drain cut short is resumed on the next
         // pass (with a zero poll timeout) rather than left for the ack timeout to find.
-        for _ in 0..MAX_FRAMES_PER_DRAIN {
+        for _ in 0..max_frames {
             let Some(ch) = self
                 .fleet
                 .workers
@@ -576,7 +585,14 @@ impl EventLoop {
             };
             let _ = w.child.kill();
             self.emit(Event::Dropped { worker: id, reason });
+            // A failed hand-off or an ack timeout can come in the same pass as answers still
+            // unread: an `Accepted` whose connection must not go to another worker. (A
+            // protocol error stops this drain at the same bad frame.)
+            self.drain_channel_up_to(id, MAX_FRAMES_FINAL_DRAIN);
             self.channel_closed(id);
+            // What that drain did may have doomed it again (a bad frame, a failed reply):
+            // it is gone already.
+            self.fleet.doomed.retain(|(w, _)| *w != id);
         }
     }
 
@@ -939,7 +955,7 @@ impl EventLoop {
             Some(Ok(Some(status))) => status,
             _ => return,
         };
-        self.drain_channel(id);
+        self.drain_channel_up_to(id, MAX_FRAMES_FINAL_DRAIN);
         self.drop_doomed();
         self.channel_closed(id);
         for stderr in [false, true] {
