@@ -1,7 +1,8 @@
 use std::io;
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
+use std::time::Duration;
 
 use cluster_core::{
     BoundAddr, ListenAddr, ListenSpec, Message, RefuseReason, ServerGrant, ServerId,
@@ -37,12 +38,16 @@ impl Sock {
         })
     }
 
-    pub(crate) fn raw_fd(&self) -> i32 {
+    fn fd(&self) -> BorrowedFd<'_> {
         match self {
-            Sock::Tcp(l) => l.as_raw_fd(),
-            Sock::Unix(l) => l.as_raw_fd(),
-            Sock::RoundRobin { poll_fd } => poll_fd.as_raw_fd(),
+            Sock::Tcp(l) => l.as_fd(),
+            Sock::Unix(l) => l.as_fd(),
+            Sock::RoundRobin { poll_fd } => poll_fd.as_fd(),
         }
+    }
+
+    pub(crate) fn raw_fd(&self) -> i32 {
+        self.fd().as_raw_fd()
     }
 
     fn set_nonblocking(&self, on: bool) -> io::Result<()> {
@@ -183,7 +188,56 @@ impl Listener {
                 }
                 self.take_rr(w, st, server).transpose()
             }),
-            _ => self.sock.accept_local(self.server),
+            _ => self.accept_local_blocking(),
+        }
+    }
+
+    /// A blocking accept on a real socket. A granted socket is the master's open file, shared
+    /// with every other worker, and so is its `O_NONBLOCK` flag: clearing it would make the
+    /// other workers' event loops block in `accept` whenever this one wins the race. So the
+    /// socket stays non-blocking and the wait is a `poll`, which under a master also watches
+    /// the channel so that a disconnect ends the wait.
+    fn accept_local_blocking(&self) -> io::Result<(Stream, ConnInfo)> {
+        self.sock.set_nonblocking(true)?;
+        loop {
+            match self.sock.accept_local(self.server) {
+                Ok((s, info)) => {
+                    s.set_nonblocking(false)?;
+                    return Ok((s, info));
+                }
+                // Another worker took it, or the client left first: wait for the next one.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::Interrupted
+                            | io::ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+            let fd = self.sock.fd();
+            let Some(w) = &self.worker else {
+                sys::wait_readable(fd, Duration::from_secs(60))?;
+                continue;
+            };
+            if sys::wait_listener_or_channel(fd, w.channel_poll_fd())? {
+                let mut st = w.inner.state.lock();
+                if st.pump()
+                    && let Some(waker) = &st.loop_waker
+                {
+                    // What arrived may be for a serve loop whose edge is now spent.
+                    let _ = waker.wake();
+                }
+                if st.disconnect.is_some() || st.draining {
+                    return Err(disconnecting());
+                }
+                if st.gone {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the master is gone",
+                    ));
+                }
+            }
         }
     }
 

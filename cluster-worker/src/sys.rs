@@ -168,6 +168,24 @@ pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result
     }
 }
 
+/// Waits until `listener` or `channel` is readable (no timeout; EINTR returns early).
+/// Returns whether the channel was.
+pub(crate) fn wait_listener_or_channel(
+    listener: BorrowedFd<'_>,
+    channel: BorrowedFd<'_>,
+) -> io::Result<bool> {
+    let mut fds = [
+        PollFd::new(listener, PollFlags::POLLIN),
+        PollFd::new(channel, PollFlags::POLLIN),
+    ];
+    match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+        Ok(_) | Err(nix::Error::EINTR) => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    // Hang-up and error count as readable: the next read reports them.
+    Ok(fds[1].revents().is_some_and(|r| !r.is_empty()))
+}
+
 /// True for accept errors that mean "out of fds or memory": the connection stays queued, so
 /// retrying at once would spin (hazard C1).
 pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {

@@ -204,6 +204,58 @@ fn listen_shared_accepts_on_the_masters_socket() {
     expect_listening(&mut m, 5);
 }
 
+/// A shared grant of a socket that, like the master's, is non-blocking.
+fn shared_listener(m: &mut Channel, w: &Worker, server: u32) -> (Listener, TcpListener) {
+    let sock = TcpListener::bind(any_port()).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let addr = sock.local_addr().unwrap();
+    let l = listen_with(m, w, ListenSpec::tcp(addr), |m, seq, _| {
+        send_shared_grant(m, seq, server, addr, sock.as_fd());
+    })
+    .unwrap();
+    (l, sock)
+}
+
+fn is_non_blocking(sock: &TcpListener) -> bool {
+    let flags = nix::fcntl::fcntl(sock, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+    nix::fcntl::OFlag::from_bits_truncate(flags).contains(nix::fcntl::OFlag::O_NONBLOCK)
+}
+
+#[test]
+fn blocking_accept_on_a_shared_grant_waits_without_touching_the_shared_flag() {
+    let (mut m, w) = setup();
+    let (l, sock) = shared_listener(&mut m, &w, 6);
+    let addr = sock.local_addr().unwrap();
+    let waiter = thread::spawn(move || {
+        let got = l.accept().map(|(s, _)| s);
+        (l, got)
+    });
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.write_all(b"hi").unwrap();
+    let (l, got) = waiter.join().unwrap();
+    let Ok(crate::Stream::Tcp(mut s)) = got else {
+        panic!("accept failed: {got:?}");
+    };
+    let mut buf = [0u8; 2];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hi");
+    // Other workers' loops share this socket's file flags: they must stay non-blocking.
+    assert!(is_non_blocking(&sock));
+    drop(l);
+}
+
+#[test]
+fn blocking_accept_on_a_shared_grant_ends_on_disconnect() {
+    let (mut m, w) = setup();
+    let (l, _sock) = shared_listener(&mut m, &w, 7);
+    let waiter = thread::spawn(move || l.accept().map(|_| ()));
+    // No client ever comes: only the master's Disconnect can end the wait (a non-blocking
+    // accept would have returned WouldBlock at once instead).
+    m.send_blocking(&Message::Disconnect, &[], Some(T)).unwrap();
+    let err = waiter.join().unwrap().unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted, "{err}");
+}
+
 #[test]
 fn listen_failure_keeps_its_kind() {
     let (mut m, w) = setup();

@@ -1,7 +1,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -607,6 +607,11 @@ impl Worker {
         config: ServeConfig,
     ) -> io::Result<ServeOutcome> {
         crate::serve::run(Some(self), listeners, handler, config)
+    }
+
+    /// The channel socket (a dup), for `poll(2)` waits that must notice the master.
+    pub(crate) fn channel_poll_fd(&self) -> BorrowedFd<'_> {
+        self.inner.poll_fd.as_fd()
     }
 
     /// The fd-number mark above which hand-offs are refused (`FdLimit`).
