@@ -228,15 +228,7 @@ impl Listener {
                     // What arrived may be for a serve loop whose edge is now spent.
                     let _ = waker.wake();
                 }
-                if st.disconnect.is_some() || st.draining {
-                    return Err(disconnecting());
-                }
-                if st.gone {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the master is gone",
-                    ));
-                }
+                still_taking(&st)?;
             }
         }
     }
@@ -284,15 +276,7 @@ impl Listener {
             (Sock::RoundRobin { .. }, Some(w), Some(server)) => {
                 let mut st = w.inner.state.lock();
                 st.pump();
-                if st.disconnect.is_some() || st.draining {
-                    return Err(disconnecting());
-                }
-                if st.gone {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the master is gone",
-                    ));
-                }
+                still_taking(&st)?;
                 let got = self.take_rr(w, &mut st, server);
                 st.flush();
                 got?.ok_or_else(|| io::ErrorKind::WouldBlock.into())
@@ -313,6 +297,20 @@ impl Listener {
 
     /// Closes the server (the same as dropping it).
     pub fn close(self) {}
+}
+
+/// Whether accepts may go on: not once the worker is disconnecting or the master is gone.
+fn still_taking(st: &crate::worker::State) -> io::Result<()> {
+    if st.disconnect.is_some() || st.draining {
+        return Err(disconnecting());
+    }
+    if st.gone {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the master is gone",
+        ));
+    }
+    Ok(())
 }
 
 fn disconnecting() -> io::Error {
