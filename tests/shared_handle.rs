@@ -3,7 +3,7 @@ use std::net::UdpSocket;
 use std::time::Duration;
 
 use cluster_core::Policy;
-use cluster_master::MasterBuilder;
+use cluster_master::{Event, MasterBuilder};
 
 use crate::util::*;
 
@@ -78,5 +78,27 @@ fn reuseport_policy_serves() {
         2,
         "the kernel spreads reuse-port connections: {seen:?}"
     );
+    c.stop();
+}
+
+#[test]
+fn reuseport_socket_of_a_removed_slot_is_closed_so_no_client_waits_on_it() {
+    let _fds = shared_fds();
+    let mut c = Cluster::start(
+        MasterBuilder::new(raw_worker())
+            .args(["tcp:127.0.0.1:0"])
+            .workers(2)
+            .policy(Policy::ReusePort),
+    );
+    let addr = inet(&c.wait_listening(2));
+    c.master().remove_one().expect("scale down");
+    c.wait_for(Duration::from_secs(10), |e| matches!(e, Event::Exit { .. }));
+    // The kernel hashes each client to one socket of the group: had the master kept the
+    // removed slot's socket, about half of these would wait in a queue nobody accepts from.
+    let mut seen = HashSet::new();
+    for _ in 0..100 {
+        seen.insert(ask_worker(addr).expect("served by the remaining worker"));
+    }
+    assert_eq!(seen.len(), 1, "{seen:?}");
     c.stop();
 }

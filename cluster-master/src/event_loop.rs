@@ -647,6 +647,17 @@ impl EventLoop {
         }
     }
 
+    /// Closes the reuse-port sockets kept for `slot`, which no worker will serve again (the
+    /// slot was removed or errored). Kept open, the kernel would go on hashing new clients
+    /// into their accept queues, where they would wait forever.
+    fn release_slot_sockets(&mut self, slot: usize) {
+        for server in self.servers.values_mut() {
+            if let ServerKind::ReusePort { sockets, .. } = &mut server.kind {
+                sockets.remove(&slot);
+            }
+        }
+    }
+
     fn close_server(&mut self, sid: ServerId) {
         let Some(mut server) = self.servers.remove(&sid) else {
             return;
@@ -1000,7 +1011,11 @@ impl EventLoop {
             return;
         }
         slot.current = None;
-        if w.exited_after_disconnect || self.shutting_down || slot.removed {
+        if slot.removed {
+            self.release_slot_sockets(w.slot);
+            return;
+        }
+        if w.exited_after_disconnect || self.shutting_down {
             return;
         }
         // A reload is already bringing up this slot's replacement: restarting too would leave
@@ -1036,6 +1051,7 @@ impl EventLoop {
             }
             RestartDecision::Errored { crashes } => {
                 s.errored = true;
+                self.release_slot_sockets(slot);
                 let reason = format!(
                     "{crashes} crashes in a row right after start; last: {}",
                     self.last_exit
