@@ -188,3 +188,14 @@ pub fn ask_worker(addr: SocketAddr) -> std::io::Result<WorkerId> {
         .map(WorkerId)
         .ok_or_else(|| std::io::Error::other(format!("unexpected reply {text:?}")))
 }
+
+/// A child process (a master in its own process, say) killed and reaped however the test
+/// ends, so a failing test leaves no process behind holding its pipes.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -109,12 +109,14 @@ fn pid_alive(pid: u32) -> bool {
 #[test]
 fn workers_exit_within_2s_of_their_master_being_sigkilled() {
     let _fds = shared_fds();
-    let mut master = Command::new(mini_master())
-        .args(["3", hello_worker(), "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn master");
-    let stdout = master.stdout.take().expect("stdout");
+    let mut master = KillOnDrop(
+        Command::new(mini_master())
+            .args(["3", hello_worker(), "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn master"),
+    );
+    let stdout = master.0.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let (mut pids, mut listening, mut addr) = (Vec::new(), 0, None);
     while listening < 3 {
@@ -131,8 +133,8 @@ fn workers_exit_within_2s_of_their_master_being_sigkilled() {
     }
     let addr = addr.expect("address");
     http_get(addr, "/").expect("served before the kill");
-    let _ = master.kill();
-    let _ = master.wait();
+    let _ = master.0.kill();
+    let _ = master.0.wait();
     let killed = Instant::now();
     while pids.iter().any(|p| pid_alive(*p)) {
         assert!(
@@ -142,4 +144,55 @@ fn workers_exit_within_2s_of_their_master_being_sigkilled() {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::net::TcpListener::bind(addr).expect("nothing holds the port any more");
+}
+
+/// A master embedded in a process that ignores SIGCHLD: the kernel reaps its workers itself,
+/// so `waitpid` says ECHILD. The dead worker must still be seen as gone and its slot restarted.
+#[test]
+fn a_master_whose_process_ignores_sigchld_still_restarts_a_dead_worker() {
+    let _fds = shared_fds();
+    // An ignored signal stays ignored across exec (bash's `trap ''` ignores it; dash's does
+    // not for CHLD).
+    let mut master = KillOnDrop(
+        Command::new("bash")
+            .args([
+                "-c",
+                "trap '' CHLD; exec \"$0\" \"$@\"",
+                mini_master(),
+                "1",
+                raw_worker(),
+                "tcp:127.0.0.1:0",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn master"),
+    );
+    let stdout = master.0.stdout.take().expect("stdout");
+    // Read on a thread so each wait below is bounded in time.
+    let (forks_tx, forks) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let ["fork", _, pid] = line.split_whitespace().collect::<Vec<_>>().as_slice()
+                && let Ok(pid) = pid.parse::<u32>()
+                && forks_tx.send(pid).is_err()
+            {
+                return;
+            }
+        }
+    });
+    let next_fork = || {
+        forks
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a fork within 10 s")
+    };
+    let first = next_fork();
+    let killed = Command::new("kill")
+        .args(["-9", &first.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    // The restart's fork line is the event: without it the worker record stays forever and
+    // no fork comes.
+    let second = next_fork();
+    assert_ne!(first, second);
 }

@@ -962,8 +962,12 @@ impl EventLoop {
     }
 
     fn reap(&mut self, id: WorkerId) {
+        // Called when the worker's pidfd is readable: it has exited. `ECHILD` means somebody
+        // else reaped it (a process that ignores SIGCHLD has its children reaped by the
+        // kernel): it is gone all the same, only its status is unknown.
         let status = match self.fleet.workers.get_mut(&id).map(|w| w.child.try_wait()) {
-            Some(Ok(Some(status))) => status,
+            Some(Ok(Some(status))) => Some(status),
+            Some(Err(e)) if e.raw_os_error() == Some(libc::ECHILD) => None,
             _ => return,
         };
         self.drain_channel_up_to(id, MAX_FRAMES_FINAL_DRAIN);
@@ -980,7 +984,7 @@ impl EventLoop {
             .registry()
             .deregister(&mut SourceFd(&w.pidfd.as_raw_fd()));
         use std::os::unix::process::ExitStatusExt;
-        let (code, signal) = (status.code(), status.signal());
+        let (code, signal) = status.map_or((None, None), |s| (s.code(), s.signal()));
         let uptime = self.now.saturating_duration_since(w.started);
         self.emit(Event::Exit {
             worker: id,
@@ -1011,11 +1015,7 @@ impl EventLoop {
             return;
         }
         slot.current = None;
-        if slot.removed {
-            self.release_slot_sockets(w.slot);
-            return;
-        }
-        if w.exited_after_disconnect || self.shutting_down {
+        if w.exited_after_disconnect || self.shutting_down || slot.removed {
             return;
         }
         // A reload is already bringing up this slot's replacement: restarting too would leave
@@ -1279,6 +1279,9 @@ impl EventLoop {
                     if let (Some(i), true) = (last, live > 1) {
                         self.slots[i].removed = true;
                         self.slots[i].restart_at = None;
+                        // Its worker keeps its own copy while it drains; when it exits, the
+                        // socket is gone before its Exit event.
+                        self.release_slot_sockets(i);
                         if let Some(w) = self.slots[i].current {
                             self.disconnect_worker(w);
                         }
