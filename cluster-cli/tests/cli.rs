@@ -657,6 +657,45 @@ fn listen_fds_reach_a_program_that_knows_only_systemd() {
     assert_clean_exit(&mut c);
 }
 
+/// Whether `pid` is running (not gone, not a zombie).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    })
+}
+
+#[test]
+fn a_listen_fds_worker_that_never_reads_its_channel_dies_with_a_sigkilled_master() {
+    // `sleep` knows nothing of channels or sockets: only the kernel's parent-death signal can
+    // tell it that the master is gone.
+    let mut c = Cluster::start(&[
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "-n",
+        "1",
+        "--",
+        "sleep",
+        "60",
+    ]);
+    let fork = c.wait_line("the fork line", |l| l.contains(" forked in slot "));
+    let (_, pid) = worker_of(&fork).unwrap();
+    assert!(running(pid));
+    c.signal(Signal::SIGKILL);
+    let _ = c.wait_exit(Duration::from_secs(5));
+    // The workers are not our children, so there is no event to wait on: look (bounded).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while running(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the worker outlived its master by 2 s"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn second_sigint_forces_the_stop() {
     let mut c = Cluster::start(&["-n", "1", "--port", "0"]);

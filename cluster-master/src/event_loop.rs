@@ -352,6 +352,7 @@ impl EventLoop {
             let fds: Vec<_> = self.prebound.iter().map(|(_, fd, _)| fd.as_fd()).collect();
             sys::inherit_listen_fds(&mut cmd, &fds, env::DEFAULT_CHANNEL_FD)
                 .map_err(|e| MasterError::io("prepare LISTEN_FDS", e))?;
+            sys::term_with_master(&mut cmd);
         }
         sys::cloexec_from(&mut cmd, channel_fd + 1);
         let mut child = cmd.spawn().map_err(|e| MasterError::io("spawn", e))?;

@@ -81,3 +81,27 @@ pub(crate) fn cloexec_from(cmd: &mut std::process::Command, first: i32) {
     // SAFETY: the closure makes one async-signal-safe syscall and does not allocate.
     unsafe { cmd.pre_exec(closure) };
 }
+
+/// Has the child `cmd` spawns receive SIGTERM when the master goes, for workers that cannot see
+/// the channel's EOF (programs given only `LISTEN_FDS`): otherwise a SIGKILLed master leaves
+/// them serving, and holding the port, for ever (hazard D3). The death signal follows the
+/// spawning *thread*, which is the event loop's: it lives as long as the master. A master that
+/// died between fork and `prctl` is caught by checking the parent afterwards.
+pub(crate) fn term_with_master(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // Read before the fork: the child must compare with the master, not ask itself.
+    let master = std::process::id() as libc::pid_t;
+    let closure = move || {
+        // SAFETY: prctl takes integers only and is async-signal-safe.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: getppid cannot fail and is async-signal-safe.
+        if unsafe { libc::getppid() } != master {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        Ok(())
+    };
+    // SAFETY: the closure makes two async-signal-safe calls and does not allocate.
+    unsafe { cmd.pre_exec(closure) };
+}
