@@ -233,6 +233,51 @@ fn a_reload_whose_new_worker_crashes_keeps_the_old_ones() {
 }
 
 #[test]
+fn a_reload_revives_an_errored_slot() {
+    let _fds = shared_fds();
+    let flag = std::env::temp_dir().join(format!("cluster-rs-errored-{}", std::process::id()));
+    std::fs::write(&flag, b"x").expect("flag");
+    // Slot 1 runs a broken program (it exits before listening) until the flag goes.
+    let mode = format!("fail-if-exists:{}@1", flag.display());
+    let mut c = Cluster::start(
+        MasterBuilder::new(raw_worker())
+            .args(["tcp:127.0.0.1:0", mode.as_str()])
+            .workers(2)
+            .restart_policy(RestartPolicy {
+                initial_delay: Duration::from_millis(10),
+                max_fast_crashes: 2,
+                ..Default::default()
+            }),
+    );
+    c.wait_for(WAIT, |e| matches!(e, Event::SlotErrored { slot: 1, .. }));
+    let addr = inet(&c.wait_listening(1));
+    // The program is fixed; a reload deploys it, to the errored slot too.
+    let _ = std::fs::remove_file(&flag);
+    c.master().reload().expect("reload");
+    let revived = match c.wait_for(WAIT, |e| matches!(e, Event::Fork { slot: 1, .. })) {
+        Event::Fork { worker, .. } => worker,
+        _ => unreachable!(),
+    };
+    // The rest of the reload replaces slot 0's worker, and the raw worker exits on Disconnect
+    // without draining: ask only once the reload is done too (in either order).
+    let (mut listening, mut done) = (false, false);
+    c.wait_for(WAIT, |e| {
+        match e {
+            Event::Listening { worker, .. } if *worker == revived => listening = true,
+            Event::ReloadDone => done = true,
+            _ => {}
+        }
+        listening && done
+    });
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..20 {
+        seen.insert(ask_worker(addr).expect("served"));
+    }
+    assert!(seen.contains(&revived), "the revived slot serves: {seen:?}");
+    c.stop();
+}
+
+#[test]
 fn an_old_worker_crashing_during_its_reload_leaves_exactly_its_replacement() {
     let _fds = shared_fds();
     let gate = std::env::temp_dir().join(format!("cluster-rs-reload-gate-{}", std::process::id()));

@@ -1131,8 +1131,24 @@ impl EventLoop {
         if self.reload.is_some() || self.shutting_down {
             return;
         }
+        // A reload is how a fixed program gets deployed: errored slots get a fresh start too
+        // (with a clean crash count) instead of staying dead until the master restarts. They
+        // start the new program already, so the rolling part skips them.
+        let mut revived = Vec::new();
+        for slot in 0..self.slots.len() {
+            let Some(s) = self.slots.get_mut(slot) else {
+                continue;
+            };
+            if s.errored && !s.removed && s.current.is_none() {
+                s.errored = false;
+                s.history = SlotHistory::default();
+                revived.push(slot);
+                self.spawn_into_slot(slot);
+            }
+        }
         let queue = (0..self.slots.len())
             .filter(|s| !self.slots[*s].removed && !self.slots[*s].errored)
+            .filter(|s| !revived.contains(s))
             .collect();
         self.reload = Some(Reload {
             queue,
