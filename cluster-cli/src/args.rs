@@ -32,7 +32,8 @@ Log lines (stdout unless noted; one per event, flushed at each line):
 Fatal errors: one line `cluster-cli: REASON` on stderr, exit 1.
 
 Signals: TERM, INT, QUIT = graceful stop (disconnect all, SIGKILL after --shutdown-timeout);
-a second TERM/INT/QUIT = forced stop (SIGKILL now); HUP = rolling reload;
+a second TERM/INT/QUIT = forced stop (SIGKILL now); HUP = rolling reload (errored slots
+start afresh);
 TTIN / TTOU = one worker more / less.";
 
 /// Run a program as a cluster of workers, the way Node's `cluster` does.
