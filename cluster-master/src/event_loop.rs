@@ -51,6 +51,16 @@ const MAX_FRAMES_PER_DRAIN: usize = 4096;
 /// landed yet.
 const MAX_FRAMES_FINAL_DRAIN: usize = 1 << 20;
 
+/// How soon a spawn that failed for want of fds, processes or memory is tried again.
+const SPAWN_RETRY: Duration = Duration::from_secs(1);
+
+fn is_resource_shortage(e: &MasterError) -> bool {
+    matches!(e, MasterError::Io { source, .. } if matches!(
+        source.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM)
+    ))
+}
+
 /// A line longer than this is delivered in pieces rather than buffered without bound.
 const MAX_LINE: usize = 64 * 1024;
 
@@ -306,9 +316,21 @@ impl EventLoop {
                 Some(id)
             }
             Err(e) => {
-                // A program that cannot start is a crash at uptime zero: back off, then give up.
                 self.last_exit = format!("spawn {}: {e}", self.cfg.program.display());
-                self.on_slot_crash(slot, Duration::ZERO);
+                if is_resource_shortage(&e) {
+                    // Out of fds, processes or memory: not the program's fault, and it passes
+                    // (queued connections expire, workers finish). Counting it as a crash would
+                    // error the slot, and with every slot errored stop the master.
+                    let after = SPAWN_RETRY;
+                    if let Some(s) = self.slots.get_mut(slot) {
+                        s.restart_at = Some(self.now + after);
+                    }
+                    self.emit(Event::Restarting { slot, after });
+                } else {
+                    // A program that cannot start is a crash at uptime zero: back off, then
+                    // give up.
+                    self.on_slot_crash(slot, Duration::ZERO);
+                }
                 None
             }
         }
