@@ -179,6 +179,12 @@ impl Listener {
     /// connection for this server, answers `Accepted`, and returns it; it fails with
     /// [`io::ErrorKind::ConnectionAborted`] once the worker is disconnecting and with
     /// [`io::ErrorKind::UnexpectedEof`] when the master is gone.
+    ///
+    /// Nothing answers the master between calls: the other hand-offs in flight to this worker
+    /// (up to the master's window) wait for the next call, and a worker that leaves one
+    /// unanswered for the master's ack timeout (10 s by default) is dropped. A handler that
+    /// may run that long belongs on another thread, or under [`crate::serve`], whose loop
+    /// answers at once.
     pub fn accept(&self) -> io::Result<(Stream, ConnInfo)> {
         self.announce()?;
         match (&self.sock, &self.worker, self.server) {
