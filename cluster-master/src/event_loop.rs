@@ -121,6 +121,13 @@ struct Fleet {
     stats: MasterStats,
 }
 
+impl Fleet {
+    /// The channel of a worker that still has one.
+    fn channel(&mut self, id: WorkerId) -> Option<&mut Box<dyn WorkerChannel>> {
+        self.workers.get_mut(&id).and_then(|w| w.channel.as_mut())
+    }
+}
+
 pub(crate) struct EventLoop {
     poll: Poll,
     waker: Arc<Waker>,
@@ -533,11 +540,7 @@ impl EventLoop {
 
     fn channel_ready(&mut self, id: WorkerId, writable: bool) {
         if writable
-            && let Some(ch) = self
-                .fleet
-                .workers
-                .get_mut(&id)
-                .and_then(|w| w.channel.as_mut())
+            && let Some(ch) = self.fleet.channel(id)
             && let Err(e) = ch.flush()
         {
             self.channel_failed(id, e);
@@ -557,12 +560,7 @@ impl EventLoop {
         // will not report frames already queued, so a drain cut short is resumed on the next
         // pass (with a zero poll timeout) rather than left for the ack timeout to find.
         for _ in 0..max_frames {
-            let Some(ch) = self
-                .fleet
-                .workers
-                .get_mut(&id)
-                .and_then(|w| w.channel.as_mut())
-            else {
+            let Some(ch) = self.fleet.channel(id) else {
                 return;
             };
             match ch.recv() {
@@ -768,12 +766,7 @@ impl EventLoop {
                 None,
             ),
         };
-        let Some(ch) = self
-            .fleet
-            .workers
-            .get_mut(&id)
-            .and_then(|w| w.channel.as_mut())
-        else {
+        let Some(ch) = self.fleet.channel(id) else {
             return;
         };
         let fds: Vec<_> = msg_and_fd.1.iter().map(|f| f.as_fd()).collect();
@@ -1327,12 +1320,7 @@ impl EventLoop {
                     }
                 }
                 Command::Send(id, payload, reply) => {
-                    let r = match self
-                        .fleet
-                        .workers
-                        .get_mut(&id)
-                        .and_then(|w| w.channel.as_mut())
-                    {
+                    let r = match self.fleet.channel(id) {
                         Some(ch) => ch
                             .send(&Message::User { payload }, &[])
                             .map_err(|e| MasterError::io("send to worker", e.into())),
