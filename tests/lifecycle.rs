@@ -233,6 +233,46 @@ fn a_reload_whose_new_worker_crashes_keeps_the_old_ones() {
 }
 
 #[test]
+fn a_reload_of_a_slot_waiting_to_restart_leaves_one_worker_there() {
+    let _fds = shared_fds();
+    let mut c = Cluster::start(
+        MasterBuilder::new(raw_worker())
+            .args(["tcp:127.0.0.1:0"])
+            .workers(2)
+            .restart_policy(RestartPolicy {
+                initial_delay: Duration::from_millis(300),
+                jitter: 0.0,
+                ..Default::default()
+            }),
+    );
+    let addr = inet(&c.wait_listening(2));
+    c.master().kill(WorkerId(2), libc::SIGKILL).expect("kill");
+    c.wait_for(WAIT, |e| matches!(e, Event::Restarting { slot: 1, .. }));
+    // The reload reaches slot 1 while its restart is still pending: the reload's worker takes
+    // the slot, and the pending restart must not add a second one.
+    c.master().reload().expect("reload");
+    c.wait_for(WAIT, |e| matches!(e, Event::ReloadDone));
+    // The restart was due 300 ms after the crash; give it three times that to (wrongly) come.
+    let quiet_until = std::time::Instant::now() + Duration::from_millis(900);
+    while let Some(left) = quiet_until.checked_duration_since(std::time::Instant::now()) {
+        match c.master().events().recv_timeout(left) {
+            Ok(e) => {
+                assert!(
+                    !matches!(e, Event::Fork { .. }),
+                    "a fork after the reload was done: {e:?}"
+                );
+                c.seen.push(e);
+            }
+            Err(_) => break,
+        }
+    }
+    let workers = c.master().workers().expect("workers");
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    ask_worker(addr).expect("served");
+    c.stop();
+}
+
+#[test]
 fn a_reload_revives_an_errored_slot() {
     let _fds = shared_fds();
     let flag = std::env::temp_dir().join(format!("cluster-rs-errored-{}", std::process::id()));

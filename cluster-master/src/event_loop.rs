@@ -53,6 +53,8 @@ const MAX_FRAMES_FINAL_DRAIN: usize = 1 << 20;
 
 /// How soon a spawn that failed for want of fds, processes or memory is tried again.
 const SPAWN_RETRY: Duration = Duration::from_secs(1);
+/// Spawn retries for want of resources before the failure counts as a crash after all.
+const MAX_SHORTAGE_RETRIES: u32 = 60;
 
 fn is_resource_shortage(e: &MasterError) -> bool {
     matches!(e, MasterError::Io { source, .. } if matches!(
@@ -91,6 +93,17 @@ struct WorkerRec {
     in_flight: usize,
     waiting_since: Option<Instant>,
     ready: bool,
+    /// SIGKILLed for a protocol violation or an ack timeout: only its answers still count, and
+    /// what was in flight to it is re-queued once it has exited (`reap`), when its channel
+    /// holds every answer it will ever send.
+    dropping: bool,
+}
+
+impl WorkerRec {
+    /// Signals the worker through its pidfd, never a pid somebody else may own by now.
+    fn signal(&self, signal: i32) {
+        let _ = sys::pidfd_signal(self.pidfd.as_fd(), signal);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -100,6 +113,8 @@ struct Slot {
     restart_at: Option<Instant>,
     errored: bool,
     removed: bool,
+    /// Spawns in a row that failed for want of resources.
+    shortage_retries: u32,
 }
 
 #[derive(Debug)]
@@ -319,17 +334,26 @@ impl EventLoop {
             Ok(id) => {
                 if let Some(s) = self.slots.get_mut(slot) {
                     s.current = Some(id);
+                    s.shortage_retries = 0;
                 }
                 Some(id)
             }
             Err(e) => {
                 self.last_exit = format!("spawn {}: {e}", self.cfg.program.display());
-                if is_resource_shortage(&e) {
-                    // Out of fds, processes or memory: not the program's fault, and it passes
-                    // (queued connections expire, workers finish). Counting it as a crash would
-                    // error the slot, and with every slot errored stop the master.
+                let retry = is_resource_shortage(&e)
+                    && self
+                        .slots
+                        .get_mut(slot)
+                        .is_some_and(|s| s.shortage_retries < MAX_SHORTAGE_RETRIES);
+                if retry {
+                    // Out of fds, processes or memory: not the program's fault, and it usually
+                    // passes (queued connections expire, workers finish). Counting it as a
+                    // crash would error the slot within seconds, and with every slot errored
+                    // stop the master. A shortage that lasts (a limit set too low) ends up
+                    // counted after all.
                     let after = SPAWN_RETRY;
                     if let Some(s) = self.slots.get_mut(slot) {
+                        s.shortage_retries += 1;
                         s.restart_at = Some(self.now + after);
                     }
                     self.emit(Event::Restarting { slot, after });
@@ -444,6 +468,7 @@ impl EventLoop {
                 waiting_since: None,
                 // A LISTEN_FDS worker holds its sockets from the first instruction.
                 ready: n_listen > 0,
+                dropping: false,
             },
         );
         self.emit(Event::Fork {
@@ -604,16 +629,19 @@ impl EventLoop {
             let Some(w) = self.fleet.workers.get_mut(&id) else {
                 continue;
             };
-            let _ = w.child.kill();
+            if w.dropping {
+                // Doomed again while it dies (a bad frame among its last ones): nothing more
+                // can be read from it, so what it held goes elsewhere now.
+                self.channel_closed(id);
+                continue;
+            }
+            w.dropping = true;
+            w.signal(libc::SIGKILL);
             self.emit(Event::Dropped { worker: id, reason });
-            // A failed hand-off or an ack timeout can come in the same pass as answers still
-            // unread: an `Accepted` whose connection must not go to another worker. (A
-            // protocol error stops this drain at the same bad frame.)
-            self.drain_channel_up_to(id, MAX_FRAMES_FINAL_DRAIN);
-            self.channel_closed(id);
-            // What that drain did may have doomed it again (a bad frame, a failed reply):
-            // it is gone already.
-            self.fleet.doomed.retain(|(w, _)| *w != id);
+            // No new hand-offs. What is in flight stays until `reap`: the worker may have
+            // written an `Accepted` we have not read, or even write one before the SIGKILL
+            // lands, and that connection must not go to a second worker (hazard A12).
+            self.retire(id);
         }
     }
 
@@ -700,6 +728,15 @@ impl EventLoop {
     // ---------------------------------------------------------------- messages
 
     fn on_message(&mut self, id: WorkerId, r: Received) {
+        // A worker being dropped may only settle what it held.
+        if self.fleet.workers.get(&id).is_some_and(|w| w.dropping)
+            && !matches!(
+                r.msg,
+                Message::Accepted { .. } | Message::Refused { .. } | Message::Close { .. }
+            )
+        {
+            return;
+        }
         match r.msg {
             Message::Online => {
                 if let Some(w) = self.fleet.workers.get_mut(&id)
@@ -1110,7 +1147,7 @@ impl EventLoop {
         for w in self.fleet.workers.values_mut() {
             if w.kill_at.is_some_and(|t| t <= now) {
                 w.kill_at = None;
-                let _ = w.child.kill();
+                w.signal(libc::SIGKILL);
             }
             if w.waiting_since.is_some_and(|t| t + ack_timeout <= now) {
                 w.waiting_since = None;
@@ -1181,7 +1218,13 @@ impl EventLoop {
                     return;
                 }
                 r.waiting = None;
-                if let Some(s) = self.slots.get_mut(slot) {
+                let removed = self.slots.get(slot).is_none_or(|s| s.removed);
+                if removed {
+                    // Scaled down while its replacement started: nobody wants either, nor the
+                    // reuse-port socket the replacement may have had bound for the slot.
+                    self.disconnect_worker(new);
+                    self.release_slot_sockets(slot);
+                } else if let Some(s) = self.slots.get_mut(slot) {
                     s.current = Some(new);
                 }
                 if let Some(old) = old {
@@ -1194,7 +1237,16 @@ impl EventLoop {
                 self.emit(Event::ReloadDone);
                 return;
             };
-            let old = self.slots.get(slot).and_then(|s| s.current);
+            let Some(s) = self.slots.get_mut(slot) else {
+                continue;
+            };
+            if s.removed {
+                continue;
+            }
+            // The new worker takes the slot: a restart still pending for it (crash backoff,
+            // a spawn retry) would put a second worker there.
+            s.restart_at = None;
+            let old = s.current;
             match self.spawn_worker(slot) {
                 Ok(new) => {
                     let deadline = self.now + self.cfg.ready_timeout;
@@ -1330,12 +1382,8 @@ impl EventLoop {
                 }
                 Command::Disconnect(id) => self.disconnect_worker(id),
                 Command::Kill(id, sig) => {
-                    if let Some(w) = self.fleet.workers.get(&id)
-                        && let Ok(sig) = nix::sys::signal::Signal::try_from(sig)
-                    {
-                        // The child is not reaped until its pidfd fires, so the pid is ours.
-                        let _ =
-                            nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid as i32), sig);
+                    if let Some(w) = self.fleet.workers.get(&id) {
+                        w.signal(sig);
                     }
                 }
                 Command::Reload => self.start_reload(),
@@ -1355,7 +1403,7 @@ impl EventLoop {
                     self.reload = None;
                     for w in self.fleet.workers.values_mut() {
                         w.exited_after_disconnect = true;
-                        let _ = w.child.kill();
+                        w.signal(libc::SIGKILL);
                     }
                 }
                 Command::Workers(reply) => {

@@ -19,6 +19,28 @@ pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+/// Sends `signal` to the process behind `pidfd` (`pidfd_send_signal(2)`, Linux 5.1): unlike
+/// `kill(pid)`, it cannot reach another process that reused the pid after somebody else
+/// reaped ours (a process that ignores SIGCHLD has its children reaped by the kernel).
+pub(crate) fn pidfd_signal(pidfd: std::os::fd::BorrowedFd<'_>, signal: i32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: pidfd_send_signal takes an fd, a signal number, a null siginfo and flags; no
+    // memory is passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Arranges for `fds` to be open at `first`, `first + 1`, ... in the child `cmd` spawns, without
 /// close-on-exec (systemd's `LISTEN_FDS` layout). Each fd is first duplicated above every
 /// target, so one `dup2` can never overwrite a source that a later one still needs.
