@@ -728,12 +728,12 @@ impl EventLoop {
     // ---------------------------------------------------------------- messages
 
     fn on_message(&mut self, id: WorkerId, r: Received) {
-        // A worker being dropped may only settle what it held.
-        if self.fleet.workers.get(&id).is_some_and(|w| w.dropping)
-            && !matches!(
-                r.msg,
-                Message::Accepted { .. } | Message::Refused { .. } | Message::Close { .. }
-            )
+        // A worker being dropped may only settle what it held. Answers, the hot path, are
+        // told apart first so they cost no extra lookup.
+        if !matches!(
+            r.msg,
+            Message::Accepted { .. } | Message::Refused { .. } | Message::Close { .. }
+        ) && self.fleet.workers.get(&id).is_some_and(|w| w.dropping)
         {
             return;
         }
