@@ -250,6 +250,9 @@ pub(crate) struct HelloCore {
     /// An answer that closes the connection has been queued: read and parse nothing more.
     closing: bool,
     eof: bool,
+    /// At least one answer was queued. A connection that got none yet is not idle: it was
+    /// handed to us for a request that may still be on its way.
+    answered: bool,
 }
 
 impl HelloCore {
@@ -266,6 +269,7 @@ impl HelloCore {
             draining: false,
             closing: false,
             eof: false,
+            answered: false,
         }
     }
 
@@ -371,6 +375,7 @@ impl HelloCore {
         };
         self.out.extend_from_slice(canned.bytes(reply.head_only));
         self.closing |= persist == Persist::Close;
+        self.answered = true;
     }
 
     /// Bytes waiting to be sent.
@@ -397,12 +402,15 @@ impl HelloCore {
         self.output().is_empty() && (self.closing || (self.eof && self.delayed.is_none()))
     }
 
-    /// Draining, nothing owed and nothing half-received: the connection may close. Only
-    /// meaningful once the socket has been read to `WouldBlock`, or a request that already
-    /// sits in the kernel buffer would be dropped unanswered.
+    /// Draining, nothing owed and nothing half-received after at least one answer: the
+    /// connection may close. Only meaningful once the socket has been read to `WouldBlock`, or
+    /// a request that already sits in the kernel buffer would be dropped unanswered. A
+    /// connection that never got an answer stays open: the master handed it over before the
+    /// drain, and its client may not have written yet (closing it fails that request; the
+    /// drain timeout bounds a client that never writes).
     pub(crate) fn drained_idle(&self) -> bool {
         let idle = self.start == self.end && self.body_left == 0 && self.delayed.is_none();
-        self.draining && idle && self.output().is_empty()
+        self.draining && idle && self.answered && self.output().is_empty()
     }
 
     fn next_if_blocked(&self) -> Next {
@@ -1018,15 +1026,36 @@ mod tests {
     fn session_drain_when_idle_closes() {
         let mut s = session(1);
         let mut io = Fake {
+            reads: vec![GET.to_vec()],
+            eof: false,
+            write_room: usize::MAX,
+            written: Vec::new(),
+            write_calls: 0,
+        };
+        // Served once and idle on keep-alive: the drain closes it.
+        assert_eq!(s.drive(&mut io, Instant::now()).unwrap(), Next::Continue);
+        assert_eq!(text(&io.written), ok(1, None));
+        s.on_drain();
+        assert_eq!(s.drive(&mut io, Instant::now()).unwrap(), Next::Close);
+    }
+
+    #[test]
+    fn session_drained_before_its_client_wrote_waits_for_the_request() {
+        // Handed over just before the drain, its client not yet written: closing it would
+        // fail that request (the client's write gets a reset), so it waits and answers.
+        let mut s = session(1);
+        let mut io = Fake {
             reads: Vec::new(),
             eof: false,
             write_room: usize::MAX,
             written: Vec::new(),
             write_calls: 0,
         };
-        assert_eq!(s.drive(&mut io, Instant::now()).unwrap(), Next::Continue);
         s.on_drain();
+        assert_eq!(s.drive(&mut io, Instant::now()).unwrap(), Next::Continue);
+        io.reads.push(GET.to_vec());
         assert_eq!(s.drive(&mut io, Instant::now()).unwrap(), Next::Close);
+        assert_eq!(text(&io.written), ok(1, Some("close")));
     }
 
     #[test]
