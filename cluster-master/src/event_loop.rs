@@ -20,7 +20,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::channel::WorkerChannel;
-use crate::master::{Command, Event, MasterStats, WorkerInfo, WorkerState};
+use crate::events::{Command, Event, MasterStats, WorkerInfo, WorkerState};
 use crate::round_robin::Action;
 use crate::server::{Server, ServerKind};
 use crate::supervisor::{Jitter, RestartDecision, SlotHistory};

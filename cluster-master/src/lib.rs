@@ -29,6 +29,7 @@ mod channel;
 mod config;
 mod error;
 mod event_loop;
+mod events;
 mod master;
 mod round_robin;
 mod server;
@@ -38,7 +39,8 @@ mod sys;
 pub use channel::WorkerChannel;
 pub use config::MasterBuilder;
 pub use error::MasterError;
-pub use master::{Event, Master, MasterControl, MasterStats, WorkerInfo, WorkerState};
+pub use events::{Event, MasterStats, WorkerInfo, WorkerState};
+pub use master::{Master, MasterControl};
 pub use round_robin::{
     Action, CloseReason, HandleError, RoundRobinConfig, RoundRobinHandle, RoundRobinStats,
 };
