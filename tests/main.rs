@@ -4,6 +4,7 @@
 
 mod fd_exhaustion;
 mod handoff_loss;
+mod hostile_bounds;
 mod hostile_worker;
 mod lifecycle;
 mod round_robin;

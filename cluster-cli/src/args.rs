@@ -99,6 +99,14 @@ pub struct SpawnArgs {
     #[arg(long, value_name = "MS", default_value_t = 30_000)]
     pub shutdown_timeout: u64,
 
+    /// How long (ms) a worker may leave a round-robin hand-off unanswered before it counts as
+    /// stuck: it is killed, restarted, and its connections go to the others. Each hand-off has
+    /// its own deadline. Lower detects a hung worker sooner but kills one that is merely slow
+    /// (a stop-the-world pause, swapping); until then up to --window clients wait on it.
+    #[arg(long, value_name = "MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub ack_timeout: u64,
+
     /// An environment variable for every worker (repeatable).
     #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
     pub env: Vec<(String, String)>,

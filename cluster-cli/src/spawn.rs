@@ -58,6 +58,7 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
         .window(a.window)
         .restart_policy(restart)
         .shutdown_timeout(shutdown_timeout)
+        .ack_timeout(Duration::from_millis(a.ack_timeout))
         .capture_output(true);
     for (k, v) in &a.env {
         builder = builder.env(k, v);

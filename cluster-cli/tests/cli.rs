@@ -356,13 +356,38 @@ fn four_workers_share_the_requests_and_stop_cleanly() {
     let expected: BTreeSet<u32> = workers.iter().map(|w| w.0).collect();
     assert_eq!(expected.len(), 4);
     let mut served = BTreeSet::new();
+    let mut order = Vec::new();
     for _ in 0..400 {
         let r = get_ok(port, "/");
         let id = r.worker_id().unwrap();
         assert_eq!(r.body, format!("hello from worker {id}\n"));
         served.insert(id);
+        order.push(id);
     }
     assert_eq!(served, expected);
+    // Dealt one at a time (window 4 is the default): `curl` in a loop sees 1, 2, 3, 4, 1, ...
+    for (i, id) in order.iter().enumerate() {
+        assert_eq!(
+            *id,
+            order[i % 4],
+            "request {i} broke the rotation: {order:?}"
+        );
+    }
+    // A burst of 4 connections to the idle cluster reaches 4 different workers.
+    let mut burst: Vec<TcpStream> = (0..4).map(|_| connect(port).expect("connect")).collect();
+    let mut burst_ids = BTreeSet::new();
+    for s in &mut burst {
+        write!(
+            s,
+            "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        .expect("request");
+    }
+    for s in burst {
+        let r = read_response(&mut BufReader::new(s)).expect("response");
+        burst_ids.insert(r.worker_id().unwrap());
+    }
+    assert_eq!(burst_ids, expected, "a burst of 4 reaches all 4 workers");
     c.signal(Signal::SIGTERM);
     assert_clean_exit(&mut c);
     for (id, pid) in workers {

@@ -115,7 +115,8 @@ impl MasterBuilder {
     }
 
     /// How long a worker may leave a hand-off unanswered before it is considered stuck and
-    /// killed (its connections go to the others).
+    /// killed (its connections go to the others). Each hand-off has its own deadline: answering
+    /// others does not extend it. Default 10 s.
     pub fn ack_timeout(mut self, timeout: Duration) -> Self {
         self.ack_timeout = timeout;
         self

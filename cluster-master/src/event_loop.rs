@@ -89,9 +89,6 @@ struct WorkerRec {
     stderr: Option<OutputPipe>,
     /// SIGKILL at this instant (a disconnect that takes too long).
     kill_at: Option<Instant>,
-    /// Hand-offs sent and not answered, and since when none was answered.
-    in_flight: usize,
-    waiting_since: Option<Instant>,
     ready: bool,
     /// SIGKILLed for a protocol violation or an ack timeout: only its answers still count, and
     /// what was in flight to it is re-queued once it has exited (`reap`), when its channel
@@ -287,6 +284,35 @@ impl EventLoop {
         result
     }
 
+    /// When `w` must have answered its oldest unanswered hand-off (on any server) or be dropped
+    /// as stuck. `None` for a worker being dropped already: it is SIGKILLed, and what it held
+    /// waits for its exit.
+    fn ack_deadline(&self, w: &WorkerRec) -> Option<Instant> {
+        if w.dropping {
+            return None;
+        }
+        w.servers
+            .iter()
+            .filter_map(|sid| match &self.servers.get(sid)?.kind {
+                ServerKind::RoundRobin { handle, .. } => handle.oldest_unanswered(w.id),
+                _ => None,
+            })
+            .min()
+            .map(|sent| sent + self.cfg.ack_timeout)
+    }
+
+    /// Hand-offs sent to `w` and not answered, over all its servers. The handles are the one
+    /// record of them.
+    fn in_flight_to(&self, w: &WorkerRec) -> usize {
+        w.servers
+            .iter()
+            .filter_map(|sid| match &self.servers.get(sid)?.kind {
+                ServerKind::RoundRobin { handle, .. } => Some(handle.in_flight_to(w.id)),
+                _ => None,
+            })
+            .sum()
+    }
+
     fn all_slots_errored(&self) -> bool {
         let live: Vec<&Slot> = self.slots.iter().filter(|s| !s.removed).collect();
         !live.is_empty() && live.iter().all(|s| s.errored)
@@ -305,7 +331,7 @@ impl EventLoop {
         }
         for w in self.fleet.workers.values() {
             consider(w.kill_at);
-            consider(w.waiting_since.map(|t| t + self.cfg.ack_timeout));
+            consider(self.ack_deadline(w));
         }
         for s in self.servers.values() {
             if let ServerKind::RoundRobin {
@@ -464,8 +490,6 @@ impl EventLoop {
                 stdout,
                 stderr,
                 kill_at: None,
-                in_flight: 0,
-                waiting_since: None,
                 // A LISTEN_FDS worker holds its sockets from the first instruction.
                 ready: n_listen > 0,
                 dropping: false,
@@ -516,7 +540,7 @@ impl EventLoop {
                 Ok(fd) => {
                     self.fleet.stats.accepted += 1;
                     handle.distribute(fd, self.now, &mut self.fleet.actions);
-                    run_actions(id, handle, &mut self.fleet, self.now);
+                    run_actions(id, handle, &mut self.fleet);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     *backlogged = false;
@@ -657,8 +681,6 @@ impl EventLoop {
         let _ = self.poll.registry().deregister(&mut ch);
         drop(ch);
         w.state = WorkerState::Disconnected;
-        w.in_flight = 0;
-        w.waiting_since = None;
         // A worker without a channel cannot be told to stop; do not let it linger.
         if w.kill_at.is_none() {
             w.kill_at = Some(self.now + self.cfg.shutdown_timeout);
@@ -679,17 +701,10 @@ impl EventLoop {
         };
         server.holders.remove(&id);
         if let ServerKind::RoundRobin { handle, .. } = &mut server.kind {
-            let held = handle.in_flight_to(id);
             let requeued_before = handle.stats().requeued_on_remove;
             handle.remove(id, self.now, &mut self.fleet.actions);
             self.fleet.stats.requeued += handle.stats().requeued_on_remove - requeued_before;
-            if let Some(w) = self.fleet.workers.get_mut(&id) {
-                w.in_flight = w.in_flight.saturating_sub(held);
-                if w.in_flight == 0 {
-                    w.waiting_since = None;
-                }
-            }
-            run_actions(sid, handle, &mut self.fleet, self.now);
+            run_actions(sid, handle, &mut self.fleet);
         }
         if server.holders.is_empty() && (explicit_close || !replacement_coming) {
             self.close_server(sid);
@@ -718,7 +733,7 @@ impl EventLoop {
                 .registry()
                 .deregister(&mut SourceFd(&socket.as_fd().as_raw_fd()));
             handle.close_all(&mut self.fleet.actions);
-            run_actions(sid, handle, &mut self.fleet, self.now);
+            run_actions(sid, handle, &mut self.fleet);
         }
         for w in self.fleet.workers.values_mut() {
             w.servers.retain(|s| *s != sid);
@@ -929,8 +944,8 @@ impl EventLoop {
             self.servers.get_mut(&sid).map(|s| &mut s.kind)
             && !draining
         {
-            handle.add(id, &mut self.fleet.actions);
-            run_actions(sid, handle, &mut self.fleet, self.now);
+            handle.add(id, self.now, &mut self.fleet.actions);
+            run_actions(sid, handle, &mut self.fleet);
         }
         self.emit(Event::Listening {
             worker: id,
@@ -950,7 +965,9 @@ impl EventLoop {
             return;
         };
         let result = match refused {
-            None => handle.accepted(id, conn, &mut self.fleet.actions).map(drop),
+            None => handle
+                .accepted(id, conn, self.now, &mut self.fleet.actions)
+                .map(drop),
             Some(reason) => handle.refused(id, conn, reason, self.now, &mut self.fleet.actions),
         };
         if result.is_err() {
@@ -965,11 +982,7 @@ impl EventLoop {
         } else {
             self.fleet.stats.taken += 1;
         }
-        if let Some(w) = self.fleet.workers.get_mut(&id) {
-            w.in_flight = w.in_flight.saturating_sub(1);
-            w.waiting_since = (w.in_flight > 0).then_some(self.now);
-        }
-        run_actions(sid, handle, &mut self.fleet, self.now);
+        run_actions(sid, handle, &mut self.fleet);
     }
 
     // ---------------------------------------------------------------- lifecycle
@@ -987,8 +1000,8 @@ impl EventLoop {
             if let Some(ServerKind::RoundRobin { handle, .. }) =
                 self.servers.get_mut(&sid).map(|s| &mut s.kind)
             {
-                handle.retire(id, &mut self.fleet.actions);
-                run_actions(sid, handle, &mut self.fleet, self.now);
+                handle.retire(id, self.now, &mut self.fleet.actions);
+                run_actions(sid, handle, &mut self.fleet);
             }
         }
     }
@@ -1143,15 +1156,17 @@ impl EventLoop {
             }
         }
         let ack_timeout = self.cfg.ack_timeout;
-        let mut stuck = Vec::new();
+        let stuck: Vec<WorkerId> = self
+            .fleet
+            .workers
+            .values()
+            .filter(|w| self.ack_deadline(w).is_some_and(|t| t <= now))
+            .map(|w| w.id)
+            .collect();
         for w in self.fleet.workers.values_mut() {
             if w.kill_at.is_some_and(|t| t <= now) {
                 w.kill_at = None;
                 w.signal(libc::SIGKILL);
-            }
-            if w.waiting_since.is_some_and(|t| t + ack_timeout <= now) {
-                w.waiting_since = None;
-                stuck.push(w.id);
             }
         }
         for id in stuck {
@@ -1167,7 +1182,7 @@ impl EventLoop {
                 && handle.next_deadline().is_some_and(|t| t <= now)
             {
                 handle.expire(now, &mut self.fleet.actions);
-                run_actions(sid, handle, &mut self.fleet, now);
+                run_actions(sid, handle, &mut self.fleet);
             }
         }
         if let Some(r) = &self.reload
@@ -1416,7 +1431,7 @@ impl EventLoop {
                             slot: w.slot,
                             pid: w.pid,
                             state: w.state,
-                            in_flight: w.in_flight,
+                            in_flight: self.in_flight_to(w),
                         })
                         .collect();
                     list.sort_by_key(|w| w.id);
@@ -1445,7 +1460,6 @@ fn run_actions(
     sid: ServerId,
     handle: &mut crate::round_robin::RoundRobinHandle<OwnedFd>,
     fleet: &mut Fleet,
-    now: Instant,
 ) {
     let Fleet {
         workers,
@@ -1466,15 +1480,7 @@ fn run_actions(
                     None => Err("channel closed".to_string()),
                 };
                 match sent {
-                    Ok(()) => {
-                        stats.handed_off += 1;
-                        if let Some(w) = workers.get_mut(&worker) {
-                            if w.in_flight == 0 {
-                                w.waiting_since = Some(now);
-                            }
-                            w.in_flight += 1;
-                        }
-                    }
+                    Ok(()) => stats.handed_off += 1,
                     // The connection stays in flight to this worker in the handle; dropping
                     // the worker re-queues it.
                     Err(reason) => {

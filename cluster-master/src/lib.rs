@@ -10,8 +10,8 @@
 //! [`cluster_core::ListenKey`], binds on the first query (an error goes back to that worker
 //! and the key is not kept) and grants later queries the same server. Under
 //! [`cluster_core::Policy::RoundRobin`] the master accepts every connection and its
-//! [`RoundRobinHandle`] decides who gets it: the oldest idle worker with credit in its
-//! window. The fd goes out in a `NewConn` frame and the master keeps its own copy until the
+//! [`RoundRobinHandle`] decides who gets it: the next worker in a ring of those with room in
+//! their window, so connections are dealt one at a time. The fd goes out in a `NewConn` frame and the master keeps its own copy until the
 //! worker answers `Accepted` (close it) or `Refused` (another worker gets it). If the worker
 //! dies first, the connection is re-queued: none is lost, none is delivered twice.
 //! [`cluster_core::Policy::Shared`] (always for UDP) grants the bound socket itself;

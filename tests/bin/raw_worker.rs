@@ -18,6 +18,9 @@
 //! - `hold-while-exists:PATH`: after listening, read nothing from the channel while PATH exists
 //!   (up to 20 s), so hand-offs pile up unanswered in the master; then serve.
 //!
+//! - `withhold-first`: never answer the first hand-off (keep its fd open), refuse every other
+//!   one as `MaxConnections`: a worker that keeps answering while it holds one client back.
+//!
 //! `MODE@SLOT` applies MODE in that worker slot only; the others serve.
 //!
 //! It prints `LISTEN_ERROR <errno>` and exits 3 when the master refuses the listen.
@@ -180,6 +183,7 @@ fn run() -> Result<u8, String> {
         wait_while_exists(path);
     }
     let mut served = 0usize;
+    let mut withheld: Option<Vec<OwnedFd>> = None;
     loop {
         let r = match ch.recv_blocking(None) {
             Ok(r) => r,
@@ -197,6 +201,14 @@ fn run() -> Result<u8, String> {
                         reason: RefuseReason::ListenerClosed,
                     }),
                     "hold" => None,
+                    "withhold-first" if withheld.is_none() => {
+                        withheld = Some(r.fds);
+                        continue;
+                    }
+                    "withhold-first" => Some(Message::Refused {
+                        conn,
+                        reason: RefuseReason::MaxConnections,
+                    }),
                     _ if limit("crash-after-").is_some_and(|n| served >= n) => {
                         std::process::abort()
                     }
