@@ -1,8 +1,10 @@
 //! Misbehaving workers against the master's bounds: whatever one worker does, the others'
 //! clients are served and the master's resources stay bounded (issue 9).
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use cluster_master::{Event, MasterBuilder};
@@ -58,5 +60,169 @@ fn a_hand_off_held_back_while_others_flow_times_out() {
         let n = s.read(&mut line).expect("served after the drop");
         assert!(line[..n].starts_with(b"worker "), "{:?}", &line[..n]);
     }
+    c.stop();
+}
+
+/// Lines of a mini-master's stdout, each with when it was read.
+fn master_lines(child: &mut std::process::Child) -> mpsc::Receiver<(Instant, String)> {
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn next_line(lines: &mpsc::Receiver<(Instant, String)>, prefix: &str) -> (Instant, String) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (at, line) = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no `{prefix}` line from the master"));
+        if line.starts_with(prefix) {
+            return (at, line);
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A worker sends user messages as fast as it can while the embedder reads nothing: the
+/// master's memory stays small (it stops reading that worker), the other worker's clients are
+/// all served, and the flooder's exit is reported at once when the embedder reads again.
+#[test]
+fn a_user_message_flood_cannot_grow_the_master() {
+    let _fds = shared_fds();
+    let marker = std::env::temp_dir().join(format!("cluster-rs-flood-{}", std::process::id()));
+    std::fs::write(&marker, b"hold").expect("marker");
+    let mode = format!("flood-after-absent:{}@0", marker.display());
+    let mut master = KillOnDrop(
+        Command::new(mini_master())
+            .args([
+                "--stall-events",
+                "3000",
+                "2",
+                raw_worker(),
+                "tcp:127.0.0.1:0",
+            ])
+            .arg(&mode)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn master"),
+    );
+    let master_pid = master.0.id();
+    let lines = master_lines(&mut master.0);
+    // Worker 1 is slot 0, the flooder (slots are filled in order at start).
+    let (_, fork) = next_line(&lines, "fork 1 ");
+    let flooder: i32 = fork
+        .split_whitespace()
+        .nth(2)
+        .and_then(|p| p.parse().ok())
+        .expect("pid");
+    let (_, listening) = next_line(&lines, "listening 2 ");
+    let addr: std::net::SocketAddr = listening
+        .split_whitespace()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .expect("address");
+    let baseline_kib = rss_kib(master_pid);
+    std::fs::remove_file(&marker).expect("start the flood");
+    next_line(&lines, "stalling");
+    // While the embedder reads nothing, clients keep coming and the master's RSS is sampled.
+    let until = Instant::now() + Duration::from_millis(2500);
+    let (mut served, mut peak_kib) = (0, 0);
+    for _ in 0..100_000 {
+        if Instant::now() > until {
+            break;
+        }
+        ask_worker(addr).expect("the other worker's clients are served during the flood");
+        served += 1;
+        peak_kib = peak_kib.max(rss_kib(master_pid));
+    }
+    assert!(served > 10, "only {served} requests in 2.5 s");
+    assert!(
+        peak_kib <= 16 * 1024,
+        "master RSS peaked at {peak_kib} KiB (baseline {baseline_kib} KiB) during the flood"
+    );
+    next_line(&lines, "reading");
+    // The flooder's exit gets through promptly although it flooded the event queue.
+    let killed_at = Instant::now();
+    nix_kill(flooder);
+    let (logged_at, line) = next_line(&lines, "exit 1 ");
+    assert_eq!(line, "exit 1 9");
+    let lag = logged_at.saturating_duration_since(killed_at);
+    assert!(
+        lag < Duration::from_secs(2),
+        "exit reported {lag:?} after the kill"
+    );
+    eprintln!(
+        "flood: {served} requests served, master RSS {baseline_kib} -> peak {peak_kib} KiB, \
+         exit reported after {lag:?}"
+    );
+}
+
+fn nix_kill(pid: i32) {
+    // By pid, on a process this test's master started and has not reaped (it reaps it only
+    // after this signal), so the pid cannot have been reused.
+    let status = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// A worker asking for new port-0 servers without end gets at most the per-worker limit; the
+/// master opens no more sockets and keeps serving the other worker's clients.
+#[test]
+fn a_query_server_flood_is_capped_per_worker() {
+    let _fds = exclusive_fds();
+    let before = fd_count();
+    let mut c = Cluster::start(
+        MasterBuilder::new(raw_worker())
+            .args(["tcp:127.0.0.1:0", "query-flood-300@0"])
+            .workers(2),
+    );
+    let addr = inet(&c.wait_listening(2));
+    let load = std::thread::spawn(move || {
+        let mut served = 0;
+        let until = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < until && served < 100_000 {
+            ask_worker(addr).expect("served during the flood");
+            served += 1;
+        }
+        served
+    });
+    // The flooder exits with the number of servers it was granted as its code.
+    let exit = c.wait_for(WAIT, |e| matches!(e, Event::Exit { slot: 0, .. }));
+    let Event::Exit { code, .. } = exit else {
+        unreachable!()
+    };
+    let limit = i32::try_from(cluster_master::DEFAULT_MAX_SERVERS_PER_WORKER).expect("small");
+    assert_eq!(
+        code,
+        Some(limit - 1),
+        "granted up to the limit (one held already)"
+    );
+    let during = fd_count();
+    assert!(load.join().expect("load thread") > 10);
+    // The master holds the servers for the slot's replacement, but no more than the limit.
+    assert!(
+        during <= before + 2 * 32 + 16,
+        "master fds {before} -> {during}"
+    );
     c.stop();
 }

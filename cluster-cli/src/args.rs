@@ -25,9 +25,10 @@ Log lines (stdout unless noted; one per event, flushed at each line):
   [master] slot S errored: REASON
   [master] reload done
   [master] reload failed: REASON
-  [master] message from worker W (pid P): N bytes
+  [master] message from worker W (pid P): N bytes   (at most 5 per worker per second, then:)
+  [master] worker W (pid P) sent N more messages (B bytes) not shown, in MSms
   [master] SIGNAME: ACTION
-  [master] stopped (clean|not clean)
+  [master] stopped (clean)|stopped (not clean: REASON)   (REASON also on stderr, exit 1)
   [worker W pid P] LINE      (a worker's stdout line; its stderr lines go to stderr)
 Fatal errors: one line `cluster-cli: REASON` on stderr, exit 1.
 
@@ -106,6 +107,12 @@ pub struct SpawnArgs {
     #[arg(long, value_name = "MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub ack_timeout: u64,
+
+    /// Servers (listen calls) one worker may hold at once; a listen past it fails in the
+    /// worker with EMFILE.
+    #[arg(long, value_name = "N", default_value_t = cluster_master::DEFAULT_MAX_SERVERS_PER_WORKER,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_servers_per_worker: usize,
 
     /// An environment variable for every worker (repeatable).
     #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::time::{Duration, Instant};
 
 use cluster_core::WorkerId;
 use cluster_master::Event;
@@ -47,10 +48,26 @@ pub fn signal_name(sig: i32) -> String {
         .map_or_else(|_| format!("signal {sig}"), |s| s.as_str().to_owned())
 }
 
+/// Message lines shown per worker per [`MESSAGE_WINDOW`]; the rest are counted and summed up
+/// in one line, so a worker sending millions of messages cannot flood the log or make it lag.
+pub const MESSAGES_SHOWN_PER_WINDOW: u32 = 5;
+/// The period of the message summaries.
+pub const MESSAGE_WINDOW: Duration = Duration::from_secs(1);
+
+/// One worker's message lines in the current window.
+#[derive(Debug)]
+struct MessageRate {
+    since: Instant,
+    shown: u32,
+    hidden: u64,
+    hidden_bytes: u64,
+}
+
 /// Turns events into lines; remembers each worker's pid (only `Fork` and `Exit` carry it).
 #[derive(Debug, Default)]
 pub struct EventLog {
     pids: HashMap<WorkerId, u32>,
+    messages: HashMap<WorkerId, MessageRate>,
 }
 
 impl EventLog {
@@ -61,7 +78,62 @@ impl EventLog {
         }
     }
 
-    /// The line for an event (`None` for events not logged).
+    /// Summaries of the message lines held back in windows that have ended by `now` (all of
+    /// them with `now` = `None`, at the end of a run).
+    pub fn message_summaries(&mut self, now: Option<Instant>) -> Vec<Line> {
+        let mut ended: Vec<(WorkerId, MessageRate)> = Vec::new();
+        self.messages.retain(|w, r| {
+            let over = now.is_none_or(|t| t.saturating_duration_since(r.since) >= MESSAGE_WINDOW);
+            if over {
+                ended.push((
+                    *w,
+                    MessageRate {
+                        since: r.since,
+                        shown: r.shown,
+                        hidden: r.hidden,
+                        hidden_bytes: r.hidden_bytes,
+                    },
+                ));
+            }
+            !over
+        });
+        ended.sort_by_key(|(w, _)| *w);
+        ended
+            .into_iter()
+            .filter(|(_, r)| r.hidden > 0)
+            .map(|(w, r)| {
+                master(format!(
+                    "{} sent {} more messages ({} bytes) not shown, in {}ms",
+                    self.who(w),
+                    r.hidden,
+                    r.hidden_bytes,
+                    now.unwrap_or_else(Instant::now)
+                        .saturating_duration_since(r.since)
+                        .as_millis()
+                ))
+            })
+            .collect()
+    }
+
+    /// The line for a user message, or `None` when this worker's window has shown enough.
+    fn message(&mut self, worker: WorkerId, bytes: usize, now: Instant) -> Option<String> {
+        let rate = self.messages.entry(worker).or_insert(MessageRate {
+            since: now,
+            shown: 0,
+            hidden: 0,
+            hidden_bytes: 0,
+        });
+        if rate.shown < MESSAGES_SHOWN_PER_WINDOW {
+            rate.shown += 1;
+            Some(format!("message from {}: {bytes} bytes", self.who(worker)))
+        } else {
+            rate.hidden += 1;
+            rate.hidden_bytes += bytes as u64;
+            None
+        }
+    }
+
+    /// The line for an event (`None` for events not logged, and for messages past the rate).
     pub fn line(&mut self, ev: &Event) -> Option<Line> {
         let text = match ev {
             Event::Fork { worker, slot, pid } => {
@@ -72,11 +144,9 @@ impl EventLog {
             Event::Listening { worker, addr, .. } => {
                 format!("{} listening on {addr}", self.who(*worker))
             }
-            Event::Message { worker, payload } => format!(
-                "message from {}: {} bytes",
-                self.who(*worker),
-                payload.len()
-            ),
+            Event::Message { worker, payload } => {
+                self.message(*worker, payload.len(), Instant::now())?
+            }
             Event::Disconnect { worker } => format!("{} channel closed", self.who(*worker)),
             Event::Dropped { worker, reason } => {
                 format!("{} dropped: {reason}", self.who(*worker))
@@ -119,9 +189,8 @@ impl EventLog {
             }
             Event::ReloadDone => "reload done".to_owned(),
             Event::ReloadFailed { reason } => format!("reload failed: {reason}"),
-            Event::Stopped { clean } => {
-                format!("stopped ({})", if *clean { "clean" } else { "not clean" })
-            }
+            // The run's one verdict says it, with the reason (see `spawn`).
+            Event::Stopped { .. } => return None,
             // Events added to the library later are still worth a line.
             other => format!("event {other:?}"),
         };
@@ -238,11 +307,33 @@ mod tests {
             "[master] slot 1 errored: x"
         );
         assert_eq!(text(&mut log, Event::ReloadDone), "[master] reload done");
-        assert_eq!(
-            text(&mut log, Event::Stopped { clean: true }),
-            "[master] stopped (clean)"
-        );
+        assert_eq!(log.line(&Event::Stopped { clean: true }), None);
         assert_eq!(signal_name(15), "SIGTERM");
+    }
+
+    #[test]
+    fn messages_past_the_rate_are_summed_up_once_per_window() {
+        let mut log = EventLog::default();
+        let w = WorkerId(3);
+        let t = Instant::now();
+        let shown: Vec<Option<String>> = (0..8).map(|_| log.message(w, 10, t)).collect();
+        assert_eq!(shown.iter().filter(|l| l.is_some()).count(), 5);
+        assert_eq!(
+            shown[0].as_deref(),
+            Some("message from worker 3 (pid ?): 10 bytes")
+        );
+        assert!(log.message_summaries(Some(t)).is_empty(), "window not over");
+        let later = t + MESSAGE_WINDOW;
+        let lines = log.message_summaries(Some(later));
+        assert_eq!(
+            lines,
+            vec![master(
+                "worker 3 (pid ?) sent 3 more messages (30 bytes) not shown, in 1000ms"
+            )]
+        );
+        // A new window shows messages again.
+        assert!(log.message(w, 1, later).is_some());
+        assert!(log.message_summaries(None).is_empty(), "nothing hidden");
         assert_eq!(signal_name(999), "signal 999");
     }
 }

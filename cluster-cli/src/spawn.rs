@@ -10,8 +10,9 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cluster_master::{Event, Master, MasterBuilder, MasterControl, MasterError, RestartPolicy};
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU};
@@ -59,6 +60,7 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
         .restart_policy(restart)
         .shutdown_timeout(shutdown_timeout)
         .ack_timeout(Duration::from_millis(a.ack_timeout))
+        .max_servers_per_worker(a.max_servers_per_worker)
         .capture_output(true);
     for (k, v) in &a.env {
         builder = builder.env(k, v);
@@ -126,7 +128,13 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
     sup.run(&master);
     sig_handle.close();
     let _ = sig_thread.join();
-    sup.verdict(master.wait())
+    // One verdict, printed once: the `stopped` line and the exit status say the same.
+    let verdict = sup.verdict(master.wait());
+    match &verdict {
+        Ok(()) => log::master("stopped (clean)").print(),
+        Err(reason) => log::master(format!("stopped (not clean: {reason})")).print(),
+    }
+    verdict
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -222,8 +230,25 @@ struct Supervisor {
 impl Supervisor {
     fn run(&mut self, master: &Master) {
         let mut log = EventLog::default();
-        while let Ok(ev) = master.events().recv() {
-            if let Some(line) = log.line(&ev) {
+        loop {
+            let ev = match master.events().recv_timeout(log::MESSAGE_WINDOW) {
+                Ok(ev) => ev,
+                Err(RecvTimeoutError::Timeout) => {
+                    for line in log.message_summaries(Some(Instant::now())) {
+                        line.print();
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            for line in log.message_summaries(Some(Instant::now())) {
+                line.print();
+            }
+            if matches!(ev, Event::Stopped { .. }) {
+                for line in log.message_summaries(None) {
+                    line.print();
+                }
+            } else if let Some(line) = log.line(&ev) {
                 line.print();
             }
             match ev {

@@ -805,3 +805,42 @@ fn hello_runs_standalone_and_stops_on_sigterm() {
     let status = child.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn an_unclean_stop_has_one_verdict() {
+    // A worker that ignores the stop and is killed at the shutdown timeout.
+    let mut c = Cluster::start(&[
+        "-n",
+        "1",
+        "--shutdown-timeout",
+        "300",
+        "--",
+        "python3",
+        "-c",
+        "import signal, time\n\
+         signal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
+         signal.signal(signal.SIGINT, signal.SIG_IGN)\n\
+         print('up', flush=True)\n\
+         time.sleep(60)",
+    ]);
+    c.wait_line("the worker running", |l| l.ends_with("] up"));
+    c.signal(Signal::SIGTERM);
+    let status = c.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1));
+    let stopped: Vec<&String> = c
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("[master] stopped"))
+        .collect();
+    assert_eq!(stopped.len(), 1, "{:?}", c.seen);
+    assert!(
+        stopped[0].starts_with("[master] stopped (not clean: shutdown was not clean: worker "),
+        "{stopped:?}"
+    );
+    let err = c.stderr_lines();
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(
+        err[0].starts_with("cluster-cli: shutdown was not clean: "),
+        "{err:?}"
+    );
+}

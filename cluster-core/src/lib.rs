@@ -8,7 +8,7 @@
 //!   shared server in the master, Node's `address:port:addressType:fd[:index]`).
 //! - [`Policy`]: round-robin (Node's `SCHED_RR`), shared handle (`SCHED_NONE`), reuse-port.
 //! - [`Message`]: the protocol, Node's vocabulary, both directions.
-//! - [`env`]: the environment contract between a master and the workers it spawns.
+//! - [`env`](mod@env): the environment contract between a master and the workers it spawns.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

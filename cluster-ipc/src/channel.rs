@@ -289,6 +289,12 @@ impl Channel {
         !self.outq.is_empty()
     }
 
+    /// Bytes queued and not yet written: what the peer has not taken off the socket beyond
+    /// the kernel's buffer.
+    pub fn pending_output_bytes(&self) -> usize {
+        self.outq.iter().map(|o| o.bytes.len() - o.written).sum()
+    }
+
     /// The next message, `Ok(None)` when the socket has nothing more right now.
     /// `Err(IpcError::Closed)` is a clean end of stream between frames.
     pub fn recv(&mut self) -> Result<Option<Received>, IpcError> {

@@ -18,6 +18,8 @@ pub trait WorkerChannel: Source + Debug + Send {
     fn recv(&mut self) -> Result<Option<Received>, IpcError>;
     /// Writes queued output; `Ok(false)` when the socket is full.
     fn flush(&mut self) -> Result<bool, IpcError>;
+    /// Bytes queued for the worker that it has not read yet (beyond the socket buffer).
+    fn pending_output_bytes(&self) -> usize;
 }
 
 impl WorkerChannel for Channel {
@@ -31,5 +33,9 @@ impl WorkerChannel for Channel {
 
     fn flush(&mut self) -> Result<bool, IpcError> {
         Channel::flush(self)
+    }
+
+    fn pending_output_bytes(&self) -> usize {
+        Channel::pending_output_bytes(self)
     }
 }

@@ -8,6 +8,9 @@ use crate::round_robin::RoundRobinConfig;
 use crate::supervisor::RestartPolicy;
 use crate::{Master, MasterError};
 
+/// Servers one worker may hold unless [`MasterBuilder::max_servers_per_worker`] says otherwise.
+pub const DEFAULT_MAX_SERVERS_PER_WORKER: usize = 32;
+
 /// Configures and starts a [`Master`].
 ///
 /// ```no_run
@@ -32,6 +35,7 @@ pub struct MasterBuilder {
     pub(crate) capture_output: bool,
     pub(crate) max_frame: usize,
     pub(crate) listen_fds: Vec<(String, ListenSpec)>,
+    pub(crate) max_servers_per_worker: usize,
 }
 
 impl MasterBuilder {
@@ -51,6 +55,7 @@ impl MasterBuilder {
             capture_output: false,
             max_frame: cluster_ipc::frame::DEFAULT_MAX_FRAME,
             listen_fds: Vec::new(),
+            max_servers_per_worker: DEFAULT_MAX_SERVERS_PER_WORKER,
         }
     }
 
@@ -138,6 +143,14 @@ impl MasterBuilder {
     /// The cap on a frame from a worker.
     pub fn max_frame(mut self, bytes: usize) -> Self {
         self.max_frame = bytes;
+        self
+    }
+
+    /// How many servers one worker may hold at once (default 32). A `listen` past it fails in
+    /// the worker with `EMFILE`, so a worker cannot make the master open sockets without
+    /// bound.
+    pub fn max_servers_per_worker(mut self, n: usize) -> Self {
+        self.max_servers_per_worker = n.max(1);
         self
     }
 

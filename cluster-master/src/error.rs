@@ -30,6 +30,14 @@ pub enum MasterError {
     /// No worker with that id is running.
     #[error("no worker {0}")]
     NoSuchWorker(cluster_core::WorkerId),
+    /// The worker has not read what was already sent to it; nothing more is queued for it.
+    #[error("worker {worker} is not reading its channel ({queued} bytes wait for it)")]
+    WorkerBackedUp {
+        /// The worker.
+        worker: cluster_core::WorkerId,
+        /// Bytes queued for it.
+        queued: usize,
+    },
 }
 
 impl MasterError {

@@ -8,7 +8,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::{Child, Stdio};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 use cluster_core::{
@@ -20,7 +20,9 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::channel::WorkerChannel;
-use crate::events::{Command, Event, MasterStats, WorkerInfo, WorkerState};
+use crate::events::{
+    Command, Event, EventReceiver, EventSender, MasterStats, WorkerInfo, WorkerState, event_queue,
+};
 use crate::round_robin::Action;
 use crate::server::{Server, ServerKind};
 use crate::supervisor::{Jitter, RestartDecision, SlotHistory};
@@ -51,6 +53,11 @@ const MAX_FRAMES_PER_DRAIN: usize = 4096;
 /// landed yet.
 const MAX_FRAMES_FINAL_DRAIN: usize = 1 << 20;
 
+/// Bytes that may wait unread in the master for one worker. Past it, replies to the worker's
+/// own requests drop it (it asks without reading), and user messages for it are refused with
+/// [`MasterError::WorkerBackedUp`]. Hand-offs are bounded by the window instead.
+const MAX_QUEUED_FOR_WORKER: usize = 4 << 20;
+
 /// How soon a spawn that failed for want of fds, processes or memory is tried again.
 const SPAWN_RETRY: Duration = Duration::from_secs(1);
 /// Spawn retries for want of resources before the failure counts as a crash after all.
@@ -65,6 +72,11 @@ fn is_resource_shortage(e: &MasterError) -> bool {
 
 /// A line longer than this is delivered in pieces rather than buffered without bound.
 const MAX_LINE: usize = 64 * 1024;
+/// Reads (of 8 KiB) from one output pipe per pass before the others get a turn.
+const MAX_OUTPUT_READS: usize = 16;
+/// Reads from the pipes of a worker that has exited: what it left in them (64 KiB each
+/// unless enlarged). A grandchild still writing gets its pipe closed after that.
+const MAX_OUTPUT_READS_AT_EXIT: usize = 64;
 
 #[derive(Debug)]
 struct OutputPipe {
@@ -94,6 +106,9 @@ struct WorkerRec {
     /// what was in flight to it is re-queued once it has exited (`reap`), when its channel
     /// holds every answer it will ever send.
     dropping: bool,
+    /// A user message read while the embedder had no room: the channel is paused until it
+    /// can be delivered.
+    held_message: Option<Event>,
 }
 
 impl WorkerRec {
@@ -145,7 +160,7 @@ pub(crate) struct EventLoop {
     waker: Arc<Waker>,
     cfg: MasterBuilder,
     commands: Receiver<Command>,
-    events: Sender<Event>,
+    events: EventSender,
     servers: HashMap<ServerId, Server>,
     by_key: HashMap<cluster_core::ListenKey, ServerId>,
     next_server: u32,
@@ -163,18 +178,32 @@ pub(crate) struct EventLoop {
     now: Instant,
     timer_due: Option<Instant>,
     /// Workers whose channel still had frames when their drain hit its bound.
-    unread: Vec<WorkerId>,
+    unread: Vec<Source>,
+    /// Sources not read for want of room in the embedder's event queue, read again once it has
+    /// room (edge-triggered readiness will not report what is already waiting).
+    paused: Vec<Source>,
+    /// Workers that did not leave cleanly (exit 0 after disconnect) during the shutdown.
+    unclean_exits: usize,
+}
+
+/// Something of a worker's that the loop reads: its channel, or a captured output pipe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Channel(WorkerId),
+    Output { worker: WorkerId, stderr: bool },
 }
 
 impl EventLoop {
     pub(crate) fn new(
         cfg: MasterBuilder,
         commands: Receiver<Command>,
-        events: Sender<Event>,
-    ) -> Result<EventLoop, MasterError> {
+    ) -> Result<(EventLoop, EventReceiver), MasterError> {
         let poll = Poll::new().map_err(|e| MasterError::io("epoll_create", e))?;
-        let waker = Waker::new(poll.registry(), token(KIND_WAKER, 0))
-            .map_err(|e| MasterError::io("eventfd", e))?;
+        let waker = Arc::new(
+            Waker::new(poll.registry(), token(KIND_WAKER, 0))
+                .map_err(|e| MasterError::io("eventfd", e))?,
+        );
+        let (events, receiver) = event_queue(Arc::clone(&waker));
         let mut prebound = Vec::new();
         for (name, spec) in &cfg.listen_fds {
             let bound = crate::bind::bind_spec(spec, false)?;
@@ -182,9 +211,9 @@ impl EventLoop {
         }
         let slots = (0..cfg.workers).map(|_| Slot::default()).collect();
         let seed = u64::from(std::process::id()) ^ Instant::now().elapsed().as_nanos() as u64;
-        Ok(EventLoop {
+        let event_loop = EventLoop {
             poll,
-            waker: Arc::new(waker),
+            waker,
             cfg,
             commands,
             events,
@@ -206,7 +235,10 @@ impl EventLoop {
             now: Instant::now(),
             timer_due: None,
             unread: Vec::new(),
-        })
+            paused: Vec::new(),
+            unclean_exits: 0,
+        };
+        Ok((event_loop, receiver))
     }
 
     pub(crate) fn waker(&self) -> Arc<Waker> {
@@ -221,8 +253,52 @@ impl EventLoop {
     }
 
     fn emit(&self, e: Event) {
-        // Nobody listening is not an error: events are a courtesy to the owner.
-        let _ = self.events.send(e);
+        self.events.emit(e);
+    }
+
+    /// Whether reading more from a worker's output may produce another bulk event now; if not,
+    /// `source` is paused until the embedder has read enough.
+    fn room_for_bulk(&mut self, source: Source) -> bool {
+        if self.events.has_room() {
+            return true;
+        }
+        self.pause(source);
+        false
+    }
+
+    fn pause(&mut self, source: Source) {
+        if !self.paused.contains(&source) {
+            self.paused.push(source);
+        }
+        // If the embedder drained meanwhile, the next poll does not wait (see `run`).
+        self.events.wait_for_room();
+    }
+
+    /// Emits the message a paused worker's channel was held on, if any. Returns false when it
+    /// is still held for want of room (the channel stays paused) unless `regardless`.
+    fn release_held_message(&mut self, id: WorkerId, regardless: bool) -> bool {
+        let Some(w) = self.fleet.workers.get_mut(&id) else {
+            return true;
+        };
+        let Some(ev) = w.held_message.take() else {
+            return true;
+        };
+        if regardless || self.events.has_room() {
+            self.emit(ev);
+            return true;
+        }
+        w.held_message = Some(ev);
+        self.pause(Source::Channel(id));
+        false
+    }
+
+    fn resume_paused(&mut self) {
+        if self.paused.is_empty() || !self.events.room_to_resume() {
+            return;
+        }
+        for source in std::mem::take(&mut self.paused) {
+            self.read_source(source);
+        }
     }
 
     pub(crate) fn run(mut self) -> Result<(), MasterError> {
@@ -232,7 +308,8 @@ impl EventLoop {
         let mut events = Events::with_capacity(256);
         let result = loop {
             self.timer_due = self.next_deadline();
-            let timeout = if self.unread.is_empty() {
+            let resumable = !self.paused.is_empty() && self.events.room_to_resume();
+            let timeout = if self.unread.is_empty() && !resumable {
                 self.timer_due
                     .map(|t| t.saturating_duration_since(Instant::now()))
             } else {
@@ -260,6 +337,7 @@ impl EventLoop {
             self.on_timers();
             self.retry_backlogged();
             self.resume_unread();
+            self.resume_paused();
             self.drop_doomed();
             if self.fleet.workers.is_empty() {
                 if self.shutting_down {
@@ -277,10 +355,11 @@ impl EventLoop {
         for id in ids {
             self.close_server(id);
         }
-        let clean = result.is_ok() && self.fleet.stats.closed_unserved == 0;
-        self.emit(Event::Stopped {
-            clean: result.is_ok() && clean,
-        });
+        // One verdict for the embedder: a stop is clean when nothing was closed unserved and
+        // every worker left by itself (exit 0 after disconnect).
+        let clean =
+            result.is_ok() && self.fleet.stats.closed_unserved == 0 && self.unclean_exits == 0;
+        self.emit(Event::Stopped { clean });
         result
     }
 
@@ -493,6 +572,7 @@ impl EventLoop {
                 // A LISTEN_FDS worker holds its sockets from the first instruction.
                 ready: n_listen > 0,
                 dropping: false,
+                held_message: None,
             },
         );
         self.emit(Event::Fork {
@@ -608,12 +688,45 @@ impl EventLoop {
         // Bounded so one chatty worker cannot starve the others. Edge-triggered readiness
         // will not report frames already queued, so a drain cut short is resumed on the next
         // pass (with a zero poll timeout) rather than left for the ack timeout to find.
+        // A dying worker's last frames are all read whatever the room: its answers must count,
+        // and its socket buffer bounds the rest.
+        let final_drain = max_frames == MAX_FRAMES_FINAL_DRAIN;
+        if final_drain {
+            self.release_held_message(id, true);
+        } else if !self.release_held_message(id, false) {
+            return;
+        }
         for _ in 0..max_frames {
             let Some(ch) = self.fleet.channel(id) else {
                 return;
             };
             match ch.recv() {
-                Ok(Some(r)) => self.on_message(id, r),
+                Ok(Some(r)) => {
+                    if let Message::User { payload } = r.msg {
+                        let ev = Event::Message {
+                            worker: id,
+                            payload,
+                        };
+                        let dropping = self.fleet.workers.get(&id).is_some_and(|w| w.dropping);
+                        if dropping {
+                            // Only its answers still count.
+                        } else if final_drain || self.events.has_room() {
+                            self.emit(ev);
+                        } else {
+                            // The embedder is behind: keep this one message and read nothing
+                            // more from this worker until there is room, so its writes block
+                            // in the kernel's socket buffer. The other workers' frames,
+                            // answers above all, are read as usual.
+                            if let Some(w) = self.fleet.workers.get_mut(&id) {
+                                w.held_message = Some(ev);
+                            }
+                            self.pause(Source::Channel(id));
+                            return;
+                        }
+                    } else {
+                        self.on_message(id, r);
+                    }
+                }
                 Ok(None) => return,
                 Err(e) => {
                     self.channel_failed(id, e);
@@ -621,14 +734,21 @@ impl EventLoop {
                 }
             }
         }
-        if !self.unread.contains(&id) {
-            self.unread.push(id);
+        if !self.unread.contains(&Source::Channel(id)) {
+            self.unread.push(Source::Channel(id));
         }
     }
 
     fn resume_unread(&mut self) {
-        for id in std::mem::take(&mut self.unread) {
-            self.drain_channel(id);
+        for source in std::mem::take(&mut self.unread) {
+            self.read_source(source);
+        }
+    }
+
+    fn read_source(&mut self, source: Source) {
+        match source {
+            Source::Channel(id) => self.drain_channel(id),
+            Source::Output { worker, stderr } => self.output_ready(worker, stderr),
         }
     }
 
@@ -778,10 +898,8 @@ impl EventLoop {
                 }
                 self.retire(id);
             }
-            Message::User { payload } => self.emit(Event::Message {
-                worker: id,
-                payload,
-            }),
+            // Read by the drain loop itself, which holds it when the embedder is behind.
+            Message::User { .. } => {}
             other => self.doom(
                 id,
                 format!("sent {}, which only a master may send", other.name()),
@@ -823,7 +941,15 @@ impl EventLoop {
         };
         let fds: Vec<_> = msg_and_fd.1.iter().map(|f| f.as_fd()).collect();
         if let Err(e) = ch.send(&msg_and_fd.0, &fds) {
-            self.channel_failed(id, e);
+            return self.channel_failed(id, e);
+        }
+        // A worker that asks without reading the replies would grow this queue without bound.
+        let queued = ch.pending_output_bytes();
+        if queued > MAX_QUEUED_FOR_WORKER {
+            self.doom(
+                id,
+                format!("does not read its channel ({queued} bytes of replies wait for it)"),
+            );
         }
     }
 
@@ -836,6 +962,16 @@ impl EventLoop {
             let e = ListenError {
                 errno: libc::ESHUTDOWN,
                 context: "worker is disconnecting".into(),
+            };
+            return self.reply(id, seq, Err(e));
+        }
+        if w.servers.len() >= self.cfg.max_servers_per_worker {
+            let e = ListenError {
+                errno: libc::EMFILE,
+                context: format!(
+                    "worker holds {} servers, the master's limit",
+                    w.servers.len()
+                ),
             };
             return self.reply(id, seq, Err(e));
         }
@@ -1040,7 +1176,7 @@ impl EventLoop {
         self.drop_doomed();
         self.channel_closed(id);
         for stderr in [false, true] {
-            self.output_ready(id, stderr);
+            self.read_output(id, stderr, MAX_OUTPUT_READS_AT_EXIT);
         }
         let Some(w) = self.fleet.workers.remove(&id) else {
             return;
@@ -1051,6 +1187,9 @@ impl EventLoop {
             .deregister(&mut SourceFd(&w.pidfd.as_raw_fd()));
         use std::os::unix::process::ExitStatusExt;
         let (code, signal) = status.map_or((None, None), |s| (s.code(), s.signal()));
+        if self.shutting_down && !(w.exited_after_disconnect && code == Some(0)) {
+            self.unclean_exits += 1;
+        }
         let uptime = self.now.saturating_duration_since(w.started);
         self.emit(Event::Exit {
             worker: id,
@@ -1301,16 +1440,37 @@ impl EventLoop {
     // ---------------------------------------------------------------- output
 
     fn output_ready(&mut self, id: WorkerId, stderr: bool) {
-        let Some(w) = self.fleet.workers.get_mut(&id) else {
-            return;
-        };
-        let pid = w.pid;
-        let pipe = if stderr { &mut w.stderr } else { &mut w.stdout };
-        let Some(p) = pipe else { return };
+        self.read_output(id, stderr, MAX_OUTPUT_READS);
+    }
+
+    /// Reads up to `max_reads` chunks of a worker's stdout or stderr and emits its lines. A
+    /// normal pass stops when the embedder has no room for more lines (the worker's writes
+    /// then block on the full pipe) or at the bound (so a worker writing without pause cannot
+    /// hold the loop), and is resumed later; the last read of an exited worker takes what is
+    /// left whatever the room.
+    fn read_output(&mut self, id: WorkerId, stderr: bool, max_reads: usize) {
+        let source = Source::Output { worker: id, stderr };
+        let final_read = max_reads == MAX_OUTPUT_READS_AT_EXIT;
         let mut chunk = [0u8; 8192];
         let mut lines = Vec::new();
         let mut closed = false;
-        loop {
+        let mut drained = false;
+        let mut reads = 0;
+        while reads < max_reads {
+            if !final_read && !self.room_for_bulk(source) {
+                drained = true;
+                break;
+            }
+            let Some(p) = self.fleet.workers.get_mut(&id).and_then(|w| {
+                if stderr {
+                    w.stderr.as_mut()
+                } else {
+                    w.stdout.as_mut()
+                }
+            }) else {
+                return;
+            };
+            reads += 1;
             match p.file.read(&mut chunk) {
                 Ok(0) => {
                     closed = true;
@@ -1328,14 +1488,32 @@ impl EventLoop {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drained = true;
+                    break;
+                }
                 Err(_) => {
                     closed = true;
                     break;
                 }
             }
+            // Emitted as they come, so the room check before the next read counts them.
+            let pid = self.fleet.workers.get(&id).map_or(0, |w| w.pid);
+            for line in lines.drain(..) {
+                self.emit(Event::Output {
+                    worker: id,
+                    pid,
+                    stderr,
+                    line,
+                });
+            }
         }
-        if closed {
+        let Some(w) = self.fleet.workers.get_mut(&id) else {
+            return;
+        };
+        let pid = w.pid;
+        let pipe = if stderr { &mut w.stderr } else { &mut w.stdout };
+        if closed && let Some(p) = pipe.take() {
             if !p.buf.is_empty() {
                 lines.push(String::from_utf8_lossy(&p.buf).into_owned());
             }
@@ -1343,7 +1521,8 @@ impl EventLoop {
                 .poll
                 .registry()
                 .deregister(&mut SourceFd(&p.file.as_raw_fd()));
-            *pipe = None;
+        } else if !drained && !final_read && !self.unread.contains(&source) {
+            self.unread.push(source);
         }
         for line in lines {
             self.emit(Event::Output {
@@ -1388,6 +1567,12 @@ impl EventLoop {
                 }
                 Command::Send(id, payload, reply) => {
                     let r = match self.fleet.channel(id) {
+                        Some(ch) if ch.pending_output_bytes() > MAX_QUEUED_FOR_WORKER => {
+                            Err(MasterError::WorkerBackedUp {
+                                worker: id,
+                                queued: ch.pending_output_bytes(),
+                            })
+                        }
                         Some(ch) => ch
                             .send(&Message::User { payload }, &[])
                             .map_err(|e| MasterError::io("send to worker", e.into())),

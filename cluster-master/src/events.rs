@@ -2,12 +2,146 @@
 //! ([`Command`]): the vocabulary shared by the [`crate::Master`] handle and the event loop, so
 //! that neither imports the other.
 
-use std::sync::mpsc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvError, RecvTimeoutError, Sender, TryRecvError};
 use std::time::Duration;
 
 use cluster_core::{BoundAddr, ServerId, WorkerId};
+use mio::Waker;
 
 use crate::MasterError;
+
+/// Bulk events (user messages and output lines, which workers can send at any rate) that may
+/// wait unread by the embedder. At the bound the master stops reading from the workers that
+/// send them, so the kernel's socket and pipe buffers hold the rest and the senders block.
+pub(crate) const MAX_UNREAD_BULK: usize = 1024;
+/// Reading resumes once the embedder has taken the queue down to this.
+pub(crate) const RESUME_BULK: usize = MAX_UNREAD_BULK / 2;
+
+/// What the event loop and the [`EventReceiver`] share to keep the unread bulk bounded.
+#[derive(Debug)]
+struct Backlog {
+    unread_bulk: AtomicUsize,
+    /// The loop stopped reading some worker for want of room and waits for a wake-up.
+    loop_waiting: AtomicBool,
+    waker: Arc<Waker>,
+}
+
+/// The loop's end of the event queue.
+#[derive(Debug)]
+pub(crate) struct EventSender {
+    tx: Sender<Event>,
+    backlog: Arc<Backlog>,
+}
+
+/// The receiving end of a master's [`Event`]s ([`crate::Master::events`]), with the methods of
+/// [`std::sync::mpsc::Receiver`].
+///
+/// Lifecycle events are never held back. User messages ([`Event::Message`]) and output lines
+/// ([`Event::Output`]) are: at most about a thousand of them wait here unread; past that the
+/// master reads nothing more from the workers sending them until this receiver has been drained
+/// to half. So an embedder that reads slowly slows those workers down instead of letting the
+/// master's memory grow.
+#[derive(Debug)]
+pub struct EventReceiver {
+    rx: Receiver<Event>,
+    backlog: Arc<Backlog>,
+}
+
+/// A new event queue whose receiver wakes the loop through `waker` when bulk room returns.
+pub(crate) fn event_queue(waker: Arc<Waker>) -> (EventSender, EventReceiver) {
+    let (tx, rx) = mpsc::channel();
+    let backlog = Arc::new(Backlog {
+        unread_bulk: AtomicUsize::new(0),
+        loop_waiting: AtomicBool::new(false),
+        waker,
+    });
+    (
+        EventSender {
+            tx,
+            backlog: Arc::clone(&backlog),
+        },
+        EventReceiver { rx, backlog },
+    )
+}
+
+impl Event {
+    /// User messages and output lines: events a worker can produce at any rate.
+    fn is_bulk(&self) -> bool {
+        matches!(self, Event::Message { .. } | Event::Output { .. })
+    }
+}
+
+impl EventSender {
+    /// Queues `e`. Bulk events are counted: call [`EventSender::has_room`] before reading
+    /// what produces them.
+    pub(crate) fn emit(&self, e: Event) {
+        if e.is_bulk() {
+            self.backlog.unread_bulk.fetch_add(1, Ordering::SeqCst);
+        }
+        // Nobody listening is not an error: events are a courtesy to the owner.
+        if self.tx.send(e).is_err() {
+            self.backlog.unread_bulk.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether another bulk event may be produced now.
+    pub(crate) fn has_room(&self) -> bool {
+        self.backlog.unread_bulk.load(Ordering::SeqCst) < MAX_UNREAD_BULK
+    }
+
+    /// The loop is about to stop reading a worker for want of room: ask the receiver for a
+    /// wake-up. Returns true when room came back meanwhile, so nothing needs to wait.
+    pub(crate) fn wait_for_room(&self) -> bool {
+        self.backlog.loop_waiting.store(true, Ordering::SeqCst);
+        // Checked after the flag, so a receiver that drained in between either sees the flag
+        // (and wakes the loop) or left a count this load sees.
+        self.room_to_resume()
+    }
+
+    /// Whether the embedder has read enough for paused workers to be read again.
+    pub(crate) fn room_to_resume(&self) -> bool {
+        self.backlog.unread_bulk.load(Ordering::SeqCst) <= RESUME_BULK
+    }
+}
+
+impl EventReceiver {
+    fn took(&self, e: Event) -> Event {
+        if e.is_bulk() {
+            let left = self
+                .backlog
+                .unread_bulk
+                .fetch_sub(1, Ordering::SeqCst)
+                .saturating_sub(1);
+            if left <= RESUME_BULK && self.backlog.loop_waiting.swap(false, Ordering::SeqCst) {
+                // A failed wake means the loop is gone; nothing waits for room then.
+                let _ = self.backlog.waker.wake();
+            }
+        }
+        e
+    }
+
+    /// Blocks for the next event; `Err` once the master has stopped and every event was read.
+    pub fn recv(&self) -> Result<Event, RecvError> {
+        self.rx.recv().map(|e| self.took(e))
+    }
+
+    /// The next event, waiting at most `timeout`.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Event, RecvTimeoutError> {
+        self.rx.recv_timeout(timeout).map(|e| self.took(e))
+    }
+
+    /// The next event if one is queued.
+    pub fn try_recv(&self) -> Result<Event, TryRecvError> {
+        self.rx.try_recv().map(|e| self.took(e))
+    }
+
+    /// Every event until the master stops.
+    pub fn iter(&self) -> impl Iterator<Item = Event> + '_ {
+        std::iter::from_fn(|| self.recv().ok())
+    }
+}
 
 /// Something that happened in the cluster, in Node's vocabulary plus supervision events.
 #[derive(Clone, Debug, PartialEq)]
@@ -105,12 +239,13 @@ pub enum Event {
     },
     /// The master stopped (after shutdown, or because every slot errored).
     Stopped {
-        /// True when every worker exited cleanly after disconnect.
+        /// True when the stop was asked for, every worker left by itself (exit 0 after
+        /// disconnect) and no connection was closed unserved.
         clean: bool,
     },
 }
 
-/// One worker as reported by [`MasterControl::workers`].
+/// One worker as reported by [`crate::MasterControl::workers`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkerInfo {
     /// Its id.

@@ -37,7 +37,7 @@ mod supervisor;
 mod sys;
 
 pub use channel::WorkerChannel;
-pub use config::MasterBuilder;
+pub use config::{DEFAULT_MAX_SERVERS_PER_WORKER, MasterBuilder};
 pub use error::MasterError;
 pub use events::{Event, MasterStats, WorkerInfo, WorkerState};
 pub use master::{Master, MasterControl};

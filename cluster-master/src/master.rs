@@ -1,23 +1,23 @@
 use std::sync::Arc;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Sender};
 use std::thread::JoinHandle;
 
 use cluster_core::{BoundAddr, WorkerId};
 
 use crate::event_loop::EventLoop;
-use crate::events::{Command, Event, MasterStats, WorkerInfo};
+use crate::events::{Command, EventReceiver, MasterStats, WorkerInfo};
 use crate::{MasterBuilder, MasterError};
 
 /// A running master: an event loop thread that owns the listeners and the workers.
 ///
 /// Methods send commands to the loop and return at once; what follows is reported as
-/// [`Event`]s on [`Master::events`]. Drain the events: they queue until read. To command the
+/// [`crate::Event`]s on [`Master::events`]. Drain the events: they queue until read. To command the
 /// master from other threads (a signal thread, say), take a [`MasterControl`] with
 /// [`Master::control`].
 #[derive(Debug)]
 pub struct Master {
     control: MasterControl,
-    events: Receiver<Event>,
+    events: EventReceiver,
     thread: Option<JoinHandle<Result<(), MasterError>>>,
     listen_fds: Vec<(String, BoundAddr)>,
 }
@@ -36,7 +36,7 @@ impl Master {
     }
 
     /// The events of this master.
-    pub fn events(&self) -> &Receiver<Event> {
+    pub fn events(&self) -> &EventReceiver {
         &self.events
     }
 
@@ -58,8 +58,7 @@ impl Master {
     /// Starts from a builder (same as [`MasterBuilder::start`]).
     pub fn start(config: MasterBuilder) -> Result<Master, MasterError> {
         let (cmd_tx, cmd_rx) = mpsc::channel();
-        let (ev_tx, ev_rx) = mpsc::channel();
-        let event_loop = EventLoop::new(config, cmd_rx, ev_tx)?;
+        let (event_loop, ev_rx) = EventLoop::new(config, cmd_rx)?;
         let waker = event_loop.waker();
         let listen_fds = event_loop.prebound_addrs();
         let thread = std::thread::Builder::new()

@@ -267,8 +267,11 @@ struct Pick {
 }
 
 /// Node's `RoundRobinHandle` for one server: queues the master's accepted connections and deals
-/// them one at a time to the workers that have room in their window. See the
-/// [module documentation](self) for the rules.
+/// them one at a time, from a ring of the workers that have room in their window, to the
+/// worker at the front. Nothing it holds is lost or delivered twice: it keeps every connection
+/// until a worker accepts it, re-queues what a refusing or removed worker had, and closes
+/// (as [`Action::Close`]) only what times out in the queue, exhausts its attempts, or is
+/// left at [`RoundRobinHandle::close_all`].
 #[derive(Debug)]
 pub struct RoundRobinHandle<C> {
     server: ServerId,

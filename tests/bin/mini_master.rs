@@ -1,13 +1,24 @@
-//! A master in its own process, for tests that kill the master:
-//! `mini-master N PROGRAM [ARGS...]`. Prints `fork <worker> <pid>` and
-//! `listening <worker> <addr>` lines and runs until killed.
+//! A master in its own process, for tests that kill the master or measure it:
+//! `mini-master [--stall-events MS] N PROGRAM [ARGS...]`. Prints `fork <worker> <pid>`,
+//! `listening <worker> <addr>` and `exit <worker> <code|signal>` lines and runs until killed.
+//! `--stall-events MS` stops reading events for MS ms at the first user message, as an
+//! embedder that falls behind.
 use std::io::Write;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use cluster_master::{Event, MasterBuilder};
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut stall = None;
+    if args.first().map(String::as_str) == Some("--stall-events") {
+        stall = args
+            .get(1)
+            .and_then(|ms| ms.parse().ok())
+            .map(Duration::from_millis);
+        args.drain(..2.min(args.len()));
+    }
     let (Some(n), Some(program)) = (args.first().and_then(|n| n.parse().ok()), args.get(1)) else {
         eprintln!("usage: mini-master N PROGRAM [ARGS...]");
         return ExitCode::from(2);
@@ -25,9 +36,27 @@ fn main() -> ExitCode {
     };
     let mut out = std::io::stdout();
     while let Ok(e) = master.events().recv() {
+        if matches!(e, Event::Message { .. })
+            && let Some(stall) = stall.take()
+        {
+            let _ = writeln!(out, "stalling");
+            let _ = out.flush();
+            std::thread::sleep(stall);
+            let _ = writeln!(out, "reading");
+            let _ = out.flush();
+        }
         let line = match e {
             Event::Fork { worker, pid, .. } => format!("fork {worker} {pid}"),
             Event::Listening { worker, addr, .. } => format!("listening {worker} {addr}"),
+            Event::Exit {
+                worker,
+                code,
+                signal,
+                ..
+            } => format!(
+                "exit {worker} {}",
+                code.or(signal).map_or("?".to_owned(), |c| c.to_string())
+            ),
             Event::Stopped { .. } => break,
             _ => continue,
         };

@@ -21,6 +21,11 @@
 //! - `withhold-first`: never answer the first hand-off (keep its fd open), refuse every other
 //!   one as `MaxConnections`: a worker that keeps answering while it holds one client back.
 //!
+//! - `flood-after-absent:PATH`: never listen; once PATH does not exist, send small user
+//!   messages as fast as the channel takes them, until it breaks.
+//! - `query-flood-N`: after listening, ask for N more port-0 servers (index 1..=N, all asked
+//!   before any reply is read), then exit with the number granted (at most 250) as its code.
+//!
 //! `MODE@SLOT` applies MODE in that worker slot only; the others serve.
 //!
 //! It prints `LISTEN_ERROR <errno>` and exits 3 when the master refuses the listen.
@@ -105,6 +110,24 @@ fn run() -> Result<u8, String> {
     let send =
         |ch: &mut Channel, m: &Message| ch.send_blocking(m, &[], t).map_err(|e| e.to_string());
     send(&mut ch, &Message::Online)?;
+    if let Some(path) = mode.strip_prefix("flood-after-absent:") {
+        wait_while_exists(path);
+        let payload = b"flood-message-16".to_vec();
+        loop {
+            if ch
+                .send_blocking(
+                    &Message::User {
+                        payload: payload.clone(),
+                    },
+                    &[],
+                    None,
+                )
+                .is_err()
+            {
+                return Ok(0);
+            }
+        }
+    }
     send(
         &mut ch,
         &Message::QueryServer {
@@ -172,6 +195,9 @@ fn run() -> Result<u8, String> {
         )?,
         _ => {}
     }
+    if let Some(n) = limit("query-flood-") {
+        return query_flood(&mut ch, &spec, n);
+    }
     if mode == "close-listener" {
         send(&mut ch, &Message::Close { server })?;
     }
@@ -238,6 +264,64 @@ fn run() -> Result<u8, String> {
             _ => {}
         }
     }
+}
+
+/// Asks for `n` more servers on `spec`'s address with port 0, each a new key (a new index),
+/// all before reading any reply; returns how many were granted.
+fn query_flood(ch: &mut Channel, spec: &ListenSpec, n: usize) -> Result<u8, String> {
+    let mut port0 = spec.clone();
+    if let cluster_core::ListenAddr::Tcp(a) = &mut port0.addr {
+        a.set_port(0);
+    }
+    for i in 1..=n {
+        let index = u32::try_from(i).map_err(|e| e.to_string())?;
+        ch.queue(&Message::QueryServer {
+            seq: Seq(u64::from(index) + 1),
+            spec: port0.clone(),
+            index,
+        })
+        .map_err(|e| e.to_string())?;
+    }
+    ch.flush_blocking(Some(Duration::from_secs(20)))
+        .map_err(|e| e.to_string())?;
+    let (mut granted, mut refused) = (0usize, 0usize);
+    while granted + refused < n {
+        let r = ch
+            .recv_blocking(Some(Duration::from_secs(20)))
+            .map_err(|e| e.to_string())?;
+        match r.msg {
+            Message::QueryServerReply {
+                reply: ServerReply::Granted { .. },
+                ..
+            } => granted += 1,
+            Message::QueryServerReply {
+                reply: ServerReply::Failed(e),
+                ..
+            } if e.errno == libc_emfile() => refused += 1,
+            Message::QueryServerReply { reply, .. } => {
+                return Err(format!("unexpected reply {reply:?}"));
+            }
+            // Hand-offs meanwhile are refused so the master re-routes them.
+            Message::NewConn { conn, .. } => ch
+                .send_blocking(
+                    &Message::Refused {
+                        conn,
+                        reason: RefuseReason::MaxConnections,
+                    },
+                    &[],
+                    Some(Duration::from_secs(10)),
+                )
+                .map_err(|e| e.to_string())?,
+            _ => {}
+        }
+    }
+    println!("QUERY_FLOOD granted={granted} refused={refused}");
+    Ok(u8::try_from(granted.min(250)).unwrap_or(250))
+}
+
+/// `EMFILE` on Linux (errno 24), the master's answer past its per-worker server limit.
+fn libc_emfile() -> i32 {
+    24
 }
 
 fn serve_shared(
