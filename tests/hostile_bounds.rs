@@ -63,18 +63,24 @@ fn a_hand_off_held_back_while_others_flow_times_out() {
     c.stop();
 }
 
-/// Lines of a mini-master's stdout, each with when it was read.
-fn master_lines(child: &mut std::process::Child) -> mpsc::Receiver<(Instant, String)> {
+/// Lines of a mini-master's stdout, each with when it was read. Join the thread after the
+/// master is gone, so its pipe is closed before the test's fd lock is released.
+fn master_lines(
+    child: &mut std::process::Child,
+) -> (
+    mpsc::Receiver<(Instant, String)>,
+    std::thread::JoinHandle<()>,
+) {
     let (tx, rx) = mpsc::channel();
     let stdout = child.stdout.take().expect("stdout");
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if tx.send((Instant::now(), line)).is_err() {
                 break;
             }
         }
     });
-    rx
+    (rx, reader)
 }
 
 fn next_line(lines: &mpsc::Receiver<(Instant, String)>, prefix: &str) -> (Instant, String) {
@@ -125,7 +131,7 @@ fn a_user_message_flood_cannot_grow_the_master() {
             .expect("spawn master"),
     );
     let master_pid = master.0.id();
-    let lines = master_lines(&mut master.0);
+    let (lines, reader) = master_lines(&mut master.0);
     // Worker 1 is slot 0, the flooder (slots are filled in order at start).
     let (_, fork) = next_line(&lines, "fork 1 ");
     let flooder: i32 = fork
@@ -173,6 +179,9 @@ fn a_user_message_flood_cannot_grow_the_master() {
         "flood: {served} requests served, master RSS {baseline_kib} -> peak {peak_kib} KiB, \
          exit reported after {lag:?}"
     );
+    drop(master);
+    drop(lines);
+    let _ = reader.join();
 }
 
 fn nix_kill(pid: i32) {
@@ -225,4 +234,94 @@ fn a_query_server_flood_is_capped_per_worker() {
         "master fds {before} -> {during}"
     );
     c.stop();
+}
+
+/// Runs `mode` in slot 0 beside a healthy worker: every one of a steady stream of clients is
+/// served, and once the master has stopped this process (the master's) holds the fds it held
+/// before. Returns the master's counters from just before the stop.
+fn others_unharmed_by(
+    mode: &str,
+    builder: impl FnOnce(MasterBuilder) -> MasterBuilder,
+) -> cluster_master::MasterStats {
+    let _fds = exclusive_fds();
+    let before = fd_snapshot();
+    let mut c = Cluster::start(builder(
+        MasterBuilder::new(raw_worker())
+            .args(["tcp:127.0.0.1:0".to_owned(), format!("{mode}@0")])
+            .workers(2)
+            .ack_timeout(Duration::from_millis(500))
+            .restart_policy(cluster_master::RestartPolicy {
+                initial_delay: Duration::from_millis(20),
+                max_fast_crashes: 1000,
+                ..Default::default()
+            }),
+    ));
+    // The healthy worker (slot 1) listening: the hostile one may be dropped before it does.
+    let healthy = match c.wait_for(WAIT, |e| matches!(e, Event::Fork { slot: 1, .. })) {
+        Event::Fork { worker, .. } => worker,
+        _ => unreachable!(),
+    };
+    let addr = match c.wait_for(
+        WAIT,
+        |e| matches!(e, Event::Listening { worker, .. } if *worker == healthy),
+    ) {
+        Event::Listening { addr, .. } => inet(&addr),
+        _ => unreachable!(),
+    };
+    for i in 0..200 {
+        if let Err(e) = ask_worker(addr) {
+            panic!("{mode}: request {i} failed: {e}; events: {:#?}", c.seen);
+        }
+    }
+    let stats = c.master().stats().expect("stats");
+    c.stop();
+    assert_eq!(
+        fds_opened_since(&before),
+        [],
+        "{mode}: the master's fds are back to where they were"
+    );
+    stats
+}
+
+#[test]
+fn garbage_harms_no_other_client() {
+    others_unharmed_by("garbage-after-0", |b| b);
+}
+
+#[test]
+fn an_oversize_frame_harms_no_other_client() {
+    others_unharmed_by("oversize", |b| b.max_frame(4096));
+}
+
+#[test]
+fn an_fd_sent_to_the_master_harms_no_other_client() {
+    others_unharmed_by("send-fd", |b| b);
+}
+
+#[test]
+fn silence_harms_no_other_client() {
+    let stats = others_unharmed_by("hold", |b| b);
+    assert!(
+        stats.requeued > 0,
+        "the silent worker's hand-offs were re-queued: {stats:?}"
+    );
+}
+
+#[test]
+fn forged_answers_harm_no_other_client() {
+    let stats = others_unharmed_by("forge", |b| b);
+    assert!(
+        stats.stray_answers > 0,
+        "the forged answers were seen and ignored: {stats:?}"
+    );
+}
+
+#[test]
+fn a_burst_of_messages_harms_no_other_client() {
+    others_unharmed_by("flood", |b| b);
+}
+
+#[test]
+fn a_query_flood_harms_no_other_client() {
+    others_unharmed_by("query-flood-300", |b| b);
 }

@@ -28,6 +28,31 @@ pub fn fd_count() -> usize {
         .unwrap_or(0)
 }
 
+/// This process's open fds, each with what it refers to (`socket:[inode]`, a path...).
+pub fn fd_snapshot() -> std::collections::BTreeMap<u32, String> {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| {
+                    let fd = e.file_name().to_str()?.parse().ok()?;
+                    let target = std::fs::read_link(e.path()).ok()?;
+                    Some((fd, target.display().to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The fds open now that were not open at `before`: what a test leaked. Fds that closed
+/// meanwhile (a finished test's reader thread, say) do not count, so this holds even when a
+/// thread of another test closes an fd after the baseline.
+pub fn fds_opened_since(before: &std::collections::BTreeMap<u32, String>) -> Vec<(u32, String)> {
+    fd_snapshot()
+        .into_iter()
+        .filter(|(fd, target)| before.get(fd) != Some(target) && !target.contains("/proc/"))
+        .collect()
+}
+
 pub fn raw_worker() -> &'static str {
     env!("CARGO_BIN_EXE_raw-worker")
 }

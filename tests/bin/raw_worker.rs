@@ -23,6 +23,8 @@
 //!
 //! - `flood-after-absent:PATH`: never listen; once PATH does not exist, send small user
 //!   messages as fast as the channel takes them, until it breaks.
+//! - `forge`: refuse every hand-off, and with each refusal send 40 forged answers for the
+//!   connection ids around it (hand-offs the master gave other workers, or none at all).
 //! - `query-flood-N`: after listening, ask for N more port-0 servers (index 1..=N, all asked
 //!   before any reply is read), then exit with the number granted (at most 250) as its code.
 //!
@@ -235,6 +237,21 @@ fn run() -> Result<u8, String> {
                         conn,
                         reason: RefuseReason::MaxConnections,
                     }),
+                    "forge" => {
+                        for d in 1..=20u64 {
+                            let around = [conn.0 + d, conn.0.wrapping_sub(d)];
+                            for forged in around.into_iter().filter(|f| *f != conn.0) {
+                                ch.queue(&Message::Accepted {
+                                    conn: cluster_core::ConnId(forged),
+                                })
+                                .map_err(|e| e.to_string())?;
+                            }
+                        }
+                        Some(Message::Refused {
+                            conn,
+                            reason: RefuseReason::MaxConnections,
+                        })
+                    }
                     _ if limit("crash-after-").is_some_and(|n| served >= n) => {
                         std::process::abort()
                     }
