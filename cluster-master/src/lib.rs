@@ -33,6 +33,7 @@ mod events;
 mod master;
 mod round_robin;
 mod server;
+mod supervision;
 mod supervisor;
 mod sys;
 
