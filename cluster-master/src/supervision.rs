@@ -212,10 +212,12 @@ impl Supervision {
 
     // ------------------------------------------------------------ queries
 
+    #[cfg(test)]
     pub(crate) fn slot_state(&self, slot: usize) -> Option<SlotState> {
         self.slots.get(slot).map(|s| s.state)
     }
 
+    #[cfg(test)]
     pub(crate) fn slot_count(&self) -> usize {
         self.slots.len()
     }
@@ -247,14 +249,12 @@ impl Supervision {
         !self.shutting_down && !self.all_slots_errored()
     }
 
+    #[cfg(test)]
     pub(crate) fn phase(&self, worker: WorkerId) -> Option<Phase> {
         self.workers.get(&worker).map(|w| w.phase)
     }
 
-    pub(crate) fn worker_slot(&self, worker: WorkerId) -> Option<usize> {
-        self.workers.get(&worker).map(|w| w.slot)
-    }
-
+    #[cfg(test)]
     /// Workers spawned and not yet reported exited.
     pub(crate) fn workers(&self) -> impl Iterator<Item = WorkerId> + '_ {
         self.workers.keys().copied()
@@ -264,6 +264,7 @@ impl Supervision {
         self.reload.as_ref().and_then(|r| r.waiting)
     }
 
+    #[cfg(test)]
     pub(crate) fn reloading(&self) -> bool {
         self.reload.is_some()
     }
