@@ -1,6 +1,9 @@
 //! The master's one thread: listeners, worker channels, exit notifications (pidfds), output
 //! pipes, timers and commands, all in one mio `Poll`. Every decision about connections is made
-//! by the pure [`RoundRobinHandle`]; this module carries out its actions.
+//! by the pure [`crate::RoundRobinHandle`], every decision about which worker runs where by the pure
+//! [`Supervision`]; this module and its children carry out their actions: `spawn` starts worker
+//! processes and reads their output, `lifecycle` feeds supervision and does what it asks,
+//! `commands` takes the owner's commands.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -8,7 +11,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::Child;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use cluster_core::{
@@ -20,12 +23,13 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::channel::WorkerChannel;
-use crate::events::{Command, Event, MasterStats, WorkerInfo, WorkerState};
+use crate::events::{Command, Event, MasterStats, WorkerState};
 use crate::round_robin::Action;
 use crate::server::{Server, ServerKind};
 use crate::supervision::{Supervision, SupervisionConfig};
 use crate::{MasterBuilder, MasterError, sys};
 
+mod commands;
 mod lifecycle;
 mod spawn;
 
@@ -142,7 +146,11 @@ impl EventLoop {
             let bound = crate::bind::bind_spec(spec, false)?;
             prebound.push((name.clone(), bound.fd, bound.addr));
         }
-        let seed = u64::from(std::process::id()) ^ Instant::now().elapsed().as_nanos() as u64;
+        // Jitter only has to differ between masters started together.
+        let clock = std::time::SystemTime::UNIX_EPOCH
+            .elapsed()
+            .map_or(0, |d| d.as_nanos() as u64);
+        let seed = u64::from(std::process::id()) ^ clock;
         let sup = Supervision::new(
             SupervisionConfig {
                 restart: cfg.restart.clone(),
@@ -478,17 +486,6 @@ impl EventLoop {
         }
     }
 
-    /// Closes the reuse-port sockets kept for `slot`, which no worker will serve again (the
-    /// slot was removed or errored). Kept open, the kernel would go on hashing new clients
-    /// into their accept queues, where they would wait forever.
-    fn release_slot_sockets(&mut self, slot: usize) {
-        for server in self.servers.values_mut() {
-            if let ServerKind::ReusePort { sockets, .. } = &mut server.kind {
-                sockets.remove(&slot);
-            }
-        }
-    }
-
     fn close_server(&mut self, sid: ServerId) {
         let Some(mut server) = self.servers.remove(&sid) else {
             return;
@@ -754,26 +751,7 @@ impl EventLoop {
         run_actions(sid, handle, &mut self.fleet, self.now);
     }
 
-    // ---------------------------------------------------------------- lifecycle
-
-    /// Stops offering connections to a worker that is leaving; what is already in flight to it
-    /// stays there until it answers, so nothing is delivered twice.
-    fn retire(&mut self, id: WorkerId) {
-        let sids = self
-            .fleet
-            .workers
-            .get(&id)
-            .map(|w| w.servers.clone())
-            .unwrap_or_default();
-        for sid in sids {
-            if let Some(ServerKind::RoundRobin { handle, .. }) =
-                self.servers.get_mut(&sid).map(|s| &mut s.kind)
-            {
-                handle.retire(id, &mut self.fleet.actions);
-                run_actions(sid, handle, &mut self.fleet, self.now);
-            }
-        }
-    }
+    // ---------------------------------------------------------------- timers
 
     fn on_timers(&mut self) {
         let now = self.now;
@@ -805,74 +783,6 @@ impl EventLoop {
             {
                 handle.expire(now, &mut self.fleet.actions);
                 run_actions(sid, handle, &mut self.fleet, now);
-            }
-        }
-    }
-
-    // ---------------------------------------------------------------- commands
-
-    fn run_commands(&mut self) {
-        loop {
-            let cmd = match self.commands.try_recv() {
-                Ok(c) => c,
-                Err(TryRecvError::Empty) => return,
-                // The owner is gone: nobody can stop us any more, so stop now.
-                Err(TryRecvError::Disconnected) => Command::ForceShutdown,
-            };
-            match cmd {
-                Command::Scale(n) if n > 0 => self.supervise(Supervision::scale_up),
-                Command::Scale(_) => self.supervise(Supervision::scale_down),
-                Command::Send(id, payload, reply) => {
-                    let r = match self.fleet.channel(id) {
-                        Some(ch) => ch
-                            .send(&Message::User { payload }, &[])
-                            .map_err(|e| MasterError::io("send to worker", e.into())),
-                        None => Err(MasterError::NoSuchWorker(id)),
-                    };
-                    let _ = reply.send(r);
-                }
-                Command::Disconnect(id) => self.supervise(|s, now, out| s.disconnect(id, now, out)),
-                Command::Kill(id, sig) => {
-                    if let Some(w) = self.fleet.workers.get(&id) {
-                        w.signal(sig);
-                    }
-                }
-                Command::Reload => self.supervise(Supervision::reload),
-                Command::Shutdown => self.supervise(Supervision::shutdown),
-                Command::ForceShutdown => {
-                    for w in self.fleet.workers.values_mut() {
-                        w.exited_after_disconnect = true;
-                    }
-                    self.supervise(|s, _, out| s.force_shutdown(out));
-                }
-                Command::Workers(reply) => {
-                    let mut list: Vec<WorkerInfo> = self
-                        .fleet
-                        .workers
-                        .values()
-                        .map(|w| WorkerInfo {
-                            id: w.id,
-                            slot: w.slot,
-                            pid: w.pid,
-                            state: w.state,
-                            in_flight: w.in_flight,
-                        })
-                        .collect();
-                    list.sort_by_key(|w| w.id);
-                    let _ = reply.send(list);
-                }
-                Command::Stats(reply) => {
-                    let mut s = self.fleet.stats.clone();
-                    s.pending = self
-                        .servers
-                        .values()
-                        .map(|sv| match &sv.kind {
-                            ServerKind::RoundRobin { handle, .. } => handle.pending_len(),
-                            _ => 0,
-                        })
-                        .sum();
-                    let _ = reply.send(s);
-                }
             }
         }
     }

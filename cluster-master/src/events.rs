@@ -110,7 +110,7 @@ pub enum Event {
     },
 }
 
-/// One worker as reported by [`MasterControl::workers`].
+/// One worker as reported by [`crate::MasterControl::workers`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkerInfo {
     /// Its id.

@@ -9,8 +9,9 @@ use cluster_core::{Message, ServerId, WorkerId};
 use mio::unix::SourceFd;
 
 use super::spawn::is_resource_shortage;
-use super::{EventLoop, MAX_FRAMES_FINAL_DRAIN};
+use super::{EventLoop, MAX_FRAMES_FINAL_DRAIN, run_actions};
 use crate::events::{Event, WorkerState};
+use crate::server::ServerKind;
 use crate::supervision::{Action, ReloadFailure, Supervision};
 
 impl EventLoop {
@@ -139,5 +140,35 @@ impl EventLoop {
         };
         let after_disconnect = w.exited_after_disconnect;
         self.supervise(|s, now, out| s.exited(id, after_disconnect, now, out));
+    }
+
+    /// Stops offering connections to a worker that is leaving; what is already in flight to it
+    /// stays there until it answers, so nothing is delivered twice.
+    pub(super) fn retire(&mut self, id: WorkerId) {
+        let sids = self
+            .fleet
+            .workers
+            .get(&id)
+            .map(|w| w.servers.clone())
+            .unwrap_or_default();
+        for sid in sids {
+            if let Some(ServerKind::RoundRobin { handle, .. }) =
+                self.servers.get_mut(&sid).map(|s| &mut s.kind)
+            {
+                handle.retire(id, &mut self.fleet.actions);
+                run_actions(sid, handle, &mut self.fleet, self.now);
+            }
+        }
+    }
+
+    /// Closes the reuse-port sockets kept for `slot`, which no worker will serve again (the
+    /// slot was removed or errored). Kept open, the kernel would go on hashing new clients
+    /// into their accept queues, where they would wait forever.
+    fn release_slot_sockets(&mut self, slot: usize) {
+        for server in self.servers.values_mut() {
+            if let ServerKind::ReusePort { sockets, .. } = &mut server.kind {
+                sockets.remove(&slot);
+            }
+        }
     }
 }

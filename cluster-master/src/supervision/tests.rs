@@ -540,6 +540,8 @@ impl Sim {
             .map(|s| self.sup.slot_state(s))
             .collect();
         let ready_before = self.ready();
+        let mut planned_exit = false;
+        let mut reload_started = false;
         let mut out = Vec::new();
         let now = self.now;
         match *op {
@@ -562,6 +564,7 @@ impl Sim {
             Op::Exit(n) => {
                 if let Some(w) = self.pick(n) {
                     let told = self.alive.remove(&w).unwrap_or(false);
+                    planned_exit = told;
                     self.sup.exited(w, told, now, &mut out);
                 }
             }
@@ -571,8 +574,9 @@ impl Sim {
                 }
             }
             Op::Reload => {
-                if !self.sup.reloading() {
+                if !self.sup.reloading() && !self.shut_down {
                     self.reload_baseline = Some(ready_before);
+                    reload_started = true;
                 }
                 self.sup.reload(now, &mut out);
             }
@@ -601,6 +605,26 @@ impl Sim {
         }
         let actions = self.carry_out(out);
         self.check(op, &before, ready_before, &actions)?;
+        if planned_exit && !actions.iter().any(|a| matches!(a, Action::ReloadFailed(_))) {
+            // A worker that was told to leave (or said it would) is not replaced, unless it
+            // was a reload's new worker and its slot has nobody else.
+            prop_assert!(
+                !actions.iter().any(|a| matches!(
+                    a,
+                    Action::Spawn { .. } | Action::Restarting { .. } | Action::SlotErrored { .. }
+                )),
+                "a planned exit restarted its slot: {actions:?}"
+            );
+        }
+        if reload_started {
+            // Errored slots get a fresh start: even a spawn that fails is only their first
+            // crash.
+            for (slot, state) in before.iter().enumerate() {
+                if *state == Some(SlotState::Errored) {
+                    prop_assert_ne!(self.sup.slot_state(slot), Some(SlotState::Errored));
+                }
+            }
+        }
         if matches!(op, Op::Shutdown | Op::ForceShutdown) {
             self.shut_down = true;
         }
