@@ -311,12 +311,9 @@ impl Supervision {
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        let Some(w) = self.workers.remove(&worker) else {
+        let Some(w) = self.forget(worker, ReloadFailure::SpawnFailed, now, out) else {
             return;
         };
-        if self.replacement().is_some_and(|r| r.new == worker) {
-            return self.fail_reload(ReloadFailure::SpawnFailed(worker), now, out);
-        }
         let Some(s) = self.slots.get_mut(w.slot) else {
             return;
         };
@@ -383,12 +380,9 @@ impl Supervision {
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        let Some(w) = self.workers.remove(&worker) else {
+        let Some(w) = self.forget(worker, ReloadFailure::ExitedBeforeReady, now, out) else {
             return;
         };
-        if self.replacement().is_some_and(|r| r.new == worker) {
-            self.fail_reload(ReloadFailure::ExitedBeforeReady(worker), now, out);
-        }
         let Some(s) = self.slots.get_mut(w.slot) else {
             return;
         };
@@ -531,6 +525,22 @@ impl Supervision {
     }
 
     // ------------------------------------------------------------ internals
+
+    /// Stops tracking a worker whose process is gone or never ran; a reload waiting for it
+    /// fails.
+    fn forget(
+        &mut self,
+        worker: WorkerId,
+        failure: fn(WorkerId) -> ReloadFailure,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) -> Option<Worker> {
+        let w = self.workers.remove(&worker)?;
+        if self.replacement().is_some_and(|r| r.new == worker) {
+            self.fail_reload(failure(worker), now, out);
+        }
+        Some(w)
+    }
 
     fn new_worker(&mut self, slot: usize, now: Instant, out: &mut Vec<Action>) -> WorkerId {
         let worker = WorkerId(self.next_worker);

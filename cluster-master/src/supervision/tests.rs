@@ -46,11 +46,16 @@ impl Rig {
 
     /// Reports every requested spawn as successful (not ready yet) and returns the actions.
     fn settle(&mut self) -> Vec<Action> {
+        self.settle_spawns(false)
+    }
+
+    /// Reports every requested spawn as successful, `ready` or not, and returns the actions.
+    fn settle_spawns(&mut self, ready: bool) -> Vec<Action> {
         let mut seen = Vec::new();
         while !self.out.is_empty() {
             for a in std::mem::take(&mut self.out) {
                 if let Action::Spawn { worker, .. } = a {
-                    self.sup.spawned(worker, false, self.now, &mut self.out);
+                    self.sup.spawned(worker, ready, self.now, &mut self.out);
                 }
                 seen.push(a);
             }
@@ -223,15 +228,7 @@ fn a_reload_disconnects_each_old_worker_only_once_its_replacement_listens() {
 fn workers_that_hold_their_sockets_from_the_start_reload_at_once() {
     let mut rig = Rig::new(2);
     rig.sup.reload(rig.now, &mut rig.out);
-    let mut seen = Vec::new();
-    while !rig.out.is_empty() {
-        for a in std::mem::take(&mut rig.out) {
-            if let Action::Spawn { worker, .. } = a {
-                rig.sup.spawned(worker, true, rig.now, &mut rig.out);
-            }
-            seen.push(a);
-        }
-    }
+    let seen = rig.settle_spawns(true);
     assert_eq!(seen.last(), Some(&Action::ReloadDone));
     assert_eq!(
         seen.iter()
