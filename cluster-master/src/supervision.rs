@@ -254,8 +254,8 @@ impl Supervision {
         self.workers.get(&worker).map(|w| w.phase)
     }
 
-    #[cfg(test)]
     /// Workers spawned and not yet reported exited.
+    #[cfg(test)]
     pub(crate) fn workers(&self) -> impl Iterator<Item = WorkerId> + '_ {
         self.workers.keys().copied()
     }
