@@ -1,32 +1,41 @@
 //! The master's one thread: listeners, worker channels, exit notifications (pidfds), output
 //! pipes, timers and commands, all in one mio `Poll`. Every decision about connections is made
-//! by the pure [`RoundRobinHandle`]; this module carries out its actions.
+//! by the pure [`crate::RoundRobinHandle`], every decision about which worker runs where by the pure
+//! [`Supervision`]; this module and its children carry out their actions: `spawn` starts worker
+//! processes and reads their output, `lifecycle` feeds supervision and does what it asks,
+//! `commands` takes the owner's commands.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use cluster_core::{
     BoundAddr, ConnId, ListenError, ListenSpec, Message, RefuseReason, Seq, ServerId, ServerReply,
-    WorkerId, env,
+    WorkerId,
 };
-use cluster_ipc::{IpcError, Limits, Received};
+use cluster_ipc::{IpcError, Received};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::channel::WorkerChannel;
 use crate::events::{
-    Command, Event, EventReceiver, EventSender, MasterStats, WorkerInfo, WorkerState, event_queue,
+    Command, Event, EventReceiver, EventSender, MasterStats, WorkerState, event_queue,
 };
 use crate::round_robin::Action;
 use crate::server::{Server, ServerKind};
-use crate::supervisor::{Jitter, RestartDecision, SlotHistory};
+use crate::supervision::{Supervision, SupervisionConfig};
 use crate::{MasterBuilder, MasterError, sys};
+
+mod commands;
+mod lifecycle;
+mod spawn;
+
+use spawn::OutputPipe;
 
 /// Tokens carry a kind in the low bits and an id above them.
 const KIND_BITS: usize = 3;
@@ -58,32 +67,6 @@ const MAX_FRAMES_FINAL_DRAIN: usize = 1 << 20;
 /// [`MasterError::WorkerBackedUp`]. Hand-offs are bounded by the window instead.
 const MAX_QUEUED_FOR_WORKER: usize = 4 << 20;
 
-/// How soon a spawn that failed for want of fds, processes or memory is tried again.
-const SPAWN_RETRY: Duration = Duration::from_secs(1);
-/// Spawn retries for want of resources before the failure counts as a crash after all.
-const MAX_SHORTAGE_RETRIES: u32 = 60;
-
-fn is_resource_shortage(e: &MasterError) -> bool {
-    matches!(e, MasterError::Io { source, .. } if matches!(
-        source.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM)
-    ))
-}
-
-/// A line longer than this is delivered in pieces rather than buffered without bound.
-const MAX_LINE: usize = 64 * 1024;
-/// Reads (of 8 KiB) from one output pipe per pass before the others get a turn.
-const MAX_OUTPUT_READS: usize = 16;
-/// Reads from the pipes of a worker that has exited: what it left in them (64 KiB each
-/// unless enlarged). A grandchild still writing gets its pipe closed after that.
-const MAX_OUTPUT_READS_AT_EXIT: usize = 64;
-
-#[derive(Debug)]
-struct OutputPipe {
-    file: File,
-    buf: Vec<u8>,
-}
-
 #[derive(Debug)]
 struct WorkerRec {
     id: WorkerId,
@@ -96,12 +79,8 @@ struct WorkerRec {
     exited_after_disconnect: bool,
     /// Servers granted to it and not closed.
     servers: Vec<ServerId>,
-    started: Instant,
     stdout: Option<OutputPipe>,
     stderr: Option<OutputPipe>,
-    /// SIGKILL at this instant (a disconnect that takes too long).
-    kill_at: Option<Instant>,
-    ready: bool,
     /// SIGKILLed for a protocol violation or an ack timeout: only its answers still count, and
     /// what was in flight to it is re-queued once it has exited (`reap`), when its channel
     /// holds every answer it will ever send.
@@ -116,24 +95,6 @@ impl WorkerRec {
     fn signal(&self, signal: i32) {
         let _ = sys::pidfd_signal(self.pidfd.as_fd(), signal);
     }
-}
-
-#[derive(Debug, Default)]
-struct Slot {
-    current: Option<WorkerId>,
-    history: SlotHistory,
-    restart_at: Option<Instant>,
-    errored: bool,
-    removed: bool,
-    /// Spawns in a row that failed for want of resources.
-    shortage_retries: u32,
-}
-
-#[derive(Debug)]
-struct Reload {
-    queue: std::collections::VecDeque<usize>,
-    /// (slot, new worker, old worker, deadline for the new one to listen)
-    waiting: Option<(usize, WorkerId, Option<WorkerId>, Instant)>,
 }
 
 /// What carrying out a handle's actions touches, kept apart from the server table so that a
@@ -165,14 +126,11 @@ pub(crate) struct EventLoop {
     by_key: HashMap<cluster_core::ListenKey, ServerId>,
     next_server: u32,
     fleet: Fleet,
-    slots: Vec<Slot>,
-    next_worker: u32,
+    /// Every decision about which worker runs where.
+    sup: Supervision,
     /// The `listen_fd` sockets: name, socket, and what it is bound to (the real port for a
     /// port-0 spec).
     prebound: Vec<(String, OwnedFd, BoundAddr)>,
-    reload: Option<Reload>,
-    shutting_down: bool,
-    jitter: Jitter,
     reserve_fd: Option<File>,
     last_exit: String,
     now: Instant,
@@ -209,8 +167,20 @@ impl EventLoop {
             let bound = crate::bind::bind_spec(spec, false)?;
             prebound.push((name.clone(), bound.fd, bound.addr));
         }
-        let slots = (0..cfg.workers).map(|_| Slot::default()).collect();
-        let seed = u64::from(std::process::id()) ^ Instant::now().elapsed().as_nanos() as u64;
+        // Jitter only has to differ between masters started together.
+        let clock = std::time::SystemTime::UNIX_EPOCH
+            .elapsed()
+            .map_or(0, |d| d.as_nanos() as u64);
+        let seed = u64::from(std::process::id()) ^ clock;
+        let sup = Supervision::new(
+            SupervisionConfig {
+                restart: cfg.restart.clone(),
+                ready_timeout: cfg.ready_timeout,
+                shutdown_timeout: cfg.shutdown_timeout,
+            },
+            cfg.workers,
+            seed ^ 0x9e37_79b9_7f4a_7c15,
+        );
         let event_loop = EventLoop {
             poll,
             waker,
@@ -221,12 +191,8 @@ impl EventLoop {
             by_key: HashMap::new(),
             next_server: 1,
             fleet: Fleet::default(),
-            slots,
-            next_worker: 1,
+            sup,
             prebound,
-            reload: None,
-            shutting_down: false,
-            jitter: Jitter::new(seed ^ 0x9e37_79b9_7f4a_7c15),
             // Kept open so that on EMFILE one fd can be freed to accept and shed a connection
             // instead of leaving it in the backlog, where edge-triggered epoll never reports it
             // again (hazard C1).
@@ -302,9 +268,7 @@ impl EventLoop {
     }
 
     pub(crate) fn run(mut self) -> Result<(), MasterError> {
-        for slot in 0..self.slots.len() {
-            self.spawn_into_slot(slot);
-        }
+        self.supervise(Supervision::start);
         let mut events = Events::with_capacity(256);
         let result = loop {
             self.timer_due = self.next_deadline();
@@ -340,12 +304,12 @@ impl EventLoop {
             self.resume_paused();
             self.drop_doomed();
             if self.fleet.workers.is_empty() {
-                if self.shutting_down {
+                if self.sup.shutting_down() {
                     break Ok(());
                 }
-                if self.all_slots_errored() {
+                if self.sup.all_slots_errored() {
                     break Err(MasterError::AllSlotsErrored {
-                        slots: self.slots.iter().filter(|s| !s.removed).count(),
+                        slots: self.sup.live_slots(),
                         last: self.last_exit.clone(),
                     });
                 }
@@ -392,11 +356,6 @@ impl EventLoop {
             .sum()
     }
 
-    fn all_slots_errored(&self) -> bool {
-        let live: Vec<&Slot> = self.slots.iter().filter(|s| !s.removed).collect();
-        !live.is_empty() && live.iter().all(|s| s.errored)
-    }
-
     /// The earliest instant at which a timer is due, computed right before each poll.
     fn next_deadline(&self) -> Option<Instant> {
         let mut next: Option<Instant> = None;
@@ -405,11 +364,8 @@ impl EventLoop {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         };
-        for s in &self.slots {
-            consider(s.restart_at);
-        }
+        consider(self.sup.next_deadline());
         for w in self.fleet.workers.values() {
-            consider(w.kill_at);
             consider(self.ack_deadline(w));
         }
         for s in self.servers.values() {
@@ -426,175 +382,7 @@ impl EventLoop {
                 }
             }
         }
-        if let Some(r) = &self.reload {
-            consider(r.waiting.map(|w| w.3));
-        }
         next
-    }
-
-    // ---------------------------------------------------------------- spawning
-
-    fn spawn_into_slot(&mut self, slot: usize) -> Option<WorkerId> {
-        match self.spawn_worker(slot) {
-            Ok(id) => {
-                if let Some(s) = self.slots.get_mut(slot) {
-                    s.current = Some(id);
-                    s.shortage_retries = 0;
-                }
-                Some(id)
-            }
-            Err(e) => {
-                self.last_exit = format!("spawn {}: {e}", self.cfg.program.display());
-                let retry = is_resource_shortage(&e)
-                    && self
-                        .slots
-                        .get_mut(slot)
-                        .is_some_and(|s| s.shortage_retries < MAX_SHORTAGE_RETRIES);
-                if retry {
-                    // Out of fds, processes or memory: not the program's fault, and it usually
-                    // passes (queued connections expire, workers finish). Counting it as a
-                    // crash would error the slot within seconds, and with every slot errored
-                    // stop the master. A shortage that lasts (a limit set too low) ends up
-                    // counted after all.
-                    let after = SPAWN_RETRY;
-                    if let Some(s) = self.slots.get_mut(slot) {
-                        s.shortage_retries += 1;
-                        s.restart_at = Some(self.now + after);
-                    }
-                    self.emit(Event::Restarting { slot, after });
-                } else {
-                    // A program that cannot start is a crash at uptime zero: back off, then
-                    // give up.
-                    self.on_slot_crash(slot, Duration::ZERO);
-                }
-                None
-            }
-        }
-    }
-
-    fn spawn_worker(&mut self, slot: usize) -> Result<WorkerId, MasterError> {
-        let id = WorkerId(self.next_worker);
-        self.next_worker += 1;
-        let n_listen = self.prebound.len();
-        let channel_fd = env::DEFAULT_CHANNEL_FD + n_listen as i32;
-        let mut cmd = if n_listen > 0 {
-            // LISTEN_PID must be the worker's own pid, known only after fork; a shell sets it
-            // and execs in place, so the pid is the same.
-            let mut c = std::process::Command::new("/bin/sh");
-            c.arg("-c")
-                .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"");
-            c.arg(&self.cfg.program);
-            let names: Vec<&str> = self.prebound.iter().map(|(n, ..)| n.as_str()).collect();
-            c.env("LISTEN_FDS", n_listen.to_string())
-                .env("LISTEN_FDNAMES", names.join(":"));
-            c
-        } else {
-            std::process::Command::new(&self.cfg.program)
-        };
-        cmd.args(&self.cfg.args)
-            .envs(self.cfg.env.iter().map(|(k, v)| (k, v)))
-            .env(env::WORKER_ID, id.0.to_string())
-            .env(env::CHANNEL_FD, channel_fd.to_string())
-            .env(env::WORKER_SLOT, slot.to_string())
-            .stdin(Stdio::null());
-        if self.cfg.capture_output {
-            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        }
-        let limits = Limits {
-            max_frame: self.cfg.max_frame,
-            accept_fds: false,
-        };
-        let mut channel = cluster_ipc::spawn_with_channel(&mut cmd, channel_fd, limits)
-            .map_err(|e| MasterError::io("socketpair", e.into()))?;
-        if n_listen > 0 {
-            let fds: Vec<_> = self.prebound.iter().map(|(_, fd, _)| fd.as_fd()).collect();
-            sys::inherit_listen_fds(&mut cmd, &fds, env::DEFAULT_CHANNEL_FD)
-                .map_err(|e| MasterError::io("prepare LISTEN_FDS", e))?;
-            sys::term_with_master(&mut cmd);
-        }
-        sys::cloexec_from(&mut cmd, channel_fd + 1);
-        let mut child = cmd.spawn().map_err(|e| MasterError::io("spawn", e))?;
-        // Dropping the command closes our copy of the child's channel end, so that the child's
-        // exit shows up as EOF here.
-        drop(cmd);
-        let pid = child.id();
-        let pidfd = match sys::pidfd_open(pid) {
-            Ok(fd) => fd,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(MasterError::io("pidfd_open", e));
-            }
-        };
-        let reg = self.poll.registry();
-        let registered = reg
-            .register(
-                &mut channel,
-                token(KIND_CHANNEL, id.0),
-                Interest::READABLE | Interest::WRITABLE,
-            )
-            .and_then(|_| {
-                reg.register(
-                    &mut SourceFd(&pidfd.as_raw_fd()),
-                    token(KIND_PIDFD, id.0),
-                    Interest::READABLE,
-                )
-            });
-        if let Err(e) = registered {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(MasterError::io("register worker", e));
-        }
-        let stdout = child
-            .stdout
-            .take()
-            .and_then(|p| self.register_pipe(OwnedFd::from(p), token(KIND_STDOUT, id.0)));
-        let stderr = child
-            .stderr
-            .take()
-            .and_then(|p| self.register_pipe(OwnedFd::from(p), token(KIND_STDERR, id.0)));
-        self.fleet.workers.insert(
-            id,
-            WorkerRec {
-                id,
-                slot,
-                pid,
-                child,
-                pidfd,
-                channel: Some(Box::new(channel)),
-                state: WorkerState::Spawned,
-                exited_after_disconnect: false,
-                servers: Vec::new(),
-                started: self.now,
-                stdout,
-                stderr,
-                kill_at: None,
-                // A LISTEN_FDS worker holds its sockets from the first instruction.
-                ready: n_listen > 0,
-                dropping: false,
-                held_message: None,
-            },
-        );
-        self.emit(Event::Fork {
-            worker: id,
-            slot,
-            pid,
-        });
-        Ok(id)
-    }
-
-    fn register_pipe(&self, fd: OwnedFd, tok: Token) -> Option<OutputPipe> {
-        let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).ok()?;
-        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
-        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags)).ok()?;
-        self.poll
-            .registry()
-            .register(&mut SourceFd(&fd.as_raw_fd()), tok, Interest::READABLE)
-            .ok()?;
-        Some(OutputPipe {
-            file: File::from(fd),
-            buf: Vec::new(),
-        })
     }
 
     // ---------------------------------------------------------------- accepting
@@ -802,9 +590,7 @@ impl EventLoop {
         drop(ch);
         w.state = WorkerState::Disconnected;
         // A worker without a channel cannot be told to stop; do not let it linger.
-        if w.kill_at.is_none() {
-            w.kill_at = Some(self.now + self.cfg.shutdown_timeout);
-        }
+        self.sup.channel_closed(id, self.now);
         let servers = std::mem::take(&mut w.servers);
         for sid in servers {
             self.release_server(sid, id, false);
@@ -815,7 +601,7 @@ impl EventLoop {
     /// `id` no longer holds `sid`. Its in-flight connections are re-queued; the server closes
     /// when its last holder closed it explicitly or no worker will come back for it.
     fn release_server(&mut self, sid: ServerId, id: WorkerId, explicit_close: bool) {
-        let replacement_coming = !self.shutting_down && !self.all_slots_errored();
+        let replacement_coming = self.sup.replacement_possible();
         let Some(server) = self.servers.get_mut(&sid) else {
             return;
         };
@@ -828,17 +614,6 @@ impl EventLoop {
         }
         if server.holders.is_empty() && (explicit_close || !replacement_coming) {
             self.close_server(sid);
-        }
-    }
-
-    /// Closes the reuse-port sockets kept for `slot`, which no worker will serve again (the
-    /// slot was removed or errored). Kept open, the kernel would go on hashing new clients
-    /// into their accept queues, where they would wait forever.
-    fn release_slot_sockets(&mut self, slot: usize) {
-        for server in self.servers.values_mut() {
-            if let ServerKind::ReusePort { sockets, .. } = &mut server.kind {
-                sockets.remove(&slot);
-            }
         }
     }
 
@@ -896,6 +671,7 @@ impl EventLoop {
                     w.exited_after_disconnect = true;
                     w.state = WorkerState::Disconnecting;
                 }
+                self.sup.leaving(id);
                 self.retire(id);
             }
             // Read by the drain loop itself, which holds it when the embedder is behind.
@@ -1072,7 +848,6 @@ impl EventLoop {
         let draining = w.state == WorkerState::Disconnecting;
         if !draining {
             w.state = WorkerState::Listening;
-            w.ready = true;
         }
         // Round-robin hand-offs start only now that the worker says it takes connections, so
         // one that listened but never serves holds nothing in flight.
@@ -1088,7 +863,7 @@ impl EventLoop {
             server: sid,
             addr,
         });
-        self.advance_reload();
+        self.supervise(|s, now, out| s.listening(id, now, out));
     }
 
     fn on_answer(&mut self, id: WorkerId, conn: ConnId, refused: Option<RefuseReason>) {
@@ -1121,162 +896,7 @@ impl EventLoop {
         run_actions(sid, handle, &mut self.fleet);
     }
 
-    // ---------------------------------------------------------------- lifecycle
-
-    /// Stops offering connections to a worker that is leaving; what is already in flight to it
-    /// stays there until it answers, so nothing is delivered twice.
-    fn retire(&mut self, id: WorkerId) {
-        let sids = self
-            .fleet
-            .workers
-            .get(&id)
-            .map(|w| w.servers.clone())
-            .unwrap_or_default();
-        for sid in sids {
-            if let Some(ServerKind::RoundRobin { handle, .. }) =
-                self.servers.get_mut(&sid).map(|s| &mut s.kind)
-            {
-                handle.retire(id, self.now, &mut self.fleet.actions);
-                run_actions(sid, handle, &mut self.fleet);
-            }
-        }
-    }
-
-    fn disconnect_worker(&mut self, id: WorkerId) {
-        let timeout = self.cfg.shutdown_timeout;
-        let Some(w) = self.fleet.workers.get_mut(&id) else {
-            return;
-        };
-        if w.exited_after_disconnect && w.kill_at.is_some() {
-            return;
-        }
-        w.exited_after_disconnect = true;
-        w.state = WorkerState::Disconnecting;
-        w.kill_at = Some(self.now + timeout);
-        let sent = w
-            .channel
-            .as_mut()
-            .map(|ch| ch.send(&Message::Disconnect, &[]));
-        self.retire(id);
-        if let Some(Err(e)) = sent {
-            self.channel_failed(id, e);
-        }
-    }
-
-    fn reap(&mut self, id: WorkerId) {
-        // Called when the worker's pidfd is readable: it has exited. `ECHILD` means somebody
-        // else reaped it (a process that ignores SIGCHLD has its children reaped by the
-        // kernel): it is gone all the same, only its status is unknown.
-        let status = match self.fleet.workers.get_mut(&id).map(|w| w.child.try_wait()) {
-            Some(Ok(Some(status))) => Some(status),
-            Some(Err(e)) if e.raw_os_error() == Some(libc::ECHILD) => None,
-            _ => return,
-        };
-        self.drain_channel_up_to(id, MAX_FRAMES_FINAL_DRAIN);
-        self.drop_doomed();
-        self.channel_closed(id);
-        for stderr in [false, true] {
-            self.read_output(id, stderr, MAX_OUTPUT_READS_AT_EXIT);
-        }
-        let Some(w) = self.fleet.workers.remove(&id) else {
-            return;
-        };
-        let _ = self
-            .poll
-            .registry()
-            .deregister(&mut SourceFd(&w.pidfd.as_raw_fd()));
-        use std::os::unix::process::ExitStatusExt;
-        let (code, signal) = status.map_or((None, None), |s| (s.code(), s.signal()));
-        if self.shutting_down && !(w.exited_after_disconnect && code == Some(0)) {
-            self.unclean_exits += 1;
-        }
-        let uptime = self.now.saturating_duration_since(w.started);
-        self.emit(Event::Exit {
-            worker: id,
-            slot: w.slot,
-            pid: w.pid,
-            code,
-            signal,
-            exited_after_disconnect: w.exited_after_disconnect,
-        });
-        self.last_exit = match (code, signal) {
-            (Some(c), _) => format!("worker {id} (pid {}) exited with code {c}", w.pid),
-            (_, Some(s)) => format!("worker {id} (pid {}) killed by signal {s}", w.pid),
-            _ => format!("worker {id} (pid {}) ended", w.pid),
-        };
-        // A new worker of a reload that dies before listening stops the reload.
-        if let Some(r) = &self.reload
-            && r.waiting.is_some_and(|(_, new, _, _)| new == id)
-        {
-            self.fail_reload(format!(
-                "new worker {id} exited before listening ({})",
-                self.last_exit
-            ));
-        }
-        let Some(slot) = self.slots.get_mut(w.slot) else {
-            return;
-        };
-        if slot.current != Some(id) {
-            return;
-        }
-        slot.current = None;
-        if w.exited_after_disconnect || self.shutting_down || slot.removed {
-            return;
-        }
-        // A reload is already bringing up this slot's replacement: restarting too would leave
-        // two workers in one slot.
-        let replacement_coming = self
-            .reload
-            .as_ref()
-            .and_then(|r| r.waiting)
-            .is_some_and(|(s, _, _, _)| s == w.slot);
-        if replacement_coming {
-            return;
-        }
-        self.on_slot_crash(w.slot, uptime);
-    }
-
-    fn on_slot_crash(&mut self, slot: usize, uptime: Duration) {
-        if self.shutting_down {
-            return;
-        }
-        let unit = self.jitter.next_unit();
-        let policy = self.cfg.restart.clone();
-        let now = self.now;
-        let Some(s) = self.slots.get_mut(slot) else {
-            return;
-        };
-        match s.history.on_crash(&policy, uptime, now, unit) {
-            RestartDecision::RestartAt(t) => {
-                s.restart_at = Some(t);
-                self.emit(Event::Restarting {
-                    slot,
-                    after: t.saturating_duration_since(now),
-                });
-            }
-            RestartDecision::Errored { crashes } => {
-                s.errored = true;
-                self.release_slot_sockets(slot);
-                let reason = format!(
-                    "{crashes} crashes in a row right after start; last: {}",
-                    self.last_exit
-                );
-                self.emit(Event::SlotErrored { slot, reason });
-                if self.all_slots_errored() {
-                    // Nobody will come back for the servers: close them now.
-                    let idle: Vec<ServerId> = self
-                        .servers
-                        .values()
-                        .filter(|s| s.holders.is_empty())
-                        .map(|s| s.id)
-                        .collect();
-                    for sid in idle {
-                        self.close_server(sid);
-                    }
-                }
-            }
-        }
-    }
+    // ---------------------------------------------------------------- timers
 
     fn on_timers(&mut self) {
         let now = self.now;
@@ -1285,15 +905,7 @@ impl EventLoop {
         if self.timer_due.is_none_or(|t| t > now) {
             return;
         }
-        for slot in 0..self.slots.len() {
-            let due = self.slots[slot].restart_at.is_some_and(|t| t <= now);
-            if due {
-                self.slots[slot].restart_at = None;
-                if !self.shutting_down && !self.slots[slot].removed {
-                    self.spawn_into_slot(slot);
-                }
-            }
-        }
+        self.supervise(Supervision::on_timers);
         let ack_timeout = self.cfg.ack_timeout;
         let stuck: Vec<WorkerId> = self
             .fleet
@@ -1302,12 +914,6 @@ impl EventLoop {
             .filter(|w| self.ack_deadline(w).is_some_and(|t| t <= now))
             .map(|w| w.id)
             .collect();
-        for w in self.fleet.workers.values_mut() {
-            if w.kill_at.is_some_and(|t| t <= now) {
-                w.kill_at = None;
-                w.signal(libc::SIGKILL);
-            }
-        }
         for id in stuck {
             self.doom(
                 id,
@@ -1322,318 +928,6 @@ impl EventLoop {
             {
                 handle.expire(now, &mut self.fleet.actions);
                 run_actions(sid, handle, &mut self.fleet);
-            }
-        }
-        if let Some(r) = &self.reload
-            && r.waiting.is_some_and(|(_, _, _, deadline)| deadline <= now)
-        {
-            self.fail_reload("new worker did not reach listening in time".into());
-        }
-    }
-
-    // ---------------------------------------------------------------- reload
-
-    fn start_reload(&mut self) {
-        if self.reload.is_some() || self.shutting_down {
-            return;
-        }
-        // A reload is how a fixed program gets deployed: errored slots get a fresh start too
-        // (with a clean crash count) instead of staying dead until the master restarts. They
-        // start the new program already, so the rolling part skips them.
-        let mut revived = Vec::new();
-        for slot in 0..self.slots.len() {
-            let Some(s) = self.slots.get_mut(slot) else {
-                continue;
-            };
-            if s.errored && !s.removed && s.current.is_none() {
-                s.errored = false;
-                s.history = SlotHistory::default();
-                revived.push(slot);
-                self.spawn_into_slot(slot);
-            }
-        }
-        let queue = (0..self.slots.len())
-            .filter(|s| !self.slots[*s].removed && !self.slots[*s].errored)
-            .filter(|s| !revived.contains(s))
-            .collect();
-        self.reload = Some(Reload {
-            queue,
-            waiting: None,
-        });
-        self.advance_reload();
-    }
-
-    fn advance_reload(&mut self) {
-        loop {
-            let Some(r) = &mut self.reload else { return };
-            if let Some((slot, new, old, _)) = r.waiting {
-                let ready = self.fleet.workers.get(&new).is_some_and(|w| w.ready);
-                if !ready {
-                    return;
-                }
-                r.waiting = None;
-                let removed = self.slots.get(slot).is_none_or(|s| s.removed);
-                if removed {
-                    // Scaled down while its replacement started: nobody wants either, nor the
-                    // reuse-port socket the replacement may have had bound for the slot.
-                    self.disconnect_worker(new);
-                    self.release_slot_sockets(slot);
-                } else if let Some(s) = self.slots.get_mut(slot) {
-                    s.current = Some(new);
-                }
-                if let Some(old) = old {
-                    self.disconnect_worker(old);
-                }
-                continue;
-            }
-            let Some(slot) = r.queue.pop_front() else {
-                self.reload = None;
-                self.emit(Event::ReloadDone);
-                return;
-            };
-            let Some(s) = self.slots.get_mut(slot) else {
-                continue;
-            };
-            if s.removed {
-                continue;
-            }
-            // The new worker takes the slot: a restart still pending for it (crash backoff,
-            // a spawn retry) would put a second worker there.
-            s.restart_at = None;
-            let old = s.current;
-            match self.spawn_worker(slot) {
-                Ok(new) => {
-                    let deadline = self.now + self.cfg.ready_timeout;
-                    if let Some(r) = &mut self.reload {
-                        r.waiting = Some((slot, new, old, deadline));
-                    }
-                    // Until the old one is replaced the new worker is not the slot's current,
-                    // so its crash does not restart anything: the old one keeps serving.
-                }
-                Err(e) => return self.fail_reload(format!("spawn: {e}")),
-            }
-        }
-    }
-
-    fn fail_reload(&mut self, reason: String) {
-        let Some(r) = self.reload.take() else {
-            return;
-        };
-        if let Some((slot, new, _, _)) = r.waiting {
-            let slot_empty = self.slots.get(slot).is_some_and(|s| s.current.is_none());
-            if !slot_empty {
-                // The old worker still serves this slot: the half-started new one goes.
-                self.disconnect_worker(new);
-            } else if self.fleet.workers.contains_key(&new) {
-                // The old worker crashed meanwhile: the new one is all this slot has.
-                if let Some(s) = self.slots.get_mut(slot) {
-                    s.current = Some(new);
-                }
-            } else {
-                // Both are gone: the slot restarts as after any crash.
-                self.on_slot_crash(slot, Duration::ZERO);
-            }
-        }
-        self.emit(Event::ReloadFailed { reason });
-    }
-
-    // ---------------------------------------------------------------- output
-
-    fn output_ready(&mut self, id: WorkerId, stderr: bool) {
-        self.read_output(id, stderr, MAX_OUTPUT_READS);
-    }
-
-    /// Reads up to `max_reads` chunks of a worker's stdout or stderr and emits its lines. A
-    /// normal pass stops when the embedder has no room for more lines (the worker's writes
-    /// then block on the full pipe) or at the bound (so a worker writing without pause cannot
-    /// hold the loop), and is resumed later; the last read of an exited worker takes what is
-    /// left whatever the room.
-    fn read_output(&mut self, id: WorkerId, stderr: bool, max_reads: usize) {
-        let source = Source::Output { worker: id, stderr };
-        let final_read = max_reads == MAX_OUTPUT_READS_AT_EXIT;
-        let mut chunk = [0u8; 8192];
-        let mut lines = Vec::new();
-        let mut closed = false;
-        let mut drained = false;
-        let mut reads = 0;
-        while reads < max_reads {
-            if !final_read && !self.room_for_bulk(source) {
-                drained = true;
-                break;
-            }
-            let Some(p) = self.fleet.workers.get_mut(&id).and_then(|w| {
-                if stderr {
-                    w.stderr.as_mut()
-                } else {
-                    w.stdout.as_mut()
-                }
-            }) else {
-                return;
-            };
-            reads += 1;
-            match p.file.read(&mut chunk) {
-                Ok(0) => {
-                    closed = true;
-                    break;
-                }
-                Ok(n) => {
-                    p.buf.extend_from_slice(&chunk[..n]);
-                    while let Some(pos) = p.buf.iter().position(|b| *b == b'\n') {
-                        let line: Vec<u8> = p.buf.drain(..=pos).collect();
-                        lines.push(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
-                    }
-                    if p.buf.len() > MAX_LINE {
-                        lines.push(String::from_utf8_lossy(&p.buf).into_owned());
-                        p.buf.clear();
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    drained = true;
-                    break;
-                }
-                Err(_) => {
-                    closed = true;
-                    break;
-                }
-            }
-            // Emitted as they come, so the room check before the next read counts them.
-            let pid = self.fleet.workers.get(&id).map_or(0, |w| w.pid);
-            for line in lines.drain(..) {
-                self.emit(Event::Output {
-                    worker: id,
-                    pid,
-                    stderr,
-                    line,
-                });
-            }
-        }
-        let Some(w) = self.fleet.workers.get_mut(&id) else {
-            return;
-        };
-        let pid = w.pid;
-        let pipe = if stderr { &mut w.stderr } else { &mut w.stdout };
-        if closed && let Some(p) = pipe.take() {
-            if !p.buf.is_empty() {
-                lines.push(String::from_utf8_lossy(&p.buf).into_owned());
-            }
-            let _ = self
-                .poll
-                .registry()
-                .deregister(&mut SourceFd(&p.file.as_raw_fd()));
-        } else if !drained && !final_read && !self.unread.contains(&source) {
-            self.unread.push(source);
-        }
-        for line in lines {
-            self.emit(Event::Output {
-                worker: id,
-                pid,
-                stderr,
-                line,
-            });
-        }
-    }
-
-    // ---------------------------------------------------------------- commands
-
-    fn run_commands(&mut self) {
-        loop {
-            let cmd = match self.commands.try_recv() {
-                Ok(c) => c,
-                Err(TryRecvError::Empty) => return,
-                // The owner is gone: nobody can stop us any more, so stop now.
-                Err(TryRecvError::Disconnected) => Command::ForceShutdown,
-            };
-            match cmd {
-                Command::Scale(n) if n > 0 => {
-                    if !self.shutting_down {
-                        self.slots.push(Slot::default());
-                        self.spawn_into_slot(self.slots.len() - 1);
-                    }
-                }
-                Command::Scale(_) => {
-                    let last = self.slots.iter().rposition(|s| !s.removed);
-                    let live = self.slots.iter().filter(|s| !s.removed).count();
-                    if let (Some(i), true) = (last, live > 1) {
-                        self.slots[i].removed = true;
-                        self.slots[i].restart_at = None;
-                        // Its worker keeps its own copy while it drains; when it exits, the
-                        // socket is gone before its Exit event.
-                        self.release_slot_sockets(i);
-                        if let Some(w) = self.slots[i].current {
-                            self.disconnect_worker(w);
-                        }
-                    }
-                }
-                Command::Send(id, payload, reply) => {
-                    let r = match self.fleet.channel(id) {
-                        Some(ch) if ch.pending_output_bytes() > MAX_QUEUED_FOR_WORKER => {
-                            Err(MasterError::WorkerBackedUp {
-                                worker: id,
-                                queued: ch.pending_output_bytes(),
-                            })
-                        }
-                        Some(ch) => ch
-                            .send(&Message::User { payload }, &[])
-                            .map_err(|e| MasterError::io("send to worker", e.into())),
-                        None => Err(MasterError::NoSuchWorker(id)),
-                    };
-                    let _ = reply.send(r);
-                }
-                Command::Disconnect(id) => self.disconnect_worker(id),
-                Command::Kill(id, sig) => {
-                    if let Some(w) = self.fleet.workers.get(&id) {
-                        w.signal(sig);
-                    }
-                }
-                Command::Reload => self.start_reload(),
-                Command::Shutdown => {
-                    self.shutting_down = true;
-                    self.reload = None;
-                    for s in &mut self.slots {
-                        s.restart_at = None;
-                    }
-                    let ids: Vec<WorkerId> = self.fleet.workers.keys().copied().collect();
-                    for id in ids {
-                        self.disconnect_worker(id);
-                    }
-                }
-                Command::ForceShutdown => {
-                    self.shutting_down = true;
-                    self.reload = None;
-                    for w in self.fleet.workers.values_mut() {
-                        w.exited_after_disconnect = true;
-                        w.signal(libc::SIGKILL);
-                    }
-                }
-                Command::Workers(reply) => {
-                    let mut list: Vec<WorkerInfo> = self
-                        .fleet
-                        .workers
-                        .values()
-                        .map(|w| WorkerInfo {
-                            id: w.id,
-                            slot: w.slot,
-                            pid: w.pid,
-                            state: w.state,
-                            in_flight: self.in_flight_to(w),
-                        })
-                        .collect();
-                    list.sort_by_key(|w| w.id);
-                    let _ = reply.send(list);
-                }
-                Command::Stats(reply) => {
-                    let mut s = self.fleet.stats.clone();
-                    s.pending = self
-                        .servers
-                        .values()
-                        .map(|sv| match &sv.kind {
-                            ServerKind::RoundRobin { handle, .. } => handle.pending_len(),
-                            _ => 0,
-                        })
-                        .sum();
-                    let _ = reply.send(s);
-                }
             }
         }
     }

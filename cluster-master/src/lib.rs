@@ -20,7 +20,10 @@
 //!
 //! Crashed workers are restarted with exponential backoff and jitter; a slot that keeps
 //! crashing right after start is marked errored. A rolling reload replaces one slot at a time
-//! and only disconnects the old worker once the new one is listening.
+//! and only disconnects the old worker once the new one is listening. These decisions are made
+//! by a second pure state machine (the private `supervision` module, built on
+//! [`RestartPolicy`] and [`SlotHistory`]); the event loop feeds it what happens to the
+//! processes and carries out the spawns, disconnects and kills it asks for.
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 
@@ -33,6 +36,7 @@ mod events;
 mod master;
 mod round_robin;
 mod server;
+mod supervision;
 mod supervisor;
 mod sys;
 
