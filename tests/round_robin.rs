@@ -46,7 +46,7 @@ fn four_workers_share_one_port_and_split_evenly() {
 }
 
 #[test]
-fn eaddrinuse_reaches_the_worker_and_a_retry_after_release_works() {
+fn eaddrinuse_reaches_the_worker_and_errors_its_slot_with_the_cause() {
     let _fds = shared_fds();
     let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = holder.local_addr().expect("addr").port();
@@ -54,16 +54,47 @@ fn eaddrinuse_reaches_the_worker_and_a_retry_after_release_works() {
     let mut c = Cluster::start(
         MasterBuilder::new(raw_worker())
             .args([spec.as_str(), "serve"])
-            .capture_output(true)
-            .restart_policy(cluster_master::RestartPolicy {
-                max_fast_crashes: 1000,
-                ..Default::default()
-            }),
+            .capture_output(true),
     );
     c.wait_for(WAIT, |e| matches!(e, Event::Output { line, .. } if line == &format!("LISTEN_ERROR {}", libc::EADDRINUSE)));
     c.wait_for(WAIT, |e| matches!(e, Event::Exit { code: Some(3), .. }));
+    // A restart would meet the same error: the slot errors at once, with the cause.
+    let errored = c.wait_for(WAIT, |e| matches!(e, Event::SlotErrored { .. }));
+    let want = format!("127.0.0.1:{port}: address already in use");
+    assert!(
+        matches!(&errored, Event::SlotErrored { reason, .. } if reason.contains(&want)),
+        "{errored:?}"
+    );
+    assert!(
+        !c.seen.iter().any(|e| matches!(e, Event::Restarting { .. })),
+        "{:?}",
+        c.seen
+    );
+    let master = c.master.take().expect("master");
+    let stopped = master.wait();
+    assert!(
+        matches!(&stopped, Err(cluster_master::MasterError::AllSlotsErrored { last, .. }) if last.contains(&want)),
+        "{stopped:?}"
+    );
+}
+
+#[test]
+fn a_failed_bind_is_not_kept_so_a_later_listen_binds_afresh() {
+    let _fds = shared_fds();
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = holder.local_addr().expect("addr").port();
+    let spec = format!("tcp:127.0.0.1:{port}");
+    let mut c = Cluster::start(
+        MasterBuilder::new(raw_worker())
+            .args([spec.as_str(), "retry-listen"])
+            .capture_output(true),
+    );
+    c.wait_for(
+        WAIT,
+        |e| matches!(e, Event::Output { line, .. } if line == "LISTEN_RETRYING"),
+    );
     drop(holder);
-    // The master did not keep the failed key: the restarted worker binds for real.
+    // The master did not keep the failed key: the worker's next listen binds for real.
     let addr = inet(&c.wait_listening(1));
     assert_eq!(addr.port(), port);
     ask_worker(addr).expect("served after the port was released");

@@ -844,3 +844,28 @@ fn an_unclean_stop_has_one_verdict() {
         "{err:?}"
     );
 }
+
+#[test]
+fn a_port_in_use_is_reported_once_with_its_cause_and_not_retried() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port().to_string();
+    let started = Instant::now();
+    let mut c = Cluster::start(&["-n", "2", "--port", &port]);
+    let status = c.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1));
+    let took = started.elapsed();
+    let err = c.stderr_lines();
+    let reason = format!("127.0.0.1:{port}: address already in use");
+    let fatal: Vec<&String> = err
+        .iter()
+        .filter(|l| l.starts_with("cluster-cli: "))
+        .collect();
+    assert_eq!(fatal.len(), 1, "{err:?}");
+    assert!(fatal[0].contains(&reason), "{fatal:?}");
+    assert!(
+        !c.seen.iter().any(|l| l.contains(" restarting in ")),
+        "restarted for an error a restart cannot fix: {:?}",
+        c.seen
+    );
+    eprintln!("port in use: exit 1 after {took:?}: {}", fatal[0]);
+}

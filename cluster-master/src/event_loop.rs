@@ -88,6 +88,8 @@ struct WorkerRec {
     /// A user message read while the embedder had no room: the channel is paused until it
     /// can be delivered.
     held_message: Option<Event>,
+    /// Its last listen failed for a reason a restart cannot fix (`ADDR: error`).
+    listen_failure: Option<String>,
 }
 
 impl WorkerRec {
@@ -792,7 +794,16 @@ impl EventLoop {
                         sid
                     }
                     // The key is not stored, so a later query binds afresh (Node's rule).
-                    Err(e) => return self.reply(id, seq, Err(e)),
+                    Err(e) => {
+                        if matches!(
+                            e.errno,
+                            libc::EADDRINUSE | libc::EADDRNOTAVAIL | libc::EACCES
+                        ) && let Some(w) = self.fleet.workers.get_mut(&id)
+                        {
+                            w.listen_failure = Some(bind_failure(&spec, e.errno));
+                        }
+                        return self.reply(id, seq, Err(e));
+                    }
                 }
             }
         };
@@ -822,6 +833,7 @@ impl EventLoop {
                 server.holders.insert(id);
                 if let Some(w) = self.fleet.workers.get_mut(&id) {
                     w.servers.push(sid);
+                    w.listen_failure = None;
                 }
                 self.reply(id, seq, Ok((sid, fd)));
             }
@@ -931,6 +943,23 @@ impl EventLoop {
             }
         }
     }
+}
+
+/// `127.0.0.1:8000: address already in use`: what an operator needs to see of a failed bind.
+fn bind_failure(spec: &ListenSpec, errno: i32) -> String {
+    let addr = match &spec.addr {
+        cluster_core::ListenAddr::Tcp(a) | cluster_core::ListenAddr::Udp(a) => a.to_string(),
+        other => other.to_string(),
+    };
+    let text = io::Error::from_raw_os_error(errno).to_string();
+    // "Address already in use (os error 98)" -> "address already in use"
+    let text = text.split(" (os error").next().unwrap_or(&text);
+    let mut chars = text.chars();
+    let text = match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    };
+    format!("{addr}: {text}")
 }
 
 /// Carries out a handle's actions: hand-offs go out on the worker's channel with the master's

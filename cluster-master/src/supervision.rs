@@ -169,6 +169,8 @@ pub(crate) enum Action {
     Restarting { slot: usize, after: Duration },
     /// Report that `slot` errored after `crashes` crashes in a row.
     SlotErrored { slot: usize, crashes: u32 },
+    /// Report that `slot` errored because its worker could not listen: no restart can help.
+    SlotCannotListen { slot: usize },
     /// Report that the reload replaced every slot.
     ReloadDone,
     /// Report that the reload stopped.
@@ -380,6 +382,31 @@ impl Supervision {
         now: Instant,
         out: &mut Vec<Action>,
     ) {
+        self.on_exit(worker, after_disconnect, false, now, out);
+    }
+
+    /// The worker's process ended, unplanned, after the master could not bind what it asked
+    /// for (the address is in use or not available, or binding it is not permitted). If it
+    /// never got to listen, its slot errors at once: a restart would meet the same error, so
+    /// the master does not restart it in a loop. A reload (once the address is free) revives
+    /// the slot.
+    pub(crate) fn exited_unable_to_listen(
+        &mut self,
+        worker: WorkerId,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        self.on_exit(worker, false, true, now, out);
+    }
+
+    fn on_exit(
+        &mut self,
+        worker: WorkerId,
+        after_disconnect: bool,
+        unable_to_listen: bool,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
         let Some(w) = self.forget(worker, ReloadFailure::ExitedBeforeReady, now, out) else {
             return;
         };
@@ -396,6 +423,12 @@ impl Supervision {
         // A reload is already bringing up this slot's replacement: restarting too would put
         // two workers in one slot.
         if self.replacement().is_some_and(|r| r.slot == w.slot) {
+            return;
+        }
+        if unable_to_listen && w.phase == Phase::Starting {
+            self.slots[w.slot].state = SlotState::Errored;
+            out.push(Action::ReleaseSlotSockets(w.slot));
+            out.push(Action::SlotCannotListen { slot: w.slot });
             return;
         }
         self.crash(w.slot, now.saturating_duration_since(w.started), now, out);

@@ -23,6 +23,7 @@
 //!
 //! - `flood-after-absent:PATH`: never listen; once PATH does not exist, send small user
 //!   messages as fast as the channel takes them, until it breaks.
+//! - `retry-listen`: while the listen fails, ask again every 25 ms (up to 10 s); then serve.
 //! - `forge`: refuse every hand-off, and with each refusal send 40 forged answers for the
 //!   connection ids around it (hand-offs the master gave other workers, or none at all).
 //! - `query-flood-N`: after listening, ask for N more port-0 servers (index 1..=N, all asked
@@ -130,15 +131,35 @@ fn run() -> Result<u8, String> {
             }
         }
     }
-    send(
-        &mut ch,
-        &Message::QueryServer {
-            seq: Seq(1),
-            spec: spec.clone(),
-            index: 0,
-        },
-    )?;
-    let reply = ch.recv_blocking(t).map_err(|e| e.to_string())?;
+    // `retry-listen` asks again every 25 ms (up to 10 s) while the listen fails.
+    let mut tries = 0u64;
+    let reply = loop {
+        tries += 1;
+        send(
+            &mut ch,
+            &Message::QueryServer {
+                seq: Seq(tries),
+                spec: spec.clone(),
+                index: 0,
+            },
+        )?;
+        let reply = ch.recv_blocking(t).map_err(|e| e.to_string())?;
+        let failed = matches!(
+            reply.msg,
+            Message::QueryServerReply {
+                reply: ServerReply::Failed(_),
+                ..
+            }
+        );
+        if failed && mode == "retry-listen" && tries < 400 {
+            if tries == 1 {
+                println!("LISTEN_RETRYING");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+            continue;
+        }
+        break reply;
+    };
     let (server, addr, grant, mut fds) = match reply.msg {
         Message::QueryServerReply {
             reply:

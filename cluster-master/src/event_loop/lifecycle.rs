@@ -54,18 +54,15 @@ impl EventLoop {
                     self.last_exit
                 );
                 self.emit(Event::SlotErrored { slot, reason });
-                if self.sup.all_slots_errored() {
-                    // Nobody will come back for the servers: close them now.
-                    let idle: Vec<ServerId> = self
-                        .servers
-                        .values()
-                        .filter(|s| s.holders.is_empty())
-                        .map(|s| s.id)
-                        .collect();
-                    for sid in idle {
-                        self.close_server(sid);
-                    }
-                }
+                self.close_idle_servers_if_all_errored();
+            }
+            Action::SlotCannotListen { slot } => {
+                let reason = format!(
+                    "{} (not restarted: a restart would fail the same way)",
+                    self.last_exit
+                );
+                self.emit(Event::SlotErrored { slot, reason });
+                self.close_idle_servers_if_all_errored();
             }
             Action::ReloadDone => self.emit(Event::ReloadDone),
             Action::ReloadFailed(failure) => {
@@ -81,6 +78,22 @@ impl EventLoop {
                 };
                 self.emit(Event::ReloadFailed { reason });
             }
+        }
+    }
+
+    fn close_idle_servers_if_all_errored(&mut self) {
+        if !self.sup.all_slots_errored() {
+            return;
+        }
+        // Nobody will come back for the servers: close them now.
+        let idle: Vec<ServerId> = self
+            .servers
+            .values()
+            .filter(|s| s.holders.is_empty())
+            .map(|s| s.id)
+            .collect();
+        for sid in idle {
+            self.close_server(sid);
         }
     }
 
@@ -142,7 +155,13 @@ impl EventLoop {
             _ => format!("worker {id} (pid {}) ended", w.pid),
         };
         let after_disconnect = w.exited_after_disconnect;
-        self.supervise(|s, now, out| s.exited(id, after_disconnect, now, out));
+        match w.listen_failure {
+            Some(failure) if !after_disconnect => {
+                self.last_exit = failure;
+                self.supervise(|s, now, out| s.exited_unable_to_listen(id, now, out));
+            }
+            _ => self.supervise(|s, now, out| s.exited(id, after_disconnect, now, out)),
+        }
     }
 
     /// Stops offering connections to a worker that is leaving; what is already in flight to it

@@ -135,6 +135,7 @@ impl EventLoop {
                 stdout,
                 stderr,
                 held_message: None,
+                listen_failure: None,
                 dropping: false,
             },
         );

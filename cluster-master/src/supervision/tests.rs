@@ -134,6 +134,36 @@ fn a_crash_restarts_with_backoff_and_repeated_fast_crashes_error_the_slot() {
 }
 
 #[test]
+fn a_worker_that_could_not_listen_errors_its_slot_at_once_but_a_listening_one_restarts() {
+    let mut rig = Rig::new(2);
+    let w0 = rig.worker(0);
+    assert_eq!(
+        rig.act(|s, now, out| s.exited_unable_to_listen(w0, now, out)),
+        [
+            Action::ReleaseSlotSockets(0),
+            Action::SlotCannotListen { slot: 0 }
+        ]
+    );
+    assert_eq!(rig.sup.slot_state(0), Some(SlotState::Errored));
+    assert!(
+        rig.advance(Duration::from_secs(60)).is_empty(),
+        "no restart loop"
+    );
+    // Once it listened, a later failure is an ordinary crash.
+    let w1 = rig.worker(1);
+    rig.act(|s, now, out| s.listening(w1, now, out));
+    assert!(matches!(
+        rig.act(|s, now, out| s.exited_unable_to_listen(w1, now, out))[..],
+        [Action::Restarting { slot: 1, .. }]
+    ));
+    // A reload revives the slot.
+    assert!(matches!(
+        rig.act(|s, now, out| s.reload(now, out))[..],
+        [Action::Spawn { slot: 0, .. }, ..]
+    ));
+}
+
+#[test]
 fn an_exit_after_disconnect_leaves_the_slot_vacant() {
     let mut rig = Rig::new(2);
     let w = rig.worker(1);
@@ -418,6 +448,8 @@ enum Op {
     ChannelClosed(usize),
     /// It exits.
     Exit(usize),
+    /// It exits after the master could not bind what it asked for.
+    ExitUnableToListen(usize),
     /// The owner disconnects it.
     Disconnect(usize),
     Reload,
@@ -438,6 +470,7 @@ impl Op {
             self,
             Op::Leaving(_)
                 | Op::Exit(_)
+                | Op::ExitUnableToListen(_)
                 | Op::Disconnect(_)
                 | Op::ScaleDown
                 | Op::Shutdown
@@ -452,6 +485,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..8usize).prop_map(Op::Leaving),
         1 => (0..8usize).prop_map(Op::ChannelClosed),
         4 => (0..8usize).prop_map(Op::Exit),
+        1 => (0..8usize).prop_map(Op::ExitUnableToListen),
         1 => (0..8usize).prop_map(Op::Disconnect),
         2 => Just(Op::Reload),
         1 => Just(Op::ScaleUp),
@@ -563,6 +597,17 @@ impl Sim {
                     let told = self.alive.remove(&w).unwrap_or(false);
                     planned_exit = told;
                     self.sup.exited(w, told, now, &mut out);
+                }
+            }
+            Op::ExitUnableToListen(n) => {
+                if let Some(w) = self.pick(n) {
+                    let told = self.alive.remove(&w).unwrap_or(false);
+                    planned_exit = told;
+                    if told {
+                        self.sup.exited(w, told, now, &mut out);
+                    } else {
+                        self.sup.exited_unable_to_listen(w, now, &mut out);
+                    }
                 }
             }
             Op::Disconnect(n) => {
