@@ -1,0 +1,414 @@
+//! The server table at work: accepting on round-robin listeners and dealing connections out
+//! through the handles, answering `QueryServer`, and releasing or closing servers as workers
+//! leave them.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use cluster_core::{
+    ConnId, ListenError, ListenSpec, Message, RefuseReason, Seq, ServerId, ServerReply, WorkerId,
+};
+use mio::Interest;
+use mio::unix::SourceFd;
+
+use super::{EventLoop, Fleet, KIND_LISTENER, MAX_QUEUED_FOR_WORKER, token};
+use crate::events::{Event, WorkerState};
+use crate::round_robin::{Action, RoundRobinHandle};
+use crate::server::{Server, ServerKind};
+
+impl EventLoop {
+    // ---------------------------------------------------------------- accepting
+
+    pub(super) fn accept_ready(&mut self, id: ServerId) {
+        let Some(server) = self.servers.get_mut(&id) else {
+            return;
+        };
+        let ServerKind::RoundRobin {
+            socket,
+            handle,
+            backlogged,
+        } = &mut server.kind
+        else {
+            return;
+        };
+        loop {
+            if !handle.accepting() {
+                *backlogged = true;
+                break;
+            }
+            match socket.accept_fd() {
+                Ok(fd) => {
+                    self.fleet.stats.accepted += 1;
+                    handle.distribute(fd, self.now, &mut self.fleet.actions);
+                    run_actions(id, handle, &mut self.fleet);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    *backlogged = false;
+                    break;
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // Shed one connection with the reserve fd so the backlog keeps moving.
+                    self.reserve_fd = None;
+                    if let Ok(fd) = socket.accept_fd() {
+                        drop(fd);
+                        self.fleet.stats.closed_unserved += 1;
+                    }
+                    self.reserve_fd = File::open("/dev/null").ok();
+                    *backlogged = true;
+                    break;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::Interrupted
+                            | io::ErrorKind::ConnectionReset
+                    ) => {}
+                // EPROTO, EPERM, ENOBUFS, ENOMEM...: try again shortly (the backlogged timer).
+                Err(_) => {
+                    *backlogged = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    pub(super) fn retry_backlogged(&mut self) {
+        let ready: Vec<ServerId> = self
+            .servers
+            .values()
+            .filter(|s| matches!(&s.kind, ServerKind::RoundRobin { backlogged: true, handle, .. } if handle.accepting()))
+            .map(|s| s.id)
+            .collect();
+        for id in ready {
+            self.accept_ready(id);
+        }
+    }
+
+    /// `id` no longer holds `sid`. Its in-flight connections are re-queued; the server closes
+    /// when its last holder closed it explicitly or no worker will come back for it.
+    pub(super) fn release_server(&mut self, sid: ServerId, id: WorkerId, explicit_close: bool) {
+        let replacement_coming = self.sup.replacement_possible();
+        let Some(server) = self.servers.get_mut(&sid) else {
+            return;
+        };
+        server.holders.remove(&id);
+        if let ServerKind::RoundRobin { handle, .. } = &mut server.kind {
+            let requeued_before = handle.stats().requeued_on_remove;
+            handle.remove(id, self.now, &mut self.fleet.actions);
+            self.fleet.stats.requeued += handle.stats().requeued_on_remove - requeued_before;
+            run_actions(sid, handle, &mut self.fleet);
+        }
+        if server.holders.is_empty() && (explicit_close || !replacement_coming) {
+            self.close_server(sid);
+        }
+    }
+
+    pub(super) fn close_server(&mut self, sid: ServerId) {
+        let Some(mut server) = self.servers.remove(&sid) else {
+            return;
+        };
+        self.by_key.remove(&server.key);
+        if let ServerKind::RoundRobin { socket, handle, .. } = &mut server.kind {
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&socket.as_fd().as_raw_fd()));
+            handle.close_all(&mut self.fleet.actions);
+            run_actions(sid, handle, &mut self.fleet);
+        }
+        for w in self.fleet.workers.values_mut() {
+            w.servers.retain(|s| *s != sid);
+        }
+    }
+
+    pub(super) fn reply(
+        &mut self,
+        id: WorkerId,
+        seq: Seq,
+        reply: Result<(ServerId, Option<OwnedFd>), ListenError>,
+    ) {
+        let msg_and_fd = match reply {
+            Ok((sid, fd)) => match self.servers.get(&sid) {
+                Some(s) => (
+                    Message::QueryServerReply {
+                        seq,
+                        reply: ServerReply::Granted {
+                            server: sid,
+                            addr: s.addr.clone(),
+                            grant: s.grant(),
+                        },
+                    },
+                    fd,
+                ),
+                None => return,
+            },
+            Err(e) => (
+                Message::QueryServerReply {
+                    seq,
+                    reply: ServerReply::Failed(e),
+                },
+                None,
+            ),
+        };
+        let Some(ch) = self.fleet.channel(id) else {
+            return;
+        };
+        let fds: Vec<_> = msg_and_fd.1.iter().map(|f| f.as_fd()).collect();
+        if let Err(e) = ch.send(&msg_and_fd.0, &fds) {
+            return self.channel_failed(id, e);
+        }
+        // A worker that asks without reading the replies would grow this queue without bound.
+        let queued = ch.pending_output_bytes();
+        if queued > MAX_QUEUED_FOR_WORKER {
+            self.doom(
+                id,
+                format!("does not read its channel ({queued} bytes of replies wait for it)"),
+            );
+        }
+    }
+
+    pub(super) fn query_server(&mut self, id: WorkerId, seq: Seq, spec: ListenSpec, index: u32) {
+        let Some(w) = self.fleet.workers.get(&id) else {
+            return;
+        };
+        let slot = w.slot;
+        if w.exited_after_disconnect || w.state == WorkerState::Disconnecting {
+            let e = ListenError {
+                errno: libc::ESHUTDOWN,
+                context: "worker is disconnecting".into(),
+            };
+            return self.reply(id, seq, Err(e));
+        }
+        if w.servers.len() >= self.cfg.max_servers_per_worker {
+            let e = ListenError {
+                errno: libc::EMFILE,
+                context: format!(
+                    "worker holds {} servers, the master's limit",
+                    w.servers.len()
+                ),
+            };
+            return self.reply(id, seq, Err(e));
+        }
+        if spec.exclusive {
+            let e = ListenError {
+                errno: libc::EINVAL,
+                context: "exclusive listens bind in the worker".into(),
+            };
+            return self.reply(id, seq, Err(e));
+        }
+        let key = spec.key(index);
+        let sid = match self.by_key.get(&key) {
+            Some(sid) => *sid,
+            None => {
+                let sid = ServerId(self.next_server);
+                match Server::bind(
+                    sid,
+                    key.clone(),
+                    &spec,
+                    self.cfg.policy,
+                    slot,
+                    &self.cfg.round_robin,
+                ) {
+                    Ok(server) => {
+                        self.next_server += 1;
+                        if let ServerKind::RoundRobin { socket, .. } = &server.kind {
+                            let raw = socket.as_fd().as_raw_fd();
+                            if let Err(e) = self.poll.registry().register(
+                                &mut SourceFd(&raw),
+                                token(KIND_LISTENER, sid.0),
+                                Interest::READABLE,
+                            ) {
+                                let e = ListenError {
+                                    errno: e.raw_os_error().unwrap_or(libc::EIO),
+                                    context: "register listener".into(),
+                                };
+                                return self.reply(id, seq, Err(e));
+                            }
+                        }
+                        self.servers.insert(sid, server);
+                        self.by_key.insert(key, sid);
+                        sid
+                    }
+                    // The key is not stored, so a later query binds afresh (Node's rule).
+                    Err(e) => {
+                        if matches!(
+                            e.errno,
+                            libc::EADDRINUSE | libc::EADDRNOTAVAIL | libc::EACCES
+                        ) && let Some(w) = self.fleet.workers.get_mut(&id)
+                        {
+                            w.listen_failure = Some(bind_failure(&spec, e.errno));
+                        }
+                        return self.reply(id, seq, Err(e));
+                    }
+                }
+            }
+        };
+        let Some(server) = self.servers.get_mut(&sid) else {
+            return;
+        };
+        if server.holders.contains(&id) {
+            let e = ListenError {
+                errno: libc::EADDRINUSE,
+                context: format!("worker already listens on {}", server.key),
+            };
+            return self.reply(id, seq, Err(e));
+        }
+        let granted = server
+            .raise_backlog(spec.backlog)
+            .and_then(|_| server.socket_for(slot))
+            .and_then(|fd| {
+                fd.map(|f| f.try_clone_to_owned())
+                    .transpose()
+                    .map_err(|e| ListenError {
+                        errno: e.raw_os_error().unwrap_or(libc::EIO),
+                        context: "dup".into(),
+                    })
+            });
+        match granted {
+            Ok(fd) => {
+                server.holders.insert(id);
+                if let Some(w) = self.fleet.workers.get_mut(&id) {
+                    w.servers.push(sid);
+                    w.listen_failure = None;
+                }
+                self.reply(id, seq, Ok((sid, fd)));
+            }
+            Err(e) => {
+                let empty = server.holders.is_empty();
+                self.reply(id, seq, Err(e));
+                if empty {
+                    self.close_server(sid);
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_listening(
+        &mut self,
+        id: WorkerId,
+        sid: ServerId,
+        addr: cluster_core::BoundAddr,
+    ) {
+        let Some(w) = self.fleet.workers.get_mut(&id) else {
+            return;
+        };
+        if !w.servers.contains(&sid) {
+            return self.doom(
+                id,
+                format!("listening on server {sid} it was never granted"),
+            );
+        }
+        let draining = w.state == WorkerState::Disconnecting;
+        if !draining {
+            w.state = WorkerState::Listening;
+        }
+        // Round-robin hand-offs start only now that the worker says it takes connections, so
+        // one that listened but never serves holds nothing in flight.
+        if let Some(ServerKind::RoundRobin { handle, .. }) =
+            self.servers.get_mut(&sid).map(|s| &mut s.kind)
+            && !draining
+        {
+            handle.add(id, self.now, &mut self.fleet.actions);
+            run_actions(sid, handle, &mut self.fleet);
+        }
+        self.emit(Event::Listening {
+            worker: id,
+            server: sid,
+            addr,
+        });
+        self.supervise(|s, now, out| s.listening(id, now, out));
+    }
+
+    pub(super) fn on_answer(&mut self, id: WorkerId, conn: ConnId, refused: Option<RefuseReason>) {
+        let sid = conn.server();
+        let Some(ServerKind::RoundRobin { handle, .. }) =
+            self.servers.get_mut(&sid).map(|s| &mut s.kind)
+        else {
+            // The server closed while the answer was on its way.
+            self.fleet.stats.stray_answers += 1;
+            return;
+        };
+        let result = match refused {
+            None => handle
+                .accepted(id, conn, self.now, &mut self.fleet.actions)
+                .map(drop),
+            Some(reason) => handle.refused(id, conn, reason, self.now, &mut self.fleet.actions),
+        };
+        if result.is_err() {
+            // An answer for a hand-off this worker no longer holds: it closed that server (the
+            // connection was re-queued then). The handle ignored it, so it cannot cause a
+            // double delivery; counting it is enough.
+            self.fleet.stats.stray_answers += 1;
+            return;
+        }
+        if refused.is_some() {
+            self.fleet.stats.refused += 1;
+        } else {
+            self.fleet.stats.taken += 1;
+        }
+        run_actions(sid, handle, &mut self.fleet);
+    }
+}
+
+/// `127.0.0.1:8000: address already in use`: what an operator needs to see of a failed bind.
+fn bind_failure(spec: &ListenSpec, errno: i32) -> String {
+    let addr = match &spec.addr {
+        cluster_core::ListenAddr::Tcp(a) | cluster_core::ListenAddr::Udp(a) => a.to_string(),
+        other => other.to_string(),
+    };
+    let text = io::Error::from_raw_os_error(errno).to_string();
+    // "Address already in use (os error 98)" -> "address already in use"
+    let text = text.split(" (os error").next().unwrap_or(&text);
+    let mut chars = text.chars();
+    let text = match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    };
+    format!("{addr}: {text}")
+}
+
+/// Carries out a handle's actions: hand-offs go out on the worker's channel with the master's
+/// fd attached (the master keeps its copy until the answer); closes drop the connection.
+pub(super) fn run_actions(
+    sid: ServerId,
+    handle: &mut RoundRobinHandle<OwnedFd>,
+    fleet: &mut Fleet,
+) {
+    let Fleet {
+        workers,
+        actions,
+        doomed,
+        stats,
+    } = fleet;
+    for action in actions.drain(..) {
+        match action {
+            Action::Handoff { worker, conn } => {
+                let Some(fd) = handle.conn(conn) else {
+                    continue;
+                };
+                let sent = match workers.get_mut(&worker).and_then(|w| w.channel.as_mut()) {
+                    Some(ch) => ch
+                        .send(&Message::NewConn { server: sid, conn }, &[fd.as_fd()])
+                        .map_err(|e| e.to_string()),
+                    None => Err("channel closed".to_string()),
+                };
+                match sent {
+                    Ok(()) => stats.handed_off += 1,
+                    // The connection stays in flight to this worker in the handle; dropping
+                    // the worker re-queues it.
+                    Err(reason) => {
+                        if !doomed.iter().any(|(w, _)| *w == worker) {
+                            doomed.push((worker, format!("hand-off failed: {reason}")));
+                        }
+                    }
+                }
+            }
+            Action::Close { conn, .. } => {
+                drop(conn);
+                stats.closed_unserved += 1;
+            }
+        }
+    }
+}
