@@ -407,14 +407,14 @@ impl Channel {
         if !self.limits.accept_fds {
             return Err(self.fd_range_violation(IpcError::FdsNotAllowed(n), bytes));
         }
-        let surplus = IpcError::FdMismatch {
+        let surplus = || IpcError::FdMismatch {
             declared: 0,
             arrived: n,
         };
         // One read carries one sendmsg's fds and a frame is one sendmsg, so more than a frame's
         // worth or fds without data can only come from a lying peer.
         if n > MAX_FDS_PER_FRAME {
-            return Err(self.fd_range_violation(surplus, bytes));
+            return Err(self.fd_range_violation(surplus(), bytes));
         }
         // A third unclaimed batch. Reads only happen while the frame at the head is incomplete,
         // and a batch still held is either that frame's own or starts inside it: with two
@@ -423,7 +423,7 @@ impl Channel {
         if bytes == 0 || self.fd_batches.len() >= 2 {
             return Err(Poison {
                 clean_end: self.read_pos - self.decoder.buffered() as u64,
-                error: surplus,
+                error: surplus(),
             });
         }
         self.fd_batches.push_back(FdBatch {
