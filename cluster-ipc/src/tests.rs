@@ -485,8 +485,8 @@ fn valid_frame_keeps_its_fd_when_a_surplus_follows_in_the_same_read() {
         let surplus: Vec<_> = (0..=frame::MAX_FDS_PER_FRAME)
             .map(|_| std::io::pipe().unwrap().0)
             .collect();
-        // The plain answer and the start of the fd-carrying hand-off come back in one read
-        // (the hand-off's own fd was read earlier, with its first byte).
+        // The hand-off's first bytes bring its fd in one read; the rest of it and the frame
+        // with too many fds come back together in the next.
         let nc = frame::encode(&new_conn(1), 1);
         sys::send_with_fds(peer.as_fd(), &nc[..3], &[mine.as_fd()]).unwrap();
         sys::send_with_fds(peer.as_fd(), &nc[3..], &[]).unwrap();
