@@ -56,6 +56,17 @@ struct FdBatch {
     fds: Vec<OwnedFd>,
 }
 
+/// A protocol violation found while reading, held back until the frames that arrived before it
+/// have been delivered: a worker that answers a hand-off and then misbehaves in the same read
+/// must still have its answer honoured, or the master would hand that connection out twice.
+#[derive(Debug)]
+struct Poison {
+    /// Frames ending at or before this stream offset are clear of the violation and are still
+    /// delivered; the first frame that reaches past it is where the error is reported.
+    clean_end: u64,
+    error: IpcError,
+}
+
 /// Fd-less frames [`Channel::queue`] may pack into one buffer: enough for hundreds of
 /// answers (a `Refused` frame is under 32 bytes), small enough that appending never copies
 /// much.
@@ -84,6 +95,11 @@ struct Outgoing {
 /// none, or `MSG_CTRUNC` is a protocol error: the channel must be dropped (any error from
 /// [`Channel::recv`] has already closed the fds it held).
 ///
+/// A violation found in a read does not discard the rest of that read: every complete, valid
+/// frame before it is still delivered, with its own fds, and only then does `recv` return the
+/// error. The fds of the violating part are closed as soon as the violation is seen. After an
+/// error the channel is dead: every later `recv` returns that error again.
+///
 /// The socket is edge-triggered under mio: after a readable event call [`Channel::recv`] until
 /// it returns `Ok(None)`.
 #[derive(Debug)]
@@ -104,6 +120,10 @@ pub struct Channel {
     cmsg: Box<sys::CmsgBuf>,
     limits: Limits,
     eof: bool,
+    /// A violation seen in a read, waiting for the frames before it to be delivered.
+    poison: Option<Poison>,
+    /// The error `recv` returned, repeated to every later call: nothing more is read.
+    failed: Option<IpcError>,
     /// The last read of an fd-less channel came back short: the socket was empty then, so
     /// the next `recv` that needs bytes reports `Ok(None)` without a syscall.
     read_drained: bool,
@@ -134,6 +154,8 @@ impl Channel {
             cmsg: Box::new(sys::new_cmsg_buf()),
             limits,
             eof: false,
+            poison: None,
+            failed: None,
             read_drained: false,
         })
     }
@@ -297,13 +319,21 @@ impl Channel {
 
     /// The next message, `Ok(None)` when the socket has nothing more right now.
     /// `Err(IpcError::Closed)` is a clean end of stream between frames.
+    ///
+    /// Frames that arrived before a protocol violation are returned first; the violation's error
+    /// comes after them, and then again from every later call.
     pub fn recv(&mut self) -> Result<Option<Received>, IpcError> {
+        if let Some(e) = &self.failed {
+            return Err(e.replay());
+        }
         let result = self.recv_inner();
-        if result.is_err() {
+        if let Err(e) = &result {
             // The channel is dead after any error; close unclaimed fds now rather than whenever
             // the owner gets round to dropping it.
             self.fd_batches.clear();
             self.fds_in.clear();
+            self.poison = None;
+            self.failed = Some(e.replay());
         }
         result
     }
@@ -313,11 +343,20 @@ impl Channel {
             let start = self.read_pos - self.decoder.buffered() as u64;
             if let Some(frame) = self.decoder.next_frame()? {
                 let end = self.read_pos - self.decoder.buffered() as u64;
+                if self.poison.as_ref().is_some_and(|p| end > p.clean_end)
+                    && let Some(p) = self.poison.take()
+                {
+                    return Err(p.error);
+                }
                 let fds = self.claim_fds(frame.n_fds, start, end)?;
                 return Ok(Some(Received {
                     msg: frame.msg,
                     fds,
                 }));
+            }
+            // Nothing past a violation is read: what is buffered is all that will be delivered.
+            if let Some(p) = self.poison.take() {
+                return Err(p.error);
             }
             if self.eof {
                 return Err(match self.decoder.buffered() {
@@ -333,22 +372,30 @@ impl Channel {
             let got = sys::recv_with_fds(self.sock.as_fd(), buf, &mut self.cmsg, &mut self.fds_in);
             match got {
                 Ok(r) => {
-                    if r.truncated {
-                        return Err(IpcError::FdsTruncated);
-                    }
                     // On a channel that never carries fds (a master's view of a worker) a short
                     // stream read means the queue was empty, so the next recvmsg would only say
                     // EAGAIN; edge-triggered readiness reports anything that arrives later.
                     // Reads that may meet fds can stop short at an fd boundary: no shortcut.
                     self.read_drained = !self.limits.accept_fds && r.bytes > 0 && r.bytes < space;
-                    if !self.fds_in.is_empty() {
-                        self.stash_fds(r.bytes)?;
-                    }
+                    let violation = if r.truncated {
+                        Some(self.fd_range_violation(IpcError::FdsTruncated, r.bytes))
+                    } else if self.fds_in.is_empty() {
+                        None
+                    } else {
+                        self.stash_fds(r.bytes).err()
+                    };
+                    // The bytes are kept even when the read brought a violation: the frames
+                    // before it are still delivered.
                     if r.bytes == 0 {
                         self.eof = true;
                     } else {
                         self.decoder.commit(r.bytes);
                         self.read_pos += r.bytes as u64;
+                    }
+                    if let Some(poison) = violation {
+                        // The read's fds belong to the violating part: close them now.
+                        self.fds_in.clear();
+                        self.poison = Some(poison);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
@@ -360,19 +407,29 @@ impl Channel {
     }
 
     /// Files the fds one read of `bytes` bytes brought as a batch owned by the frame that
-    /// starts inside that read.
-    fn stash_fds(&mut self, bytes: usize) -> Result<(), IpcError> {
+    /// starts inside that read, or says where the violation they make lies.
+    fn stash_fds(&mut self, bytes: usize) -> Result<(), Poison> {
         let n = self.fds_in.len();
         if !self.limits.accept_fds {
-            return Err(IpcError::FdsNotAllowed(n));
+            return Err(self.fd_range_violation(IpcError::FdsNotAllowed(n), bytes));
         }
+        let surplus = || IpcError::FdMismatch {
+            declared: 0,
+            arrived: n,
+        };
         // One read carries one sendmsg's fds and a frame is one sendmsg, so more than a frame's
-        // worth, fds without data, or a third unclaimed batch (at most the frame in progress
-        // and the one after it can own fds) can only come from a lying peer.
-        if n > MAX_FDS_PER_FRAME || bytes == 0 || self.fd_batches.len() >= 2 {
-            return Err(IpcError::FdMismatch {
-                declared: 0,
-                arrived: n,
+        // worth or fds without data can only come from a lying peer.
+        if n > MAX_FDS_PER_FRAME {
+            return Err(self.fd_range_violation(surplus(), bytes));
+        }
+        // A third unclaimed batch. Reads only happen while the frame at the head is incomplete,
+        // and a batch still held is either that frame's own or starts inside it: with two
+        // held, one starts inside it, so that frame is the violator and nothing from it on is
+        // delivered.
+        if bytes == 0 || self.fd_batches.len() >= 2 {
+            return Err(Poison {
+                clean_end: self.read_pos - self.decoder.buffered() as u64,
+                error: surplus(),
             });
         }
         self.fd_batches.push_back(FdBatch {
@@ -381,6 +438,19 @@ impl Channel {
             fds: self.fds_in.drain(..).collect(),
         });
         Ok(())
+    }
+
+    /// Where a violation carried by the fds of a read of `bytes` bytes (starting at `read_pos`)
+    /// lies. The kernel ends a read with the sendmsg that brought its fds, and that sendmsg's
+    /// first byte is inside the read; it may be as late as the read's last byte. So the frames
+    /// that end before that byte could have been sent on their own, without the fds, and are
+    /// delivered; the first frame that reaches the last byte carries the violation.
+    fn fd_range_violation(&self, error: IpcError, bytes: usize) -> Poison {
+        let clean_end = match bytes {
+            0 => self.read_pos - self.decoder.buffered() as u64,
+            n => self.read_pos + n as u64 - 1,
+        };
+        Poison { clean_end, error }
     }
 
     /// The fds of the frame occupying stream offsets `[start, end)` that declares `declared`.

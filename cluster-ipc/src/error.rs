@@ -99,6 +99,40 @@ pub enum IpcError {
 }
 
 impl IpcError {
+    /// The same error again, for a dead channel that reports it to every later call. An
+    /// `io::Error` cannot be cloned; its OS error code or kind and message are kept.
+    pub(crate) fn replay(&self) -> IpcError {
+        match self {
+            IpcError::Io(e) => IpcError::Io(match e.raw_os_error() {
+                Some(code) => io::Error::from_raw_os_error(code),
+                None => io::Error::new(e.kind(), e.to_string()),
+            }),
+            IpcError::Closed => IpcError::Closed,
+            IpcError::ClosedMidFrame(n) => IpcError::ClosedMidFrame(*n),
+            IpcError::Malformed(d) => IpcError::Malformed(d.clone()),
+            IpcError::FdsTruncated => IpcError::FdsTruncated,
+            IpcError::FdMismatch { declared, arrived } => IpcError::FdMismatch {
+                declared: *declared,
+                arrived: *arrived,
+            },
+            IpcError::FdsNotAllowed(n) => IpcError::FdsNotAllowed(*n),
+            IpcError::WrongFdCount {
+                message,
+                allowed,
+                given,
+            } => IpcError::WrongFdCount {
+                message,
+                allowed: allowed.clone(),
+                given: *given,
+            },
+            IpcError::OutgoingTooLarge { len, max } => IpcError::OutgoingTooLarge {
+                len: *len,
+                max: *max,
+            },
+            IpcError::TimedOut => IpcError::TimedOut,
+        }
+    }
+
     /// True when the peer is gone (as opposed to having misbehaved).
     pub fn is_closed(&self) -> bool {
         matches!(self, IpcError::Closed | IpcError::ClosedMidFrame(_))

@@ -6,6 +6,7 @@
 //! threads and share `/proc/self/fd`, so leak checks are only meaningful one at a time.
 
 use std::collections::VecDeque;
+use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
@@ -237,8 +238,9 @@ const CTRUNC_CHILD: &str = "CLUSTER_IPC_TEST_CTRUNC_CHILD";
 
 /// Hazards A1-A3: a worker at its fd limit gets `MSG_CTRUNC`; the channel must say so and
 /// close the fds that were installed. The child lowers its own `RLIMIT_NOFILE` so that exactly
-/// one more fd fits, takes a one-fd frame (fits), then a three-fd frame (one installed, two
-/// dropped by the kernel).
+/// one more fd fits, takes a one-fd frame (fits), then, in one read, an fd-less frame and a
+/// three-fd frame (one installed, two dropped by the kernel): the fd-less frame is delivered
+/// before the error.
 #[test]
 fn truncated_fds_are_reported_and_nothing_leaks() {
     if std::env::var_os(CTRUNC_CHILD).is_some() {
@@ -256,11 +258,12 @@ fn truncated_fds_are_reported_and_nothing_leaks() {
             "--test-threads=1",
         ])
         .env(CTRUNC_CHILD, "1")
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped());
         let mut ch = spawn_with_channel(&mut cmd, 3, Limits::default()).unwrap();
-        let child = cmd.spawn().unwrap();
+        let mut child = cmd.spawn().unwrap();
         drop(cmd);
+        let mut go = child.stdin.take().unwrap();
         let ready = ch.recv_blocking(Some(Duration::from_secs(30))).unwrap();
         assert_eq!(
             ready.msg,
@@ -271,6 +274,7 @@ fn truncated_fds_are_reported_and_nothing_leaks() {
         let (one, _t1) = UnixStream::pair().unwrap();
         ch.send_blocking(&new_conn(1), &[one.as_fd()], WAIT)
             .unwrap();
+        ch.send_blocking(&user(b"before"), &[], WAIT).unwrap();
         let three: Vec<_> = (0..3).map(|_| UnixStream::pair().unwrap()).collect();
         let fds: Vec<_> = three.iter().map(|(a, _)| a.as_fd()).collect();
         ch.send_blocking(
@@ -281,6 +285,9 @@ fn truncated_fds_are_reported_and_nothing_leaks() {
             WAIT,
         )
         .unwrap();
+        // Both frames are queued in the child's socket: its next read returns them together.
+        go.write_all(b"go\n").unwrap();
+        drop(go);
         // The child bounds its own waits, so this ends.
         let out = child.wait_with_output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -308,6 +315,16 @@ fn ctrunc_child() {
     let one = ch.recv_blocking(WAIT).unwrap();
     assert_eq!(one.fds.len(), 1, "the one fd with headroom must arrive");
     drop(one);
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).unwrap();
+    assert_eq!(go, "go\n");
+    let ahead = ch.recv_blocking(WAIT).unwrap();
+    assert_eq!(
+        ahead.msg,
+        user(b"before"),
+        "the frame ahead of the violation"
+    );
+    assert!(ahead.fds.is_empty());
     let err = ch.recv_blocking(WAIT).unwrap_err();
     assert!(matches!(err, IpcError::FdsTruncated), "{err:?}");
     // Listing needs the single free slot, so this also fails if the installed fd leaked.
@@ -337,4 +354,426 @@ fn header_alone_rejects_an_oversized_frame() {
         ),
         "{err:?}"
     );
+}
+
+// ---------------------------------------------------------------- violations after clean frames
+//
+// A read can bring valid frames and then a violation (issue 9): the valid frames are delivered,
+// then the error, and the channel stays dead; the fds of the violating part are closed.
+
+/// The channel reports `want`, and keeps reporting it (or `Closed`): it is dead.
+#[track_caller]
+fn assert_dead_with(ch: &mut Channel, want: &IpcError) {
+    let got = ch.recv_blocking(WAIT).unwrap_err();
+    assert_eq!(format!("{got:?}"), format!("{want:?}"));
+    for _ in 0..3 {
+        match ch.recv() {
+            Err(IpcError::Closed) => {}
+            Err(again) => assert_eq!(format!("{again:?}"), format!("{want:?}")),
+            Ok(r) => panic!("a dead channel delivered {r:?}"),
+        }
+    }
+}
+
+fn no_fds_limits() -> Limits {
+    Limits {
+        accept_fds: false,
+        ..Limits::default()
+    }
+}
+
+fn user(payload: &[u8]) -> Message {
+    Message::User {
+        payload: payload.to_vec(),
+    }
+}
+
+/// The master's view of a worker that answers a hand-off and, in the same `sendmsg`, sends a
+/// frame with an fd: the answer must still count, or the connection is handed out twice.
+#[test]
+fn answer_and_forbidden_fd_in_one_sendmsg_delivers_the_answer_first() {
+    let _g = fd_lock();
+    let base = open_fds();
+    {
+        let (mut ch, peer) = raw_pair(no_fds_limits());
+        let (pipe_r, _pipe_w) = std::io::pipe().unwrap();
+        let mut bytes = frame::encode(&Message::Accepted { conn: ConnId(7) }, 0);
+        frame::encode_into(&user(b"fd"), 1, &mut bytes);
+        let n = sys::send_with_fds(peer.as_fd(), &bytes, &[pipe_r.as_fd()]).unwrap();
+        assert_eq!(n, bytes.len());
+        drop(pipe_r);
+        let first = ch.recv_blocking(WAIT).unwrap();
+        assert_eq!(first.msg, Message::Accepted { conn: ConnId(7) });
+        assert!(first.fds.is_empty());
+        assert_dead_with(&mut ch, &IpcError::FdsNotAllowed(1));
+        // More valid frames behind the violation are never delivered.
+        let more = frame::encode(&Message::Accepted { conn: ConnId(8) }, 0);
+        sys::send_with_fds(peer.as_fd(), &more, &[]).unwrap();
+        assert_dead_with(&mut ch, &IpcError::FdsNotAllowed(1));
+    }
+    assert_eq!(open_fds(), base);
+}
+
+/// The same with two `sendmsg`s (the answer, then the fd frame) that the kernel returns in one
+/// `recvmsg` because both were queued before the reader woke up.
+#[test]
+fn answer_and_forbidden_fd_in_one_read_delivers_the_answer_first() {
+    let _g = fd_lock();
+    let base = open_fds();
+    {
+        let (mut ch, peer) = raw_pair(no_fds_limits());
+        let (stray, _twin) = UnixStream::pair().unwrap();
+        let answers: Vec<u8> = (1..=3)
+            .flat_map(|c| frame::encode(&Message::Accepted { conn: ConnId(c) }, 0))
+            .collect();
+        sys::send_with_fds(peer.as_fd(), &answers, &[]).unwrap();
+        let fd_frame = frame::encode(&Message::Accepted { conn: ConnId(4) }, 0);
+        sys::send_with_fds(peer.as_fd(), &fd_frame, &[stray.as_fd()]).unwrap();
+        drop(stray);
+        for c in 1..=3 {
+            let r = ch.recv_blocking(WAIT).unwrap();
+            assert_eq!(r.msg, Message::Accepted { conn: ConnId(c) });
+        }
+        assert_dead_with(&mut ch, &IpcError::FdsNotAllowed(1));
+    }
+    assert_eq!(open_fds(), base);
+}
+
+#[test]
+fn valid_frame_then_garbage_in_one_write_delivers_the_frame_first() {
+    let _g = fd_lock();
+    let (mut ch, peer) = raw_pair(Limits::default());
+    let mut bytes = frame::encode(&Message::Accepted { conn: ConnId(1) }, 0);
+    bytes.extend_from_slice(&[0xff; 64]);
+    sys::send_with_fds(peer.as_fd(), &bytes, &[]).unwrap();
+    let r = ch.recv_blocking(WAIT).unwrap();
+    assert_eq!(r.msg, Message::Accepted { conn: ConnId(1) });
+    assert_dead_with(
+        &mut ch,
+        &IpcError::Malformed(crate::DecodeError::Version(0xff)),
+    );
+}
+
+#[test]
+fn valid_frame_then_oversized_header_in_one_write_delivers_the_frame_first() {
+    let _g = fd_lock();
+    let (mut ch, peer) = raw_pair(Limits {
+        max_frame: 64,
+        ..Limits::default()
+    });
+    let mut bytes = frame::encode(&Message::Accepted { conn: ConnId(1) }, 0);
+    bytes.extend_from_slice(&frame::encode(&user(&[0; 65]), 0)[..HEADER_LEN]);
+    sys::send_with_fds(peer.as_fd(), &bytes, &[]).unwrap();
+    let r = ch.recv_blocking(WAIT).unwrap();
+    assert_eq!(r.msg, Message::Accepted { conn: ConnId(1) });
+    assert_dead_with(
+        &mut ch,
+        &IpcError::Malformed(crate::DecodeError::TooLarge { len: 65, max: 64 }),
+    );
+}
+
+/// A valid frame with its fd, then (in the same read) a frame bringing more fds than any frame
+/// may carry: the first frame keeps its own fd, the surplus is closed.
+#[test]
+fn valid_frame_keeps_its_fd_when_a_surplus_follows_in_the_same_read() {
+    let _g = fd_lock();
+    let base = open_fds();
+    {
+        let (mut ch, peer) = raw_pair(Limits::default());
+        let (mine, _twin) = UnixStream::pair().unwrap();
+        let want = ino(mine.as_fd());
+        let surplus: Vec<_> = (0..=frame::MAX_FDS_PER_FRAME)
+            .map(|_| std::io::pipe().unwrap().0)
+            .collect();
+        // The hand-off's first bytes bring its fd in one read; the rest of it and the frame
+        // with too many fds come back together in the next.
+        let nc = frame::encode(&new_conn(1), 1);
+        sys::send_with_fds(peer.as_fd(), &nc[..3], &[mine.as_fd()]).unwrap();
+        sys::send_with_fds(peer.as_fd(), &nc[3..], &[]).unwrap();
+        let bad = frame::encode(&user(b"many"), frame::MAX_FDS_PER_FRAME);
+        let fds: Vec<_> = surplus.iter().map(|f| f.as_fd()).collect();
+        sys::send_with_fds(peer.as_fd(), &bad, &fds).unwrap();
+        drop((mine, surplus));
+        let r = ch.recv_blocking(WAIT).unwrap();
+        assert_eq!(r.msg, new_conn(1));
+        assert_eq!(
+            r.fds.iter().map(|f| ino(f.as_fd())).collect::<Vec<_>>(),
+            [want]
+        );
+        drop(r);
+        assert_dead_with(
+            &mut ch,
+            &IpcError::FdMismatch {
+                declared: 0,
+                arrived: frame::MAX_FDS_PER_FRAME + 1,
+            },
+        );
+    }
+    assert_eq!(open_fds(), base);
+}
+
+mod violation_after_valid_frames {
+    //! Any sequence of valid frames, then any violation, written in any chunking and read at
+    //! any points: every valid frame arrives, in order, with its own fds; then exactly the
+    //! violation's error, for good; and no fd is left open.
+
+    use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+    use std::os::unix::net::UnixStream;
+
+    use cluster_core::{ConnId, Message};
+    use proptest::prelude::*;
+
+    use super::{WAIT, fd_lock, ino, no_fds_limits, open_fds, raw_pair};
+    use crate::frame::{self, DEFAULT_MAX_FRAME, HEADER_LEN, MAX_FDS_PER_FRAME};
+    use crate::{Channel, DecodeError, IpcError, Limits, sys};
+
+    #[derive(Clone, Debug)]
+    enum Violation {
+        /// A header whose version byte is wrong, and more junk.
+        BadVersion(u8, Vec<u8>),
+        /// A well-formed header naming no message.
+        UnknownTag(Vec<u8>),
+        /// A header over the frame cap.
+        Oversize,
+        /// Fds on a channel that takes none, with a frame that would otherwise be valid.
+        FdsWhereNoneAllowed(Message, usize, usize),
+        /// More fds than the frame declares.
+        Surplus(usize),
+        /// Fewer fds than the frame declares.
+        Shortfall(usize),
+        /// More fds in one go than any frame may carry.
+        TooMany,
+    }
+
+    impl Violation {
+        fn needs_fd_channel(&self) -> Option<bool> {
+            match self {
+                Violation::FdsWhereNoneAllowed(..) => Some(false),
+                Violation::Surplus(_) | Violation::Shortfall(_) | Violation::TooMany => Some(true),
+                _ => None,
+            }
+        }
+
+        /// The violating bytes, the fds sent with their first byte, and the error expected.
+        fn render(&self) -> (Vec<u8>, usize, IpcError) {
+            let user = |n: usize| {
+                frame::encode(
+                    &Message::User {
+                        payload: b"violation".to_vec(),
+                    },
+                    n,
+                )
+            };
+            match self {
+                Violation::BadVersion(v, junk) => {
+                    let mut b = vec![*v];
+                    b.extend_from_slice(&[0; HEADER_LEN - 1]);
+                    b.extend_from_slice(junk);
+                    (b, 0, IpcError::Malformed(DecodeError::Version(*v)))
+                }
+                Violation::UnknownTag(body) => {
+                    let mut b = vec![frame::VERSION, 200, 0, 0];
+                    b.extend_from_slice(&(body.len() as u32).to_le_bytes());
+                    b.extend_from_slice(body);
+                    (b, 0, IpcError::Malformed(DecodeError::UnknownTag(200)))
+                }
+                Violation::Oversize => {
+                    let len = DEFAULT_MAX_FRAME + 1;
+                    let mut b = vec![frame::VERSION, 32, 0, 0];
+                    b.extend_from_slice(&(len as u32).to_le_bytes());
+                    let max = DEFAULT_MAX_FRAME;
+                    (
+                        b,
+                        0,
+                        IpcError::Malformed(DecodeError::TooLarge { len, max }),
+                    )
+                }
+                Violation::FdsWhereNoneAllowed(msg, declared, sent) => (
+                    frame::encode(msg, *declared),
+                    *sent,
+                    IpcError::FdsNotAllowed(*sent),
+                ),
+                Violation::Surplus(extra) => {
+                    let declared = 1;
+                    let arrived = declared + extra;
+                    (
+                        user(declared),
+                        arrived,
+                        IpcError::FdMismatch { declared, arrived },
+                    )
+                }
+                Violation::Shortfall(missing) => {
+                    let declared = 1 + missing;
+                    let arrived = declared - missing;
+                    (
+                        user(declared),
+                        arrived,
+                        IpcError::FdMismatch { declared, arrived },
+                    )
+                }
+                Violation::TooMany => {
+                    let arrived = MAX_FDS_PER_FRAME + 1;
+                    let declared = 0;
+                    (
+                        user(MAX_FDS_PER_FRAME),
+                        arrived,
+                        IpcError::FdMismatch { declared, arrived },
+                    )
+                }
+            }
+        }
+    }
+
+    fn violation() -> impl Strategy<Value = Violation> {
+        let fd_less = crate::frame::tests::message_with_fds()
+            .prop_filter("a frame that may come without fds", |(m, _)| {
+                m.fds_allowed().contains(&0)
+            });
+        prop_oneof![
+            (2u8..=255, proptest::collection::vec(any::<u8>(), 0..40))
+                .prop_map(|(v, junk)| Violation::BadVersion(v, junk)),
+            proptest::collection::vec(any::<u8>(), 0..40).prop_map(Violation::UnknownTag),
+            Just(Violation::Oversize),
+            (fd_less, 0..=1usize, 1..=3usize).prop_map(|((m, _), declares, sent)| {
+                // A user frame may declare the fds it brings; others declare none.
+                let declared = if matches!(m, Message::User { .. }) {
+                    declares * sent
+                } else {
+                    0
+                };
+                Violation::FdsWhereNoneAllowed(m, declared, sent)
+            }),
+            (1..=3usize).prop_map(Violation::Surplus),
+            (1..=2usize).prop_map(Violation::Shortfall),
+            Just(Violation::TooMany),
+        ]
+    }
+
+    /// Valid frames with their fd counts (at most 3 per user frame, to keep cases small).
+    fn valid_frames() -> impl Strategy<Value = Vec<(Message, usize)>> {
+        proptest::collection::vec(
+            crate::frame::tests::message_with_fds().prop_map(|(m, n)| {
+                let n = if matches!(m, Message::User { .. }) {
+                    n.min(3)
+                } else {
+                    n
+                };
+                (m, n)
+            }),
+            0..10,
+        )
+    }
+
+    /// Receives what is there now; returns the error if one came.
+    fn drain(ch: &mut Channel, got: &mut Vec<(Message, Vec<OwnedFd>)>) -> Option<IpcError> {
+        loop {
+            match ch.recv() {
+                Ok(Some(r)) => got.push((r.msg, r.fds)),
+                Ok(None) => return None,
+                Err(e) => return Some(e),
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn valid_frames_before_any_violation_are_delivered_then_only_the_error(
+            fd_channel in any::<bool>(),
+            frames in valid_frames(),
+            violation in violation(),
+            cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 0..12),
+            reads in proptest::collection::vec(any::<bool>(), 16),
+        ) {
+            let fd_channel = violation.needs_fd_channel().unwrap_or(fd_channel);
+            // A channel that takes no fds only ever sees frames without them.
+            let frames: Vec<(Message, usize)> = if fd_channel {
+                frames
+            } else {
+                frames.into_iter().filter(|(m, _)| m.fds_allowed().contains(&0))
+                    .map(|(m, _)| (m, 0)).collect()
+            };
+            let _g = fd_lock();
+            let base = open_fds();
+            {
+                let limits = if fd_channel { Limits::default() } else { no_fds_limits() };
+                let (mut ch, peer) = raw_pair(limits);
+                // The stream, and which offsets carry which fds (always a frame's first byte).
+                let mut stream = Vec::new();
+                let mut attach: Vec<(usize, Vec<OwnedFd>)> = Vec::new();
+                let mut want = Vec::new();
+                for (msg, n) in &frames {
+                    let fds: Vec<OwnedFd> = (0..*n)
+                        .map(|_| OwnedFd::from(UnixStream::pair().unwrap().0))
+                        .collect();
+                    want.push((msg.clone(), fds.iter().map(|f| ino(f.as_fd())).collect::<Vec<_>>()));
+                    if !fds.is_empty() {
+                        attach.push((stream.len(), fds));
+                    }
+                    frame::encode_into(msg, *n, &mut stream);
+                }
+                let (bad, bad_fds, want_err) = violation.render();
+                if bad_fds > 0 {
+                    let fds = (0..bad_fds)
+                        .map(|_| OwnedFd::from(std::io::pipe().unwrap().0))
+                        .collect();
+                    attach.push((stream.len(), fds));
+                }
+                stream.extend_from_slice(&bad);
+                // Chunk boundaries: the random cuts, plus every fd-carrying frame's first byte.
+                let mut bounds: Vec<usize> = cuts.iter().map(|c| c.index(stream.len())).collect();
+                bounds.extend(attach.iter().map(|(at, _)| *at));
+                bounds.push(stream.len());
+                bounds.sort_unstable();
+                bounds.dedup();
+                let mut got = Vec::new();
+                let mut err = None;
+                let mut from = 0;
+                for (i, to) in bounds.into_iter().enumerate() {
+                    if to == from {
+                        continue;
+                    }
+                    let fds: Vec<BorrowedFd<'_>> = attach
+                        .iter()
+                        .find(|(at, _)| *at == from)
+                        .map(|(_, f)| f.iter().map(|f| f.as_fd()).collect())
+                        .unwrap_or_default();
+                    let n = sys::send_with_fds(peer.as_fd(), &stream[from..to], &fds).unwrap();
+                    prop_assert_eq!(n, to - from);
+                    from = to;
+                    if err.is_none() && reads[i % reads.len()] {
+                        err = drain(&mut ch, &mut got);
+                    }
+                }
+                drop(attach);
+                // Everything is in the socket: the rest is read now, without waiting. (A read
+                // that came back short makes the next recv say None once without a syscall.)
+                for _ in 0..4 {
+                    if err.is_some() {
+                        break;
+                    }
+                    err = drain(&mut ch, &mut got);
+                }
+                let got: Vec<(Message, Vec<u64>)> = got
+                    .into_iter()
+                    .map(|(m, fds)| (m, fds.iter().map(|f| ino(f.as_fd())).collect()))
+                    .collect();
+                prop_assert_eq!(got, want);
+                let Some(err) = err else {
+                    return Err(TestCaseError::fail("the violation was never reported"));
+                };
+                prop_assert_eq!(format!("{err:?}"), format!("{want_err:?}"));
+                // Dead for good: valid frames sent later are not delivered either.
+                let later = frame::encode(&Message::Accepted { conn: ConnId(1) }, 0);
+                sys::send_with_fds(peer.as_fd(), &later, &[]).unwrap();
+                match ch.recv_blocking(WAIT) {
+                    Err(IpcError::Closed) => {}
+                    Err(again) => prop_assert_eq!(format!("{again:?}"), format!("{want_err:?}")),
+                    Ok(r) => return Err(TestCaseError::fail(format!("delivered {r:?} after the error"))),
+                }
+            }
+            prop_assert_eq!(open_fds(), base);
+        }
+    }
 }

@@ -17,6 +17,10 @@
 //! - `crash-after-N`: serve N connections, then abort on the next hand-off without answering.
 //! - `hold-while-exists:PATH`: after listening, read nothing from the channel while PATH exists
 //!   (up to 20 s), so hand-offs pile up unanswered in the master; then serve.
+//! - `answer-then-fd`: on the first hand-off, write `held by worker <id>\n` to the client and
+//!   keep it, then send `Accepted` and a user frame with an fd attached in ONE `sendmsg` (so the
+//!   master reads both in one go), then wait to be killed. A master that loses the answer
+//!   along with the violation hands the connection to a second worker.
 //!
 //! - `withhold-first`: never answer the first hand-off (keep its fd open), refuse every other
 //!   one as `MaxConnections`: a worker that keeps answering while it holds one client back.
@@ -39,8 +43,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use cluster_core::{ListenSpec, Message, RefuseReason, Seq, ServerGrant, ServerReply, env};
-use cluster_ipc::{Channel, Limits};
+use cluster_core::{ConnId, ListenSpec, Message, RefuseReason, Seq, ServerGrant, ServerReply, env};
+use cluster_ipc::{Channel, Limits, frame};
 
 fn main() -> ExitCode {
     match run() {
@@ -276,6 +280,10 @@ fn run() -> Result<u8, String> {
                     _ if limit("crash-after-").is_some_and(|n| served >= n) => {
                         std::process::abort()
                     }
+                    "answer-then-fd" => {
+                        let client = r.fds.into_iter().next().ok_or("hand-off without an fd")?;
+                        return answer_then_fd(&mut ch, conn, client, &id);
+                    }
                     _ if limit("garbage-after-").is_some_and(|n| served >= n) => {
                         use std::os::fd::AsFd;
                         let mut raw = UnixStream::from(
@@ -360,6 +368,43 @@ fn query_flood(ch: &mut Channel, spec: &ListenSpec, n: usize) -> Result<u8, Stri
 /// `EMFILE` on Linux (errno 24), the master's answer past its per-worker server limit.
 fn libc_emfile() -> i32 {
     24
+}
+
+/// Takes the connection, then breaks the protocol in the same write as the answer.
+fn answer_then_fd(ch: &mut Channel, conn: ConnId, client: OwnedFd, id: &str) -> Result<u8, String> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
+    use std::os::fd::{AsFd, AsRawFd};
+    let mut client = std::net::TcpStream::from(client);
+    client
+        .write_all(format!("held by worker {id}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut bytes = frame::encode(&Message::Accepted { conn }, 0);
+    frame::encode_into(
+        &Message::User {
+            payload: b"fd".to_vec(),
+        },
+        1,
+        &mut bytes,
+    );
+    let (smuggled, _twin) = UnixStream::pair().map_err(|e| e.to_string())?;
+    // Attached to the whole buffer: the only way to make sure both frames reach the master in
+    // one read, whatever its timing.
+    let fds = [smuggled.as_raw_fd()];
+    let sent = sendmsg(
+        ch.as_fd().as_raw_fd(),
+        &[std::io::IoSlice::new(&bytes)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::MSG_NOSIGNAL,
+        None::<&UnixAddr>,
+    )
+    .map_err(|e| e.to_string())?;
+    if sent != bytes.len() {
+        return Err(format!("short write: {sent} of {}", bytes.len()));
+    }
+    // Hold the client until the master kills us (or the channel ends).
+    while ch.recv_blocking(None).is_ok() {}
+    drop(client);
+    Ok(0)
 }
 
 fn serve_shared(
