@@ -325,3 +325,48 @@ fn a_burst_of_messages_harms_no_other_client() {
 fn a_query_flood_harms_no_other_client() {
     others_unharmed_by("query-flood-300", |b| b);
 }
+
+/// A worker sending user messages as fast as it can while the embedder keeps up: the master
+/// keeps reading it (the drain budget cuts a pass short, never the flow), so the messages keep
+/// coming for as long as the flood lasts.
+#[test]
+fn a_message_flood_read_by_a_fast_embedder_keeps_flowing() {
+    let _fds = shared_fds();
+    let absent = std::env::temp_dir().join(format!("cluster-rs-absent-{}", std::process::id()));
+    let mut c = Cluster::start(
+        MasterBuilder::new(raw_worker())
+            .args([
+                "tcp:127.0.0.1:0".to_owned(),
+                format!("flood-after-absent:{}", absent.display()),
+            ])
+            .workers(1),
+    );
+    let (mut first_half, mut second_half) = (0u64, 0u64);
+    let start = Instant::now();
+    let mut first = None;
+    for _ in 0..100_000_000u64 {
+        let elapsed = start.elapsed();
+        if elapsed > Duration::from_secs(2) {
+            break;
+        }
+        match c.master().events().recv_timeout(Duration::from_millis(100)) {
+            Ok(Event::Message { .. }) => {
+                let since = *first.get_or_insert(elapsed);
+                if elapsed - since < Duration::from_millis(500) {
+                    first_half += 1;
+                } else if elapsed - since < Duration::from_secs(1) {
+                    second_half += 1;
+                }
+            }
+            Ok(e) => c.seen.push(e),
+            Err(_) => {}
+        }
+    }
+    // Before the fix the master stopped reading after its first drain budget (4096 frames)
+    // and the flood froze.
+    assert!(
+        first_half > 5000 && second_half > 5000,
+        "messages in the first and second half second: {first_half}, {second_half}"
+    );
+    drop(c);
+}

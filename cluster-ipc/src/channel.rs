@@ -311,6 +311,13 @@ impl Channel {
         !self.outq.is_empty()
     }
 
+    /// The socket reported readiness: whatever an earlier short read concluded about it being
+    /// empty no longer holds. Call it for every readable event before [`Channel::recv`]; a
+    /// caller that stops a drain early and resumes it later without an event must not.
+    pub fn note_readable(&mut self) {
+        self.read_drained = false;
+    }
+
     /// Bytes queued and not yet written: what the peer has not taken off the socket beyond
     /// the kernel's buffer.
     pub fn pending_output_bytes(&self) -> usize {

@@ -20,6 +20,9 @@ pub trait WorkerChannel: Source + Debug + Send {
     fn flush(&mut self) -> Result<bool, IpcError>;
     /// Bytes queued for the worker that it has not read yet (beyond the socket buffer).
     fn pending_output_bytes(&self) -> usize;
+    /// The socket reported readiness (see [`Channel::note_readable`]): data may have arrived
+    /// since a read that found it empty.
+    fn note_readable(&mut self) {}
 }
 
 impl WorkerChannel for Channel {
@@ -37,5 +40,9 @@ impl WorkerChannel for Channel {
 
     fn pending_output_bytes(&self) -> usize {
         Channel::pending_output_bytes(self)
+    }
+
+    fn note_readable(&mut self) {
+        Channel::note_readable(self);
     }
 }

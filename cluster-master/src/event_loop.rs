@@ -246,7 +246,9 @@ impl EventLoop {
                 let (kind, id) = split_token(ev.token());
                 match kind {
                     KIND_LISTENER => self.accept_ready(ServerId(id)),
-                    KIND_CHANNEL => self.channel_ready(WorkerId(id), ev.is_writable()),
+                    KIND_CHANNEL => {
+                        self.channel_ready(WorkerId(id), ev.is_readable(), ev.is_writable())
+                    }
                     KIND_PIDFD => self.reap(WorkerId(id)),
                     KIND_STDOUT => self.output_ready(WorkerId(id), false),
                     KIND_STDERR => self.output_ready(WorkerId(id), true),

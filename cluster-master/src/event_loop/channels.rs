@@ -56,11 +56,17 @@ impl EventLoop {
 
     // ---------------------------------------------------------------- channels
 
-    pub(super) fn channel_ready(&mut self, id: WorkerId, writable: bool) {
-        if writable
-            && let Some(ch) = self.fleet.channel(id)
-            && let Err(e) = ch.flush()
-        {
+    pub(super) fn channel_ready(&mut self, id: WorkerId, readable: bool, writable: bool) {
+        let Some(ch) = self.fleet.channel(id) else {
+            return;
+        };
+        if readable {
+            // Data may have arrived after a short read that found the socket empty, and this
+            // event is the only notice of it: a drain cut short by its budget and resumed
+            // without an event must not trust that read any more.
+            ch.note_readable();
+        }
+        if writable && let Err(e) = ch.flush() {
             self.channel_failed(id, e);
             return;
         }
