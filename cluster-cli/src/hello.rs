@@ -1,5 +1,5 @@
 //! `cluster-cli hello`: the built-in hello HTTP worker
-//! ([`cluster_worker::hello::HelloFactory`]). The same code runs standalone (binds for real,
+//! ([`cluster_hello::HelloFactory`]). The same code runs standalone (binds for real,
 //! answers as worker 0) or as a worker of any cluster-rs master (listens through it).
 
 use std::io::Write;
@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::thread;
 
 use cluster_core::ListenSpec;
-use cluster_worker::hello::HelloFactory;
+use cluster_hello::HelloFactory;
 use cluster_worker::{Handler, ServeConfig, Shutdown};
 use signal_hook::consts::signal::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;

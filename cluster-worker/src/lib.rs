@@ -89,7 +89,6 @@
 #![deny(unsafe_code)]
 
 mod handler;
-pub mod hello;
 mod listener;
 mod pool;
 mod serve;

@@ -10,14 +10,44 @@ use std::time::{Duration, Instant};
 use mio::{Poll, Token, Waker};
 
 use super::{Pool, Shared};
-use crate::handler::ConnInfo;
-use crate::hello::HelloFactory;
+use crate::handler::{Conn, ConnInfo, Next, Session, SessionFactory};
 use crate::serve::HandlerKind;
 use crate::stream::Stream;
 
 const T: Duration = Duration::from_secs(5);
 
-/// A pool of `threads` hello-session threads; `fail` is the index of the thread whose first
+/// Answers a status line once the request head is in, then closes.
+struct Ok200(Vec<u8>);
+
+impl Session for Ok200 {
+    fn on_ready(&mut self, conn: &mut Conn, _now: Instant) -> std::io::Result<Next> {
+        let mut buf = [0u8; 1024];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => return Ok(Next::Close),
+                Ok(n) => self.0.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.0.windows(4).any(|w| w == b"\r\n\r\n") {
+            conn.write_all(b"HTTP/1.1 200 OK\r\n\r\n")?;
+            return Ok(Next::Close);
+        }
+        Ok(Next::Continue)
+    }
+}
+
+struct Ok200s;
+
+impl SessionFactory for Ok200s {
+    type Session = Ok200;
+    fn new_session(&self, _info: &ConnInfo) -> Ok200 {
+        Ok200(Vec::new())
+    }
+}
+
+/// A pool of `threads` session threads; `fail` is the index of the thread whose first
 /// `poll` fails. The `Poll` returned owns the waker the pool's `Shared` wakes on drain.
 fn pool_with_failing(threads: usize, fail: Option<usize>) -> (Pool, Arc<Shared>, Poll) {
     let poll = Poll::new().unwrap();
@@ -26,7 +56,7 @@ fn pool_with_failing(threads: usize, fail: Option<usize>) -> (Pool, Arc<Shared>,
     shared
         .fail_poll_of
         .store(fail.map_or(0, |i| i + 1), Ordering::SeqCst);
-    let kind = HandlerKind::Sessions(Arc::new(HelloFactory::new(7)));
+    let kind = HandlerKind::Sessions(Arc::new(Ok200s));
     let pool = Pool::start(&kind, threads, 0, shared.clone()).unwrap();
     (pool, shared, poll)
 }

@@ -20,13 +20,25 @@
 //! The protocol lives in `HelloCore`, a sans-io state machine (bytes in, bytes out, a wake
 //! time, a close decision) so it can be tested without sockets; [`HelloSession`] only moves bytes
 //! between it and the socket.
+//!
+//! ```no_run
+//! use cluster_hello::HelloFactory;
+//! use cluster_worker::{Handler, ListenSpec, ServeConfig};
+//!
+//! let id = cluster_worker::worker_id().map_or(0, |w| w.0);
+//! let listener = cluster_worker::listen(ListenSpec::tcp("127.0.0.1:8000".parse()?))?;
+//! let handler = Handler::sessions(HelloFactory::new(id));
+//! cluster_worker::serve(vec![listener], handler, ServeConfig::new())?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![warn(missing_docs)]
 
 use std::io::{self, Read, Write};
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::handler::{Conn, ConnInfo, Next, Session, SessionFactory};
+use cluster_worker::{Conn, ConnInfo, Next, Session, SessionFactory};
 
 /// The longest `/delay/<ms>` honoured; longer asks are cut to this.
 pub const MAX_DELAY_MS: u64 = 60_000;
