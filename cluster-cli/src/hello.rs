@@ -60,7 +60,11 @@ fn on_signals(signals: &mut Signals, shutdown: &Shutdown, under_master: bool) {
             }
             // TERM aimed at this worker: leave gracefully and tell the master it is planned
             // (Node's worker.disconnect()), so that it is not counted as a crash.
-            if cluster_worker::disconnect().is_err() {
+            let left = cluster_worker::worker().and_then(|w| match w {
+                Some(w) => w.disconnect(),
+                None => Err(std::io::ErrorKind::NotConnected.into()),
+            });
+            if left.is_err() {
                 shutdown.trigger();
             }
         } else if shutdown.is_triggered() {

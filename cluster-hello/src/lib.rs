@@ -38,7 +38,7 @@ use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cluster_worker::{Conn, ConnInfo, Next, Session, SessionFactory};
+use cluster_worker::{ConnInfo, Next, Session, SessionFactory, Stream};
 
 /// The longest `/delay/<ms>` honoured; longer asks are cut to this.
 pub const MAX_DELAY_MS: u64 = 60_000;
@@ -523,7 +523,7 @@ impl HelloSession {
 }
 
 impl Session for HelloSession {
-    fn on_ready(&mut self, conn: &mut Conn, now: Instant) -> io::Result<Next> {
+    fn on_ready(&mut self, conn: &mut Stream, now: Instant) -> io::Result<Next> {
         self.drive(conn, now)
     }
 
@@ -1112,7 +1112,7 @@ mod tests {
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, peer) = listener.accept().unwrap();
         server.set_nonblocking(true).unwrap();
-        let mut conn = Conn::Tcp(mio::net::TcpStream::from_std(server));
+        let mut conn = Stream::Tcp(server);
         let mut s = HelloFactory::new(9).new_session(&ConnInfo {
             server: None,
             peer: Some(peer),

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use mio::{Poll, Token, Waker};
 
-use super::{Pool, Shared};
-use crate::handler::{Conn, ConnInfo, Next, Session, SessionFactory};
-use crate::serve::HandlerKind;
+use super::Pool;
+use crate::handler::{ConnInfo, HandlerKind, Next, Session, SessionFactory};
+use crate::shared::Shared;
 use crate::stream::Stream;
 
 const T: Duration = Duration::from_secs(5);
@@ -20,7 +20,7 @@ const T: Duration = Duration::from_secs(5);
 struct Ok200(Vec<u8>);
 
 impl Session for Ok200 {
-    fn on_ready(&mut self, conn: &mut Conn, _now: Instant) -> std::io::Result<Next> {
+    fn on_ready(&mut self, conn: &mut Stream, _now: Instant) -> std::io::Result<Next> {
         let mut buf = [0u8; 1024];
         loop {
             match conn.read(&mut buf) {
@@ -103,9 +103,10 @@ fn status_line(c: &mut TcpStream) -> std::io::Result<String> {
 fn a_dead_session_thread_gets_no_connections_and_the_others_serve() {
     let (mut pool, shared, _poll) = pool_with_failing(2, Some(0));
     wait_dead(&pool, 1);
-    assert!(pool.can_take(0), "one thread still runs");
+    assert!(pool.room(None)(0), "one thread still runs");
     for _ in 0..6 {
         let (mut c, stream, info) = client_and_conn();
+        pool.count_in();
         pool.dispatch(stream, info);
         assert_eq!(status_line(&mut c).unwrap(), "HTTP/1.1 200 OK\r\n");
     }
@@ -123,11 +124,12 @@ fn with_every_session_thread_dead_the_pool_refuses_and_counts_nothing_lost() {
     let (mut pool, shared, _poll) = pool_with_failing(1, Some(0));
     wait_dead(&pool, 1);
     assert!(
-        !pool.can_take(0),
+        !pool.room(None)(0),
         "the serve loop must refuse, so the master re-routes"
     );
     // Dispatched anyway (taken before the thread died): closed at once and counted.
     let (mut c, stream, info) = client_and_conn();
+    pool.count_in();
     pool.dispatch(stream, info);
     assert_eq!(shared.live.load(Ordering::SeqCst), 0);
     let mut rest = Vec::new();
