@@ -372,6 +372,22 @@ impl State {
         Some(got)
     }
 
+    /// For the application's listeners: the oldest stream of `server` whose answer is
+    /// written; `None` while there is none yet; an error once the worker stops taking and
+    /// nothing answered for `server` is left (what was answered is ours to serve, stop or not).
+    pub(crate) fn take_answered(
+        &mut self,
+        server: ServerId,
+    ) -> io::Result<Option<(Stream, ConnInfo)>> {
+        if let Some(got) = self.take(server) {
+            return Ok(Some(got));
+        }
+        if !self.has_parked(server) {
+            self.still_taking()?;
+        }
+        Ok(None)
+    }
+
     /// True while `server`'s inbox holds streams, takeable or not yet.
     pub(crate) fn has_parked(&self, server: ServerId) -> bool {
         self.inboxes

@@ -218,17 +218,9 @@ impl Listener {
             (Sock::RoundRobin { .. }, Some(link), Some(server)) => {
                 let mut st = link.lock();
                 loop {
-                    if let Some((stream, info)) = st.take(server) {
+                    if let Some(got) = st.take_answered(server)? {
                         drop(st);
-                        // The master may have accepted it non-blocking; blocking callers
-                        // expect std's default.
-                        stream.set_nonblocking(false)?;
-                        return Ok((stream, info));
-                    }
-                    // Answered connections are still to come (their answers are being
-                    // written): they are ours to serve, stop or not.
-                    if !st.has_parked(server) {
-                        st.still_taking()?;
+                        return in_blocking_mode(got);
                     }
                     st.wait(WAIT_SLICE);
                 }
@@ -246,10 +238,7 @@ impl Listener {
         self.sock.set_nonblocking(true)?;
         loop {
             match self.sock.accept_local(self.server) {
-                Ok((s, info)) => {
-                    s.set_nonblocking(false)?;
-                    return Ok((s, info));
-                }
+                Ok(got) => return in_blocking_mode(got),
                 // Another worker took it, or the client left first: wait for the next one.
                 Err(e)
                     if matches!(
@@ -310,21 +299,13 @@ impl Listener {
                 }
                 let mut st = link.lock();
                 st.pump();
-                if let Some((stream, info)) = st.take(server) {
-                    drop(st);
-                    stream.set_nonblocking(false)?;
-                    return Ok((stream, info));
-                }
-                if !st.has_parked(server) {
-                    st.still_taking()?;
-                }
-                Err(io::ErrorKind::WouldBlock.into())
+                let got = st.take_answered(server)?;
+                drop(st);
+                in_blocking_mode(got.ok_or(io::ErrorKind::WouldBlock)?)
             }
             _ => {
                 self.sock.set_nonblocking(true)?;
-                let (s, info) = self.sock.accept_local(self.server)?;
-                s.set_nonblocking(false)?;
-                Ok((s, info))
+                in_blocking_mode(self.sock.accept_local(self.server)?)
             }
         }
     }
@@ -349,6 +330,13 @@ impl Listener {
 
     /// Closes the server (the same as dropping it).
     pub fn close(self) {}
+}
+
+/// A handed-off socket may have been accepted non-blocking by the master, and one accepted
+/// here inherits the shared listener's flag; blocking callers expect std's default.
+fn in_blocking_mode((stream, info): (Stream, ConnInfo)) -> io::Result<(Stream, ConnInfo)> {
+    stream.set_nonblocking(false)?;
+    Ok((stream, info))
 }
 
 fn no_socket() -> io::Error {

@@ -160,6 +160,26 @@ fn spawn_serve(
     thread::spawn(move || w.serve(ls, h, cfg))
 }
 
+/// A plain `for` loop server on its own thread: writes `k` to each connection; after the
+/// first, waits for `after_first` (a slow handler). Returns how many it served.
+fn for_loop_server(
+    l: Listener,
+    after_first: Option<crossbeam::channel::Receiver<()>>,
+) -> thread::JoinHandle<usize> {
+    thread::spawn(move || {
+        let mut n = 0;
+        for r in l.incoming() {
+            let (mut s, _) = r.unwrap();
+            let _ = s.write_all(b"k");
+            if let (0, Some(go)) = (n, &after_first) {
+                let _ = go.recv_timeout(T);
+            }
+            n += 1;
+        }
+        n
+    })
+}
+
 #[test]
 fn listen_round_robin_indexes_and_close() {
     let (mut m, w) = setup();
@@ -263,15 +283,7 @@ fn incoming_on_a_shared_grant_ends_on_disconnect() {
     let (mut m, w) = setup();
     let (l, sock) = shared_listener(&mut m, &w, 8);
     let addr = sock.local_addr().unwrap();
-    let acc = thread::spawn(move || {
-        let mut n = 0;
-        for r in l.incoming() {
-            let (mut s, _) = r.unwrap();
-            let _ = s.write_all(b"k");
-            n += 1;
-        }
-        n
-    });
+    let acc = for_loop_server(l, None);
     let mut c = TcpStream::connect(addr).unwrap();
     c.set_read_timeout(Some(T)).unwrap();
     let mut b = [0u8; 1];
@@ -457,19 +469,7 @@ fn blocking_accept_answers_while_the_caller_is_busy() {
     let (mut m, w) = setup();
     let (l, _) = grant_rr(&mut m, &w, 1);
     let (go_tx, go_rx) = crossbeam::channel::bounded::<()>(1);
-    let caller = thread::spawn(move || {
-        let mut n = 0;
-        for r in l.incoming() {
-            let (mut s, _) = r.unwrap();
-            let _ = s.write_all(b"k");
-            if n == 0 {
-                // A slow handler: no accept for a while.
-                let _ = go_rx.recv_timeout(T);
-            }
-            n += 1;
-        }
-        n
-    });
+    let caller = for_loop_server(l, Some(go_rx));
     expect_listening(&mut m, 1);
     let mut pairs = Vec::new();
     for conn in 0..=crate::ACCEPT_QUEUE as u64 {
@@ -830,15 +830,7 @@ fn exclusive_and_ipv6_bind_in_the_worker() {
 fn rr_blocking_accept_and_incoming_end_on_disconnect() {
     let (mut m, w) = setup();
     let (l, _) = grant_rr(&mut m, &w, 1);
-    let acc = thread::spawn(move || {
-        let mut n = 0;
-        for r in l.incoming() {
-            let (mut s, _) = r.unwrap();
-            let _ = s.write_all(b"k");
-            n += 1;
-        }
-        n
-    });
+    let acc = for_loop_server(l, None);
     expect_listening(&mut m, 1);
     let (mut c, s) = tcp_pair();
     hand_off(&mut m, 1, 1, &s);
