@@ -15,9 +15,10 @@ use crate::link::{self, Link, Taker, WAIT_SLICE};
 use crate::stream::Stream;
 use crate::sys::{self, StreamFd};
 
-/// Connections a listener the application drives itself holds answered for it (`Accepted`
-/// sent) until it takes them; beyond it hand-offs are refused (`MaxConnections`) and the
-/// master gives them to another worker.
+/// Connections the worker holds answered (`Accepted` sent) for the listeners the application
+/// drives itself until it takes them, counted over all of the worker's listeners together;
+/// beyond it hand-offs are refused (`MaxConnections`) and the master gives them to another
+/// worker.
 pub const ACCEPT_QUEUE: usize = 16;
 
 /// Where a listener's connections come from.
