@@ -13,7 +13,7 @@ use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use parking_lot::Mutex;
 
 use crate::handler::{ConnInfo, Handler, HandlerKind};
-use crate::link::{DisconnectBy, Link, Stop, Taker};
+use crate::link::{DisconnectBy, Link, State, Stop, Taker};
 use crate::listener::{Listener, Sock};
 use crate::pool::Pool;
 use crate::shared::Shared;
@@ -227,8 +227,7 @@ impl Served<'_> {
     }
 
     /// Takes every stream whose answer is written.
-    fn take_ready(&self, pool: &Pool, into: &mut Vec<(Stream, ConnInfo)>) {
-        let mut st = self.link.lock();
+    fn take_ready(&self, st: &mut State, pool: &Pool, into: &mut Vec<(Stream, ConnInfo)>) {
         for &s in &self.servers {
             while let Some(got) = st.take(s) {
                 pool.count_in();
@@ -331,9 +330,9 @@ pub(crate) fn run(
             let (user, stop) = {
                 let mut st = link.lock();
                 st.pump();
+                served.take_ready(&mut st, &pool, &mut taken);
                 (st.take_user(), st.stop())
             };
-            served.take_ready(&pool, &mut taken);
             for (stream, info) in taken.drain(..) {
                 pool.dispatch(stream, info);
             }
