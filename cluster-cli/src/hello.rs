@@ -1,5 +1,5 @@
 //! `cluster-cli hello`: the built-in hello HTTP worker
-//! ([`cluster_worker::hello::HelloFactory`]). The same code runs standalone (binds for real,
+//! ([`cluster_hello::HelloFactory`]). The same code runs standalone (binds for real,
 //! answers as worker 0) or as a worker of any cluster-rs master (listens through it).
 
 use std::io::Write;
@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::thread;
 
 use cluster_core::ListenSpec;
-use cluster_worker::hello::HelloFactory;
+use cluster_hello::HelloFactory;
 use cluster_worker::{Handler, ServeConfig, Shutdown};
 use signal_hook::consts::signal::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -60,7 +60,11 @@ fn on_signals(signals: &mut Signals, shutdown: &Shutdown, under_master: bool) {
             }
             // TERM aimed at this worker: leave gracefully and tell the master it is planned
             // (Node's worker.disconnect()), so that it is not counted as a crash.
-            if cluster_worker::disconnect().is_err() {
+            let left = cluster_worker::worker().and_then(|w| match w {
+                Some(w) => w.disconnect(),
+                None => Err(std::io::ErrorKind::NotConnected.into()),
+            });
+            if left.is_err() {
                 shutdown.trigger();
             }
         } else if shutdown.is_triggered() {

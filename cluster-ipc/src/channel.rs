@@ -3,6 +3,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use cluster_core::Message;
@@ -162,7 +163,28 @@ impl Channel {
 
     /// Adopts the channel a master left at fd `raw` (see [`spawn_with_channel`]), after
     /// checking that it is an open socket.
+    ///
+    /// Adoption makes the returned `Channel` the fd's only owner, so it happens at most once
+    /// per process: every later call fails with [`io::ErrorKind::AlreadyExists`] and touches
+    /// no fd (a second owner would close the number twice, the second time perhaps as an
+    /// unrelated file that reused it). A failed first attempt counts too.
+    ///
+    /// ```no_run
+    /// use cluster_ipc::{Channel, Limits};
+    ///
+    /// let chan = Channel::from_inherited_fd(3, Limits::default())?;
+    /// assert!(Channel::from_inherited_fd(3, Limits::default()).is_err());
+    /// # drop(chan);
+    /// # Ok::<(), cluster_ipc::IpcError>(())
+    /// ```
     pub fn from_inherited_fd(raw: RawFd, limits: Limits) -> Result<Channel, IpcError> {
+        static ADOPTED: AtomicBool = AtomicBool::new(false);
+        if ADOPTED.swap(true, Ordering::AcqRel) {
+            return Err(IpcError::Io(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the inherited channel fd was already adopted by this process",
+            )));
+        }
         let fd = sys::adopt_inherited_socket(raw)?;
         Channel::from_stream(UnixStream::from(fd), limits)
     }

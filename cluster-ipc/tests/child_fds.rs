@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cluster_core::Message;
-use cluster_ipc::{Channel, Limits, spawn_with_channel};
+use cluster_ipc::{Channel, IpcError, Limits, spawn_with_channel};
 
 mod common;
 use common::open_fds;
@@ -109,6 +109,12 @@ fn child() {
     };
     let list: Vec<String> = fds.iter().map(|fd| fd.to_string()).collect();
     let mut ch = Channel::from_inherited_fd(CHANNEL_FD, Limits::default()).unwrap();
+    // A second adoption would make a second owner of the same fd: it must fail untouched.
+    let again = Channel::from_inherited_fd(CHANNEL_FD, Limits::default()).unwrap_err();
+    assert!(
+        matches!(&again, IpcError::Io(e) if e.kind() == std::io::ErrorKind::AlreadyExists),
+        "{again:?}"
+    );
     let payload = format!("{};{kind};{ino}", list.join(",")).into_bytes();
     ch.send_blocking(&Message::User { payload }, &[], WAIT)
         .unwrap();

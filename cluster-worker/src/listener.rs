@@ -1,20 +1,25 @@
 use std::io;
 use std::net::TcpListener;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
 use std::time::Duration;
 
-use cluster_core::{
-    BoundAddr, ListenAddr, ListenSpec, Message, RefuseReason, ServerGrant, ServerId,
-};
+use cluster_core::{BoundAddr, ListenAddr, ListenSpec, ServerGrant, ServerId};
 use mio::event::Source;
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 
 use crate::handler::ConnInfo;
+use crate::link::{self, Link, Taker, WAIT_SLICE};
 use crate::stream::Stream;
 use crate::sys::{self, StreamFd};
-use crate::worker::Worker;
+
+/// Connections the worker holds answered (`Accepted` sent) for the listeners the application
+/// drives itself until it takes them, counted over all of the worker's listeners together;
+/// beyond it hand-offs are refused (`MaxConnections`) and the master gives them to another
+/// worker.
+pub const ACCEPT_QUEUE: usize = 16;
 
 /// Where a listener's connections come from.
 #[derive(Debug)]
@@ -23,9 +28,10 @@ pub(crate) enum Sock {
     Tcp(TcpListener),
     /// A real listening Unix socket.
     Unix(UnixListener),
-    /// Connections arrive as `NewConn` frames on the channel; `poll_fd` is a dup of the channel
-    /// socket, the readiness source for callers that bring their own mio `Poll`.
-    RoundRobin { poll_fd: OwnedFd },
+    /// Connections arrive as `NewConn` frames on the channel and wait, answered, in the
+    /// server's inbox. `signal` is the readiness source for a caller's mio `Poll`: the link
+    /// writes to its other end whenever something changed.
+    RoundRobin { signal: Option<UnixStream> },
 }
 
 impl Sock {
@@ -38,16 +44,17 @@ impl Sock {
         })
     }
 
-    fn fd(&self) -> BorrowedFd<'_> {
+    /// The readiness source: the listening socket, or a round-robin listener's signal.
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
         match self {
-            Sock::Tcp(l) => l.as_fd(),
-            Sock::Unix(l) => l.as_fd(),
-            Sock::RoundRobin { poll_fd } => poll_fd.as_fd(),
+            Sock::Tcp(l) => Some(l.as_fd()),
+            Sock::Unix(l) => Some(l.as_fd()),
+            Sock::RoundRobin { signal } => signal.as_ref().map(AsFd::as_fd),
         }
     }
 
-    pub(crate) fn raw_fd(&self) -> i32 {
-        self.fd().as_raw_fd()
+    pub(crate) fn raw_fd(&self) -> Option<i32> {
+        self.fd().map(|fd| fd.as_raw_fd())
     }
 
     fn set_nonblocking(&self, on: bool) -> io::Result<()> {
@@ -91,8 +98,8 @@ impl Sock {
 #[derive(Debug)]
 pub struct Listener {
     pub(crate) sock: Sock,
-    pub(crate) worker: Option<Worker>,
-    pub(crate) server: Option<ServerId>,
+    link: Option<Arc<Link>>,
+    server: Option<ServerId>,
     grant: Option<ServerGrant>,
     addr: BoundAddr,
 }
@@ -126,7 +133,7 @@ impl Listener {
         };
         Ok(Listener {
             sock,
-            worker: None,
+            link: None,
             server: None,
             grant: None,
             addr,
@@ -135,14 +142,14 @@ impl Listener {
 
     pub(crate) fn granted(
         sock: Sock,
-        worker: Worker,
+        link: Arc<Link>,
         server: ServerId,
         grant: ServerGrant,
         addr: BoundAddr,
     ) -> Listener {
         Listener {
             sock,
-            worker: Some(worker),
+            link: Some(link),
             server: Some(server),
             grant: Some(grant),
             addr,
@@ -164,36 +171,61 @@ impl Listener {
         self.grant
     }
 
-    /// Tells the master that this server takes connections (once). The master starts handing
-    /// off round-robin connections only after this.
-    pub(crate) fn announce(&self) -> io::Result<()> {
-        if let (Some(w), Some(server)) = (&self.worker, self.server) {
-            w.inner.state.lock().mark_listening(server, &self.addr)?;
+    /// For a serve loop: the master's server this listener stands for, which from now on the
+    /// loop closes (the listener's drop no longer does), and its address.
+    pub(crate) fn hand_to_serve(mut self) -> Option<(ServerId, BoundAddr)> {
+        let server = self.server.take()?;
+        Some((server, self.addr.clone()))
+    }
+
+    /// Tells the master, once, that this server takes connections, and for a round-robin
+    /// grant opens its inbox with the answerer thread reading the channel for it.
+    fn start_taking(&self) -> io::Result<()> {
+        let (Some(link), Some(server)) = (&self.link, self.server) else {
+            return Ok(());
+        };
+        let room: link::Room = Arc::new(|parked| parked < ACCEPT_QUEUE);
+        link.lock()
+            .start_taking(server, &self.addr, Taker::Application, room)?;
+        if matches!(self.sock, Sock::RoundRobin { .. }) {
+            link.ensure_answerer()?;
         }
         Ok(())
     }
 
     /// Waits for and returns the next connection.
     ///
-    /// For a round-robin listener this reads the channel until the master hands over a
-    /// connection for this server, answers `Accepted`, and returns it; it fails with
-    /// [`io::ErrorKind::ConnectionAborted`] once the worker is disconnecting and with
-    /// [`io::ErrorKind::UnexpectedEof`] when the master is gone.
+    /// For a round-robin listener the connections were answered `Accepted` when they arrived
+    /// (by a thread that reads the channel while the listener is open, whatever the pace of
+    /// the calls; up to [`ACCEPT_QUEUE`] wait answered for the caller, beyond that the master
+    /// gives them to other workers), and one is returned only once its answer is written. It
+    /// fails with [`io::ErrorKind::ConnectionAborted`] once the worker is disconnecting and
+    /// every connection answered for it has been returned, and with
+    /// [`io::ErrorKind::UnexpectedEof`] when the master is gone. On a shared socket the wait
+    /// also ends on those.
     ///
-    /// Nothing answers the master between calls: the other hand-offs in flight to this worker
-    /// (up to the master's window) wait for the next call, and a worker that leaves one
-    /// unanswered for the master's ack timeout (10 s by default) is dropped. A handler that
-    /// may run that long belongs on another thread, or under [`crate::serve`], whose loop
-    /// answers at once.
+    /// ```no_run
+    /// use cluster_worker::ListenSpec;
+    /// use std::io::Write;
+    ///
+    /// let listener = cluster_worker::listen(ListenSpec::tcp("127.0.0.1:8080".parse()?))?;
+    /// let (mut stream, info) = listener.accept()?;
+    /// writeln!(stream, "hello {:?}", info.peer)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn accept(&self) -> io::Result<(Stream, ConnInfo)> {
-        self.announce()?;
-        match (&self.sock, &self.worker, self.server) {
-            (Sock::RoundRobin { .. }, Some(w), Some(server)) => w.wait_for(None, |st| {
-                if st.disconnect.is_some() || st.draining {
-                    return Some(Err(disconnecting()));
+        self.start_taking()?;
+        match (&self.sock, &self.link, self.server) {
+            (Sock::RoundRobin { .. }, Some(link), Some(server)) => {
+                let mut st = link.lock();
+                loop {
+                    if let Some(got) = st.take_answered(server)? {
+                        drop(st);
+                        return in_blocking_mode(got);
+                    }
+                    st.wait(WAIT_SLICE);
                 }
-                self.take_rr(w, st, server).transpose()
-            }),
+            }
             _ => self.accept_local_blocking(),
         }
     }
@@ -207,10 +239,7 @@ impl Listener {
         self.sock.set_nonblocking(true)?;
         loop {
             match self.sock.accept_local(self.server) {
-                Ok((s, info)) => {
-                    s.set_nonblocking(false)?;
-                    return Ok((s, info));
-                }
+                Ok(got) => return in_blocking_mode(got),
                 // Another worker took it, or the client left first: wait for the next one.
                 Err(e)
                     if matches!(
@@ -221,82 +250,81 @@ impl Listener {
                     ) => {}
                 Err(e) => return Err(e),
             }
-            let fd = self.sock.fd();
-            let Some(w) = &self.worker else {
+            let Some(fd) = self.sock.fd() else {
+                return Err(no_socket());
+            };
+            let Some(link) = &self.link else {
                 sys::wait_readable(fd, Duration::from_secs(60))?;
                 continue;
             };
-            if sys::wait_listener_or_channel(fd, w.channel_poll_fd())? {
-                let mut st = w.inner.state.lock();
-                if st.pump()
-                    && let Some(waker) = &st.loop_waker
-                {
-                    // What arrived may be for a serve loop whose edge is now spent.
-                    let _ = waker.wake();
-                }
-                still_taking(&st)?;
+            if sys::wait_listener_or_channel(fd, link.poll_fd())? {
+                let mut st = link.lock();
+                st.pump();
+                st.still_taking()?;
             }
         }
-    }
-
-    /// One hand-off for `server` out of the shared queue, answered. `Ok(None)` when none waits.
-    fn take_rr(
-        &self,
-        w: &Worker,
-        st: &mut crate::worker::State,
-        server: ServerId,
-    ) -> io::Result<Option<(Stream, ConnInfo)>> {
-        while let Some((conn, fd)) = st.take_pending(server) {
-            if w.over_fd_mark(&fd) {
-                st.refuse(conn, RefuseReason::FdLimit);
-                continue;
-            }
-            let (stream, peer) = match sys::stream_from_fd(fd) {
-                Ok(got) => got,
-                Err(_) => {
-                    st.refuse(conn, RefuseReason::FdLost);
-                    continue;
-                }
-            };
-            st.send(&Message::Accepted { conn })?;
-            // The master may have accepted it non-blocking; blocking callers expect std's
-            // default.
-            stream.set_nonblocking(false)?;
-            return Ok(Some((
-                stream,
-                ConnInfo {
-                    server: Some(server),
-                    peer,
-                },
-            )));
-        }
-        Ok(None)
     }
 
     /// Accepts without blocking: `WouldBlock` when nothing waits. Use after
     /// [`Source::register`]ing the listener in your own mio `Poll`; on each event call it until
-    /// `WouldBlock` (edge-triggered). The stream is returned in blocking mode.
+    /// `WouldBlock` (edge-triggered). The stream is returned in blocking mode. A round-robin
+    /// listener's connections were answered on arrival, as for [`accept`](Self::accept).
+    ///
+    /// ```no_run
+    /// use cluster_worker::ListenSpec;
+    /// use mio::{Events, Interest, Poll, Token};
+    ///
+    /// let mut listener = cluster_worker::listen(ListenSpec::tcp("127.0.0.1:8080".parse()?))?;
+    /// let mut poll = Poll::new()?;
+    /// poll.registry().register(&mut listener, Token(0), Interest::READABLE)?;
+    /// let mut events = Events::with_capacity(16);
+    /// loop {
+    ///     poll.poll(&mut events, None)?;
+    ///     loop {
+    ///         match listener.try_accept() {
+    ///             Ok((stream, _info)) => drop(stream),
+    ///             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+    ///             Err(e) => return Err(e.into()),
+    ///         }
+    ///     }
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn try_accept(&self) -> io::Result<(Stream, ConnInfo)> {
-        self.announce()?;
-        match (&self.sock, &self.worker, self.server) {
-            (Sock::RoundRobin { .. }, Some(w), Some(server)) => {
-                let mut st = w.inner.state.lock();
+        self.start_taking()?;
+        match (&self.sock, &self.link, self.server) {
+            (Sock::RoundRobin { signal }, Some(link), Some(server)) => {
+                // Before looking: whatever changes after the look writes a new edge.
+                if let Some(signal) = signal {
+                    link::drain_signal(signal);
+                }
+                let mut st = link.lock();
                 st.pump();
-                still_taking(&st)?;
-                let got = self.take_rr(w, &mut st, server);
-                st.flush();
-                got?.ok_or_else(|| io::ErrorKind::WouldBlock.into())
+                let got = st.take_answered(server)?;
+                drop(st);
+                in_blocking_mode(got.ok_or(io::ErrorKind::WouldBlock)?)
             }
             _ => {
                 self.sock.set_nonblocking(true)?;
-                let (s, info) = self.sock.accept_local(self.server)?;
-                s.set_nonblocking(false)?;
-                Ok((s, info))
+                in_blocking_mode(self.sock.accept_local(self.server)?)
             }
         }
     }
 
-    /// Connections as they arrive; ends when the worker disconnects or the master is gone.
+    /// Connections as they arrive ([`accept`](Self::accept) in a loop); ends (returns `None`)
+    /// when the worker disconnects or the master is gone, under every policy.
+    ///
+    /// ```no_run
+    /// use cluster_worker::ListenSpec;
+    /// use std::io::Write;
+    ///
+    /// let listener = cluster_worker::listen(ListenSpec::tcp("127.0.0.1:8080".parse()?))?;
+    /// for conn in listener.incoming() {
+    ///     let (mut stream, _info) = conn?;
+    ///     stream.write_all(b"hello\n")?;
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn incoming(&self) -> Incoming<'_> {
         Incoming { listener: self }
     }
@@ -305,38 +333,32 @@ impl Listener {
     pub fn close(self) {}
 }
 
-/// Whether accepts may go on: not once the worker is disconnecting or the master is gone.
-fn still_taking(st: &crate::worker::State) -> io::Result<()> {
-    if st.disconnect.is_some() || st.draining {
-        return Err(disconnecting());
-    }
-    if st.gone {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "the master is gone",
-        ));
-    }
-    Ok(())
+/// A handed-off socket may have been accepted non-blocking by the master, and one accepted
+/// here inherits the shared listener's flag; blocking callers expect std's default.
+fn in_blocking_mode((stream, info): (Stream, ConnInfo)) -> io::Result<(Stream, ConnInfo)> {
+    stream.set_nonblocking(false)?;
+    Ok((stream, info))
 }
 
-fn disconnecting() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::ConnectionAborted,
-        "the worker is disconnecting",
-    )
+fn no_socket() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "the listener has no socket")
 }
 
 impl Drop for Listener {
+    /// Under a master: sends `Close`, so the master stops handing over; connections already
+    /// answered for this listener and not taken are closed, like a backlog on `close(2)`.
     fn drop(&mut self) {
-        if let (Some(w), Some(server)) = (&self.worker, self.server) {
-            w.inner.state.lock().close_server(server);
+        if let (Some(link), Some(server)) = (&self.link, self.server) {
+            let mut st = link.lock();
+            st.close_server(server);
+            st.close_inbox(server);
         }
     }
 }
 
 impl Source for Listener {
-    /// Registers the socket (for a round-robin grant, the channel) for readability and tells
-    /// the master the server is listening.
+    /// Registers the socket (for a round-robin grant, a socket the worker signals whenever
+    /// connections are ready) for readability and tells the master the server is listening.
     fn register(
         &mut self,
         registry: &Registry,
@@ -344,8 +366,21 @@ impl Source for Listener {
         interests: Interest,
     ) -> io::Result<()> {
         self.sock.set_nonblocking(true)?;
-        SourceFd(&self.sock.raw_fd()).register(registry, token, interests)?;
-        self.announce()
+        self.start_taking()?;
+        if let (Sock::RoundRobin { signal }, Some(link), Some(server)) =
+            (&mut self.sock, &self.link, self.server)
+            && signal.is_none()
+        {
+            let (ours, theirs) = UnixStream::pair()?;
+            ours.set_nonblocking(true)?;
+            theirs.set_nonblocking(true)?;
+            *signal = Some(ours);
+            link.lock().set_signal(server, theirs);
+        }
+        let Some(fd) = self.sock.raw_fd() else {
+            return Err(no_socket());
+        };
+        SourceFd(&fd).register(registry, token, interests)
     }
 
     fn reregister(
@@ -354,11 +389,17 @@ impl Source for Listener {
         token: Token,
         interests: Interest,
     ) -> io::Result<()> {
-        SourceFd(&self.sock.raw_fd()).reregister(registry, token, interests)
+        let Some(fd) = self.sock.raw_fd() else {
+            return Err(no_socket());
+        };
+        SourceFd(&fd).reregister(registry, token, interests)
     }
 
     fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
-        SourceFd(&self.sock.raw_fd()).deregister(registry)
+        let Some(fd) = self.sock.raw_fd() else {
+            return Err(no_socket());
+        };
+        SourceFd(&fd).deregister(registry)
     }
 }
 
@@ -377,7 +418,7 @@ impl Iterator for Incoming<'_> {
                 if matches!(
                     e.kind(),
                     io::ErrorKind::ConnectionAborted | io::ErrorKind::UnexpectedEof
-                ) && matches!(self.listener.sock, Sock::RoundRobin { .. }) =>
+                ) =>
             {
                 None
             }

@@ -9,53 +9,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{self, Receiver, Sender, TrySendError};
+use crossbeam::channel::{self, Receiver, Sender};
 use mio::{Events, Poll, Registry, Token, Waker};
 
-use crate::handler::ConnInfo;
-use crate::serve::{BlockingFn, DynFactory, HandlerKind};
+use crate::handler::{BlockingFn, ConnInfo, DynFactory, HandlerKind};
+use crate::link::Room;
 use crate::sessions::SessionSet;
+use crate::shared::Shared;
 use crate::stream::Stream;
-
-/// Counters and flags shared by the serve loop and the handler threads.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    /// Connections taken and not yet finished (queued, running or idle in a session).
-    pub(crate) live: AtomicUsize,
-    pub(crate) draining: AtomicBool,
-    stop: AtomicBool,
-    loop_waker: Arc<Waker>,
-    /// Test hook: the session thread with this index + 1 sees its `poll` fail.
-    #[cfg(test)]
-    pub(crate) fail_poll_of: AtomicUsize,
-}
-
-impl Shared {
-    pub(crate) fn new(loop_waker: Arc<Waker>) -> Shared {
-        Shared {
-            live: AtomicUsize::new(0),
-            draining: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            loop_waker,
-            #[cfg(test)]
-            fail_poll_of: AtomicUsize::new(0),
-        }
-    }
-
-    pub(crate) fn finished(&self) {
-        self.live.fetch_sub(1, Ordering::SeqCst);
-        // Only a draining loop waits for the count to reach zero.
-        if self.draining.load(Ordering::SeqCst) {
-            let _ = self.loop_waker.wake();
-        }
-    }
-
-    /// [`finished`](Self::finished) from the serve loop's own thread: it looks at the count
-    /// before it next sleeps, so waking it would only cost a syscall.
-    pub(crate) fn finished_quietly(&self) {
-        self.live.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 const SESSION_WAKE: Token = Token(0);
 
@@ -87,9 +48,12 @@ pub(crate) enum Pool {
         set: SessionSet,
         shared: Arc<Shared>,
     },
+    /// Fed through an unbounded channel: the bound is [`Pool::room`]'s, checked before a
+    /// hand-off is answered, so a connection taken is never refused or dropped later.
     Blocking {
         tx: Option<Sender<(Stream, ConnInfo)>>,
         handles: Vec<JoinHandle<()>>,
+        queue: usize,
         shared: Arc<Shared>,
     },
 }
@@ -142,7 +106,7 @@ impl Pool {
             }
             HandlerKind::Blocking(f) => {
                 let threads = threads.max(1);
-                let (tx, rx) = channel::bounded::<(Stream, ConnInfo)>(queue.max(1));
+                let (tx, rx) = channel::unbounded::<(Stream, ConnInfo)>();
                 let mut handles = Vec::with_capacity(threads);
                 for i in 0..threads {
                     let (rx, f, sh) = (rx.clone(), f.clone(), shared.clone());
@@ -155,44 +119,62 @@ impl Pool {
                 Ok(Pool::Blocking {
                     tx: Some(tx),
                     handles,
+                    queue: queue.max(1),
                     shared,
                 })
             }
         }
     }
 
-    /// False while the blocking queue would be full with `extra` more connections (taken
-    /// but not yet dispatched): the connection would have to wait for a handler, and another
-    /// worker may take it sooner.
-    pub(crate) fn can_take(&self, extra: usize) -> bool {
-        match self {
-            Pool::Inline { .. } => true,
-            // With every session thread dead a taken connection could only be closed; refused,
-            // another worker serves it.
-            Pool::Sessions { threads, .. } => {
-                threads.iter().any(|t| !t.dead.load(Ordering::SeqCst))
-            }
-            Pool::Blocking { tx, .. } => tx.as_ref().is_some_and(|t| {
-                t.capacity()
-                    .is_none_or(|cap| t.len().saturating_add(extra) < cap)
-            }),
+    /// Whether one more connection fits, given `extra` taken but not yet counted in: under
+    /// `max_connections`, and for the blocking pool within its queue (a connection waiting
+    /// for a handler could be served sooner by another worker). With every session thread
+    /// dead a taken connection could only be closed: refused, another worker serves it.
+    pub(crate) fn room(&self, max_connections: Option<usize>) -> Room {
+        let (shared, queue, alive) = match self {
+            Pool::Inline { shared, .. } => (shared.clone(), None, Vec::new()),
+            Pool::Sessions {
+                threads, shared, ..
+            } => (
+                shared.clone(),
+                None,
+                threads.iter().map(|t| t.dead.clone()).collect(),
+            ),
+            Pool::Blocking { queue, shared, .. } => (shared.clone(), Some(*queue), Vec::new()),
+        };
+        Arc::new(move |extra: usize| {
+            let under = |count: &AtomicUsize, cap: usize| {
+                count.load(Ordering::Acquire).saturating_add(extra) < cap
+            };
+            max_connections.is_none_or(|m| under(&shared.live, m))
+                && queue.is_none_or(|q| under(&shared.waiting, q))
+                && (alive.is_empty() || alive.iter().any(|d| !d.load(Ordering::SeqCst)))
+        })
+    }
+
+    /// Counts a taken connection in, before it is dispatched: from now on [`room`](Self::room)
+    /// sees it, and a drain waits for it.
+    pub(crate) fn count_in(&self) {
+        let (Pool::Inline { shared, .. }
+        | Pool::Sessions { shared, .. }
+        | Pool::Blocking { shared, .. }) = self;
+        shared.live.fetch_add(1, Ordering::AcqRel);
+        if matches!(self, Pool::Blocking { .. }) {
+            shared.waiting.fetch_add(1, Ordering::AcqRel);
         }
     }
 
-    /// Hands a taken connection to its handler: to the inline sessions (it runs at the next
-    /// [`run_inline`](Self::run_inline)), or to a handler thread.
+    /// Hands a connection counted in by [`count_in`](Self::count_in) to its handler: to the
+    /// inline sessions (it runs at the next [`run_inline`](Self::run_inline)), or to a
+    /// handler thread.
     pub(crate) fn dispatch(&mut self, stream: Stream, info: ConnInfo) {
         match self {
-            Pool::Inline { set, shared } => {
-                shared.live.fetch_add(1, Ordering::AcqRel);
-                set.add(stream, &info);
-            }
+            Pool::Inline { set, .. } => set.add(stream, &info),
             Pool::Sessions {
                 threads,
                 next,
                 shared,
             } => {
-                shared.live.fetch_add(1, Ordering::AcqRel);
                 let n = threads.len();
                 let live_thread = (0..n).map(|k| next.wrapping_add(k) % n).find(|&i| {
                     threads
@@ -225,16 +207,14 @@ impl Pool {
                 }
             }
             Pool::Blocking { tx, shared, .. } => {
-                shared.live.fetch_add(1, Ordering::AcqRel);
-                let Some(tx) = tx else {
+                // Every handler thread gone (each outlives a panicking handler, so only after
+                // `shutdown`): the client is closed and counted out.
+                if tx
+                    .as_ref()
+                    .is_none_or(|tx| tx.send((stream, info)).is_err())
+                {
+                    shared.waiting.fetch_sub(1, Ordering::AcqRel);
                     shared.finished();
-                    return;
-                };
-                match tx.try_send((stream, info)) {
-                    Ok(()) => {}
-                    // Callers check `can_take` first and are the only producer, so this is
-                    // a handler thread gone (panicked past catch_unwind): drop the client.
-                    Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => shared.finished(),
                 }
             }
         }
@@ -306,6 +286,7 @@ impl Pool {
                 tx,
                 handles,
                 shared,
+                ..
             } => {
                 tx.take();
                 let handles = std::mem::take(handles);
@@ -321,6 +302,7 @@ impl Pool {
 
 fn blocking_main(rx: Receiver<(Stream, ConnInfo)>, f: BlockingFn, shared: Arc<Shared>) {
     for (stream, info) in rx.iter() {
+        shared.waiting.fetch_sub(1, Ordering::AcqRel);
         // The master may have accepted the socket non-blocking; a blocking handler must not
         // see spurious WouldBlock.
         if stream.set_nonblocking(false).is_ok() {

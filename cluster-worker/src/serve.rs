@@ -1,71 +1,27 @@
-use std::collections::HashSet;
+//! The serve loop: one mio thread owning the channel (while it runs) and the listening
+//! sockets, feeding the handlers (see the crate docs' theory of operation).
+
 use std::fmt;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use cluster_core::{Message, RefuseReason, ServerId};
+use cluster_core::{BoundAddr, ServerId};
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use parking_lot::Mutex;
 
-use crate::handler::{ConnInfo, Session, SessionFactory};
+use crate::handler::{ConnInfo, Handler, HandlerKind};
+use crate::link::{DisconnectBy, Link, State, Stop, Taker};
 use crate::listener::{Listener, Sock};
-use crate::pool::{Pool, Shared};
+use crate::pool::Pool;
+use crate::shared::Shared;
 use crate::stream::Stream;
 use crate::sys;
-use crate::worker::{DisconnectBy, Worker};
-
-pub(crate) type BlockingFn = Arc<dyn Fn(Stream, ConnInfo) + Send + Sync + 'static>;
-
-/// An object-safe [`SessionFactory`].
-pub(crate) trait DynFactory: Send + Sync + 'static {
-    fn make(&self, info: &ConnInfo) -> Box<dyn Session>;
-}
-
-impl<F: SessionFactory> DynFactory for F {
-    fn make(&self, info: &ConnInfo) -> Box<dyn Session> {
-        Box::new(self.new_session(info))
-    }
-}
-
-pub(crate) enum HandlerKind {
-    Sessions(Arc<dyn DynFactory>),
-    Blocking(BlockingFn),
-}
-
-/// What serves each connection.
-pub struct Handler(pub(crate) HandlerKind);
-
-impl Handler {
-    /// Event-driven sessions, run by the serve loop itself or spread over session threads
-    /// (see [`ServeConfig::threads`]).
-    pub fn sessions<F: SessionFactory>(factory: F) -> Handler {
-        Handler(HandlerKind::Sessions(Arc::new(factory)))
-    }
-
-    /// A blocking function per connection, run on a pool of [`ServeConfig::threads`] threads
-    /// fed through a queue of [`ServeConfig::queue`] connections.
-    pub fn blocking<F>(f: F) -> Handler
-    where
-        F: Fn(Stream, ConnInfo) + Send + Sync + 'static,
-    {
-        Handler(HandlerKind::Blocking(Arc::new(f)))
-    }
-}
-
-impl fmt::Debug for Handler {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self.0 {
-            HandlerKind::Sessions(_) => "Handler::Sessions",
-            HandlerKind::Blocking(_) => "Handler::Blocking",
-        })
-    }
-}
 
 /// A trigger that makes a running serve drain and return [`ServeOutcome::Stopped`]; the way
-/// to stop a standalone server (a worker under a master uses [`Worker::disconnect`]).
+/// to stop a standalone server (a worker under a master uses [`Worker::disconnect`](crate::Worker::disconnect)).
 #[derive(Clone, Default)]
 pub struct Shutdown(Arc<ShutdownInner>);
 
@@ -109,7 +65,7 @@ impl fmt::Debug for Shutdown {
 
 type OnMessage = Arc<dyn Fn(Vec<u8>) + Send + Sync + 'static>;
 
-/// How [`Worker::serve`] runs. Build with the chained setters from [`ServeConfig::new`].
+/// How [`Worker::serve`](crate::Worker::serve) runs. Build with the chained setters from [`ServeConfig::new`].
 #[derive(Clone)]
 pub struct ServeConfig {
     threads: Option<usize>,
@@ -165,7 +121,7 @@ impl ServeConfig {
     /// session thread compete for the same cores). Otherwise one session thread per CPU.
     ///
     /// Inline, a session's `on_ready` delays everything else the loop does, answering the
-    /// master's hand-offs included: sessions must not block (the [`Session`] contract).
+    /// master's hand-offs included: sessions must not block (the [`Session`](crate::Session) contract).
     pub fn threads(mut self, n: usize) -> Self {
         self.threads = Some(n);
         self
@@ -228,7 +184,7 @@ impl ServeConfig {
 pub enum ServeOutcome {
     /// The master sent `Disconnect`.
     MasterDisconnect,
-    /// Worker code called [`Worker::disconnect`].
+    /// Worker code called [`Worker::disconnect`](crate::Worker::disconnect).
     WorkerDisconnect,
     /// The channel to the master closed or broke: the master is gone.
     MasterGone,
@@ -251,8 +207,55 @@ struct Local {
     needs_accept: bool,
 }
 
+/// A serve's hold on the link: the round-robin servers it took over from its listeners and
+/// its registration as the channel's reader. Both end (`Close` sent, inboxes dropped, channel
+/// deregistered) when the serve ends, however it ends.
+struct Served<'a> {
+    link: &'a Link,
+    servers: Vec<ServerId>,
+    registry: Registry,
+}
+
+impl Served<'_> {
+    /// Hands-offs for these servers are refused from now on; what was answered stays parked
+    /// for the loop to take.
+    fn close(&self) {
+        let mut st = self.link.lock();
+        for &s in &self.servers {
+            st.close_server(s);
+        }
+    }
+
+    /// Takes every stream whose answer is written.
+    fn take_ready(&self, st: &mut State, pool: &Pool, into: &mut Vec<(Stream, ConnInfo)>) {
+        for &s in &self.servers {
+            while let Some(got) = st.take(s) {
+                pool.count_in();
+                into.push(got);
+            }
+        }
+    }
+
+    /// True while answered streams are parked, their answers not written yet.
+    fn any_parked(&self) -> bool {
+        let st = self.link.lock();
+        self.servers.iter().any(|&s| st.has_parked(s))
+    }
+}
+
+impl Drop for Served<'_> {
+    fn drop(&mut self) {
+        let mut st = self.link.lock();
+        for &s in &self.servers {
+            st.close_server(s);
+            st.close_inbox(s);
+        }
+        st.detach_serve_loop(&self.registry);
+    }
+}
+
 pub(crate) fn run(
-    worker: Option<&Worker>,
+    link: Option<&Link>,
     listeners: Vec<Listener>,
     handler: Handler,
     cfg: ServeConfig,
@@ -263,44 +266,48 @@ pub(crate) fn run(
     let blocking = matches!(handler.0, HandlerKind::Blocking(_));
     let mut pool = Pool::start(
         &handler.0,
-        cfg.thread_count(blocking, worker.is_some()),
+        cfg.thread_count(blocking, link.is_some()),
         cfg.queue,
         shared.clone(),
     )?;
+    let room = pool.room(cfg.max_connections);
     if let Some(s) = &cfg.shutdown {
         s.attach(Some(waker.clone()));
     }
 
-    let mut served_rr: HashSet<ServerId> = HashSet::new();
-    let mut rr_listeners = Vec::new();
+    let mut served = match link {
+        Some(link) => Some(Served {
+            link,
+            servers: Vec::new(),
+            registry: poll.registry().try_clone()?,
+        }),
+        None => None,
+    };
+    let mut rr: Vec<(ServerId, BoundAddr)> = Vec::new();
     let mut locals: Vec<Option<Local>> = Vec::new();
     for l in listeners {
-        l.announce()?;
-        match l.sock {
-            Sock::RoundRobin { .. } => {
-                if let Some(s) = l.server {
-                    served_rr.insert(s);
-                }
-                rr_listeners.push(l);
+        if let (Sock::RoundRobin { .. }, Some(served)) = (&l.sock, &mut served) {
+            // Closed by `served` from now on, whatever happens.
+            if let Some((server, addr)) = l.hand_to_serve() {
+                served.servers.push(server);
+                rr.push((server, addr));
             }
-            Sock::Tcp(_) | Sock::Unix(_) => {
-                let token = Token(FIRST_LISTENER + locals.len());
-                let mut l = l;
-                mio::event::Source::register(&mut l, poll.registry(), token, Interest::READABLE)?;
-                // Connections may already wait: their edge came before registration.
-                locals.push(Some(Local {
-                    listener: l,
-                    needs_accept: true,
-                }));
-            }
+            continue;
         }
+        let token = Token(FIRST_LISTENER + locals.len());
+        let mut l = l;
+        mio::event::Source::register(&mut l, poll.registry(), token, Interest::READABLE)?;
+        // Connections may already wait: their edge came before registration.
+        locals.push(Some(Local {
+            listener: l,
+            needs_accept: true,
+        }));
     }
-    if let Some(w) = worker {
-        let mut st = w.inner.state.lock();
-        st.loop_waker = Some(waker.clone());
-        if let Some(chan) = st.channel_mut() {
-            poll.registry()
-                .register(chan, CHANNEL, Interest::READABLE | Interest::WRITABLE)?;
+    if let Some(link) = link {
+        let mut st = link.lock();
+        st.attach_serve_loop(poll.registry(), CHANNEL, waker.clone())?;
+        for (server, addr) in &rr {
+            st.start_taking(*server, addr, Taker::ServeLoop, room.clone())?;
         }
     }
 
@@ -308,13 +315,6 @@ pub(crate) fn run(
     let mut outcome: Option<ServeOutcome> = None;
     let mut drain_deadline: Option<Instant> = None;
     let mut pause_until: Option<Instant> = None;
-    // `extra`: connections taken in this pass but not yet dispatched.
-    let at_capacity = |pool: &Pool, extra: usize| {
-        cfg.max_connections
-            .is_some_and(|m| shared.live.load(Ordering::Acquire).saturating_add(extra) >= m)
-            || !pool.can_take(extra)
-    };
-    // Hand-offs accepted in one pass: dispatched only once their `Accepted` frames are out.
     let mut taken: Vec<(Stream, ConnInfo)> = Vec::new();
 
     // Whether the channel (or a thread that read it for us, or a disconnect or shutdown) may
@@ -322,78 +322,37 @@ pub(crate) fn run(
     // looking at the channel costs a recvmsg that would only say EAGAIN.
     let mut chan_event = true;
     loop {
-        // The channel: hand-offs are answered here, before any client byte is read.
-        if let Some(w) = worker
+        // The channel: reading it answers the hand-offs (before any client byte is read) and
+        // writes the answers; streams whose answers are written go to their handlers.
+        if let (Some(link), Some(served)) = (link, &served)
             && std::mem::take(&mut chan_event)
         {
-            let (user, stop, answered) = {
-                let mut st = w.inner.state.lock();
+            let (user, stop) = {
+                let mut st = link.lock();
                 st.pump();
-                // Every answer of the pass is queued and leaves in one sendmsg at the flush.
-                for &server in &served_rr {
-                    while let Some((conn, fd)) = st.take_pending(server) {
-                        let reason = if st.draining {
-                            Some(RefuseReason::Draining)
-                        } else if at_capacity(&pool, taken.len()) {
-                            Some(RefuseReason::MaxConnections)
-                        } else if w.over_fd_mark(&fd) {
-                            Some(RefuseReason::FdLimit)
-                        } else {
-                            None
-                        };
-                        if let Some(reason) = reason {
-                            st.queue(&Message::Refused { conn, reason });
-                            continue;
-                        }
-                        let Ok((stream, peer)) = sys::stream_from_fd(fd) else {
-                            st.queue(&Message::Refused {
-                                conn,
-                                reason: RefuseReason::FdLost,
-                            });
-                            continue;
-                        };
-                        // If the master is gone it will not re-route: serve it anyway.
-                        st.queue(&Message::Accepted { conn });
-                        let info = ConnInfo {
-                            server: Some(server),
-                            peer,
-                        };
-                        taken.push((stream, info));
-                    }
-                }
-                st.flush();
-                let closed = st.gone || st.channel_mut().is_none();
-                // Answers still queued (the socket is full): the connections wait for the
-                // writable edge, which brings this block back to flush and dispatch them.
-                let answered = closed || st.channel_mut().is_none_or(|c| !c.has_pending_output());
-                let stop = match st.disconnect {
-                    Some(DisconnectBy::Master) => Some(ServeOutcome::MasterDisconnect),
-                    Some(DisconnectBy::Worker) => Some(ServeOutcome::WorkerDisconnect),
-                    None if closed => Some(ServeOutcome::MasterGone),
-                    None => None,
-                };
-                (st.take_user(), stop, answered)
+                served.take_ready(&mut st, &pool, &mut taken);
+                (st.take_user(), st.stop())
             };
-            // After the flush has written the answers, so no client byte is read before the
-            // master has them (hazard A12), and without the state lock.
-            if answered {
-                for (stream, info) in taken.drain(..) {
-                    pool.dispatch(stream, info);
-                }
+            for (stream, info) in taken.drain(..) {
+                pool.dispatch(stream, info);
             }
             if let Some(cb) = &cfg.on_message {
                 for p in user {
                     cb(p);
                 }
             }
-            if let (Some(o), None) = (stop, outcome) {
-                outcome = Some(o);
+            if outcome.is_none() {
+                outcome = stop.map(|s| match s {
+                    Stop::Disconnect(DisconnectBy::Master) => ServeOutcome::MasterDisconnect,
+                    Stop::Disconnect(DisconnectBy::Worker) => ServeOutcome::WorkerDisconnect,
+                    Stop::MasterGone => ServeOutcome::MasterGone,
+                });
             }
         }
         if outcome.is_none() && cfg.shutdown.as_ref().is_some_and(Shutdown::is_triggered) {
-            if let Some(w) = worker {
+            if let Some(link) = link {
                 // Leaving on our own: tell the master it is not a crash.
-                let _ = w.disconnect();
+                let _ = link.disconnect();
             }
             outcome = Some(ServeOutcome::Stopped);
         }
@@ -402,13 +361,17 @@ pub(crate) fn run(
             drain_deadline = Some(Instant::now() + cfg.drain_timeout);
             // No more accepting, so an accept back-off must not keep waking the loop.
             pause_until = None;
-            begin_drain(
-                worker,
-                &mut poll,
-                &mut rr_listeners,
-                &mut locals,
-                &served_rr,
-            );
+            if let (Some(link), Some(served)) = (link, &served) {
+                link.lock().start_draining();
+                served.close();
+            }
+            for slot in locals.iter_mut() {
+                if let Some(local) = slot.take()
+                    && let Some(fd) = local.listener.sock.raw_fd()
+                {
+                    let _ = poll.registry().deregister(&mut SourceFd(&fd));
+                }
+            }
             pool.drain();
         }
 
@@ -418,12 +381,15 @@ pub(crate) fn run(
             pause_until = None;
             'listeners: for local in locals.iter_mut().flatten() {
                 while local.needs_accept {
-                    if at_capacity(&pool, 0) {
+                    if !room(0) {
                         pause_until = Some(now + FULL_RETRY);
                         break 'listeners;
                     }
-                    match local.listener.sock.accept_local(local.listener.server) {
-                        Ok((stream, info)) => pool.dispatch(stream, info),
+                    match local.listener.sock.accept_local(local.listener.server()) {
+                        Ok((stream, info)) => {
+                            pool.count_in();
+                            pool.dispatch(stream, info);
+                        }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             local.needs_accept = false
                         }
@@ -451,7 +417,9 @@ pub(crate) fn run(
             // SeqCst pairs with the handler side's decrement-then-check of `draining`: with
             // weaker orderings both sides may read the old value and the wake-up is lost.
             let live = shared.live.load(Ordering::SeqCst);
-            if live == 0 {
+            // Streams answered `Accepted` whose answers are still being written are ours to
+            // serve: the master has closed or will close its copy.
+            if live == 0 && !served.as_ref().is_some_and(Served::any_parked) {
                 break;
             }
             if Instant::now() >= deadline {
@@ -489,51 +457,9 @@ pub(crate) fn run(
     if let Some(s) = &cfg.shutdown {
         s.attach(None);
     }
-    if let Some(w) = worker {
-        let mut st = w.inner.state.lock();
-        st.loop_waker = None;
-        if let Some(chan) = st.channel_mut() {
-            let _ = poll.registry().deregister(chan);
-        }
-        st.close_channel(FINAL_FLUSH);
+    drop(served);
+    if let Some(link) = link {
+        link.lock().close_channel(FINAL_FLUSH);
     }
     Ok(outcome.unwrap_or(ServeOutcome::Stopped))
-}
-
-/// Stops taking connections: hand-offs are refused with `Draining` from now on, every served
-/// server is closed (the master stops routing to us), the listening sockets are closed.
-fn begin_drain(
-    worker: Option<&Worker>,
-    poll: &mut Poll,
-    rr_listeners: &mut Vec<Listener>,
-    locals: &mut [Option<Local>],
-    served_rr: &HashSet<ServerId>,
-) {
-    if let Some(w) = worker {
-        let mut st = w.inner.state.lock();
-        st.draining = true;
-        st.refuse_all_pending(RefuseReason::Draining);
-        for &s in served_rr {
-            st.close_server(s);
-        }
-    }
-    // Dropped without the state lock held: a listener's drop takes it.
-    rr_listeners.clear();
-    for slot in locals.iter_mut() {
-        if let Some(mut local) = slot.take() {
-            let _ = poll
-                .registry()
-                .deregister(&mut SourceFd(&local.listener.sock.raw_fd()));
-            local.needs_accept = false;
-        }
-    }
-}
-
-/// Serves `listeners` in a process with no master: just accepts on the real sockets.
-pub(crate) fn run_standalone(
-    listeners: Vec<Listener>,
-    handler: Handler,
-    cfg: ServeConfig,
-) -> io::Result<ServeOutcome> {
-    run(None, listeners, handler, cfg)
 }

@@ -24,9 +24,8 @@ use std::time::Instant;
 
 use mio::{Interest, Registry, Token};
 
-use crate::handler::{Conn, ConnInfo, Next, Session};
-use crate::pool::Shared;
-use crate::serve::DynFactory;
+use crate::handler::{ConnInfo, DynFactory, Next, Session};
+use crate::shared::Shared;
 use crate::stream::Stream;
 
 /// Session tokens have the top bit set, so they never collide with the small fixed tokens of
@@ -48,7 +47,7 @@ fn decode(t: Token) -> Option<(usize, usize)> {
 }
 
 struct Entry {
-    conn: Conn,
+    conn: Stream,
     session: Box<dyn Session>,
     wake_at: Option<Instant>,
     /// In the ready list already.
@@ -121,10 +120,11 @@ impl SessionSet {
     /// after the first go loses nothing: `EPOLL_CTL_ADD` reports the readiness the socket
     /// already has.
     pub(crate) fn add(&mut self, stream: Stream, info: &ConnInfo) {
-        let Ok(conn) = stream.into_conn() else {
+        if stream.set_nonblocking(true).is_err() {
             self.finished();
             return;
-        };
+        }
+        let conn = stream;
         let slot = match self.free.pop() {
             Some(s) => s,
             None if self.slots.len() < SLOT_MASK => {

@@ -1,11 +1,29 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 
-use crate::handler::Conn;
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
 
-/// A client connection as a blocking handler sees it: a std stream, in blocking mode.
+/// A client connection: a std stream. A blocking handler gets it in blocking mode; an
+/// event-driven [`Session`](crate::Session) gets it non-blocking and registered (it is a mio
+/// [`Source`](mio::event::Source)) with the `Poll` that runs the session.
+///
+/// ```no_run
+/// use cluster_worker::{ConnInfo, Handler, Stream};
+/// use std::io::{Read, Write};
+///
+/// let echo = Handler::blocking(|mut s: Stream, _: ConnInfo| {
+///     let mut buf = [0u8; 512];
+///     while let Ok(n @ 1..) = s.read(&mut buf) {
+///         if s.write_all(&buf[..n]).is_err() {
+///             break;
+///         }
+///     }
+/// });
+/// # drop(echo);
+/// ```
 #[derive(Debug)]
 pub enum Stream {
     /// A TCP client.
@@ -37,15 +55,6 @@ impl Stream {
             Stream::Tcp(s) => s.peer_addr().ok(),
             Stream::Unix(_) => None,
         }
-    }
-
-    /// The stream as a non-blocking mio connection, for event-driven sessions.
-    pub fn into_conn(self) -> io::Result<Conn> {
-        self.set_nonblocking(true)?;
-        Ok(match self {
-            Stream::Tcp(s) => Conn::Tcp(mio::net::TcpStream::from_std(s)),
-            Stream::Unix(s) => Conn::Unix(mio::net::UnixStream::from_std(s)),
-        })
     }
 }
 
@@ -80,5 +89,29 @@ impl Write for Stream {
             Stream::Tcp(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
         }
+    }
+}
+
+impl mio::event::Source for Stream {
+    fn register(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        interests: Interest,
+    ) -> io::Result<()> {
+        SourceFd(&self.as_fd().as_raw_fd()).register(registry, token, interests)
+    }
+
+    fn reregister(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        interests: Interest,
+    ) -> io::Result<()> {
+        SourceFd(&self.as_fd().as_raw_fd()).reregister(registry, token, interests)
+    }
+
+    fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+        SourceFd(&self.as_fd().as_raw_fd()).deregister(registry)
     }
 }

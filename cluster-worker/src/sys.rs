@@ -159,9 +159,23 @@ pub(crate) fn nofile_soft_limit() -> Option<u64> {
 
 /// Waits until `fd` is readable or `timeout` passes. Spurious returns are fine: callers loop.
 pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
+    wait_channel(fd, false, timeout)
+}
+
+/// Waits until the channel `fd` is readable (or writable, when `want_write`) or `timeout`
+/// passes. Spurious returns are fine: callers loop.
+pub(crate) fn wait_channel(
+    fd: BorrowedFd<'_>,
+    want_write: bool,
+    timeout: Duration,
+) -> io::Result<()> {
     let ms = timeout.as_millis().clamp(1, u128::from(u16::MAX));
     let ms = u16::try_from(ms).unwrap_or(u16::MAX);
-    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    let mut flags = PollFlags::POLLIN;
+    if want_write {
+        flags |= PollFlags::POLLOUT;
+    }
+    let mut fds = [PollFd::new(fd, flags)];
     match nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
         Ok(_) | Err(nix::Error::EINTR) => Ok(()),
         Err(e) => Err(io_err(e)),

@@ -13,7 +13,7 @@ use cluster_core::{
 };
 use cluster_ipc::{Channel, Received};
 
-use crate::{Conn, ConnInfo, Handler, Next, ServeConfig, ServeOutcome, Session, SessionFactory};
+use crate::{ConnInfo, Handler, Next, ServeConfig, ServeOutcome, Session, SessionFactory, Stream};
 use crate::{Listener, Shutdown, Worker};
 
 const T: Duration = Duration::from_secs(5);
@@ -123,7 +123,7 @@ struct Echo;
 struct EchoSession;
 
 impl Session for EchoSession {
-    fn on_ready(&mut self, conn: &mut Conn, _now: Instant) -> std::io::Result<Next> {
+    fn on_ready(&mut self, conn: &mut Stream, _now: Instant) -> std::io::Result<Next> {
         let mut buf = [0u8; 4096];
         loop {
             match conn.read(&mut buf) {
@@ -158,6 +158,26 @@ fn spawn_serve(
 ) -> thread::JoinHandle<std::io::Result<ServeOutcome>> {
     let w = w.clone();
     thread::spawn(move || w.serve(ls, h, cfg))
+}
+
+/// A plain `for` loop server on its own thread: writes `k` to each connection; after the
+/// first, waits for `after_first` (a slow handler). Returns how many it served.
+fn for_loop_server(
+    l: Listener,
+    after_first: Option<crossbeam::channel::Receiver<()>>,
+) -> thread::JoinHandle<usize> {
+    thread::spawn(move || {
+        let mut n = 0;
+        for r in l.incoming() {
+            let (mut s, _) = r.unwrap();
+            let _ = s.write_all(b"k");
+            if let (0, Some(go)) = (n, &after_first) {
+                let _ = go.recv_timeout(T);
+            }
+            n += 1;
+        }
+        n
+    })
 }
 
 #[test]
@@ -256,6 +276,22 @@ fn blocking_accept_on_a_shared_grant_ends_on_disconnect() {
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted, "{err}");
 }
 
+/// `incoming` ends (returns `None`) on a disconnect under a shared grant too, as under
+/// round-robin: a plain `for` loop server leaves cleanly.
+#[test]
+fn incoming_on_a_shared_grant_ends_on_disconnect() {
+    let (mut m, w) = setup();
+    let (l, sock) = shared_listener(&mut m, &w, 8);
+    let addr = sock.local_addr().unwrap();
+    let acc = for_loop_server(l, None);
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    let mut b = [0u8; 1];
+    c.read_exact(&mut b).unwrap();
+    m.send_blocking(&Message::Disconnect, &[], Some(T)).unwrap();
+    assert_eq!(acc.join().unwrap(), 1);
+}
+
 #[test]
 fn listen_failure_keeps_its_kind() {
     let (mut m, w) = setup();
@@ -346,36 +382,186 @@ fn messages_during_a_query_are_not_lost() {
     assert_eq!(w.take_messages(), vec![b"early".to_vec()]);
 }
 
+/// The answer must not wait for the client: the client sends nothing until it has seen the
+/// `Accepted`, so a worker that answered only after its handler had read (or returned) would
+/// never answer.
 #[test]
 fn accepted_before_any_byte_is_read_then_handled() {
     let (mut m, w) = setup();
     let (l, _) = grant_rr(&mut m, &w, 1);
-    let (go_tx, go_rx) = crossbeam::channel::bounded::<()>(1);
+    let (done_tx, done_rx) = crossbeam::channel::bounded::<()>(1);
     let handler = Handler::blocking(move |mut s, info| {
         assert_eq!(info.server, Some(ServerId(1)));
-        let _ = go_rx.recv_timeout(T);
         let mut buf = [0u8; 5];
+        if s.read_exact(&mut buf).is_ok() {
+            let _ = s.write_all(&buf);
+        }
+        let _ = done_tx.send(());
+    });
+    let serve = spawn_serve(&w, vec![l], handler, ServeConfig::new().threads(1));
+    expect_listening(&mut m, 1);
+    let (mut c, s) = tcp_pair();
+    hand_off(&mut m, 1, 7, &s);
+    assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(7) });
+    assert!(
+        done_rx.try_recv().is_err(),
+        "the handler cannot be done yet"
+    );
+    drop(s);
+    c.write_all(b"hello").unwrap();
+    let mut got = [0u8; 5];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello");
+    done_rx.recv_timeout(T).unwrap();
+    drop(m);
+    assert_eq!(serve.join().unwrap().unwrap(), ServeOutcome::MasterGone);
+}
+
+/// Fills the worker's side of the channel: with the fake master not reading, what the worker
+/// queues next stays unwritten until the master reads this.
+fn clog(m: &mut Channel, w: &Worker) {
+    w.send(vec![b'x'; 900_000]).unwrap();
+    let _ = m; // read later, with `unclog`
+}
+
+fn unclog(m: &mut Channel) {
+    match recv(m).msg {
+        Message::User { payload } => assert_eq!(payload.len(), 900_000),
+        other => panic!("expected the clogging message, got {other:?}"),
+    }
+}
+
+/// A drain must not close connections answered `Accepted` whose answers are still being
+/// written: the master closes its copy on reading the answer, so they are ours to serve.
+#[test]
+fn a_drain_serves_what_it_answered_while_the_answers_were_queued() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    let handler = Handler::blocking(|mut s, _| {
+        let mut buf = [0u8; 1];
         if s.read_exact(&mut buf).is_ok() {
             let _ = s.write_all(&buf);
         }
     });
     let serve = spawn_serve(&w, vec![l], handler, ServeConfig::new().threads(1));
     expect_listening(&mut m, 1);
+    clog(&mut m, &w);
     let (mut c, s) = tcp_pair();
-    c.write_all(b"hello").unwrap();
-    hand_off(&mut m, 1, 7, &s);
-    assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(7) });
-    // The master's copy is the same socket: the bytes are still unread when the ack arrives.
-    let mut peek = [0u8; 5];
-    s.set_read_timeout(Some(T)).unwrap();
-    assert_eq!(s.peek(&mut peek).unwrap(), 5);
+    hand_off(&mut m, 1, 1, &s);
+    m.send_blocking(&Message::Disconnect, &[], Some(T)).unwrap();
+    unclog(&mut m);
+    assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(1) });
     drop(s);
+    c.write_all(b"k").unwrap();
+    let mut got = [0u8; 1];
+    c.read_exact(&mut got)
+        .expect("served, not closed by the drain");
+    assert_eq!(
+        serve.join().unwrap().unwrap(),
+        ServeOutcome::MasterDisconnect
+    );
+}
+
+/// With the blocking API, hand-offs are answered as they arrive even while the caller is busy
+/// elsewhere (a slow handler); beyond the queue of [`crate::ACCEPT_QUEUE`] they are refused.
+#[test]
+fn blocking_accept_answers_while_the_caller_is_busy() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    let (go_tx, go_rx) = crossbeam::channel::bounded::<()>(1);
+    let caller = for_loop_server(l, Some(go_rx));
+    expect_listening(&mut m, 1);
+    let mut pairs = Vec::new();
+    for conn in 0..=crate::ACCEPT_QUEUE as u64 {
+        let (c, s) = tcp_pair();
+        hand_off(&mut m, 1, conn, &s);
+        assert_eq!(
+            next_answer(&mut m),
+            Message::Accepted { conn: ConnId(conn) }
+        );
+        pairs.push((c, s));
+    }
+    let (_c, s) = tcp_pair();
+    let over = crate::ACCEPT_QUEUE as u64 + 1;
+    hand_off(&mut m, 1, over, &s);
+    assert_eq!(
+        next_answer(&mut m),
+        Message::Refused {
+            conn: ConnId(over),
+            reason: RefuseReason::MaxConnections
+        }
+    );
     go_tx.send(()).unwrap();
-    let mut got = [0u8; 5];
-    c.read_exact(&mut got).unwrap();
-    assert_eq!(&got, b"hello");
-    drop(m);
-    assert_eq!(serve.join().unwrap().unwrap(), ServeOutcome::MasterGone);
+    for (mut c, s) in pairs {
+        drop(s);
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).unwrap();
+    }
+    m.send_blocking(&Message::Disconnect, &[], Some(T)).unwrap();
+    assert_eq!(caller.join().unwrap(), crate::ACCEPT_QUEUE + 1);
+}
+
+/// A blocking `accept` returns a connection only once its `Accepted` is written: a stream
+/// whose answer is still queued would be re-queued, half read, if the worker died.
+#[test]
+fn blocking_accept_returns_a_stream_only_once_its_answer_is_written() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    let (tx, rx) = crossbeam::channel::bounded(1);
+    let caller = thread::spawn(move || {
+        let got = l.accept().map(|(_, info)| info.server);
+        let _ = tx.send(got);
+        l
+    });
+    expect_listening(&mut m, 1);
+    clog(&mut m, &w);
+    let (_c, s) = tcp_pair();
+    hand_off(&mut m, 1, 1, &s);
+    // Bounded look for something that must not happen while the answer waits.
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "accept returned before its answer was written"
+    );
+    unclog(&mut m);
+    assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(1) });
+    assert_eq!(rx.recv_timeout(T).unwrap().unwrap(), Some(ServerId(1)));
+    drop(caller.join().unwrap());
+}
+
+/// A round-robin listener in the caller's own mio `Poll`: readable when a connection is
+/// ready, which `try_accept` then returns (answered already).
+#[test]
+fn rr_listener_in_a_callers_poll() {
+    use mio::{Events, Interest, Poll, Token};
+    let (mut m, w) = setup();
+    let (mut l, _) = grant_rr(&mut m, &w, 1);
+    let mut poll = Poll::new().unwrap();
+    poll.registry()
+        .register(&mut l, Token(7), Interest::READABLE)
+        .unwrap();
+    expect_listening(&mut m, 1);
+    assert_eq!(
+        l.try_accept().unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock
+    );
+    let (mut c, s) = tcp_pair();
+    hand_off(&mut m, 1, 1, &s);
+    assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(1) });
+    let mut events = Events::with_capacity(4);
+    let deadline = Instant::now() + T;
+    let (mut stream, _) = loop {
+        poll.poll(&mut events, Some(T)).unwrap();
+        match l.try_accept() {
+            Ok(got) => break got,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "never ready");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    stream.write_all(b"k").unwrap();
+    let mut b = [0u8; 1];
+    c.read_exact(&mut b).unwrap();
 }
 
 #[test]
@@ -644,15 +830,7 @@ fn exclusive_and_ipv6_bind_in_the_worker() {
 fn rr_blocking_accept_and_incoming_end_on_disconnect() {
     let (mut m, w) = setup();
     let (l, _) = grant_rr(&mut m, &w, 1);
-    let acc = thread::spawn(move || {
-        let mut n = 0;
-        for r in l.incoming() {
-            let (mut s, _) = r.unwrap();
-            let _ = s.write_all(b"k");
-            n += 1;
-        }
-        n
-    });
+    let acc = for_loop_server(l, None);
     expect_listening(&mut m, 1);
     let (mut c, s) = tcp_pair();
     hand_off(&mut m, 1, 1, &s);
@@ -671,7 +849,7 @@ struct Where {
 struct WhereSession(Worker, crossbeam::channel::Sender<thread::ThreadId>);
 
 impl Session for WhereSession {
-    fn on_ready(&mut self, _conn: &mut Conn, _now: Instant) -> std::io::Result<Next> {
+    fn on_ready(&mut self, _conn: &mut Stream, _now: Instant) -> std::io::Result<Next> {
         let _ = self.1.send(thread::current().id());
         // Inline, this runs on the serve loop: it must not hold the worker's lock here.
         self.0.send(b"hi".to_vec())?;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use cluster_worker::hello::HelloFactory;
+use cluster_hello::HelloFactory;
 use cluster_worker::{Handler, ListenSpec, ServeConfig};
 
 fn main() -> ExitCode {

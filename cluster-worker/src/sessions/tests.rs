@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::SessionSet;
-use crate::handler::{Conn, ConnInfo, Next, Session, SessionFactory};
-use crate::pool::Shared;
-use crate::serve::DynFactory;
+use crate::handler::{ConnInfo, DynFactory, Next, Session, SessionFactory};
+use crate::shared::Shared;
 use crate::stream::Stream;
 
 const T: Duration = Duration::from_secs(5);
@@ -35,7 +34,7 @@ impl Probes {
 struct ProbeSession(Arc<Probe>);
 
 impl Session for ProbeSession {
-    fn on_ready(&mut self, conn: &mut Conn, _now: Instant) -> std::io::Result<Next> {
+    fn on_ready(&mut self, conn: &mut Stream, _now: Instant) -> std::io::Result<Next> {
         self.0.calls.fetch_add(1, Ordering::SeqCst);
         let mut buf = [0u8; 256];
         // Edge-triggered: read to WouldBlock, or the next edge never comes.
@@ -310,7 +309,7 @@ struct Panicky {
 struct PanickySession;
 
 impl Session for PanickySession {
-    fn on_ready(&mut self, _conn: &mut Conn, _now: Instant) -> std::io::Result<Next> {
+    fn on_ready(&mut self, _conn: &mut Stream, _now: Instant) -> std::io::Result<Next> {
         Ok(Next::Continue)
     }
 

@@ -20,13 +20,25 @@
 //! The protocol lives in `HelloCore`, a sans-io state machine (bytes in, bytes out, a wake
 //! time, a close decision) so it can be tested without sockets; [`HelloSession`] only moves bytes
 //! between it and the socket.
+//!
+//! ```no_run
+//! use cluster_hello::HelloFactory;
+//! use cluster_worker::{Handler, ListenSpec, ServeConfig};
+//!
+//! let id = cluster_worker::worker_id().map_or(0, |w| w.0);
+//! let listener = cluster_worker::listen(ListenSpec::tcp("127.0.0.1:8000".parse()?))?;
+//! let handler = Handler::sessions(HelloFactory::new(id));
+//! cluster_worker::serve(vec![listener], handler, ServeConfig::new())?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![warn(missing_docs)]
 
 use std::io::{self, Read, Write};
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::handler::{Conn, ConnInfo, Next, Session, SessionFactory};
+use cluster_worker::{ConnInfo, Next, Session, SessionFactory, Stream};
 
 /// The longest `/delay/<ms>` honoured; longer asks are cut to this.
 pub const MAX_DELAY_MS: u64 = 60_000;
@@ -511,7 +523,7 @@ impl HelloSession {
 }
 
 impl Session for HelloSession {
-    fn on_ready(&mut self, conn: &mut Conn, now: Instant) -> io::Result<Next> {
+    fn on_ready(&mut self, conn: &mut Stream, now: Instant) -> io::Result<Next> {
         self.drive(conn, now)
     }
 
@@ -1100,7 +1112,7 @@ mod tests {
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, peer) = listener.accept().unwrap();
         server.set_nonblocking(true).unwrap();
-        let mut conn = Conn::Tcp(mio::net::TcpStream::from_std(server));
+        let mut conn = Stream::Tcp(server);
         let mut s = HelloFactory::new(9).new_session(&ConnInfo {
             server: None,
             peer: Some(peer),

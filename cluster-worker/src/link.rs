@@ -1,0 +1,803 @@
+//! The worker's end of the channel to its master, shared by every thread that talks to it:
+//! the serve loop, listeners, the answerer thread and [`crate::Worker`] handles.
+//!
+//! **Answering.** Hand-offs are answered by whoever reads the channel, as they arrive: every
+//! frame goes through [`State::pump`], and each `NewConn` through the one answering function,
+//! `State::answer`. A taken stream is parked in its server's *inbox*, a bounded queue, with its
+//! `Accepted` queued on the channel; it can be taken out only once the channel has written
+//! everything queued (the promotion at the end of `State::flush`). So no API (a serve loop, a
+//! blocking `accept`, a caller's mio `Poll`, later an `AsyncFd`) can hand the application a
+//! stream whose answer the master may not have yet, and a caller that takes streams slowly
+//! never delays the answers: they depend only on the inbox's room.
+//!
+//! **Who reads.** A running serve loop reads on its channel events. Listeners the application
+//! drives itself (blocking `accept`, `try_accept` from its own `Poll`) get an answerer thread,
+//! which reads while such a listener is open. Blocking calls (`listen`'s wait for the grant)
+//! read too, or wait on [`Link::lock`]'s condition variable when another thread reads.
+//!
+//! **Waking.** [`Locked`] notes whether anything arrived or became takeable under it; when it
+//! is released it wakes the serve loop (unless it is the serve loop), the threads blocked in
+//! [`Locked::wait`], and the readiness sockets of listeners registered in a caller's `Poll`.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::io::{self, Read, Write};
+use std::ops::{Deref, DerefMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Weak};
+use std::thread::{self, ThreadId};
+use std::time::{Duration, Instant};
+
+use cluster_core::{
+    BoundAddr, ConnId, ListenAddr, ListenSpec, Message, RefuseReason, Seq, ServerGrant, ServerId,
+    ServerReply, WorkerId,
+};
+use cluster_ipc::{Channel, Received};
+use mio::{Interest, Registry, Token, Waker};
+use parking_lot::{Condvar, Mutex, MutexGuard};
+
+use crate::handler::ConnInfo;
+use crate::stream::Stream;
+use crate::sys;
+
+/// How long `listen` waits for the master's answer unless `set_listen_timeout` says otherwise.
+pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a blocking waiter sleeps before looking again; bounds how late a waiter notices
+/// what a thread that reads the channel for it did not wake it for.
+pub(crate) const WAIT_SLICE: Duration = Duration::from_millis(50);
+/// Fds kept free below `RLIMIT_NOFILE` for the worker's own needs (files, pipes, the accept
+/// of a session's upstream...): a hand-off whose fd lands above the mark is refused.
+const FD_RESERVE: u64 = 32;
+
+/// Who asked for the disconnect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DisconnectBy {
+    Master,
+    Worker,
+}
+
+/// Why a serve must stop, as the channel tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stop {
+    Disconnect(DisconnectBy),
+    MasterGone,
+}
+
+/// Whether an inbox may take one more connection, given how many are parked in all inboxes
+/// (taken, not yet handed on). Called with the state locked, by whichever thread answers.
+pub(crate) type Room = Arc<dyn Fn(usize) -> bool + Send + Sync>;
+
+/// Who takes an inbox's streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Taker {
+    /// A serve loop, which reads the channel itself.
+    ServeLoop,
+    /// The application, through a listener; needs the answerer thread.
+    Application,
+}
+
+struct Inbox {
+    /// Taken streams, oldest first; `Accepted` was queued for each.
+    parked: VecDeque<(Stream, ConnInfo)>,
+    /// The first `ready` of `parked` have had their `Accepted` written.
+    ready: usize,
+    room: Room,
+    taker: Taker,
+    /// Written to whenever something changed, for a listener in a caller's mio `Poll`.
+    signal: Option<UnixStream>,
+}
+
+#[derive(Debug)]
+struct ServerEntry {
+    addr: ListenAddr,
+    index: u32,
+    grant: ServerGrant,
+    listening_sent: bool,
+}
+
+/// Everything the threads of a worker share about its channel (see the module docs). Its
+/// fields are private: other modules go through its methods.
+pub(crate) struct State {
+    /// `None` once closed at the end of serve.
+    chan: Option<Channel>,
+    next_seq: u64,
+    servers: HashMap<ServerId, ServerEntry>,
+    /// Indexes in use per address (open servers and queries in flight).
+    indexes: HashMap<ListenAddr, BTreeSet<u32>>,
+    replies: HashMap<Seq, Received>,
+    /// Queries whose `listen` gave up waiting: a late grant is closed at once, so neither the
+    /// worker nor the master keeps a server nobody listens on.
+    abandoned: HashSet<Seq>,
+    query_timeout: Duration,
+    inboxes: HashMap<ServerId, Inbox>,
+    /// Streams in all inboxes.
+    parked: usize,
+    user: VecDeque<Vec<u8>>,
+    disconnect: Option<DisconnectBy>,
+    /// Channel EOF or a protocol error: the master is gone for us.
+    gone: bool,
+    /// Set by a serve loop that drains: refuse every hand-off with `Draining`.
+    draining: bool,
+    /// The serve loop's waker and thread while a serve runs.
+    serve_loop: Option<(Arc<Waker>, ThreadId)>,
+    answerer_running: bool,
+    /// Hand-offs whose fd number reaches this are refused with `FdLimit`.
+    fd_mark: Option<u64>,
+    /// Something arrived or became takeable since the last wake-up (see [`Locked`]).
+    changed: bool,
+}
+
+impl State {
+    /// Reads the channel until `WouldBlock`, answering hand-offs as they come, then flushes
+    /// the answers (one `sendmsg` for all of them). Returns true when anything arrived.
+    pub(crate) fn pump(&mut self) -> bool {
+        let mut any = false;
+        while let Some(chan) = self.chan.as_mut() {
+            match chan.recv() {
+                Ok(None) => break,
+                Ok(Some(r)) => {
+                    any = true;
+                    self.route(r);
+                }
+                Err(e) => {
+                    if !e.is_closed() {
+                        eprintln!("cluster-worker: channel to the master failed: {e}");
+                    }
+                    self.gone = true;
+                    any = true;
+                    break;
+                }
+            }
+        }
+        self.changed |= any;
+        self.flush();
+        any
+    }
+
+    fn route(&mut self, r: Received) {
+        let Received { msg, mut fds } = r;
+        match msg {
+            Message::QueryServerReply { seq, reply } if self.abandoned.remove(&seq) => {
+                // The fds (a shared socket) close here; the master forgets our registration.
+                if let ServerReply::Granted { server, .. } = reply {
+                    eprintln!(
+                        "cluster-worker: the master granted {server:?} after listen() gave up; \
+                         closing it"
+                    );
+                    self.queue(&Message::Close { server });
+                }
+            }
+            Message::QueryServerReply { seq, reply } => {
+                self.replies.insert(
+                    seq,
+                    Received {
+                        msg: Message::QueryServerReply { seq, reply },
+                        fds,
+                    },
+                );
+            }
+            Message::NewConn { server, conn } => self.answer(server, conn, fds.pop()),
+            Message::Disconnect => {
+                self.disconnect.get_or_insert(DisconnectBy::Master);
+            }
+            Message::User { payload } => self.user.push_back(payload),
+            other => {
+                eprintln!(
+                    "cluster-worker: ignoring unexpected {} from the master",
+                    other.name()
+                );
+            }
+        }
+    }
+
+    /// The one place a hand-off is answered, when it arrives: taken (parked in its server's
+    /// inbox, `Accepted` queued) or refused (the fd closes here; the master kept its copy and
+    /// re-routes it).
+    fn answer(&mut self, server: ServerId, conn: ConnId, fd: Option<OwnedFd>) {
+        let msg = match self.admit(server, fd) {
+            Ok(taken) => {
+                if let Some(inbox) = self.inboxes.get_mut(&server) {
+                    inbox.parked.push_back(taken);
+                    self.parked += 1;
+                }
+                Message::Accepted { conn }
+            }
+            Err(reason) => Message::Refused { conn, reason },
+        };
+        self.queue(&msg);
+    }
+
+    fn admit(
+        &self,
+        server: ServerId,
+        fd: Option<OwnedFd>,
+    ) -> Result<(Stream, ConnInfo), RefuseReason> {
+        let fd = fd.ok_or(RefuseReason::FdLost)?;
+        if self.draining || self.disconnect.is_some() {
+            return Err(RefuseReason::Draining);
+        }
+        let rr_open = self
+            .servers
+            .get(&server)
+            .is_some_and(|s| s.grant == ServerGrant::RoundRobin);
+        let inbox = self
+            .inboxes
+            .get(&server)
+            .filter(|_| rr_open)
+            .ok_or(RefuseReason::ListenerClosed)?;
+        let fd_number = u64::try_from(fd.as_raw_fd()).unwrap_or(0);
+        if self.fd_mark.is_some_and(|mark| fd_number >= mark) {
+            return Err(RefuseReason::FdLimit);
+        }
+        if !(inbox.room)(self.parked) {
+            return Err(RefuseReason::MaxConnections);
+        }
+        let (stream, peer) = sys::stream_from_fd(fd).map_err(|_| RefuseReason::FdLost)?;
+        let info = ConnInfo {
+            server: Some(server),
+            peer,
+        };
+        Ok((stream, info))
+    }
+
+    /// Sends a message, never blocking; output the socket does not take is flushed by the
+    /// serve loop or the answerer (both watch for writability) or by the next blocking call.
+    pub(crate) fn send(&mut self, msg: &Message) -> io::Result<()> {
+        let Some(chan) = self.chan.as_mut() else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "channel to the master is closed",
+            ));
+        };
+        let queued = chan.send(msg, &[]);
+        if let Err(e) = queued {
+            if e.is_closed() {
+                self.gone = true;
+                self.changed = true;
+            }
+            return Err(e.into());
+        }
+        self.flush();
+        if self.gone {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "channel to the master failed",
+            ));
+        }
+        if self.chan.as_ref().is_some_and(Channel::has_pending_output) {
+            // The socket is full: only a writable edge will let the rest out.
+            self.changed = true;
+        }
+        Ok(())
+    }
+
+    /// Queues an fd-less message for the next flush. A failure means the master is gone,
+    /// which `flush` reports too.
+    fn queue(&mut self, msg: &Message) {
+        if let Some(chan) = self.chan.as_mut()
+            && let Err(e) = chan.queue(msg)
+        {
+            if e.is_closed() {
+                self.gone = true;
+                self.changed = true;
+            } else {
+                eprintln!("cluster-worker: cannot queue {}: {e}", msg.name());
+            }
+        }
+    }
+
+    /// Writes what the socket takes; once nothing is left queued, every parked stream has had
+    /// its answer written and becomes takeable.
+    pub(crate) fn flush(&mut self) {
+        // Any error but a full socket (which `flush` reports as Ok(false)) leaves answers the
+        // master waits for unsent with no writable edge to retry on: treat the master as gone.
+        if let Some(chan) = self.chan.as_mut()
+            && let Err(e) = chan.flush()
+        {
+            if !e.is_closed() {
+                eprintln!("cluster-worker: channel to the master failed: {e}");
+            }
+            self.gone = true;
+            self.changed = true;
+        }
+        // With the master gone nobody re-routes what we took: serve it anyway.
+        let written = self.gone || !self.has_pending_output();
+        if written && self.parked > 0 {
+            for inbox in self.inboxes.values_mut() {
+                if inbox.ready < inbox.parked.len() {
+                    inbox.ready = inbox.parked.len();
+                    self.changed = true;
+                }
+            }
+        }
+    }
+
+    pub(crate) fn has_pending_output(&self) -> bool {
+        self.chan.as_ref().is_some_and(Channel::has_pending_output)
+    }
+
+    /// Opens `server`'s inbox (if not open yet) and tells the master, once, that the server
+    /// takes connections: round-robin hand-offs start only after this.
+    pub(crate) fn start_taking(
+        &mut self,
+        server: ServerId,
+        addr: &BoundAddr,
+        taker: Taker,
+        room: Room,
+    ) -> io::Result<()> {
+        let Some(entry) = self.servers.get_mut(&server) else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the server is closed",
+            ));
+        };
+        if entry.grant == ServerGrant::RoundRobin && !self.inboxes.contains_key(&server) {
+            let inbox = Inbox {
+                parked: VecDeque::new(),
+                ready: 0,
+                room,
+                taker,
+                signal: None,
+            };
+            self.inboxes.insert(server, inbox);
+        }
+        if entry.listening_sent {
+            return Ok(());
+        }
+        entry.listening_sent = true;
+        self.send(&Message::Listening {
+            server,
+            addr: addr.clone(),
+        })
+    }
+
+    /// Where to signal readiness of `server`'s inbox for a caller's mio `Poll`.
+    pub(crate) fn set_signal(&mut self, server: ServerId, signal: UnixStream) {
+        if let Some(inbox) = self.inboxes.get_mut(&server) {
+            inbox.signal = Some(signal);
+            // Streams may be takeable already: their edge must not be lost.
+            self.changed = true;
+        }
+    }
+
+    /// The oldest stream of `server` whose answer is written.
+    pub(crate) fn take(&mut self, server: ServerId) -> Option<(Stream, ConnInfo)> {
+        let inbox = self.inboxes.get_mut(&server)?;
+        if inbox.ready == 0 {
+            return None;
+        }
+        let got = inbox.parked.pop_front()?;
+        inbox.ready -= 1;
+        self.parked -= 1;
+        Some(got)
+    }
+
+    /// For the application's listeners: the oldest stream of `server` whose answer is
+    /// written; `None` while there is none yet; an error once the worker stops taking and
+    /// nothing answered for `server` is left (what was answered is ours to serve, stop or not).
+    pub(crate) fn take_answered(
+        &mut self,
+        server: ServerId,
+    ) -> io::Result<Option<(Stream, ConnInfo)>> {
+        if let Some(got) = self.take(server) {
+            return Ok(Some(got));
+        }
+        if !self.has_parked(server) {
+            self.still_taking()?;
+        }
+        Ok(None)
+    }
+
+    /// True while `server`'s inbox holds streams, takeable or not yet.
+    pub(crate) fn has_parked(&self, server: ServerId) -> bool {
+        self.inboxes
+            .get(&server)
+            .is_some_and(|i| !i.parked.is_empty())
+    }
+
+    /// Forgets `server` and tells the master; hand-offs for it are refused from now on. Its
+    /// inbox stays until [`close_inbox`](Self::close_inbox): what it holds was answered
+    /// `Accepted` and must still be served.
+    pub(crate) fn close_server(&mut self, server: ServerId) {
+        let Some(entry) = self.servers.remove(&server) else {
+            return;
+        };
+        self.release_index(&entry.addr, entry.index);
+        let _ = self.send(&Message::Close { server });
+    }
+
+    /// Drops `server`'s inbox with whatever it still holds (closing those clients).
+    pub(crate) fn close_inbox(&mut self, server: ServerId) {
+        if let Some(inbox) = self.inboxes.remove(&server) {
+            self.parked -= inbox.parked.len();
+        }
+    }
+
+    fn release_index(&mut self, addr: &ListenAddr, index: u32) {
+        if let Some(set) = self.indexes.get_mut(addr) {
+            set.remove(&index);
+            if set.is_empty() {
+                self.indexes.remove(addr);
+            }
+        }
+    }
+
+    /// From now on every hand-off is refused with `Draining`.
+    pub(crate) fn start_draining(&mut self) {
+        self.draining = true;
+    }
+
+    /// Why a serve must stop, if it must.
+    pub(crate) fn stop(&self) -> Option<Stop> {
+        match self.disconnect {
+            Some(by) => Some(Stop::Disconnect(by)),
+            None if self.gone || self.chan.is_none() => Some(Stop::MasterGone),
+            None => None,
+        }
+    }
+
+    /// Whether the application may go on taking connections.
+    pub(crate) fn still_taking(&self) -> io::Result<()> {
+        match self.stop() {
+            None if !self.draining => Ok(()),
+            Some(Stop::MasterGone) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the master is gone",
+            )),
+            _ => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the worker is disconnecting",
+            )),
+        }
+    }
+
+    pub(crate) fn take_user(&mut self) -> Vec<Vec<u8>> {
+        self.user.drain(..).collect()
+    }
+
+    /// Registers the channel in a serve loop's `Poll` and has the loop woken through `waker`
+    /// when another thread reads something for it.
+    pub(crate) fn attach_serve_loop(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        waker: Arc<Waker>,
+    ) -> io::Result<()> {
+        self.serve_loop = Some((waker, thread::current().id()));
+        match self.chan.as_mut() {
+            Some(chan) => registry.register(chan, token, Interest::READABLE | Interest::WRITABLE),
+            None => Ok(()),
+        }
+    }
+
+    /// Undoes [`attach_serve_loop`](Self::attach_serve_loop), however the serve ends.
+    pub(crate) fn detach_serve_loop(&mut self, registry: &Registry) {
+        self.serve_loop = None;
+        if let Some(chan) = self.chan.as_mut() {
+            let _ = registry.deregister(chan);
+        }
+    }
+
+    /// Flushes what is queued (bounded) and closes the channel, so the master sees EOF: the
+    /// end of a worker's serve.
+    pub(crate) fn close_channel(&mut self, timeout: Duration) {
+        if let Some(mut chan) = self.chan.take() {
+            let _ = chan.flush_blocking(Some(timeout));
+            // Listeners and waiters hold dups of the socket; the master must see EOF now.
+            sys::shutdown_both(chan.as_fd());
+            self.changed = true;
+        }
+    }
+
+    /// Wakes whoever may be waiting for what changed (see the module docs).
+    fn wake_others(&mut self) {
+        if let Some((waker, loop_thread)) = &self.serve_loop
+            && *loop_thread != thread::current().id()
+        {
+            let _ = waker.wake();
+        }
+        for inbox in self.inboxes.values_mut() {
+            if let Some(s) = &mut inbox.signal {
+                // A full socket already holds an unread edge.
+                let _ = s.write(&[1]);
+            }
+        }
+    }
+
+    fn answerer_needed(&self) -> bool {
+        self.chan.is_some()
+            && !self.gone
+            && self.inboxes.values().any(|i| i.taker == Taker::Application)
+    }
+}
+
+/// The state, locked; wakes the others on release when something changed.
+pub(crate) struct Locked<'a> {
+    guard: MutexGuard<'a, State>,
+    link: &'a Link,
+}
+
+impl Locked<'_> {
+    /// Releases the lock until another thread changes something, or `timeout` passes.
+    pub(crate) fn wait(&mut self, timeout: Duration) {
+        self.publish();
+        self.link.changed.wait_for(&mut self.guard, timeout);
+    }
+
+    fn publish(&mut self) {
+        if std::mem::take(&mut self.guard.changed) {
+            self.guard.wake_others();
+            self.link.changed.notify_all();
+        }
+    }
+}
+
+impl Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.guard
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.guard
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.publish();
+    }
+}
+
+/// The shared end of the channel (see the module docs).
+pub(crate) struct Link {
+    id: WorkerId,
+    state: Mutex<State>,
+    changed: Condvar,
+    /// A dup of the channel socket, so waiters can `poll(2)` it without the lock.
+    poll_fd: OwnedFd,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // Frames queued behind a full socket (a `Close`, a user message) still go out.
+        self.state.get_mut().close_channel(Duration::from_secs(1));
+    }
+}
+
+impl Link {
+    /// Takes over `channel` and sends `Online`.
+    pub(crate) fn new(mut channel: Channel, id: WorkerId) -> io::Result<Link> {
+        let poll_fd = channel.as_fd().try_clone_to_owned()?;
+        channel.send_blocking(&Message::Online, &[], Some(QUERY_TIMEOUT))?;
+        let state = State {
+            chan: Some(channel),
+            next_seq: 1,
+            servers: HashMap::new(),
+            indexes: HashMap::new(),
+            replies: HashMap::new(),
+            abandoned: HashSet::new(),
+            query_timeout: QUERY_TIMEOUT,
+            inboxes: HashMap::new(),
+            parked: 0,
+            user: VecDeque::new(),
+            disconnect: None,
+            gone: false,
+            draining: false,
+            serve_loop: None,
+            answerer_running: false,
+            fd_mark: sys::nofile_soft_limit().map(|l| l.saturating_sub(FD_RESERVE)),
+            changed: false,
+        };
+        Ok(Link {
+            id,
+            state: Mutex::new(state),
+            changed: Condvar::new(),
+            poll_fd,
+        })
+    }
+
+    pub(crate) fn id(&self) -> WorkerId {
+        self.id
+    }
+
+    pub(crate) fn lock(&self) -> Locked<'_> {
+        Locked {
+            guard: self.state.lock(),
+            link: self,
+        }
+    }
+
+    /// The channel socket (a dup), for `poll(2)` waits that must notice the master.
+    pub(crate) fn poll_fd(&self) -> BorrowedFd<'_> {
+        self.poll_fd.as_fd()
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        let st = self.lock();
+        st.chan.is_some() && !st.gone
+    }
+
+    pub(crate) fn set_listen_timeout(&self, timeout: Duration) {
+        self.lock().query_timeout = timeout;
+    }
+
+    /// Leaves the cluster gracefully: `ExitedAfterDisconnect`, and a running serve drains.
+    pub(crate) fn disconnect(&self) -> io::Result<()> {
+        let mut st = self.lock();
+        if st.disconnect.is_some() {
+            return Ok(());
+        }
+        st.disconnect = Some(DisconnectBy::Worker);
+        st.changed = true;
+        st.send(&Message::ExitedAfterDisconnect)
+    }
+
+    /// Starts the answerer thread unless it runs: it reads the channel while a listener the
+    /// application drives itself is open, so hand-offs are answered whatever its pace.
+    pub(crate) fn ensure_answerer(self: &Arc<Self>) -> io::Result<()> {
+        let mut st = self.lock();
+        if st.answerer_running {
+            return Ok(());
+        }
+        let fd = self.poll_fd.try_clone()?;
+        let link = Arc::downgrade(self);
+        thread::Builder::new()
+            .name("cluster-answerer".into())
+            .spawn(move || answerer_main(&link, &fd))?;
+        st.answerer_running = true;
+        Ok(())
+    }
+
+    /// Asks the master for a server. Blocks until it answers (at most the listen timeout).
+    pub(crate) fn query(
+        &self,
+        spec: &ListenSpec,
+    ) -> io::Result<(ServerId, BoundAddr, ServerGrant, Vec<OwnedFd>)> {
+        let (seq, index, timeout) = {
+            let mut st = self.lock();
+            let used = st.indexes.entry(spec.addr.clone()).or_default();
+            let index = (0..).find(|i| !used.contains(i)).unwrap_or(u32::MAX);
+            used.insert(index);
+            let seq = Seq(st.next_seq);
+            st.next_seq += 1;
+            let sent = st.send(&Message::QueryServer {
+                seq,
+                spec: spec.clone(),
+                index,
+            });
+            if let Err(e) = sent {
+                st.release_index(&spec.addr, index);
+                return Err(e);
+            }
+            (seq, index, st.query_timeout)
+        };
+        let deadline = Instant::now().checked_add(timeout);
+        let got = self.wait_for(deadline, |st| st.replies.remove(&seq).map(Ok));
+        let mut st = self.lock();
+        let failed = |st: &mut State, e: io::Error| {
+            st.release_index(&spec.addr, index);
+            Err(e)
+        };
+        // Another thread's pump may have routed the reply after our wait ended.
+        let got = got.or_else(|e| st.replies.remove(&seq).ok_or(e));
+        let Received { msg, fds } = match got {
+            Ok(r) => r,
+            Err(e) => {
+                // Only a timeout leaves a master that may still answer.
+                if e.kind() == io::ErrorKind::TimedOut {
+                    st.abandoned.insert(seq);
+                }
+                return failed(&mut st, e);
+            }
+        };
+        match msg {
+            Message::QueryServerReply {
+                reply:
+                    ServerReply::Granted {
+                        server,
+                        addr,
+                        grant,
+                    },
+                ..
+            } => {
+                st.servers.insert(
+                    server,
+                    ServerEntry {
+                        addr: spec.addr.clone(),
+                        index,
+                        grant,
+                        listening_sent: false,
+                    },
+                );
+                Ok((server, addr, grant, fds))
+            }
+            Message::QueryServerReply {
+                reply: ServerReply::Failed(e),
+                ..
+            } => failed(&mut st, e.into()),
+            _ => failed(
+                &mut st,
+                io::Error::new(io::ErrorKind::InvalidData, "unexpected reply"),
+            ),
+        }
+    }
+
+    /// Blocks until `f` finds what it waits for in the state, reading the channel (or, while
+    /// another thread reads it, waiting for that thread's news). Fails on a closed channel or
+    /// at `deadline`.
+    fn wait_for<T>(
+        &self,
+        deadline: Option<Instant>,
+        mut f: impl FnMut(&mut State) -> Option<io::Result<T>>,
+    ) -> io::Result<T> {
+        loop {
+            let mut st = self.lock();
+            st.pump();
+            if let Some(r) = f(&mut st) {
+                return r;
+            }
+            if st.gone || st.chan.is_none() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the master is gone",
+                ));
+            }
+            let left = deadline.map_or(WAIT_SLICE, |d| d.saturating_duration_since(Instant::now()));
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no answer from the master",
+                ));
+            }
+            if st.answerer_running || st.serve_loop.is_some() {
+                st.wait(left.min(WAIT_SLICE));
+                continue;
+            }
+            drop(st);
+            sys::wait_readable(self.poll_fd(), left.min(WAIT_SLICE))?;
+        }
+    }
+}
+
+/// The answerer thread: reads (and so answers) while a listener the application drives is
+/// open. Holds the link only while awake, so dropping the last handle still closes it.
+fn answerer_main(link: &Weak<Link>, fd: &OwnedFd) {
+    loop {
+        let want_write = {
+            let Some(link) = link.upgrade() else {
+                return;
+            };
+            let mut st = link.lock();
+            if !st.answerer_needed() {
+                st.answerer_running = false;
+                return;
+            }
+            st.pump();
+            st.has_pending_output()
+        };
+        if let Err(e) = sys::wait_channel(fd.as_fd(), want_write, WAIT_SLICE) {
+            eprintln!("cluster-worker: the answerer stops: {e}");
+            if let Some(link) = link.upgrade() {
+                link.lock().answerer_running = false;
+            }
+            return;
+        }
+    }
+}
+
+/// Empties a readiness socket (see [`State::set_signal`]); its edges are all it carries.
+pub(crate) fn drain_signal(mut signal: &UnixStream) {
+    let mut buf = [0u8; 64];
+    while matches!(signal.read(&mut buf), Ok(n) if n > 0) {}
+}
