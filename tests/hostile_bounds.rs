@@ -370,3 +370,66 @@ fn a_message_flood_read_by_a_fast_embedder_keeps_flowing() {
     );
     drop(c);
 }
+
+/// A worker asks for server after server, closing each, and never reads the replies: each
+/// unsent grant would hold a duplicate of a socket in the master. The master drops it once a
+/// few dozen wait, and its fd count stays bounded.
+#[test]
+fn unread_grants_cannot_pile_up_sockets_in_the_master() {
+    let _fds = exclusive_fds();
+    let before = fd_count();
+    let mut c = Cluster::start(
+        MasterBuilder::new(raw_worker())
+            .args(["tcp:127.0.0.1:0", "grant-cycle-3000"])
+            .workers(1),
+    );
+    let dropped = c.wait_for(WAIT, |e| matches!(e, Event::Dropped { .. }));
+    assert!(
+        matches!(&dropped, Event::Dropped { reason, .. } if reason.contains("does not read its channel")),
+        "{dropped:?}"
+    );
+    let peak = fd_count();
+    assert!(peak < before + 100, "master fds {before} -> {peak}");
+    c.stop();
+}
+
+/// The embedder stops reading events while a worker sends a burst of messages and goes on
+/// serving: the master pauses that worker's channel, and the answers stuck behind the held
+/// message are not the worker's fault, so it is not dropped for them; once the embedder reads
+/// again every client is served.
+#[test]
+fn a_worker_paused_for_a_slow_embedder_is_not_dropped_for_late_answers() {
+    let _fds = shared_fds();
+    let mut c = Cluster::start(
+        MasterBuilder::new(raw_worker())
+            .args(["tcp:127.0.0.1:0", "flood@0"])
+            .workers(2)
+            .ack_timeout(Duration::from_millis(300)),
+    );
+    let addr = inet(&c.wait_listening(2));
+    // Clients on a thread; this thread reads no event for 1.5 s.
+    let clients = std::thread::spawn(move || {
+        (0..40)
+            .map(|_| ask_worker(addr).is_ok())
+            .filter(|ok| *ok)
+            .count()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut dropped = Vec::new();
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until && !clients.is_finished() {
+        if let Ok(e) = c.master().events().recv_timeout(Duration::from_millis(50))
+            && let Event::Dropped { reason, .. } = &e
+        {
+            dropped.push(reason.clone());
+        }
+    }
+    assert_eq!(clients.join().expect("clients"), 40, "every client served");
+    while let Ok(e) = c.master().events().try_recv() {
+        if let Event::Dropped { reason, .. } = &e {
+            dropped.push(reason.clone());
+        }
+    }
+    assert!(dropped.is_empty(), "dropped: {dropped:?}");
+    c.stop();
+}

@@ -114,6 +114,10 @@ pub struct Channel {
     /// Landing area for one `recvmsg`'s fds, kept to reuse its allocation.
     fds_in: VecDeque<OwnedFd>,
     outq: VecDeque<Outgoing>,
+    /// Bytes in `outq` not yet written, kept so the caller can bound them in O(1).
+    out_bytes: usize,
+    /// Fds held by `outq` entries, likewise.
+    out_fds: usize,
     scratch: Vec<u8>,
     /// The buffer of the last fully written queue entry, kept so that [`Channel::queue`] does
     /// not allocate on every batch.
@@ -150,6 +154,8 @@ impl Channel {
             fd_batches: VecDeque::new(),
             fds_in: VecDeque::new(),
             outq: VecDeque::new(),
+            out_bytes: 0,
+            out_fds: 0,
             scratch: Vec::with_capacity(64),
             recycled: Vec::new(),
             cmsg: Box::new(sys::new_cmsg_buf()),
@@ -232,17 +238,37 @@ impl Channel {
                         written: n,
                         fds: Vec::new(),
                     });
+                    self.out_bytes += bytes.len() - n;
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e.into()),
             }
         }
+        self.out_bytes += bytes.len();
+        // An fd-less frame joins an fd-less tail (as `queue` does), so a peer that reads
+        // nothing costs one growing buffer, not one queue entry per frame.
+        if fds.is_empty()
+            && let Some(tail) = self.outq.back_mut()
+            && tail.fds.is_empty()
+            && tail.bytes.len() < COALESCE_LIMIT
+        {
+            tail.bytes.extend_from_slice(bytes);
+            return Ok(());
+        }
         // Nothing of this frame is out: keep our own references to its fds until it is.
-        let owned = fds
+        let owned = match fds
             .iter()
             .map(|fd| fd.try_clone_to_owned())
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(owned) => owned,
+            Err(e) => {
+                self.out_bytes -= bytes.len();
+                return Err(e.into());
+            }
+        };
+        self.out_fds += owned.len();
         self.outq.push_back(Outgoing {
             bytes: bytes.to_vec(),
             written: 0,
@@ -296,6 +322,7 @@ impl Channel {
             }
             return Err(IpcError::OutgoingTooLarge { len: body, max });
         }
+        self.out_bytes += tail.bytes.len() - before;
         Ok(())
     }
 
@@ -311,7 +338,9 @@ impl Channel {
             match sys::send_with_fds(self.sock.as_fd(), &out.bytes[out.written..], &fds) {
                 Ok(n) => {
                     out.written += n;
+                    self.out_bytes -= n;
                     if n > 0 {
+                        self.out_fds -= out.fds.len();
                         out.fds.clear();
                     }
                     if out.written == out.bytes.len()
@@ -343,7 +372,12 @@ impl Channel {
     /// Bytes queued and not yet written: what the peer has not taken off the socket beyond
     /// the kernel's buffer.
     pub fn pending_output_bytes(&self) -> usize {
-        self.outq.iter().map(|o| o.bytes.len() - o.written).sum()
+        self.out_bytes
+    }
+
+    /// Fds kept for frames not yet written (each a duplicate the peer has not taken).
+    pub fn pending_output_fds(&self) -> usize {
+        self.out_fds
     }
 
     /// The next message, `Ok(None)` when the socket has nothing more right now.
@@ -689,6 +723,35 @@ mod queue_tests {
         assert!(!a.has_pending_output());
     }
 
+    /// A peer that reads nothing: fd-less sends pile into one buffer, and the counters the
+    /// master bounds itself by stay exact whatever the mix.
+    #[test]
+    fn sends_to_a_peer_that_reads_nothing_are_counted_exactly() {
+        let _g = fd_lock();
+        let (mut a, b) = Channel::pair().unwrap();
+        let sock = TcpListener::bind("127.0.0.1:0").unwrap();
+        for i in 0..20_000u64 {
+            a.send(&Message::Accepted { conn: ConnId(i) }, &[]).unwrap();
+            if i % 5000 == 0 {
+                a.send(
+                    &Message::NewConn {
+                        server: ServerId(1),
+                        conn: ConnId(i),
+                    },
+                    &[sock.as_fd()],
+                )
+                .unwrap();
+            }
+        }
+        let queued: usize = a.outq.iter().map(|o| o.bytes.len() - o.written).sum();
+        assert_eq!(a.pending_output_bytes(), queued);
+        let held: usize = a.outq.iter().map(|o| o.fds.len()).sum();
+        assert_eq!(a.pending_output_fds(), held);
+        assert!(held >= 1, "the socket filled up before the first NewConn");
+        assert!(a.outq.len() < 64, "{} queue entries", a.outq.len());
+        drop(b);
+    }
+
     #[test]
     fn a_frame_with_fds_is_never_coalesced() {
         let _g = fd_lock();
@@ -704,7 +767,11 @@ mod queue_tests {
         // Not appended to the buffer that carries fds: its fds would come first.
         a.queue(&Message::Accepted { conn: ConnId(3) }).unwrap();
         assert_eq!(a.outq.len(), 3);
+        assert_eq!(a.pending_output_fds(), 1);
+        let queued: usize = a.outq.iter().map(|o| o.bytes.len() - o.written).sum();
+        assert_eq!(a.pending_output_bytes(), queued);
         assert!(a.flush().unwrap());
+        assert_eq!((a.pending_output_bytes(), a.pending_output_fds()), (0, 0));
         assert_eq!(
             b.recv_blocking(WAIT).unwrap().msg,
             Message::Accepted { conn: ConnId(1) }

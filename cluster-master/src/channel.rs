@@ -20,6 +20,8 @@ pub trait WorkerChannel: Source + Debug + Send {
     fn flush(&mut self) -> Result<bool, IpcError>;
     /// Bytes queued for the worker that it has not read yet (beyond the socket buffer).
     fn pending_output_bytes(&self) -> usize;
+    /// Fds the master keeps for frames the worker has not read yet.
+    fn pending_output_fds(&self) -> usize;
     /// The socket reported readiness (see [`Channel::note_readable`]): data may have arrived
     /// since a read that found it empty.
     fn note_readable(&mut self) {}
@@ -40,6 +42,10 @@ impl WorkerChannel for Channel {
 
     fn pending_output_bytes(&self) -> usize {
         Channel::pending_output_bytes(self)
+    }
+
+    fn pending_output_fds(&self) -> usize {
+        Channel::pending_output_fds(self)
     }
 
     fn note_readable(&mut self) {

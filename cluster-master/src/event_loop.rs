@@ -144,6 +144,9 @@ pub(crate) struct EventLoop {
     paused: Vec<Source>,
     /// Workers that did not leave cleanly (exit 0 after disconnect) during the shutdown.
     unclean_exits: usize,
+    /// Connections closed unserved before the owner asked to stop: the stop is judged only on
+    /// what it closed itself.
+    unserved_before_stop: Option<u64>,
 }
 
 /// Something of a worker's that the loop reads: its channel, or a captured output pipe.
@@ -205,6 +208,7 @@ impl EventLoop {
             unread: Vec::new(),
             paused: Vec::new(),
             unclean_exits: 0,
+            unserved_before_stop: None,
         };
         Ok((event_loop, receiver))
     }
@@ -278,10 +282,13 @@ impl EventLoop {
         for id in ids {
             self.close_server(id);
         }
-        // One verdict for the embedder: a stop is clean when nothing was closed unserved and
-        // every worker left by itself (exit 0 after disconnect).
-        let clean =
-            result.is_ok() && self.fleet.stats.closed_unserved == 0 && self.unclean_exits == 0;
+        // One verdict for the embedder: a stop is clean when it closed no connection unserved
+        // and every worker left by itself (exit 0 after disconnect).
+        let closed_by_stop = self.fleet.stats.closed_unserved
+            - self
+                .unserved_before_stop
+                .unwrap_or(self.fleet.stats.closed_unserved);
+        let clean = result.is_ok() && closed_by_stop == 0 && self.unclean_exits == 0;
         self.emit(Event::Stopped { clean });
         result
     }
@@ -290,7 +297,9 @@ impl EventLoop {
     /// as stuck. `None` for a worker being dropped already: it is SIGKILLed, and what it held
     /// waits for its exit.
     fn ack_deadline(&self, w: &WorkerRec) -> Option<Instant> {
-        if w.dropping {
+        // A paused channel (a user message held while the embedder is behind) is the master
+        // not reading the worker's answers, not the worker failing to give them.
+        if w.dropping || w.held_message.is_some() {
             return None;
         }
         w.servers
@@ -375,7 +384,7 @@ impl EventLoop {
                 && handle.next_deadline().is_some_and(|t| t <= now)
             {
                 handle.expire(now, &mut self.fleet.actions);
-                run_actions(sid, handle, &mut self.fleet);
+                run_actions(sid, handle, &mut self.fleet, self.now);
             }
         }
     }

@@ -240,7 +240,7 @@ pub enum Event {
     /// The master stopped (after shutdown, or because every slot errored).
     Stopped {
         /// True when the stop was asked for, every worker left by itself (exit 0 after
-        /// disconnect) and no connection was closed unserved.
+        /// disconnect) and the stop closed no connection unserved.
         clean: bool,
     },
 }

@@ -473,6 +473,18 @@ impl<C> RoundRobinHandle<C> {
         slot.unanswered.first().map(|(_, sent)| *sent)
     }
 
+    /// Counts `worker`'s unanswered hand-offs as sent no earlier than `now`: the master could
+    /// not read its answers for a while (it paused reading that worker), so the time since
+    /// they went out says nothing about the worker.
+    pub fn postpone_deadlines(&mut self, worker: WorkerId, now: Instant) {
+        let now = self.clamp(now);
+        if let Some(slot) = self.workers.get_mut(&worker) {
+            for (_, sent) in &mut slot.unanswered {
+                *sent = (*sent).max(now);
+            }
+        }
+    }
+
     /// Closes, with [`CloseReason::QueueTimeout`], every queued connection whose deadline is at
     /// or before `now`.
     pub fn expire(&mut self, now: Instant, out: &mut Vec<Action<C>>) {

@@ -27,6 +27,9 @@
 //!
 //! - `flood-after-absent:PATH`: never listen; once PATH does not exist, send small user
 //!   messages as fast as the channel takes them, until it breaks.
+//! - `grant-cycle-N`: after listening, N times ask for a UDP port-0 server and close the
+//!   server it will get (ids are dealt in order), all without reading a reply: grants, each
+//!   with a socket, pile up in the master.
 //! - `retry-listen`: while the listen fails, ask again every 25 ms (up to 10 s); then serve.
 //! - `forge`: refuse every hand-off, and with each refusal send 40 forged answers for the
 //!   connection ids around it (hand-offs the master gave other workers, or none at all).
@@ -224,6 +227,25 @@ fn run() -> Result<u8, String> {
     }
     if let Some(n) = limit("query-flood-") {
         return query_flood(&mut ch, &spec, n);
+    }
+    if let Some(n) = limit("grant-cycle-") {
+        for i in 1..=n {
+            let next = u32::try_from(i).map_err(|e| e.to_string())?;
+            ch.queue(&Message::QueryServer {
+                seq: Seq(u64::from(next) + 1),
+                spec: ListenSpec::udp(SocketAddr::from(([127, 0, 0, 1], 0))),
+                index: 0,
+            })
+            .map_err(|e| e.to_string())?;
+            ch.queue(&Message::Close {
+                server: cluster_core::ServerId(server.0 + next),
+            })
+            .map_err(|e| e.to_string())?;
+        }
+        ch.flush_blocking(t).map_err(|e| e.to_string())?;
+        // Read nothing; wait for the master to give up on us.
+        std::thread::sleep(Duration::from_secs(30));
+        return Ok(0);
     }
     if mode == "close-listener" {
         send(&mut ch, &Message::Close { server })?;

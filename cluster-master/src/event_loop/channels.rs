@@ -7,6 +7,7 @@ use cluster_ipc::{IpcError, Received};
 
 use super::{EventLoop, MAX_FRAMES_FINAL_DRAIN, MAX_FRAMES_PER_DRAIN, Source};
 use crate::events::{Event, WorkerState};
+use crate::server::ServerKind;
 
 impl EventLoop {
     /// Whether reading more from a worker's output may produce another bulk event now; if not,
@@ -38,11 +39,29 @@ impl EventLoop {
         };
         if regardless || self.events.has_room() {
             self.emit(ev);
+            // Its answers waited behind the held message through no fault of its own: their
+            // deadlines start again now.
+            self.postpone_ack_deadlines(id);
             return true;
         }
         w.held_message = Some(ev);
         self.pause(Source::Channel(id));
         false
+    }
+
+    /// Restarts the answer clock of every hand-off `id` has not answered (see
+    /// [`crate::RoundRobinHandle::postpone_deadlines`]).
+    fn postpone_ack_deadlines(&mut self, id: WorkerId) {
+        let Some(w) = self.fleet.workers.get(&id) else {
+            return;
+        };
+        for sid in w.servers.clone() {
+            if let Some(ServerKind::RoundRobin { handle, .. }) =
+                self.servers.get_mut(&sid).map(|s| &mut s.kind)
+            {
+                handle.postpone_deadlines(id, self.now);
+            }
+        }
     }
 
     pub(super) fn resume_paused(&mut self) {
@@ -87,7 +106,15 @@ impl EventLoop {
         // and its socket buffer bounds the rest.
         let final_drain = max_frames == MAX_FRAMES_FINAL_DRAIN;
         if final_drain {
-            self.release_held_message(id, true);
+            let dropping = self.fleet.workers.get(&id).is_some_and(|w| w.dropping);
+            if dropping {
+                // Only its answers still count.
+                if let Some(w) = self.fleet.workers.get_mut(&id) {
+                    w.held_message = None;
+                }
+            } else {
+                self.release_held_message(id, true);
+            }
         } else if !self.release_held_message(id, false) {
             return;
         }
@@ -120,6 +147,14 @@ impl EventLoop {
                         }
                     } else {
                         self.on_message(id, r);
+                        // A worker just doomed is read no further now: what it sent after the
+                        // violation must not bind, grant or queue anything more. Its answers are
+                        // read at its exit.
+                        if !self.fleet.doomed.is_empty()
+                            && self.fleet.doomed.iter().any(|(w, _)| *w == id)
+                        {
+                            return;
+                        }
                     }
                 }
                 Ok(None) => return,
@@ -231,10 +266,16 @@ impl EventLoop {
             Message::Accepted { conn } => self.on_answer(id, conn, None),
             Message::Refused { conn, reason } => self.on_answer(id, conn, Some(reason)),
             Message::Close { server } => {
-                if let Some(w) = self.fleet.workers.get_mut(&id) {
+                // Only a holder may close a server: another worker's close (or a late one for
+                // a server already released) must not shut a listener others wait on.
+                let held = self.fleet.workers.get_mut(&id).is_some_and(|w| {
+                    let before = w.servers.len();
                     w.servers.retain(|s| *s != server);
+                    w.servers.len() != before
+                });
+                if held {
+                    self.release_server(server, id, true);
                 }
-                self.release_server(server, id, true);
             }
             Message::ExitedAfterDisconnect => {
                 if let Some(w) = self.fleet.workers.get_mut(&id) {

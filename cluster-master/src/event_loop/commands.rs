@@ -13,12 +13,17 @@ use crate::supervision::Supervision;
 impl EventLoop {
     /// Carries out what the owner asked for since the last pass.
     pub(super) fn run_commands(&mut self) {
-        loop {
+        let mut owner_gone = false;
+        while !owner_gone {
             let cmd = match self.commands.try_recv() {
                 Ok(c) => c,
                 Err(TryRecvError::Empty) => return,
-                // The owner is gone: nobody can stop us any more, so stop now.
-                Err(TryRecvError::Disconnected) => Command::ForceShutdown,
+                // The owner is gone: nobody can stop us any more, so stop now (once: the queue
+                // stays disconnected).
+                Err(TryRecvError::Disconnected) => {
+                    owner_gone = true;
+                    Command::ForceShutdown
+                }
             };
             match cmd {
                 Command::Scale(n) if n > 0 => self.supervise(Supervision::scale_up),
@@ -45,7 +50,11 @@ impl EventLoop {
                     }
                 }
                 Command::Reload => self.supervise(Supervision::reload),
-                Command::Shutdown => self.supervise(Supervision::shutdown),
+                Command::Shutdown => {
+                    self.unserved_before_stop
+                        .get_or_insert(self.fleet.stats.closed_unserved);
+                    self.supervise(Supervision::shutdown);
+                }
                 Command::ForceShutdown => {
                     for w in self.fleet.workers.values_mut() {
                         w.exited_after_disconnect = true;

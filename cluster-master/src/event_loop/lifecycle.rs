@@ -178,7 +178,7 @@ impl EventLoop {
                 self.servers.get_mut(&sid).map(|s| &mut s.kind)
             {
                 handle.retire(id, self.now, &mut self.fleet.actions);
-                run_actions(sid, handle, &mut self.fleet);
+                run_actions(sid, handle, &mut self.fleet, self.now);
             }
         }
     }

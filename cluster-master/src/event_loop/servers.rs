@@ -6,9 +6,12 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
+use std::time::Instant;
+
 use cluster_core::{
     ConnId, ListenError, ListenSpec, Message, RefuseReason, Seq, ServerId, ServerReply, WorkerId,
 };
+use cluster_ipc::IpcError;
 use mio::Interest;
 use mio::unix::SourceFd;
 
@@ -16,6 +19,9 @@ use super::{EventLoop, Fleet, KIND_LISTENER, MAX_QUEUED_FOR_WORKER, token};
 use crate::events::{Event, WorkerState};
 use crate::round_robin::{Action, RoundRobinHandle};
 use crate::server::{Server, ServerKind};
+
+/// Server ids fit in the top 24 bits of a connection id.
+const MAX_SERVER_ID: u32 = 1 << (64 - ConnId::COUNTER_BITS);
 
 impl EventLoop {
     // ---------------------------------------------------------------- accepting
@@ -41,7 +47,7 @@ impl EventLoop {
                 Ok(fd) => {
                     self.fleet.stats.accepted += 1;
                     handle.distribute(fd, self.now, &mut self.fleet.actions);
-                    run_actions(id, handle, &mut self.fleet);
+                    run_actions(id, handle, &mut self.fleet, self.now);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     *backlogged = false;
@@ -98,7 +104,7 @@ impl EventLoop {
             let requeued_before = handle.stats().requeued_on_remove;
             handle.remove(id, self.now, &mut self.fleet.actions);
             self.fleet.stats.requeued += handle.stats().requeued_on_remove - requeued_before;
-            run_actions(sid, handle, &mut self.fleet);
+            run_actions(sid, handle, &mut self.fleet, self.now);
         }
         if server.holders.is_empty() && (explicit_close || !replacement_coming) {
             self.close_server(sid);
@@ -116,7 +122,7 @@ impl EventLoop {
                 .registry()
                 .deregister(&mut SourceFd(&socket.as_fd().as_raw_fd()));
             handle.close_all(&mut self.fleet.actions);
-            run_actions(sid, handle, &mut self.fleet);
+            run_actions(sid, handle, &mut self.fleet, self.now);
         }
         for w in self.fleet.workers.values_mut() {
             w.servers.retain(|s| *s != sid);
@@ -159,12 +165,15 @@ impl EventLoop {
         if let Err(e) = ch.send(&msg_and_fd.0, &fds) {
             return self.channel_failed(id, e);
         }
-        // A worker that asks without reading the replies would grow this queue without bound.
-        let queued = ch.pending_output_bytes();
-        if queued > MAX_QUEUED_FOR_WORKER {
+        // A worker that asks without reading the replies would grow this queue without bound,
+        // and each unsent grant holds a duplicate of its socket in the master.
+        let (queued, fds) = (ch.pending_output_bytes(), ch.pending_output_fds());
+        if queued > MAX_QUEUED_FOR_WORKER || fds > self.cfg.max_servers_per_worker {
             self.doom(
                 id,
-                format!("does not read its channel ({queued} bytes of replies wait for it)"),
+                format!(
+                    "does not read its channel ({queued} bytes and {fds} sockets of replies wait for it)"
+                ),
             );
         }
     }
@@ -201,6 +210,15 @@ impl EventLoop {
         let key = spec.key(index);
         let sid = match self.by_key.get(&key) {
             Some(sid) => *sid,
+            None if self.next_server >= MAX_SERVER_ID => {
+                // Connection ids name their server in 24 bits; reusing an id could let a stale
+                // answer for an old server's connection settle a new server's.
+                let e = ListenError {
+                    errno: libc::ENFILE,
+                    context: "the master has bound as many servers as it can name".into(),
+                };
+                return self.reply(id, seq, Err(e));
+            }
             None => {
                 let sid = ServerId(self.next_server);
                 match Server::bind(
@@ -311,7 +329,7 @@ impl EventLoop {
             && !draining
         {
             handle.add(id, self.now, &mut self.fleet.actions);
-            run_actions(sid, handle, &mut self.fleet);
+            run_actions(sid, handle, &mut self.fleet, self.now);
         }
         self.emit(Event::Listening {
             worker: id,
@@ -348,7 +366,7 @@ impl EventLoop {
         } else {
             self.fleet.stats.taken += 1;
         }
-        run_actions(sid, handle, &mut self.fleet);
+        run_actions(sid, handle, &mut self.fleet, self.now);
     }
 }
 
@@ -371,10 +389,16 @@ fn bind_failure(spec: &ListenSpec, errno: i32) -> String {
 
 /// Carries out a handle's actions: hand-offs go out on the worker's channel with the master's
 /// fd attached (the master keeps its copy until the answer); closes drop the connection.
+///
+/// A hand-off that fails for want of fds or memory in the master (the channel must keep a
+/// duplicate of the fd while the worker's socket is full) is no fault of the worker: it counts
+/// as that worker refusing it for a moment ([`RefuseReason::FdLimit`]), so it goes elsewhere.
+/// Any other failure drops the worker.
 pub(super) fn run_actions(
     sid: ServerId,
     handle: &mut RoundRobinHandle<OwnedFd>,
     fleet: &mut Fleet,
+    now: Instant,
 ) {
     let Fleet {
         workers,
@@ -382,33 +406,51 @@ pub(super) fn run_actions(
         doomed,
         stats,
     } = fleet;
-    for action in actions.drain(..) {
-        match action {
-            Action::Handoff { worker, conn } => {
-                let Some(fd) = handle.conn(conn) else {
-                    continue;
-                };
-                let sent = match workers.get_mut(&worker).and_then(|w| w.channel.as_mut()) {
-                    Some(ch) => ch
-                        .send(&Message::NewConn { server: sid, conn }, &[fd.as_fd()])
-                        .map_err(|e| e.to_string()),
-                    None => Err("channel closed".to_string()),
-                };
-                match sent {
-                    Ok(()) => stats.handed_off += 1,
-                    // The connection stays in flight to this worker in the handle; dropping
-                    // the worker re-queues it.
-                    Err(reason) => {
-                        if !doomed.iter().any(|(w, _)| *w == worker) {
-                            doomed.push((worker, format!("hand-off failed: {reason}")));
+    let mut bounced = Vec::new();
+    // Ends: each bounce spends one of the connection's `max_attempts` hand-offs, after which
+    // the handle closes it instead of handing it off again.
+    loop {
+        for action in actions.drain(..) {
+            match action {
+                Action::Handoff { worker, conn } => {
+                    let Some(fd) = handle.conn(conn) else {
+                        continue;
+                    };
+                    let sent = match workers.get_mut(&worker).and_then(|w| w.channel.as_mut()) {
+                        Some(ch) => ch.send(&Message::NewConn { server: sid, conn }, &[fd.as_fd()]),
+                        None => Err(IpcError::Closed),
+                    };
+                    match sent {
+                        Ok(()) => stats.handed_off += 1,
+                        Err(IpcError::Io(e))
+                            if matches!(
+                                e.raw_os_error(),
+                                Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+                            ) =>
+                        {
+                            bounced.push((worker, conn));
+                        }
+                        // The connection stays in flight to this worker in the handle;
+                        // dropping the worker re-queues it.
+                        Err(e) => {
+                            if !doomed.iter().any(|(w, _)| *w == worker) {
+                                doomed.push((worker, format!("hand-off failed: {e}")));
+                            }
                         }
                     }
                 }
+                Action::Close { conn, .. } => {
+                    drop(conn);
+                    stats.closed_unserved += 1;
+                }
             }
-            Action::Close { conn, .. } => {
-                drop(conn);
-                stats.closed_unserved += 1;
-            }
+        }
+        if bounced.is_empty() {
+            return;
+        }
+        for (worker, conn) in bounced.drain(..) {
+            // Cannot fail: the connection is in flight to that worker.
+            let _ = handle.refused(worker, conn, RefuseReason::FdLimit, now, actions);
         }
     }
 }
