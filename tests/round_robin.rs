@@ -45,17 +45,23 @@ fn four_workers_share_one_port_and_split_evenly() {
     c.stop();
 }
 
-#[test]
-fn eaddrinuse_reaches_the_worker_and_errors_its_slot_with_the_cause() {
-    let _fds = shared_fds();
+/// A port held by this process, and one raw worker in `mode` asked to listen on it.
+fn cluster_on_a_port_in_use(mode: &str) -> (std::net::TcpListener, u16, Cluster) {
     let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = holder.local_addr().expect("addr").port();
     let spec = format!("tcp:127.0.0.1:{port}");
-    let mut c = Cluster::start(
+    let c = Cluster::start(
         MasterBuilder::new(raw_worker())
-            .args([spec.as_str(), "serve"])
+            .args([spec.as_str(), mode])
             .capture_output(true),
     );
+    (holder, port, c)
+}
+
+#[test]
+fn eaddrinuse_reaches_the_worker_and_errors_its_slot_with_the_cause() {
+    let _fds = shared_fds();
+    let (_holder, port, mut c) = cluster_on_a_port_in_use("serve");
     c.wait_for(WAIT, |e| matches!(e, Event::Output { line, .. } if line == &format!("LISTEN_ERROR {}", libc::EADDRINUSE)));
     c.wait_for(WAIT, |e| matches!(e, Event::Exit { code: Some(3), .. }));
     // A restart would meet the same error: the slot errors at once, with the cause.
@@ -81,14 +87,7 @@ fn eaddrinuse_reaches_the_worker_and_errors_its_slot_with_the_cause() {
 #[test]
 fn a_failed_bind_is_not_kept_so_a_later_listen_binds_afresh() {
     let _fds = shared_fds();
-    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = holder.local_addr().expect("addr").port();
-    let spec = format!("tcp:127.0.0.1:{port}");
-    let mut c = Cluster::start(
-        MasterBuilder::new(raw_worker())
-            .args([spec.as_str(), "retry-listen"])
-            .capture_output(true),
-    );
+    let (holder, port, mut c) = cluster_on_a_port_in_use("retry-listen");
     c.wait_for(
         WAIT,
         |e| matches!(e, Event::Output { line, .. } if line == "LISTEN_RETRYING"),
