@@ -12,7 +12,7 @@ use cluster_master::{RestartPolicy, RoundRobinConfig};
 /// The stable log formats, shown at the end of `spawn --help`.
 const LOG_FORMATS: &str = "\
 Log lines (stdout unless noted; one per event, flushed at each line):
-  [master] pid P: starting N workers: PROGRAM ARGS... (policy rr)
+  [master] pid P: starting N workers: PROGRAM ARGS... (policy rr|sockets passed as LISTEN_FDS)
   [master] pre-bound ADDR as fd N (LISTEN_FDNAMES name listenI)
   [master] worker W (pid P) forked in slot S
   [master] worker W (pid P) online
@@ -31,6 +31,11 @@ Log lines (stdout unless noted; one per event, flushed at each line):
   [master] stopped (clean)|stopped (not clean: REASON)   (REASON also on stderr, exit 1)
   [worker W pid P] LINE      (a worker's stdout line; its stderr lines go to stderr)
 Fatal errors: one line `cluster-cli: REASON` on stderr, exit 1.
+
+Workers: the built-in hello worker and programs that link cluster-worker speak the channel
+(--policy, --window, --ack-timeout, --max-servers-per-worker apply to them). Any other program
+(--listen sockets, or PORT=--port) is sent --stop-signal to stop. Each worker runs in its own
+process group, so a terminal's Ctrl-C reaches the master alone.
 
 Signals: TERM, INT, QUIT = graceful stop (disconnect all, SIGKILL after --shutdown-timeout);
 a second TERM/INT/QUIT = forced stop (SIGKILL now); HUP = rolling reload (errored slots
@@ -124,13 +129,21 @@ pub struct SpawnArgs {
     #[arg(long = "listen", value_name = "ADDR", value_parser = parse_listen, requires = "program")]
     pub listen: Vec<ListenSpec>,
 
+    /// The signal that stops a worker which does not speak the channel (a --listen program,
+    /// any program): sent on stop, reload or scale-down, then SIGKILL after
+    /// --shutdown-timeout. Exiting 0 or dying of this signal is a clean stop. A name (TERM,
+    /// SIGINT, ...) or a number.
+    #[arg(long, value_name = "SIGNAL", default_value = "TERM", value_parser = parse_signal)]
+    pub stop_signal: i32,
+
     /// Address the built-in hello worker listens on.
     #[arg(long, default_value = "127.0.0.1", conflicts_with = "program")]
     pub host: IpAddr,
 
-    /// Port the built-in hello worker listens on (0: any free port, shared by all workers).
-    #[arg(long, default_value_t = 8000, conflicts_with = "program")]
-    pub port: u16,
+    /// Port the built-in hello worker listens on (default 8000; 0: any free port, shared by
+    /// all workers). With a PROGRAM: set PORT=PORT in the workers' environment.
+    #[arg(long)]
+    pub port: Option<u16>,
 
     /// The worker program and its arguments (after `--`). Default: the built-in hello worker.
     #[arg(last = true, value_name = "PROGRAM [ARGS]")]
@@ -159,6 +172,26 @@ impl SpawnArgs {
         let (first, rest) = self.program.split_first()?;
         Some((PathBuf::from(first), rest))
     }
+}
+
+/// The hello worker's port when `--port` is not given.
+pub const DEFAULT_HELLO_PORT: u16 = 8000;
+
+pub fn parse_signal(s: &str) -> Result<i32, String> {
+    if let Ok(n) = s.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n)
+            .map(|sig| sig as i32)
+            .map_err(|_| format!("`{s}` is not a signal number"));
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse::<nix::sys::signal::Signal>()
+        .map(|sig| sig as i32)
+        .map_err(|_| format!("`{s}` is not a signal name"))
 }
 
 fn millis(d: std::time::Duration) -> u64 {
@@ -263,6 +296,15 @@ mod tests {
     }
 
     #[test]
+    fn signal_values() {
+        assert_eq!(parse_signal("TERM"), Ok(nix::libc::SIGTERM));
+        assert_eq!(parse_signal("sigint"), Ok(nix::libc::SIGINT));
+        assert_eq!(parse_signal("10"), Ok(10));
+        assert!(parse_signal("0").is_err());
+        assert!(parse_signal("NOPE").is_err());
+    }
+
+    #[test]
     fn env_values() {
         assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
         assert_eq!(parse_env("A="), Ok(("A".into(), String::new())));
@@ -283,10 +325,12 @@ mod tests {
         assert_eq!(rest, [OsString::from("--x")]);
         // --listen makes no sense for the hello worker, which listens through the master.
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--listen", "127.0.0.1:1"]).is_err());
-        // --port is the hello worker's; a program gets its own arguments.
+        // --port with a program is its PORT variable; --host stays the hello worker's.
+        assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--port", "1", "--", "prog"]).is_ok());
         assert!(
-            Cli::try_parse_from(["cluster-cli", "spawn", "--port", "1", "--", "prog"]).is_err()
+            Cli::try_parse_from(["cluster-cli", "spawn", "--host", "::1", "--", "prog"]).is_err()
         );
+        assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--stop-signal", "BOGUS"]).is_err());
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--policy", "fastest"]).is_err());
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--window", "0"]).is_err());
     }

@@ -263,6 +263,7 @@ mod tests {
                     code: Some(0),
                     signal: None,
                     exited_after_disconnect: true,
+                    clean: true,
                 }
             ),
             "[master] worker 3 (pid 12345) exited with code 0, after disconnect"
@@ -277,6 +278,7 @@ mod tests {
                     code: None,
                     signal: Some(9),
                     exited_after_disconnect: false,
+                    clean: false,
                 }
             ),
             "[master] worker 4 (pid 7) exited on signal 9 (SIGKILL), crashed"

@@ -38,14 +38,23 @@ struct Cluster {
 
 impl Cluster {
     fn start(args: &[&str]) -> Cluster {
-        let mut child = Command::new(BIN)
-            .arg("spawn")
+        Cluster::start_with(args, |_| {})
+    }
+
+    /// Like `start`, with `prepare` adjusting the command first (process group, environment).
+    fn start_with(args: &[&str], prepare: impl FnOnce(&mut Command)) -> Cluster {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("spawn")
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn cluster-cli");
+            .stderr(Stdio::piped());
+        prepare(&mut cmd);
+        Cluster::from_child(cmd.spawn().expect("spawn cluster-cli"))
+    }
+
+    /// Reads the stdout and stderr of a started master (or of something that runs one).
+    fn from_child(mut child: Child) -> Cluster {
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
         let (tx, lines) = mpsc::channel();
@@ -868,4 +877,171 @@ fn a_port_in_use_is_reported_once_with_its_cause_and_not_retried() {
         c.seen
     );
     eprintln!("port in use: exit 1 after {took:?}: {}", fatal[0]);
+}
+
+// ------------------------------------------------------------- programs that know no channel
+
+fn have_python() -> bool {
+    let ok = Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIPPED: python3 is not installed");
+    }
+    ok
+}
+
+/// The port of the first `pre-bound` line.
+fn prebound_port(c: &mut Cluster) -> u16 {
+    let line = c.wait_line("the pre-bound line", |l| {
+        l.starts_with("[master] pre-bound ")
+    });
+    line.split_whitespace()
+        .nth(2)
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"))
+}
+
+/// Pids of the workers forked so far (from the lines already seen).
+fn forked_pids(c: &Cluster) -> Vec<u32> {
+    c.seen
+        .iter()
+        .filter(|l| l.contains(" forked in slot "))
+        .filter_map(|l| worker_of(l))
+        .map(|w| w.1)
+        .collect()
+}
+
+#[test]
+fn ctrl_c_reaches_the_master_alone_and_stops_a_program_that_does_not_handle_it() {
+    if !have_python() {
+        return;
+    }
+    // Started in a process group of its own, as a shell starts a foreground job: the terminal's
+    // SIGINT goes to that whole group.
+    let mut c = Cluster::start_with(
+        &[
+            "-n",
+            "2",
+            "--shutdown-timeout",
+            "10000",
+            "--",
+            "python3",
+            "-c",
+            "import time; print('up', flush=True); time.sleep(60)",
+        ],
+        |cmd| {
+            std::os::unix::process::CommandExt::process_group(cmd, 0);
+        },
+    );
+    for _ in 0..2 {
+        c.wait_line("a worker up", |l| {
+            l.starts_with("[worker ") && l.ends_with("] up")
+        });
+    }
+    let pids = forked_pids(&c);
+    assert_eq!(pids.len(), 2);
+    nix::sys::signal::killpg(c.pid(), Signal::SIGINT).unwrap();
+    assert_clean_exit(&mut c);
+    // Stopped by the master's SIGTERM, not the terminal's SIGINT.
+    for pid in pids {
+        assert!(
+            c.seen.iter().any(|l| l.contains(&format!(
+                "(pid {pid}) exited on signal 15 (SIGTERM), after disconnect"
+            ))),
+            "worker {pid} was not stopped by the stop signal"
+        );
+        assert!(!running(pid));
+    }
+}
+
+/// A `LISTEN_FDS` program that never reads its channel and stops gracefully on SIGTERM: it
+/// finishes the request in hand and exits 0, leaving queued connections to the others.
+const GRACEFUL_LISTEN_PROGRAM: &str = r#"
+import os, select, signal, socket, sys
+r, w = os.pipe()
+os.set_blocking(w, False)
+signal.set_wakeup_fd(w)
+signal.signal(signal.SIGTERM, lambda *a: None)
+pid = os.getpid()
+sock = socket.socket(fileno=3)
+sock.setblocking(False)
+print("ready pid", pid, flush=True)
+while True:
+    ready, _, _ = select.select([sock, r], [], [])
+    if r in ready:
+        sys.exit(0)
+    try:
+        conn, _ = sock.accept()
+    except BlockingIOError:
+        continue
+    conn.setblocking(True)
+    conn.settimeout(5)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    body = b"pid %d\n" % pid
+    conn.sendall(b"HTTP/1.1 200 OK\r\nx-pid: %d\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % (pid, len(body)) + body)
+    conn.close()
+"#;
+
+#[test]
+fn a_listen_worker_is_stopped_by_signal_and_reloads_without_a_failed_request() {
+    if !have_python() {
+        return;
+    }
+    let mut c = Cluster::start(&[
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "-n",
+        "2",
+        "--shutdown-timeout",
+        "20000",
+        "--",
+        "python3",
+        "-c",
+        GRACEFUL_LISTEN_PROGRAM,
+    ]);
+    let port = prebound_port(&mut c);
+    for _ in 0..2 {
+        c.wait_line("a worker's ready line", |l| l.contains("] ready pid "));
+    }
+    let old = forked_pids(&c);
+    let load = Load::start(port, LOAD_THREADS);
+    c.signal(Signal::SIGHUP);
+    c.wait_line("reload done", |l| l == "[master] reload done");
+    let res = load.finish();
+    assert!(res.failed.is_empty(), "failed requests: {:?}", res.failed);
+    // "reload done" comes after every old worker has exited (cleanly, by the stop signal).
+    let done = c
+        .seen
+        .iter()
+        .position(|l| l == "[master] reload done")
+        .unwrap();
+    for pid in &old {
+        let exit = c
+            .seen
+            .iter()
+            .position(|l| l.contains(&format!("(pid {pid}) exited with code 0, after disconnect")))
+            .unwrap_or_else(|| panic!("old worker {pid} did not exit cleanly before reload done"));
+        assert!(exit < done);
+    }
+    let new: Vec<u32> = forked_pids(&c)
+        .into_iter()
+        .filter(|p| !old.contains(p))
+        .collect();
+    assert_eq!(new.len(), 2);
+    let started = Instant::now();
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the stop took {:?}",
+        started.elapsed()
+    );
 }

@@ -36,6 +36,7 @@ pub struct MasterBuilder {
     pub(crate) max_frame: usize,
     pub(crate) listen_fds: Vec<(String, ListenSpec)>,
     pub(crate) max_servers_per_worker: usize,
+    pub(crate) stop_signal: i32,
 }
 
 impl MasterBuilder {
@@ -56,6 +57,7 @@ impl MasterBuilder {
             max_frame: cluster_ipc::frame::DEFAULT_MAX_FRAME,
             listen_fds: Vec::new(),
             max_servers_per_worker: DEFAULT_MAX_SERVERS_PER_WORKER,
+            stop_signal: libc::SIGTERM,
         }
     }
 
@@ -151,6 +153,16 @@ impl MasterBuilder {
     /// bound.
     pub fn max_servers_per_worker(mut self, n: usize) -> Self {
         self.max_servers_per_worker = n.max(1);
+        self
+    }
+
+    /// The signal that asks a worker which does not speak the channel (it never said
+    /// `Online`: a `LISTEN_FDS` program, any program) to stop, sent with the `Disconnect`
+    /// that such a worker cannot read; SIGKILL follows after the shutdown timeout. A worker
+    /// that exits 0 or dies of this very signal has stopped cleanly, as systemd counts it.
+    /// Default `SIGTERM`.
+    pub fn stop_signal(mut self, signal: i32) -> Self {
+        self.stop_signal = signal;
         self
     }
 

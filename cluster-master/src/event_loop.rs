@@ -90,6 +90,9 @@ struct WorkerRec {
     held_message: Option<Event>,
     /// Its last listen failed for a reason a restart cannot fix (`ADDR: error`).
     listen_failure: Option<String>,
+    /// The stop signal sent with its `Disconnect` (it never spoke the channel): dying of it
+    /// is a clean stop.
+    stop_signal_sent: Option<i32>,
 }
 
 impl WorkerRec {

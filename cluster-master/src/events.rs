@@ -204,6 +204,9 @@ pub enum Event {
         signal: Option<i32>,
         /// It left because it was told to (or said it would): not a crash.
         exited_after_disconnect: bool,
+        /// It left as asked: exit 0 after a disconnect, or death by the stop signal the
+        /// master sent it (see [`crate::MasterBuilder::stop_signal`]).
+        clean: bool,
     },
     /// A crashed slot will get a new worker after this delay.
     Restarting {
@@ -239,8 +242,8 @@ pub enum Event {
     },
     /// The master stopped (after shutdown, or because every slot errored).
     Stopped {
-        /// True when the stop was asked for, every worker left by itself (exit 0 after
-        /// disconnect) and no connection was closed unserved.
+        /// True when the stop was asked for, every worker left as asked (exit 0 after
+        /// disconnect, or death by the stop signal) and no connection was closed unserved.
         clean: bool,
     },
 }

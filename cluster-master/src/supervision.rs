@@ -27,13 +27,14 @@
 //! (a disconnect that takes too long, or a worker that can no longer be told to stop).
 //!
 //! **Reload.** One slot at a time: spawn the new worker beside the slot's current one, wait
-//! until it is ready, make it the slot's worker, then disconnect the old one. Until then the
+//! until it is ready, make it the slot's worker, then disconnect the old one. The reload is
+//! done once every slot has been replaced and every old worker has exited. Until then the
 //! new worker is not the slot's worker, so its crash restarts nothing: the reload fails and
 //! the old one keeps serving. A reload also gives errored slots a fresh start with a clean
 //! crash count (that is how a fixed program gets deployed); those start the new program
 //! already, so the rolling part skips them.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use cluster_core::WorkerId;
@@ -140,6 +141,9 @@ struct Reload {
     /// Slots still to replace, in order.
     queue: VecDeque<usize>,
     waiting: Option<Replacement>,
+    /// Old workers this reload disconnected that have not exited: the reload is done only
+    /// once they are gone, so that "reload done" means nothing old serves any more.
+    draining: BTreeSet<WorkerId>,
 }
 
 /// Why a reload stopped.
@@ -498,6 +502,7 @@ impl Supervision {
         self.reload = Some(Reload {
             queue,
             waiting: None,
+            draining: BTreeSet::new(),
         });
         self.advance_reload(now, out);
     }
@@ -571,6 +576,11 @@ impl Supervision {
         let w = self.workers.remove(&worker)?;
         if self.replacement().is_some_and(|r| r.new == worker) {
             self.fail_reload(failure(worker), now, out);
+        }
+        if let Some(r) = &mut self.reload
+            && r.draining.remove(&worker)
+        {
+            self.advance_reload(now, out);
         }
         Some(w)
     }
@@ -661,14 +671,21 @@ impl Supervision {
                 } else {
                     self.slots[waiting.slot].state = SlotState::Running(waiting.new);
                 }
-                if let Some(old) = waiting.old {
+                if let Some(old) = waiting.old
+                    && self.workers.contains_key(&old)
+                {
                     self.disconnect(old, now, out);
+                    if let Some(r) = &mut self.reload {
+                        r.draining.insert(old);
+                    }
                 }
                 continue;
             }
             let Some(slot) = r.queue.pop_front() else {
-                self.reload = None;
-                out.push(Action::ReloadDone);
+                if r.draining.is_empty() {
+                    self.reload = None;
+                    out.push(Action::ReloadDone);
+                }
                 return;
             };
             let state = self.slots[slot].state;

@@ -103,6 +103,12 @@ impl EventLoop {
             return;
         };
         w.exited_after_disconnect = true;
+        // A worker that never said `Online` does not read its channel (a `LISTEN_FDS` program,
+        // any program): it is asked to stop the way a service manager would.
+        if w.state == WorkerState::Spawned && w.stop_signal_sent.is_none() {
+            w.signal(self.cfg.stop_signal);
+            w.stop_signal_sent = Some(self.cfg.stop_signal);
+        }
         w.state = WorkerState::Disconnecting;
         let sent = w
             .channel
@@ -138,7 +144,9 @@ impl EventLoop {
             .deregister(&mut SourceFd(&w.pidfd.as_raw_fd()));
         use std::os::unix::process::ExitStatusExt;
         let (code, signal) = status.map_or((None, None), |s| (s.code(), s.signal()));
-        if self.sup.shutting_down() && !(w.exited_after_disconnect && code == Some(0)) {
+        let clean = w.exited_after_disconnect
+            && (code == Some(0) || (signal.is_some() && signal == w.stop_signal_sent));
+        if self.sup.shutting_down() && !clean {
             self.unclean_exits += 1;
         }
         self.emit(Event::Exit {
@@ -148,6 +156,7 @@ impl EventLoop {
             code,
             signal,
             exited_after_disconnect: w.exited_after_disconnect,
+            clean,
         });
         self.last_exit = match (code, signal) {
             (Some(c), _) => format!("worker {id} (pid {}) exited with code {c}", w.pid),

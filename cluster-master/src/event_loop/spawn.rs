@@ -79,6 +79,9 @@ impl EventLoop {
                 .map_err(|e| MasterError::io("prepare LISTEN_FDS", e))?;
             sys::term_with_master(&mut cmd);
         }
+        // Its own process group: a terminal's Ctrl-C (sent to the foreground group) reaches the
+        // master alone, which stops the workers in order instead of having them crash.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         sys::cloexec_from(&mut cmd, channel_fd + 1);
         let mut child = cmd.spawn().map_err(|e| MasterError::io("spawn", e))?;
         // Dropping the command closes our copy of the child's channel end, so that the child's
@@ -137,6 +140,7 @@ impl EventLoop {
                 held_message: None,
                 listen_failure: None,
                 dropping: false,
+                stop_signal_sent: None,
             },
         );
         self.emit(Event::Fork {

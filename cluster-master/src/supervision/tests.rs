@@ -249,22 +249,34 @@ fn a_reload_disconnects_each_old_worker_only_once_its_replacement_listens() {
         rig.act(|s, now, out| s.exited(a, true, now, out))
             .is_empty()
     );
-    let done = rig.act(|s, now, out| s.listening(b2, now, out));
-    assert_eq!(done, [Action::Disconnect(b), Action::ReloadDone]);
+    let swapped = rig.act(|s, now, out| s.listening(b2, now, out));
+    assert_eq!(swapped, [Action::Disconnect(b)]);
     assert_eq!(rig.worker(1), b2);
+    // Done only once nothing old serves any more.
+    let done = rig.act(|s, now, out| s.exited(b, true, now, out));
+    assert_eq!(done, [Action::ReloadDone]);
 }
 
 #[test]
 fn workers_that_hold_their_sockets_from_the_start_reload_at_once() {
     let mut rig = Rig::new(2);
+    let old = [rig.worker(0), rig.worker(1)];
     rig.sup.reload(rig.now, &mut rig.out);
     let seen = rig.settle_spawns(true);
-    assert_eq!(seen.last(), Some(&Action::ReloadDone));
     assert_eq!(
         seen.iter()
             .filter(|a| matches!(a, Action::Disconnect(_)))
             .count(),
         2
+    );
+    assert!(!seen.contains(&Action::ReloadDone));
+    assert!(
+        rig.act(|s, now, out| s.exited(old[0], true, now, out))
+            .is_empty()
+    );
+    assert_eq!(
+        rig.act(|s, now, out| s.exited(old[1], true, now, out)),
+        [Action::ReloadDone]
     );
 }
 
@@ -382,6 +394,7 @@ fn a_slot_removed_during_its_replacement_loses_both_workers() {
     let mut rig = Rig::new(2);
     rig.act(|s, now, out| s.scale_up(now, out));
     let old = rig.worker(2);
+    let replaced = [rig.worker(0), rig.worker(1), old];
     rig.act(|s, now, out| s.reload(now, out));
     let a2 = rig.sup.replacement().expect("waiting").new;
     rig.act(|s, now, out| s.listening(a2, now, out));
@@ -392,12 +405,13 @@ fn a_slot_removed_during_its_replacement_loses_both_workers() {
     assert_eq!(rig.sup.phase(old), Some(Phase::Leaving));
     assert_eq!(
         rig.act(|s, now, out| s.listening(new, now, out)),
-        [
-            Action::Disconnect(new),
-            Action::ReleaseSlotSockets(2),
-            Action::ReloadDone
-        ]
+        [Action::Disconnect(new), Action::ReleaseSlotSockets(2)]
     );
+    for (i, w) in replaced.into_iter().enumerate() {
+        let last = i == replaced.len() - 1;
+        let done = rig.act(|s, now, out| s.exited(w, true, now, out));
+        assert_eq!(done.contains(&Action::ReloadDone), last, "{done:?}");
+    }
     assert_eq!(rig.sup.slot_state(2), Some(SlotState::Removed));
 }
 
@@ -516,6 +530,8 @@ struct Sim {
     shut_down: bool,
     /// Ready workers when the running reload started, if no op since could take one away.
     reload_baseline: Option<usize>,
+    /// Old workers a reload replaced (disconnected once their successor was ready).
+    replaced: BTreeSet<WorkerId>,
 }
 
 impl Sim {
@@ -571,6 +587,7 @@ impl Sim {
             .map(|s| self.sup.slot_state(s))
             .collect();
         let ready_before = self.ready();
+        let replacing = self.sup.replacement();
         let mut planned_exit = false;
         let mut reload_started = false;
         let mut out = Vec::new();
@@ -646,7 +663,21 @@ impl Sim {
             self.reload_baseline = None;
         }
         let actions = self.carry_out(out);
+        if let Some(old) = replacing.and_then(|r| r.old)
+            && actions.contains(&Action::Disconnect(old))
+        {
+            self.replaced.insert(old);
+        }
         self.check(op, &before, ready_before, &actions)?;
+        if actions.contains(&Action::ReloadDone) {
+            // "Reload done" means no old worker serves any more.
+            for old in &self.replaced {
+                prop_assert!(
+                    !self.alive.contains_key(old),
+                    "reload done while replaced worker {old} still runs"
+                );
+            }
+        }
         if planned_exit && !actions.iter().any(|a| matches!(a, Action::ReloadFailed(_))) {
             // A worker that was told to leave (or said it would) is not replaced, unless it
             // was a reload's new worker and its slot has nobody else.
@@ -776,6 +807,7 @@ proptest! {
             removed: BTreeSet::new(),
             shut_down: false,
             reload_baseline: None,
+            replaced: BTreeSet::new(),
         };
         let mut out = Vec::new();
         sim.sup.start(sim.now, &mut out);
