@@ -16,6 +16,8 @@ Log lines (stdout unless noted; one per event, flushed at each line):
   [master] pre-bound ADDR as fd N (LISTEN_FDNAMES name listenI)
   [master] worker W (pid P) forked in slot S
   [master] worker W (pid P) online
+  [master] worker W (pid P) ready (READY=1)
+  [master] worker W (pid P) status: TEXT             (STATUS= sent to NOTIFY_SOCKET)
   [master] worker W (pid P) listening on ADDR
   [master] worker W (pid P) channel closed
   [master] worker W (pid P) dropped: REASON
@@ -31,6 +33,12 @@ Log lines (stdout unless noted; one per event, flushed at each line):
   [master] stopped (clean)|stopped (not clean: REASON)   (REASON also on stderr, exit 1)
   [worker W pid P] LINE      (a worker's stdout line; its stderr lines go to stderr)
 Fatal errors: one line `cluster-cli: REASON` on stderr, exit 1.
+
+Readiness: a worker is ready when it listens through the master, or sends READY=1 to
+NOTIFY_SOCKET (every worker gets one, as under systemd); a program that never does either is
+ready --ready-delay after it started. A rolling reload waits for readiness and is done when
+every old worker has exited. With --watchdog, WATCHDOG_USEC is set and a worker that sends no
+WATCHDOG=1 for that long is killed and restarted.
 
 Workers: the built-in hello worker and programs that link cluster-worker speak the channel
 (--policy, --window, --ack-timeout, --max-servers-per-worker apply to them). Any other program
@@ -104,6 +112,20 @@ pub struct SpawnArgs {
     /// How long (ms) a stopping worker may take to finish before it is killed.
     #[arg(long, value_name = "MS", default_value_t = 30_000)]
     pub shutdown_timeout: u64,
+
+    /// A worker that neither listens through the master nor sends READY=1 to NOTIFY_SOCKET is
+    /// ready this long (ms) after it started (0: at once).
+    #[arg(long, value_name = "MS", default_value_t = millis(cluster_master::DEFAULT_READY_DELAY))]
+    pub ready_delay: u64,
+
+    /// How long (ms) a reload's new worker may take to become ready before the reload fails.
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    pub ready_timeout: u64,
+
+    /// Give every worker WATCHDOG_USEC for this period (ms): one that sends no WATCHDOG=1 to
+    /// NOTIFY_SOCKET for that long is killed as hung and restarted.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub watchdog: Option<u64>,
 
     /// How long (ms) a worker may leave a round-robin hand-off unanswered before it counts as
     /// stuck: it is killed, restarted, and its connections go to the others. Each hand-off has

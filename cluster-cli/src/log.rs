@@ -141,6 +141,10 @@ impl EventLog {
                 format!("worker {worker} (pid {pid}) forked in slot {slot}")
             }
             Event::Online { worker } => format!("{} online", self.who(*worker)),
+            Event::Ready { worker } => format!("{} ready (READY=1)", self.who(*worker)),
+            Event::Status { worker, status } => {
+                format!("{} status: {status}", self.who(*worker))
+            }
             Event::Listening { worker, addr, .. } => {
                 format!("{} listening on {addr}", self.who(*worker))
             }

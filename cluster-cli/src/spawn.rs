@@ -62,7 +62,12 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
         .ack_timeout(Duration::from_millis(a.ack_timeout))
         .max_servers_per_worker(a.max_servers_per_worker)
         .stop_signal(a.stop_signal)
+        .ready_delay(Duration::from_millis(a.ready_delay))
+        .ready_timeout(Duration::from_millis(a.ready_timeout))
         .capture_output(true);
+    if let Some(ms) = a.watchdog {
+        builder = builder.watchdog(Duration::from_millis(ms));
+    }
     if let (Some(_), Some(port)) = (a.program(), a.port) {
         // The platform convention (Heroku, Cloud Run, ...) for "serve here".
         builder = builder.env("PORT", port.to_string());

@@ -1045,3 +1045,141 @@ fn a_listen_worker_is_stopped_by_signal_and_reloads_without_a_failed_request() {
         started.elapsed()
     );
 }
+
+/// sd_notify in a few lines, for Python workers.
+const PY_SD_NOTIFY: &str = r#"
+import os, socket, sys, time
+def notify(msg):
+    addr = os.environ["NOTIFY_SOCKET"]
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.connect(addr)
+    s.send(msg.encode())
+    s.close()
+me = os.environ["CLUSTER_RS_WORKER_ID"]
+"#;
+
+/// A unique path under the temp dir for a test's files.
+fn temp_path(what: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("cluster-rs-{what}-{}", std::process::id()))
+}
+
+#[test]
+fn a_late_ready_holds_the_reload_until_it_comes() {
+    if !have_python() {
+        return;
+    }
+    let trigger = temp_path("late-ready");
+    let _ = std::fs::remove_file(&trigger);
+    // Worker 1 is ready at once; its replacement waits for the test's go before READY=1.
+    let program = format!(
+        "{PY_SD_NOTIFY}
+if me != '1':
+    for _ in range(600):
+        if os.path.exists({trigger:?}):
+            break
+        time.sleep(0.05)
+notify('STATUS=about to be ready\\nREADY=1')
+time.sleep(60)
+"
+    );
+    let mut c = Cluster::start(&[
+        "-n",
+        "1",
+        "--ready-delay",
+        "60000",
+        "--shutdown-timeout",
+        "10000",
+        "--",
+        "python3",
+        "-c",
+        &program,
+    ]);
+    c.wait_line("worker 1 ready", |l| {
+        l.starts_with("[master] worker 1 ") && l.ends_with(" ready (READY=1)")
+    });
+    c.signal(Signal::SIGHUP);
+    c.wait_line("the new worker", |l| {
+        l.starts_with("[master] worker 2 ") && l.contains(" forked in slot 0")
+    });
+    std::fs::write(&trigger, b"go").unwrap();
+    c.wait_line("reload done", |l| l == "[master] reload done");
+    let _ = std::fs::remove_file(&trigger);
+    let at = |c: &Cluster, pred: &dyn Fn(&str) -> bool| c.seen.iter().position(|l| pred(l));
+    let status = at(&c, &|l| {
+        l.starts_with("[master] worker 2 ") && l.ends_with(" status: about to be ready")
+    });
+    let ready = at(&c, &|l| {
+        l.starts_with("[master] worker 2 ") && l.ends_with(" ready (READY=1)")
+    });
+    let old_exit = at(&c, &|l| {
+        l.starts_with("[master] worker 1 ") && l.contains(" exited ")
+    });
+    let done = at(&c, &|l| l == "[master] reload done");
+    assert!(status.is_some() && status < ready, "status before ready");
+    assert!(
+        ready.is_some() && ready < old_exit,
+        "the old worker left only after READY=1"
+    );
+    assert!(old_exit < done, "reload done after the old worker's exit");
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+}
+
+#[test]
+fn a_worker_that_stops_pinging_the_watchdog_is_restarted() {
+    if !have_python() {
+        return;
+    }
+    // Worker 1 pings five times and then hangs; its replacement pings for ever.
+    let program = format!(
+        "{PY_SD_NOTIFY}
+notify('READY=1')
+assert int(os.environ['WATCHDOG_USEC']) == 400000
+n = 0
+while True:
+    if me != '1':
+        notify('WATCHDOG=1\\nSTATUS=ping %d' % n)
+    elif n < 5:
+        notify('WATCHDOG=1')
+    n += 1
+    time.sleep(0.1)
+"
+    );
+    let mut c = Cluster::start(&[
+        "-n",
+        "1",
+        "--watchdog",
+        "400",
+        "--restart-delay",
+        "50",
+        "--shutdown-timeout",
+        "10000",
+        "--",
+        "python3",
+        "-c",
+        &program,
+    ]);
+    c.wait_line("worker 1 declared hung", |l| {
+        l.starts_with("[master] worker 1 ")
+            && l.ends_with(" dropped: sent no WATCHDOG=1 for 400ms: hung")
+    });
+    c.wait_line("worker 1 killed", |l| {
+        l.starts_with("[master] worker 1 ") && l.ends_with(" exited on signal 9 (SIGKILL), crashed")
+    });
+    c.wait_line("its replacement ready", |l| {
+        l.starts_with("[master] worker 2 ") && l.ends_with(" ready (READY=1)")
+    });
+    // The replacement keeps pinging: it outlives several periods (12 pings, 100 ms apart).
+    c.wait_line("worker 2's 12th ping", |l| {
+        l.starts_with("[master] worker 2 ") && l.ends_with(" status: ping 12")
+    });
+    assert!(
+        !c.seen
+            .iter()
+            .any(|l| l.starts_with("[master] worker 2 ") && l.contains(" dropped"))
+    );
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+}

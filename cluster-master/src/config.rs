@@ -11,6 +11,10 @@ use crate::{Master, MasterError};
 /// Servers one worker may hold unless [`MasterBuilder::max_servers_per_worker`] says otherwise.
 pub const DEFAULT_MAX_SERVERS_PER_WORKER: usize = 32;
 
+/// How long after its start a worker that neither speaks the channel nor sends `READY=1`
+/// counts as ready, unless [`MasterBuilder::ready_delay`] says otherwise.
+pub const DEFAULT_READY_DELAY: Duration = Duration::from_secs(1);
+
 /// Configures and starts a [`Master`].
 ///
 /// ```no_run
@@ -37,6 +41,8 @@ pub struct MasterBuilder {
     pub(crate) listen_fds: Vec<(String, ListenSpec)>,
     pub(crate) max_servers_per_worker: usize,
     pub(crate) stop_signal: i32,
+    pub(crate) ready_delay: Duration,
+    pub(crate) watchdog: Option<Duration>,
 }
 
 impl MasterBuilder {
@@ -58,6 +64,8 @@ impl MasterBuilder {
             listen_fds: Vec::new(),
             max_servers_per_worker: DEFAULT_MAX_SERVERS_PER_WORKER,
             stop_signal: libc::SIGTERM,
+            ready_delay: DEFAULT_READY_DELAY,
+            watchdog: None,
         }
     }
 
@@ -129,7 +137,8 @@ impl MasterBuilder {
         self
     }
 
-    /// How long a new worker in a rolling reload may take to reach `listening`.
+    /// How long a new worker in a rolling reload may take to become ready (listening, or
+    /// `READY=1`).
     pub fn ready_timeout(mut self, timeout: Duration) -> Self {
         self.ready_timeout = timeout;
         self
@@ -153,6 +162,23 @@ impl MasterBuilder {
     /// bound.
     pub fn max_servers_per_worker(mut self, n: usize) -> Self {
         self.max_servers_per_worker = n.max(1);
+        self
+    }
+
+    /// Readiness for programs that do not speak the channel: every worker gets
+    /// `NOTIFY_SOCKET`, and one that sends `READY=1` there is ready (as `Listening` makes a
+    /// native worker ready). One that never said `Online` and sends nothing is ready this
+    /// long after it started (default [`DEFAULT_READY_DELAY`]; zero: at once).
+    pub fn ready_delay(mut self, delay: Duration) -> Self {
+        self.ready_delay = delay;
+        self
+    }
+
+    /// Gives every worker `WATCHDOG_USEC`: a worker that does not send `WATCHDOG=1` to
+    /// `NOTIFY_SOCKET` within `period` (from its start, then from each ping) is killed as hung
+    /// and restarted.
+    pub fn watchdog(mut self, period: Duration) -> Self {
+        self.watchdog = Some(period);
         self
     }
 

@@ -23,6 +23,7 @@ use crate::channel::WorkerChannel;
 use crate::events::{
     Command, Event, EventReceiver, EventSender, MasterStats, WorkerState, event_queue,
 };
+use crate::notify::NotifySocket;
 use crate::round_robin::Action;
 use crate::server::{Server, ServerKind};
 use crate::supervision::{Supervision, SupervisionConfig};
@@ -31,6 +32,7 @@ use crate::{MasterBuilder, MasterError, sys};
 mod channels;
 mod commands;
 mod lifecycle;
+mod readiness;
 mod servers;
 mod spawn;
 
@@ -45,6 +47,7 @@ const KIND_CHANNEL: usize = 2;
 const KIND_PIDFD: usize = 3;
 const KIND_STDOUT: usize = 4;
 const KIND_STDERR: usize = 5;
+const KIND_NOTIFY: usize = 6;
 
 fn token(kind: usize, id: u32) -> Token {
     Token(((id as usize) << KIND_BITS) | kind)
@@ -147,6 +150,10 @@ pub(crate) struct EventLoop {
     paused: Vec<Source>,
     /// Workers that did not leave cleanly (exit 0 after disconnect) during the shutdown.
     unclean_exits: usize,
+    /// The workers' `NOTIFY_SOCKET`.
+    notify: NotifySocket,
+    /// The notify socket's last drain stopped at its bound: read it again without waiting.
+    notify_unread: bool,
 }
 
 /// Something of a worker's that the loop reads: its channel, or a captured output pipe.
@@ -167,6 +174,14 @@ impl EventLoop {
                 .map_err(|e| MasterError::io("eventfd", e))?,
         );
         let (events, receiver) = event_queue(Arc::clone(&waker));
+        let notify = NotifySocket::bind().map_err(|e| MasterError::io("bind NOTIFY_SOCKET", e))?;
+        poll.registry()
+            .register(
+                &mut mio::unix::SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&notify.as_fd())),
+                token(KIND_NOTIFY, 0),
+                mio::Interest::READABLE,
+            )
+            .map_err(|e| MasterError::io("register NOTIFY_SOCKET", e))?;
         let mut prebound = Vec::new();
         for (name, spec) in &cfg.listen_fds {
             let bound = crate::bind::bind_spec(spec, false)?;
@@ -182,6 +197,8 @@ impl EventLoop {
                 restart: cfg.restart.clone(),
                 ready_timeout: cfg.ready_timeout,
                 shutdown_timeout: cfg.shutdown_timeout,
+                ready_delay: cfg.ready_delay,
+                watchdog: cfg.watchdog,
             },
             cfg.workers,
             seed ^ 0x9e37_79b9_7f4a_7c15,
@@ -208,6 +225,8 @@ impl EventLoop {
             unread: Vec::new(),
             paused: Vec::new(),
             unclean_exits: 0,
+            notify,
+            notify_unread: false,
         };
         Ok((event_loop, receiver))
     }
@@ -233,7 +252,7 @@ impl EventLoop {
         let result = loop {
             self.timer_due = self.next_deadline();
             let resumable = !self.paused.is_empty() && self.events.room_to_resume();
-            let timeout = if self.unread.is_empty() && !resumable {
+            let timeout = if self.unread.is_empty() && !resumable && !self.notify_unread {
                 self.timer_due
                     .map(|t| t.saturating_duration_since(Instant::now()))
             } else {
@@ -253,9 +272,13 @@ impl EventLoop {
                     KIND_PIDFD => self.reap(WorkerId(id)),
                     KIND_STDOUT => self.output_ready(WorkerId(id), false),
                     KIND_STDERR => self.output_ready(WorkerId(id), true),
+                    KIND_NOTIFY => self.notify_ready(),
                     _ => {}
                 }
                 self.drop_doomed();
+            }
+            if self.notify_unread {
+                self.notify_ready();
             }
             self.run_commands();
             self.on_timers();

@@ -69,7 +69,10 @@ pub(crate) fn event_queue(waker: Arc<Waker>) -> (EventSender, EventReceiver) {
 impl Event {
     /// User messages and output lines: events a worker can produce at any rate.
     fn is_bulk(&self) -> bool {
-        matches!(self, Event::Message { .. } | Event::Output { .. })
+        matches!(
+            self,
+            Event::Message { .. } | Event::Output { .. } | Event::Status { .. }
+        )
     }
 }
 
@@ -169,6 +172,18 @@ pub enum Event {
         server: ServerId,
         /// The address (the real port for `listen(0)`).
         addr: BoundAddr,
+    },
+    /// The worker sent `READY=1` to its `NOTIFY_SOCKET`.
+    Ready {
+        /// The worker.
+        worker: WorkerId,
+    },
+    /// The worker sent `STATUS=...` to its `NOTIFY_SOCKET`.
+    Status {
+        /// The worker.
+        worker: WorkerId,
+        /// What it said.
+        status: String,
     },
     /// A user message from a worker.
     Message {

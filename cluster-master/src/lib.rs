@@ -34,6 +34,7 @@ mod error;
 mod event_loop;
 mod events;
 mod master;
+mod notify;
 mod round_robin;
 mod server;
 mod supervision;
@@ -41,7 +42,7 @@ mod supervisor;
 mod sys;
 
 pub use channel::WorkerChannel;
-pub use config::{DEFAULT_MAX_SERVERS_PER_WORKER, MasterBuilder};
+pub use config::{DEFAULT_MAX_SERVERS_PER_WORKER, DEFAULT_READY_DELAY, MasterBuilder};
 pub use error::MasterError;
 pub use events::{Event, MasterStats, WorkerInfo, WorkerState};
 pub use master::{Master, MasterControl};

@@ -22,9 +22,13 @@
 //! only after a reload.
 //!
 //! **Workers.** Every worker supervision asked for is tracked until its exit is reported: its
-//! slot, when it started, whether it is ready (listening, or holding `LISTEN_FDS` from the
-//! start) or leaving, and the instant at which it is SIGKILLed if it has not exited by then
-//! (a disconnect that takes too long, or a worker that can no longer be told to stop).
+//! slot, when it started, whether it is ready or leaving, and the instant at which it is
+//! SIGKILLed if it has not exited by then (a disconnect that takes too long, or a worker that
+//! can no longer be told to stop). A worker is ready when it listens, when it sends `READY=1`
+//! to the notify socket, or, if it never said `Online` (a program that does not speak the
+//! channel), once the ready delay has passed since it started. With a watchdog period, a
+//! worker that does not send `WATCHDOG=1` within a period (from its start, then from its last
+//! ping) is killed as hung, and its exit is a crash like any other.
 //!
 //! **Reload.** One slot at a time: spawn the new worker beside the slot's current one, wait
 //! until it is ready, make it the slot's worker, then disconnect the old one. The reload is
@@ -54,6 +58,12 @@ pub(crate) struct SupervisionConfig {
     pub(crate) ready_timeout: Duration,
     /// How long a disconnected worker may take to exit before it is SIGKILLed.
     pub(crate) shutdown_timeout: Duration,
+    /// A worker that neither speaks the channel (it said `Online`) nor sends `READY=1` counts
+    /// as ready this long after it started.
+    pub(crate) ready_delay: Duration,
+    /// A worker must send `WATCHDOG=1` at least this often, from its start, or it is killed
+    /// as hung.
+    pub(crate) watchdog: Option<Duration>,
 }
 
 /// Where a slot stands.
@@ -121,6 +131,10 @@ struct Worker {
     phase: Phase,
     /// SIGKILL at this instant.
     kill_at: Option<Instant>,
+    /// Ready at this instant unless it turns out to speak the channel (`--ready-delay`).
+    ready_at: Option<Instant>,
+    /// Hung unless it pings the watchdog before this instant.
+    watchdog_at: Option<Instant>,
 }
 
 /// The slot a reload is replacing right now.
@@ -179,6 +193,8 @@ pub(crate) enum Action {
     ReloadDone,
     /// Report that the reload stopped.
     ReloadFailed(ReloadFailure),
+    /// The worker sent no `WATCHDOG=1` in time: kill it as hung (its exit is a crash).
+    WatchdogExpired(WorkerId),
 }
 
 /// The supervision state machine; see the module documentation.
@@ -283,7 +299,14 @@ impl Supervision {
         });
         let kills = self.workers.values().filter_map(|w| w.kill_at);
         let ready = self.replacement().map(|r| r.ready_by);
-        restarts.chain(kills).chain(ready).min()
+        let delays = self.workers.values().filter_map(|w| w.ready_at);
+        let watchdogs = self.workers.values().filter_map(|w| w.watchdog_at);
+        restarts
+            .chain(kills)
+            .chain(ready)
+            .chain(delays)
+            .chain(watchdogs)
+            .min()
     }
 
     // ------------------------------------------------------------ reports from the event loop
@@ -304,8 +327,29 @@ impl Supervision {
         {
             s.state = SlotState::Running(worker);
         }
-        if ready {
+        if ready || self.cfg.ready_delay.is_zero() {
             self.listening(worker, now, out);
+        } else if let Some(w) = self.workers.get_mut(&worker)
+            && w.phase == Phase::Starting
+        {
+            w.ready_at = Some(now + self.cfg.ready_delay);
+        }
+    }
+
+    /// The worker said `Online`: it speaks the channel and will say when it listens, so the
+    /// ready delay is not for it.
+    pub(crate) fn online(&mut self, worker: WorkerId) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.ready_at = None;
+        }
+    }
+
+    /// The worker sent `WATCHDOG=1`.
+    pub(crate) fn watchdog_ping(&mut self, worker: WorkerId, now: Instant) {
+        if let (Some(w), Some(period)) = (self.workers.get_mut(&worker), self.cfg.watchdog)
+            && w.watchdog_at.is_some()
+        {
+            w.watchdog_at = Some(now + period);
         }
     }
 
@@ -353,12 +397,13 @@ impl Supervision {
         }
     }
 
-    /// The worker listens (takes connections).
+    /// The worker listens (takes connections), or sent `READY=1`.
     pub(crate) fn listening(&mut self, worker: WorkerId, now: Instant, out: &mut Vec<Action>) {
-        if let Some(w) = self.workers.get_mut(&worker)
-            && w.phase == Phase::Starting
-        {
-            w.phase = Phase::Ready;
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.ready_at = None;
+            if w.phase == Phase::Starting {
+                w.phase = Phase::Ready;
+            }
         }
         self.advance_reload(now, out);
     }
@@ -367,6 +412,8 @@ impl Supervision {
     pub(crate) fn leaving(&mut self, worker: WorkerId) {
         if let Some(w) = self.workers.get_mut(&worker) {
             w.phase = Phase::Leaving;
+            w.ready_at = None;
+            w.watchdog_at = None;
         }
     }
 
@@ -449,6 +496,9 @@ impl Supervision {
             return;
         }
         w.phase = Phase::Leaving;
+        w.ready_at = None;
+        // A stopping worker is bounded by its kill deadline instead.
+        w.watchdog_at = None;
         w.kill_at = Some(now + self.cfg.shutdown_timeout);
         out.push(Action::Disconnect(worker));
     }
@@ -522,6 +572,8 @@ impl Supervision {
         for (id, w) in &mut self.workers {
             w.phase = Phase::Leaving;
             w.kill_at = None;
+            w.ready_at = None;
+            w.watchdog_at = None;
             out.push(Action::Kill(*id));
         }
     }
@@ -549,11 +601,23 @@ impl Supervision {
                 self.spawn_into(slot, shortage_retries, now, out);
             }
         }
+        let mut delayed = Vec::new();
         for (id, w) in &mut self.workers {
             if w.kill_at.is_some_and(|t| t <= now) {
                 w.kill_at = None;
                 out.push(Action::Kill(*id));
             }
+            if w.watchdog_at.is_some_and(|t| t <= now) {
+                w.watchdog_at = None;
+                out.push(Action::WatchdogExpired(*id));
+            }
+            if w.ready_at.is_some_and(|t| t <= now) {
+                w.ready_at = None;
+                delayed.push(*id);
+            }
+        }
+        for id in delayed {
+            self.listening(id, now, out);
         }
         if let Some(r) = self.replacement()
             && r.ready_by <= now
@@ -595,6 +659,8 @@ impl Supervision {
                 started: now,
                 phase: Phase::Starting,
                 kill_at: None,
+                ready_at: None,
+                watchdog_at: self.cfg.watchdog.map(|period| now + period),
             },
         );
         out.push(Action::Spawn { slot, worker });

@@ -64,6 +64,13 @@ impl EventLoop {
                 self.emit(Event::SlotErrored { slot, reason });
                 self.close_idle_servers_if_all_errored();
             }
+            Action::WatchdogExpired(worker) => {
+                let period = self.cfg.watchdog.unwrap_or_default();
+                self.doom(
+                    worker,
+                    format!("sent no WATCHDOG=1 for {}ms: hung", period.as_millis()),
+                );
+            }
             Action::ReloadDone => self.emit(Event::ReloadDone),
             Action::ReloadFailed(failure) => {
                 let reason = match failure {
@@ -73,7 +80,7 @@ impl EventLoop {
                         self.last_exit
                     ),
                     ReloadFailure::ReadyTimeout(new) => {
-                        format!("new worker {new} did not reach listening in time")
+                        format!("new worker {new} was not ready (listening, READY=1) in time")
                     }
                 };
                 self.emit(Event::ReloadFailed { reason });

@@ -18,6 +18,21 @@ fn config() -> SupervisionConfig {
         },
         ready_timeout: READY_TIMEOUT,
         shutdown_timeout: SHUTDOWN_TIMEOUT,
+        // Longer than any test's clock runs, unless a test sets its own.
+        ready_delay: Duration::from_secs(3600),
+        watchdog: None,
+    }
+}
+
+const READY_DELAY: Duration = Duration::from_secs(1);
+const WATCHDOG: Duration = Duration::from_secs(2);
+
+/// A config with a ready delay and a watchdog.
+fn systemd_config() -> SupervisionConfig {
+    SupervisionConfig {
+        ready_delay: READY_DELAY,
+        watchdog: Some(WATCHDOG),
+        ..config()
     }
 }
 
@@ -34,8 +49,12 @@ struct Rig {
 
 impl Rig {
     fn new(slots: usize) -> Rig {
+        Rig::with(config(), slots)
+    }
+
+    fn with(cfg: SupervisionConfig, slots: usize) -> Rig {
         let mut rig = Rig {
-            sup: Supervision::new(config(), slots, 7),
+            sup: Supervision::new(cfg, slots, 7),
             now: Instant::now(),
             out: Vec::new(),
         };
@@ -452,10 +471,89 @@ enum SpawnOutcome {
     Fails { shortage: bool },
 }
 
+#[test]
+fn a_program_that_never_speaks_is_ready_after_the_delay_and_one_that_notifies_at_once() {
+    let mut rig = Rig::with(systemd_config(), 2);
+    let (a, b) = (rig.worker(0), rig.worker(1));
+    rig.act(|s, now, out| s.listening(a, now, out));
+    assert_eq!(rig.sup.phase(a), Some(Phase::Ready));
+    assert_eq!(rig.sup.phase(b), Some(Phase::Starting));
+    assert_eq!(rig.sup.next_deadline(), Some(rig.now + READY_DELAY));
+    rig.advance(READY_DELAY);
+    assert_eq!(rig.sup.phase(b), Some(Phase::Ready));
+}
+
+#[test]
+fn a_worker_that_speaks_the_channel_waits_for_listening_not_the_delay() {
+    let mut rig = Rig::with(systemd_config(), 1);
+    let a = rig.worker(0);
+    rig.sup.online(a);
+    rig.advance(READY_DELAY * 3);
+    assert_eq!(rig.sup.phase(a), Some(Phase::Starting));
+}
+
+#[test]
+fn a_late_ready_holds_the_reload() {
+    let cfg = SupervisionConfig {
+        ready_delay: Duration::from_secs(3600),
+        ..systemd_config()
+    };
+    let mut rig = Rig::with(cfg, 1);
+    let old = rig.worker(0);
+    rig.act(|s, now, out| s.listening(old, now, out));
+    rig.act(|s, now, out| s.reload(now, out));
+    let new = rig.sup.replacement().expect("waiting").new;
+    for _ in 0..4 {
+        rig.sup.watchdog_ping(new, rig.now);
+        rig.sup.watchdog_ping(old, rig.now);
+        assert!(rig.advance(ms(1000)).is_empty());
+    }
+    assert_eq!(
+        rig.act(|s, now, out| s.listening(new, now, out)),
+        [Action::Disconnect(old)]
+    );
+    assert_eq!(
+        rig.act(|s, now, out| s.exited(old, true, now, out)),
+        [Action::ReloadDone]
+    );
+}
+
+#[test]
+fn a_worker_that_stops_pinging_the_watchdog_is_killed_and_restarted() {
+    let mut rig = Rig::with(systemd_config(), 1);
+    let a = rig.worker(0);
+    rig.act(|s, now, out| s.listening(a, now, out));
+    // Pings keep it alive past many periods.
+    for _ in 0..5 {
+        rig.advance(WATCHDOG - ms(1));
+        rig.sup.watchdog_ping(a, rig.now);
+    }
+    assert!(rig.advance(WATCHDOG - ms(1)).is_empty());
+    assert_eq!(rig.advance(ms(1)), [Action::WatchdogExpired(a)]);
+    // Its exit (the kill) is a crash: the slot restarts.
+    let after = rig.crash(a);
+    assert!(
+        matches!(after[..], [Action::Restarting { slot: 0, .. }]),
+        "{after:?}"
+    );
+}
+
+#[test]
+fn a_stopping_worker_has_no_watchdog() {
+    let mut rig = Rig::with(systemd_config(), 1);
+    let a = rig.worker(0);
+    rig.act(|s, now, out| s.disconnect(a, now, out));
+    assert_eq!(rig.advance(SHUTDOWN_TIMEOUT), [Action::Kill(a)]);
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     /// The `n`th live worker (modulo their count) listens.
     Listening(usize),
+    /// It says `Online`.
+    Online(usize),
+    /// It sends `WATCHDOG=1`.
+    WatchdogPing(usize),
     /// It says it is leaving.
     Leaving(usize),
     /// Its channel closes.
@@ -496,6 +594,8 @@ impl Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (0..8usize).prop_map(Op::Listening),
+        2 => (0..8usize).prop_map(Op::Online),
+        3 => (0..8usize).prop_map(Op::WatchdogPing),
         1 => (0..8usize).prop_map(Op::Leaving),
         1 => (0..8usize).prop_map(Op::ChannelClosed),
         4 => (0..8usize).prop_map(Op::Exit),
@@ -532,6 +632,10 @@ struct Sim {
     reload_baseline: Option<usize>,
     /// Old workers a reload replaced (disconnected once their successor was ready).
     replaced: BTreeSet<WorkerId>,
+    /// When each running worker last pinged the watchdog (or started).
+    pinged: BTreeMap<WorkerId, Instant>,
+    /// Workers whose watchdog expired.
+    hung: BTreeSet<WorkerId>,
 }
 
 impl Sim {
@@ -562,6 +666,7 @@ impl Sim {
                         match outcome {
                             SpawnOutcome::Ok { ready } => {
                                 self.alive.insert(worker, false);
+                                self.pinged.insert(worker, self.now);
                                 self.sup.spawned(worker, ready, self.now, &mut out);
                             }
                             SpawnOutcome::Fails { shortage } => {
@@ -596,6 +701,17 @@ impl Sim {
             Op::Listening(n) => {
                 if let Some(w) = self.pick(n) {
                     self.sup.listening(w, now, &mut out);
+                }
+            }
+            Op::Online(n) => {
+                if let Some(w) = self.pick(n) {
+                    self.sup.online(w);
+                }
+            }
+            Op::WatchdogPing(n) => {
+                if let Some(w) = self.pick(n) {
+                    self.pinged.insert(w, now);
+                    self.sup.watchdog_ping(w, now);
                 }
             }
             Op::Leaving(n) => {
@@ -669,6 +785,7 @@ impl Sim {
             self.replaced.insert(old);
         }
         self.check(op, &before, ready_before, &actions)?;
+        self.check_watchdog(&actions)?;
         if actions.contains(&Action::ReloadDone) {
             // "Reload done" means no old worker serves any more.
             for old in &self.replaced {
@@ -705,6 +822,35 @@ impl Sim {
             if *state == Some(SlotState::Removed) {
                 self.removed.insert(slot);
             }
+        }
+        Ok(())
+    }
+
+    /// A worker is declared hung only when a whole period passed without a ping, and every
+    /// worker that has not been told to leave and went a period without one is declared hung.
+    fn check_watchdog(&mut self, actions: &[Action]) -> Result<(), TestCaseError> {
+        let Some(period) = self.sup.cfg.watchdog else {
+            return Ok(());
+        };
+        for a in actions {
+            if let Action::WatchdogExpired(w) = *a {
+                let last = self.pinged.get(&w).copied();
+                prop_assert!(
+                    last.is_some_and(|t| t + period <= self.now),
+                    "worker {w} declared hung {:?} after its last ping",
+                    last.map(|t| self.now.saturating_duration_since(t))
+                );
+                self.hung.insert(w);
+            }
+        }
+        self.pinged.retain(|w, _| self.alive.contains_key(w));
+        for (w, last) in &self.pinged {
+            let leaving = self.sup.phase(*w) == Some(Phase::Leaving);
+            prop_assert!(
+                leaving || self.hung.contains(w) || *last + period > self.now,
+                "worker {w} went {:?} without a ping and was not declared hung",
+                self.now.saturating_duration_since(*last)
+            );
         }
         Ok(())
     }
@@ -795,11 +941,13 @@ proptest! {
     fn supervision_keeps_its_invariants(
         slots in 1..4usize,
         seed in any::<u64>(),
+        systemd in any::<bool>(),
         outcomes in prop::collection::vec(spawn_outcome(), 1..12),
         ops in prop::collection::vec(op(), 1..120),
     ) {
+        let cfg = if systemd { systemd_config() } else { config() };
         let mut sim = Sim {
-            sup: Supervision::new(config(), slots, seed),
+            sup: Supervision::new(cfg, slots, seed),
             now: Instant::now(),
             outcomes,
             next_outcome: 0,
@@ -808,6 +956,8 @@ proptest! {
             shut_down: false,
             reload_baseline: None,
             replaced: BTreeSet::new(),
+            pinged: BTreeMap::new(),
+            hung: BTreeSet::new(),
         };
         let mut out = Vec::new();
         sim.sup.start(sim.now, &mut out);
