@@ -40,6 +40,10 @@ ready --ready-delay after it started. A rolling reload waits for readiness and i
 every old worker has exited. With --watchdog, WATCHDOG_USEC is set and a worker that sends no
 WATCHDOG=1 for that long is killed and restarted.
 
+Under systemd (NOTIFY_SOCKET set): READY=1 once every worker is ready, RELOADING=1 and
+READY=1 around a HUP reload (Type=notify-reload works), STOPPING=1 on stop, STATUS= lines,
+and WATCHDOG=1 at half WATCHDOG_USEC. See docs/systemd.md.
+
 Workers: the built-in hello worker and programs that link cluster-worker speak the channel
 (--policy, --window, --ack-timeout, --max-servers-per-worker apply to them). Any other program
 (--listen sockets, or PORT=--port) is sent --stop-signal to stop. Each worker runs in its own

@@ -62,6 +62,7 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
         .ack_timeout(Duration::from_millis(a.ack_timeout))
         .max_servers_per_worker(a.max_servers_per_worker)
         .stop_signal(a.stop_signal)
+        .notify_systemd(true)
         .ready_delay(Duration::from_millis(a.ready_delay))
         .ready_timeout(Duration::from_millis(a.ready_timeout))
         .capture_output(true);

@@ -1183,3 +1183,90 @@ while True:
     c.signal(Signal::SIGTERM);
     assert_clean_exit(&mut c);
 }
+
+// ------------------------------------------------------------------------ the master under systemd
+
+/// A fake service manager's `NOTIFY_SOCKET`: every datagram arrives on a channel.
+struct FakeManager {
+    path: std::path::PathBuf,
+    messages: Receiver<String>,
+}
+
+impl FakeManager {
+    fn bind(what: &str) -> FakeManager {
+        let path = temp_path(what);
+        let _ = std::fs::remove_file(&path);
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let (tx, messages) = mpsc::channel();
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                if tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        FakeManager { path, messages }
+    }
+
+    /// The next message (skipping watchdog pings and bare status updates) that has `key`.
+    fn expect(&self, key: &str, seen: &mut Vec<String>) -> String {
+        let deadline = Instant::now() + LINE_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let m = self
+                .messages
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {key} from the master; got {seen:?}"));
+            seen.push(m.clone());
+            if m.lines().any(|l| l == key) {
+                return m;
+            }
+            assert!(
+                m.lines()
+                    .all(|l| l.starts_with("WATCHDOG=") || l.starts_with("STATUS=")),
+                "unexpected {m:?} while waiting for {key}; got {seen:?}"
+            );
+        }
+    }
+}
+
+impl Drop for FakeManager {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[test]
+fn the_master_tells_its_service_manager_ready_reloading_and_stopping_in_order() {
+    let manager = FakeManager::bind("sd-notify");
+    let path = manager.path.clone();
+    let mut c = Cluster::start_with(&["-n", "2", "--port", "0"], |cmd| {
+        cmd.env("NOTIFY_SOCKET", &path)
+            .env("WATCHDOG_USEC", "200000");
+    });
+    let mut seen = Vec::new();
+    let ready = manager.expect("READY=1", &mut seen);
+    assert!(ready.contains("STATUS=2 of 2 workers ready"), "{ready}");
+    // Ready means serving.
+    let (port, _) = c.wait_listening(2);
+    get_ok(port, "/");
+    c.signal(Signal::SIGHUP);
+    let reloading = manager.expect("RELOADING=1", &mut seen);
+    let usec: u64 = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {reloading:?}"));
+    assert!(usec > 0);
+    manager.expect("READY=1", &mut seen);
+    c.wait_line("reload done", |l| l == "[master] reload done");
+    // The watchdog pings come from the loop at half the period (100 ms): wait for one.
+    manager.expect("WATCHDOG=1", &mut seen);
+    c.signal(Signal::SIGTERM);
+    manager.expect("STOPPING=1", &mut seen);
+    assert_clean_exit(&mut c);
+}

@@ -43,6 +43,7 @@ pub struct MasterBuilder {
     pub(crate) stop_signal: i32,
     pub(crate) ready_delay: Duration,
     pub(crate) watchdog: Option<Duration>,
+    pub(crate) notify_systemd: bool,
 }
 
 impl MasterBuilder {
@@ -66,6 +67,7 @@ impl MasterBuilder {
             stop_signal: libc::SIGTERM,
             ready_delay: DEFAULT_READY_DELAY,
             watchdog: None,
+            notify_systemd: false,
         }
     }
 
@@ -179,6 +181,17 @@ impl MasterBuilder {
     /// and restarted.
     pub fn watchdog(mut self, period: Duration) -> Self {
         self.watchdog = Some(period);
+        self
+    }
+
+    /// Report to the service manager that started this process, if it set `NOTIFY_SOCKET`
+    /// (systemd's `Type=notify` or `Type=notify-reload`): `READY=1` once every worker is
+    /// ready, `RELOADING=1` with `MONOTONIC_USEC` when [`crate::MasterControl::reload`] is
+    /// called and `READY=1` when the reload ends, `STOPPING=1` on shutdown, `STATUS=` lines,
+    /// and `WATCHDOG=1` from the event loop at half `WATCHDOG_USEC`. Off by default: an
+    /// embedder may speak to its manager itself.
+    pub fn notify_systemd(mut self, enabled: bool) -> Self {
+        self.notify_systemd = enabled;
         self
     }
 

@@ -32,6 +32,7 @@ use crate::{MasterBuilder, MasterError, sys};
 mod channels;
 mod commands;
 mod lifecycle;
+mod manager;
 mod readiness;
 mod servers;
 mod spawn;
@@ -154,6 +155,8 @@ pub(crate) struct EventLoop {
     notify: NotifySocket,
     /// The notify socket's last drain stopped at its bound: read it again without waiting.
     notify_unread: bool,
+    /// The service manager that started the master, if it is to be told how things go.
+    manager: Option<manager::Manager>,
 }
 
 /// Something of a worker's that the loop reads: its channel, or a captured output pipe.
@@ -203,7 +206,7 @@ impl EventLoop {
             cfg.workers,
             seed ^ 0x9e37_79b9_7f4a_7c15,
         );
-        let event_loop = EventLoop {
+        let mut event_loop = EventLoop {
             poll,
             waker,
             cfg,
@@ -227,7 +230,11 @@ impl EventLoop {
             unclean_exits: 0,
             notify,
             notify_unread: false,
+            manager: None,
         };
+        if event_loop.cfg.notify_systemd {
+            event_loop.manager = manager::Manager::from_env(event_loop.now);
+        }
         Ok((event_loop, receiver))
     }
 
@@ -286,6 +293,7 @@ impl EventLoop {
             self.resume_unread();
             self.resume_paused();
             self.drop_doomed();
+            self.tell_manager();
             if self.fleet.workers.is_empty() {
                 if self.sup.shutting_down() {
                     break Ok(());
@@ -306,6 +314,7 @@ impl EventLoop {
         // every worker left by itself (exit 0 after disconnect).
         let clean =
             result.is_ok() && self.fleet.stats.closed_unserved == 0 && self.unclean_exits == 0;
+        self.manager_stopping();
         self.emit(Event::Stopped { clean });
         result
     }
@@ -348,6 +357,7 @@ impl EventLoop {
             }
         };
         consider(self.sup.next_deadline());
+        consider(self.manager.as_ref().and_then(|m| m.next_ping()));
         for w in self.fleet.workers.values() {
             consider(self.ack_deadline(w));
         }

@@ -36,6 +36,7 @@ mod events;
 mod master;
 mod notify;
 mod round_robin;
+mod sd;
 mod server;
 mod supervision;
 mod supervisor;

@@ -155,9 +155,6 @@ struct Reload {
     /// Slots still to replace, in order.
     queue: VecDeque<usize>,
     waiting: Option<Replacement>,
-    /// Old workers this reload disconnected that have not exited: the reload is done only
-    /// once they are gone, so that "reload done" means nothing old serves any more.
-    draining: BTreeSet<WorkerId>,
 }
 
 /// Why a reload stopped.
@@ -204,6 +201,10 @@ pub(crate) struct Supervision {
     slots: Vec<Slot>,
     workers: BTreeMap<WorkerId, Worker>,
     reload: Option<Reload>,
+    /// Old workers a reload (this one or one that failed) replaced and that have not exited:
+    /// a reload is done only once they are gone, so that "reload done" means nothing old
+    /// serves any more.
+    draining: BTreeSet<WorkerId>,
     shutting_down: bool,
     jitter: Jitter,
     next_worker: u32,
@@ -217,6 +218,7 @@ impl Supervision {
             slots: (0..slots).map(|_| Slot::new()).collect(),
             workers: BTreeMap::new(),
             reload: None,
+            draining: BTreeSet::new(),
             shutting_down: false,
             jitter: Jitter::new(seed),
             next_worker: 1,
@@ -286,9 +288,38 @@ impl Supervision {
         self.reload.as_ref().and_then(|r| r.waiting)
     }
 
-    #[cfg(test)]
     pub(crate) fn reloading(&self) -> bool {
         self.reload.is_some()
+    }
+
+    /// Ready workers serving a slot (a reload's new worker counts once it has the slot).
+    pub(crate) fn ready_workers(&self) -> usize {
+        self.slots
+            .iter()
+            .filter_map(|s| match s.state {
+                SlotState::Running(w) => self.workers.get(&w),
+                _ => None,
+            })
+            .filter(|w| w.phase == Phase::Ready)
+            .count()
+    }
+
+    /// Every slot that is to be served has a ready worker, and there is one at least: what a
+    /// service manager calls started.
+    pub(crate) fn all_ready(&self) -> bool {
+        let mut served = self
+            .slots
+            .iter()
+            .filter(|s| !matches!(s.state, SlotState::Removed | SlotState::Errored))
+            .peekable();
+        served.peek().is_some()
+            && served.all(|s| match s.state {
+                SlotState::Running(w) => self
+                    .workers
+                    .get(&w)
+                    .is_some_and(|w| w.phase == Phase::Ready),
+                _ => false,
+            })
     }
 
     /// The earliest restart, SIGKILL or reload deadline.
@@ -378,6 +409,14 @@ impl Supervision {
             return;
         }
         s.state = SlotState::Vacant;
+        // A reload is already bringing up this slot's replacement (it was asked for in the
+        // same pass, before this spawn was reported): a restart would put two workers there.
+        if self.replacement().is_some_and(|r| r.slot == w.slot) {
+            return;
+        }
+        let Some(s) = self.slots.get_mut(w.slot) else {
+            return;
+        };
         if shortage && shortage_retries < MAX_SHORTAGE_RETRIES && !self.shutting_down {
             // Out of fds, processes or memory: not the program's fault, and it usually passes
             // (queued connections expire, workers finish). Counting it as a crash would error
@@ -552,7 +591,6 @@ impl Supervision {
         self.reload = Some(Reload {
             queue,
             waiting: None,
-            draining: BTreeSet::new(),
         });
         self.advance_reload(now, out);
     }
@@ -641,9 +679,7 @@ impl Supervision {
         if self.replacement().is_some_and(|r| r.new == worker) {
             self.fail_reload(failure(worker), now, out);
         }
-        if let Some(r) = &mut self.reload
-            && r.draining.remove(&worker)
-        {
+        if self.draining.remove(&worker) && self.reload.is_some() {
             self.advance_reload(now, out);
         }
         Some(w)
@@ -741,14 +777,12 @@ impl Supervision {
                     && self.workers.contains_key(&old)
                 {
                     self.disconnect(old, now, out);
-                    if let Some(r) = &mut self.reload {
-                        r.draining.insert(old);
-                    }
+                    self.draining.insert(old);
                 }
                 continue;
             }
             let Some(slot) = r.queue.pop_front() else {
-                if r.draining.is_empty() {
+                if self.draining.is_empty() {
                     self.reload = None;
                     out.push(Action::ReloadDone);
                 }

@@ -127,3 +127,18 @@ pub(crate) fn term_with_master(cmd: &mut std::process::Command) {
     // SAFETY: the closure makes two async-signal-safe calls and does not allocate.
     unsafe { cmd.pre_exec(closure) };
 }
+
+/// `CLOCK_MONOTONIC` in microseconds, the clock systemd's `MONOTONIC_USEC` is read against.
+pub(crate) fn monotonic_usec() -> Option<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } < 0 {
+        return None;
+    }
+    let secs = u64::try_from(ts.tv_sec).ok()?;
+    let nanos = u64::try_from(ts.tv_nsec).ok()?;
+    Some(secs * 1_000_000 + nanos / 1_000)
+}

@@ -44,9 +44,16 @@ impl EventLoop {
                         w.signal(sig);
                     }
                 }
-                Command::Reload => self.supervise(Supervision::reload),
-                Command::Shutdown => self.supervise(Supervision::shutdown),
+                Command::Reload => {
+                    self.manager_reloading();
+                    self.supervise(Supervision::reload);
+                }
+                Command::Shutdown => {
+                    self.manager_stopping();
+                    self.supervise(Supervision::shutdown);
+                }
                 Command::ForceShutdown => {
+                    self.manager_stopping();
                     for w in self.fleet.workers.values_mut() {
                         w.exited_after_disconnect = true;
                     }

@@ -71,7 +71,10 @@ impl EventLoop {
                     format!("sent no WATCHDOG=1 for {}ms: hung", period.as_millis()),
                 );
             }
-            Action::ReloadDone => self.emit(Event::ReloadDone),
+            Action::ReloadDone => {
+                self.manager_reload_ended();
+                self.emit(Event::ReloadDone);
+            }
             Action::ReloadFailed(failure) => {
                 let reason = match failure {
                     ReloadFailure::SpawnFailed(_) => self.last_exit.clone(),
@@ -83,6 +86,7 @@ impl EventLoop {
                         format!("new worker {new} was not ready (listening, READY=1) in time")
                     }
                 };
+                self.manager_reload_ended();
                 self.emit(Event::ReloadFailed { reason });
             }
         }

@@ -546,6 +546,22 @@ fn a_stopping_worker_has_no_watchdog() {
     assert_eq!(rig.advance(SHUTDOWN_TIMEOUT), [Action::Kill(a)]);
 }
 
+#[test]
+fn all_ready_once_every_served_slot_has_a_ready_worker() {
+    let mut rig = Rig::with(systemd_config(), 2);
+    let (a, b) = (rig.worker(0), rig.worker(1));
+    assert!(!rig.sup.all_ready());
+    rig.act(|s, now, out| s.listening(a, now, out));
+    assert!(!rig.sup.all_ready());
+    assert_eq!(rig.sup.ready_workers(), 1);
+    rig.act(|s, now, out| s.listening(b, now, out));
+    assert!(rig.sup.all_ready());
+    // A crashed slot waiting for its restart is not ready.
+    rig.crash(a);
+    assert!(!rig.sup.all_ready());
+    assert_eq!(rig.sup.ready_workers(), 1);
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     /// The `n`th live worker (modulo their count) listens.
