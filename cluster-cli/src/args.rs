@@ -40,6 +40,10 @@ ready --ready-delay after it started. A rolling reload waits for readiness and i
 every old worker has exited. With --watchdog, WATCHDOG_USEC is set and a worker that sends no
 WATCHDOG=1 for that long is killed and restarted.
 
+Socket activation: sockets passed to the master (LISTEN_FDS for its pid) are its own: a
+worker listening on one's address gets it without a bind; --listen NAME passes one on.
+  [master] inherited ADDR as NAME (socket activation)
+
 Under systemd (NOTIFY_SOCKET set): READY=1 once every worker is ready, RELOADING=1 and
 READY=1 around a HUP reload (Type=notify-reload works), STOPPING=1 on stop, STATUS= lines,
 and WATCHDOG=1 at half WATCHDOG_USEC. See docs/systemd.md.
@@ -151,9 +155,11 @@ pub struct SpawnArgs {
 
     /// Pre-bind ADDR in the master and pass it to every worker the systemd way (LISTEN_FDS,
     /// LISTEN_PID, LISTEN_FDNAMES; fds from 3), for programs that do not link cluster-worker.
-    /// ADDR: tcp:HOST:PORT, HOST:PORT, udp:HOST:PORT or unix:PATH. Repeatable; needs PROGRAM.
-    #[arg(long = "listen", value_name = "ADDR", value_parser = parse_listen, requires = "program")]
-    pub listen: Vec<ListenSpec>,
+    /// ADDR: tcp:HOST:PORT, HOST:PORT, udp:HOST:PORT or unix:PATH; or NAME, a socket the master
+    /// inherited from systemd under that LISTEN_FDNAMES name (an inherited socket with the
+    /// ADDR is used rather than bound, too). Repeatable; needs PROGRAM.
+    #[arg(long = "listen", value_name = "ADDR|NAME", value_parser = parse_listen_arg, requires = "program")]
+    pub listen: Vec<ListenArg>,
 
     /// The signal that stops a worker which does not speak the channel (a --listen program,
     /// any program): sent on stop, reload or scale-down, then SIGKILL after
@@ -249,6 +255,27 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// A `--listen` value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenArg {
+    /// An address the master binds (unless it inherited a socket with it).
+    Addr(ListenSpec),
+    /// An inherited socket's `LISTEN_FDNAMES` name.
+    Inherited(String),
+}
+
+pub fn parse_listen_arg(s: &str) -> Result<ListenArg, String> {
+    // Names cannot hold `:` (LISTEN_FDNAMES separates them with it); every address form does.
+    let is_name = !s.is_empty()
+        && !s.contains(':')
+        && !s.bytes().all(|b| b.is_ascii_digit())
+        && s.bytes().all(|b| b.is_ascii_graphic());
+    if is_name {
+        return Ok(ListenArg::Inherited(s.to_owned()));
+    }
+    parse_listen(s).map(ListenArg::Addr)
+}
+
 pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
     fn inet(rest: &str, whole: &str) -> Result<SocketAddr, String> {
         // An IP literal only: resolving names here would pick one address family silently.
@@ -328,6 +355,20 @@ mod tests {
         assert_eq!(parse_signal("10"), Ok(10));
         assert!(parse_signal("0").is_err());
         assert!(parse_signal("NOPE").is_err());
+    }
+
+    #[test]
+    fn listen_names() {
+        assert_eq!(
+            parse_listen_arg("web"),
+            Ok(ListenArg::Inherited("web".into()))
+        );
+        assert!(matches!(
+            parse_listen_arg("127.0.0.1:1"),
+            Ok(ListenArg::Addr(_))
+        ));
+        assert!(parse_listen_arg("8000").is_err());
+        assert!(parse_listen_arg("").is_err());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use cluster_master::{Event, Master, MasterBuilder, MasterControl, MasterError, R
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU};
 use signal_hook::iterator::Signals;
 
-use crate::args::{DEFAULT_HELLO_PORT, SpawnArgs, WorkerCount};
+use crate::args::{DEFAULT_HELLO_PORT, ListenArg, SpawnArgs, WorkerCount};
 use crate::cpus;
 use crate::log::{self, EventLog, Line};
 
@@ -76,8 +76,12 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
     for (k, v) in &a.env {
         builder = builder.env(k, v);
     }
-    for (i, spec) in a.listen.iter().enumerate() {
-        builder = builder.listen_fd(format!("listen{i}"), spec.clone());
+    builder = builder.socket_activation(true);
+    for (i, listen) in a.listen.iter().enumerate() {
+        builder = match listen {
+            ListenArg::Addr(spec) => builder.listen_fd(format!("listen{i}"), spec.clone()),
+            ListenArg::Inherited(name) => builder.listen_inherited(name),
+        };
     }
 
     // Signals are registered before any worker exists: a TERM that arrives during start-up
@@ -109,6 +113,9 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
             return Err(format!("cannot start the master: {e}"));
         }
     };
+    for (name, addr) in master.inherited_sockets() {
+        log::master(format!("inherited {addr} as {name} (socket activation)")).print();
+    }
     // After the bind, so a port-0 `--listen` shows the port it got. Events (forks first) are
     // printed only from `sup.run` on, so these lines still come before them.
     for (i, (name, addr)) in master.listen_fds().iter().enumerate() {

@@ -577,7 +577,7 @@ fn usage_errors_exit_2() {
         &["spawn", "-n", "0"][..],
         &["spawn", "--policy", "fastest"],
         &["spawn", "--listen", "127.0.0.1:1"],
-        &["spawn", "--listen", "nowhere", "--", "/bin/true"],
+        &["spawn", "--listen", "8000", "--", "/bin/true"],
         &["spawn", "--env", "NOEQUALS"],
         &["hello", "--port", "70000"],
         &["frobnicate"],
@@ -585,6 +585,14 @@ fn usage_errors_exit_2() {
         let out = Command::new(BIN).args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
     }
+    // A name is an inherited socket's: without one, a runtime error that says so.
+    let out = Command::new(BIN)
+        .args(["spawn", "--listen", "nowhere", "--", "/bin/true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no inherited socket named nowhere"), "{err}");
 }
 
 /// A program that knows nothing of cluster-rs, only systemd's socket passing: it serves the
@@ -1268,5 +1276,170 @@ fn the_master_tells_its_service_manager_ready_reloading_and_stopping_in_order() 
     manager.expect("WATCHDOG=1", &mut seen);
     c.signal(Signal::SIGTERM);
     manager.expect("STOPPING=1", &mut seen);
+    assert_clean_exit(&mut c);
+}
+
+// ------------------------------------------------------------------------ socket activation
+
+const SOCKET_ACTIVATE: &str = "/usr/bin/systemd-socket-activate";
+
+/// A port that was free a moment ago (for tools that take a port, not a socket).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn under_systemd_socket_activate_the_master_serves_the_inherited_socket() {
+    if !std::path::Path::new(SOCKET_ACTIVATE).exists() {
+        eprintln!("SKIPPED: {SOCKET_ACTIVATE} is not installed");
+        return;
+    }
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let port_arg = port.to_string();
+    // Its stderr joins stdout, so that its `Listening on` line can be awaited in order.
+    let child = Command::new("/bin/sh")
+        .args(["-c", "exec 2>&1; exec \"$0\" \"$@\"", SOCKET_ACTIVATE])
+        .args([
+            "-l",
+            &addr,
+            "--fdname=web",
+            BIN,
+            "spawn",
+            "-n",
+            "2",
+            "--port",
+            &port_arg,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn systemd-socket-activate");
+    // The shell and systemd-socket-activate exec in place: the child's pid is the master's.
+    let mut c = Cluster::from_child(child);
+    c.wait_line("the socket bound", |l| l.starts_with("Listening on "));
+    // systemd-socket-activate starts the master on the first connection, which waits in the
+    // socket's queue meanwhile, as under systemd.
+    let r = get_ok(port, "/");
+    assert!(r.body.starts_with("hello from worker "), "{:?}", r.body);
+    let want = format!("[master] inherited {addr} as web (socket activation)");
+    c.find_line(&want, |l| l == want);
+    // Had the master bound the port itself, the workers' listen would have failed with
+    // EADDRINUSE against the inherited socket.
+    for l in &c.seen {
+        assert!(!l.contains("errored"), "{l}");
+    }
+    c.wait_listening(2);
+    for _ in 0..20 {
+        get_ok(port, "/");
+    }
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+}
+
+/// Holds a listening socket as systemd does and runs the master on it, once per `start` read
+/// from stdin, stopping it (SIGTERM, then wait) on `stop`.
+const ACTIVATION_HARNESS: &str = r#"
+import os, signal, socket, subprocess, sys
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(128)
+port = s.getsockname()[1]
+fd = s.detach()
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.set_inheritable(3, True)
+print("harness: port", port, flush=True)
+master = None
+for line in sys.stdin:
+    if line.strip() == "start":
+        master = subprocess.Popen(
+            ["/bin/sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=web exec "$0" "$@"',
+             sys.argv[1], "spawn", "-n", "2", "--port", str(port)],
+            pass_fds=(3,))
+        print("harness: started", flush=True)
+    elif line.strip() == "stop":
+        master.send_signal(signal.SIGTERM)
+        print("harness: stopped rc=%d" % master.wait(), flush=True)
+"#;
+
+#[test]
+fn a_socket_held_across_master_restarts_refuses_no_connection() {
+    if !have_python() {
+        return;
+    }
+    let mut child = Command::new("python3")
+        .args(["-c", ACTIVATION_HARNESS, BIN])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the harness");
+    let mut to_harness = child.stdin.take().unwrap();
+    let mut c = Cluster::from_child(child);
+    let line = c.wait_line("the harness's port", |l| l.starts_with("harness: port "));
+    let port: u16 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    writeln!(to_harness, "start").unwrap();
+    c.wait_listening(2);
+    get_ok(port, "/");
+    writeln!(to_harness, "stop").unwrap();
+    c.wait_line("the first master's stop", |l| l == "harness: stopped rc=0");
+    // No master runs now: these wait in the held socket's queue.
+    let mut waiting: Vec<TcpStream> = (0..20).map(|_| connect(port).expect("connect")).collect();
+    for s in &mut waiting {
+        write!(s, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    }
+    writeln!(to_harness, "start").unwrap();
+    for s in waiting {
+        let r = read_response(&mut BufReader::new(s)).expect("a queued connection was served");
+        assert_eq!(r.status, 200);
+    }
+    writeln!(to_harness, "stop").unwrap();
+    c.wait_line("the second master's stop", |l| l == "harness: stopped rc=0");
+    drop(to_harness);
+    let status = c.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "harness: {status:?}");
+}
+
+#[test]
+fn listen_name_passes_an_inherited_socket_to_listen_workers() {
+    if !std::path::Path::new(SOCKET_ACTIVATE).exists() || !have_python() {
+        eprintln!("SKIPPED: needs {SOCKET_ACTIVATE} and python3");
+        return;
+    }
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = Command::new("/bin/sh")
+        .args(["-c", "exec 2>&1; exec \"$0\" \"$@\"", SOCKET_ACTIVATE])
+        .args([
+            "-l",
+            &addr,
+            "--fdname=web",
+            BIN,
+            "spawn",
+            "-n",
+            "2",
+            "--listen",
+            "web",
+        ])
+        .args(["--", "python3", "-c", GRACEFUL_LISTEN_PROGRAM])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn systemd-socket-activate");
+    let mut c = Cluster::from_child(child);
+    c.wait_line("the socket bound", |l| l.starts_with("Listening on "));
+    let r = get_ok(port, "/");
+    assert!(r.body.starts_with("pid "), "{:?}", r.body);
+    let want = format!("[master] pre-bound {addr} as fd 3 (LISTEN_FDNAMES name web)");
+    c.find_line(&want, |l| l == want);
+    c.signal(Signal::SIGTERM);
     assert_clean_exit(&mut c);
 }

@@ -38,12 +38,22 @@ pub struct MasterBuilder {
     pub(crate) ready_timeout: Duration,
     pub(crate) capture_output: bool,
     pub(crate) max_frame: usize,
-    pub(crate) listen_fds: Vec<(String, ListenSpec)>,
+    pub(crate) listen_fds: Vec<(String, ListenSource)>,
     pub(crate) max_servers_per_worker: usize,
     pub(crate) stop_signal: i32,
     pub(crate) ready_delay: Duration,
     pub(crate) watchdog: Option<Duration>,
     pub(crate) notify_systemd: bool,
+    pub(crate) socket_activation: bool,
+}
+
+/// Where a socket passed to the workers as `LISTEN_FDS` comes from.
+#[derive(Clone, Debug)]
+pub(crate) enum ListenSource {
+    /// Bound by the master (unless an inherited socket has the address).
+    Bind(ListenSpec),
+    /// Inherited by the master under this `LISTEN_FDNAMES` name.
+    Inherited(String),
 }
 
 impl MasterBuilder {
@@ -68,6 +78,7 @@ impl MasterBuilder {
             ready_delay: DEFAULT_READY_DELAY,
             watchdog: None,
             notify_systemd: false,
+            socket_activation: false,
         }
     }
 
@@ -209,7 +220,28 @@ impl MasterBuilder {
     /// (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`, fds from 3), for programs that do not
     /// speak the cluster protocol. Such workers count as listening once spawned.
     pub fn listen_fd(mut self, name: impl Into<String>, spec: ListenSpec) -> Self {
-        self.listen_fds.push((name.into(), spec));
+        self.listen_fds
+            .push((name.into(), ListenSource::Bind(spec)));
+        self
+    }
+
+    /// Passes the socket this master inherited under `LISTEN_FDNAMES` name `name` (see
+    /// [`MasterBuilder::socket_activation`]) to every worker the way
+    /// [`MasterBuilder::listen_fd`] passes the sockets it binds, under the same name.
+    pub fn listen_inherited(mut self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        self.listen_fds
+            .push((name.clone(), ListenSource::Inherited(name)));
+        self
+    }
+
+    /// Adopt the sockets a service manager passed to this process (`LISTEN_FDS`,
+    /// `LISTEN_PID`, `LISTEN_FDNAMES`; systemd's socket activation) as the master's own: a
+    /// worker's `listen` on an inherited socket's address gets that socket instead of a bind,
+    /// as does a [`MasterBuilder::listen_fd`] spec for that address. Off by default: the
+    /// descriptors are taken over (made close-on-exec and owned by the master) at start.
+    pub fn socket_activation(mut self, enabled: bool) -> Self {
+        self.socket_activation = enabled;
         self
     }
 

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use cluster_core::{BoundAddr, ServerId, WorkerId};
 use mio::{Events, Poll, Token, Waker};
 
+use crate::activation::Activation;
 use crate::channel::WorkerChannel;
 use crate::events::{
     Command, Event, EventReceiver, EventSender, MasterStats, WorkerState, event_queue,
@@ -31,6 +32,7 @@ use crate::{MasterBuilder, MasterError, sys};
 
 mod channels;
 mod commands;
+mod inherited;
 mod lifecycle;
 mod manager;
 mod readiness;
@@ -157,6 +159,8 @@ pub(crate) struct EventLoop {
     notify_unread: bool,
     /// The service manager that started the master, if it is to be told how things go.
     manager: Option<manager::Manager>,
+    /// Sockets the master inherited (socket activation).
+    activation: Activation,
 }
 
 /// Something of a worker's that the loop reads: its channel, or a captured output pipe.
@@ -185,9 +189,14 @@ impl EventLoop {
                 mio::Interest::READABLE,
             )
             .map_err(|e| MasterError::io("register NOTIFY_SOCKET", e))?;
+        let activation = if cfg.socket_activation {
+            Activation::new(crate::activation::take_from_env())
+        } else {
+            Activation::default()
+        };
         let mut prebound = Vec::new();
-        for (name, spec) in &cfg.listen_fds {
-            let bound = crate::bind::bind_spec(spec, false)?;
+        for (name, source) in &cfg.listen_fds {
+            let bound = inherited::prebind(&activation, source)?;
             prebound.push((name.clone(), bound.fd, bound.addr));
         }
         // Jitter only has to differ between masters started together.
@@ -231,6 +240,7 @@ impl EventLoop {
             notify,
             notify_unread: false,
             manager: None,
+            activation,
         };
         if event_loop.cfg.notify_systemd {
             event_loop.manager = manager::Manager::from_env(event_loop.now);
@@ -240,6 +250,10 @@ impl EventLoop {
 
     pub(crate) fn waker(&self) -> Arc<Waker> {
         Arc::clone(&self.waker)
+    }
+
+    pub(crate) fn inherited_sockets(&self) -> Vec<(String, BoundAddr)> {
+        self.activation.describe()
     }
 
     pub(crate) fn prebound_addrs(&self) -> Vec<(String, BoundAddr)> {

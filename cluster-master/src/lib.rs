@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 
+mod activation;
 mod bind;
 mod channel;
 mod config;
