@@ -1443,3 +1443,92 @@ fn listen_name_passes_an_inherited_socket_to_listen_workers() {
     c.signal(Signal::SIGTERM);
     assert_clean_exit(&mut c);
 }
+
+// ------------------------------------------------------------------------ the master as PID 1
+
+/// Pids of the processes whose parent is `ppid`, with their state letter.
+fn children_of(ppid: u32) -> Vec<(u32, char)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let mut rest = stat.rsplit(')').next()?.split_whitespace();
+            let state = rest.next()?.chars().next()?;
+            let parent: u32 = rest.next()?.parse().ok()?;
+            (parent == ppid).then_some((pid, state))
+        })
+        .collect()
+}
+
+#[test]
+fn as_pid_1_the_master_reaps_the_orphans_a_worker_leaves() {
+    let usable = Command::new("unshare")
+        .args(["--pid", "--fork", "true"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !usable {
+        eprintln!("SKIPPED: `unshare --pid --fork` is missing or not permitted here");
+        return;
+    }
+    // The worker's subshell starts `sleep` in the background and exits: the sleep is orphaned
+    // and reparented to the namespace's init, the master. Then the worker says so and waits.
+    let worker = "(sleep 2 &); echo orphaned; exec sleep 60";
+    let child = Command::new("unshare")
+        .args([
+            "--pid",
+            "--fork",
+            BIN,
+            "spawn",
+            "-n",
+            "1",
+            "--shutdown-timeout",
+            "5000",
+        ])
+        .args(["--", "/bin/sh", "-c", worker])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn unshare");
+    let unshare = child.id();
+    let mut c = Cluster::from_child(child);
+    c.wait_line("the worker's orphan", |l| l.ends_with("] orphaned"));
+    let master = children_of(unshare)
+        .first()
+        .map(|(pid, _)| *pid)
+        .expect("unshare's child, the master");
+    // The worker is the master's child; the orphan is too, now. Bounded look (no event
+    // tells an outsider about reparenting).
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    loop {
+        let kids = children_of(master);
+        if kids.len() >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no orphan reparented to the master: {kids:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Once the orphan's sleep ends, it must be reaped, not left a zombie: within the sweep
+    // period after it exits, the master has only its worker left.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let kids = children_of(master);
+        if kids.len() == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the orphan was not reaped: children of the master {kids:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    // And as PID 1 it stops gracefully on SIGTERM.
+    kill(Pid::from_raw(master as i32), Signal::SIGTERM).unwrap();
+    assert_clean_exit(&mut c);
+}

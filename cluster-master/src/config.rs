@@ -45,6 +45,7 @@ pub struct MasterBuilder {
     pub(crate) watchdog: Option<Duration>,
     pub(crate) notify_systemd: bool,
     pub(crate) socket_activation: bool,
+    pub(crate) reap_orphans: bool,
 }
 
 /// Where a socket passed to the workers as `LISTEN_FDS` comes from.
@@ -79,6 +80,7 @@ impl MasterBuilder {
             watchdog: None,
             notify_systemd: false,
             socket_activation: false,
+            reap_orphans: false,
         }
     }
 
@@ -232,6 +234,17 @@ impl MasterBuilder {
         let name = name.into();
         self.listen_fds
             .push((name.clone(), ListenSource::Inherited(name)));
+        self
+    }
+
+    /// Reap orphaned descendants: the master makes itself a child subreaper, so that the
+    /// children a worker leaves behind are reparented to it, and waits for them when they exit
+    /// instead of leaving zombies. As PID 1 (a container's init) the master does this whether
+    /// asked or not, since orphans are reparented to it anyway. Every exited child of the
+    /// process that is not a worker is reaped, so an embedder that runs children of its own
+    /// must not rely on waiting for them itself.
+    pub fn reap_orphans(mut self, enabled: bool) -> Self {
+        self.reap_orphans = enabled;
         self
     }
 

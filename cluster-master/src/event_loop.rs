@@ -25,6 +25,7 @@ use crate::events::{
     Command, Event, EventReceiver, EventSender, MasterStats, WorkerState, event_queue,
 };
 use crate::notify::NotifySocket;
+use crate::orphans::OrphanReaper;
 use crate::round_robin::Action;
 use crate::server::{Server, ServerKind};
 use crate::supervision::{Supervision, SupervisionConfig};
@@ -161,6 +162,8 @@ pub(crate) struct EventLoop {
     manager: Option<manager::Manager>,
     /// Sockets the master inherited (socket activation).
     activation: Activation,
+    /// Reaps orphaned descendants (as PID 1, or when asked).
+    orphans: Option<OrphanReaper>,
 }
 
 /// Something of a worker's that the loop reads: its channel, or a captured output pipe.
@@ -241,7 +244,15 @@ impl EventLoop {
             notify_unread: false,
             manager: None,
             activation,
+            orphans: None,
         };
+        if crate::orphans::is_init() || event_loop.cfg.reap_orphans {
+            if !crate::orphans::is_init() {
+                crate::orphans::become_subreaper()
+                    .map_err(|e| MasterError::io("PR_SET_CHILD_SUBREAPER", e))?;
+            }
+            event_loop.orphans = Some(OrphanReaper::new(event_loop.now));
+        }
         if event_loop.cfg.notify_systemd {
             event_loop.manager = manager::Manager::from_env(event_loop.now);
         }
@@ -261,6 +272,15 @@ impl EventLoop {
             .iter()
             .map(|(name, _, addr)| (name.clone(), addr.clone()))
             .collect()
+    }
+
+    /// Reaps exited orphans when a sweep is due, leaving the workers to their pidfds.
+    fn reap_orphans(&mut self) {
+        let Some(reaper) = self.orphans.as_mut() else {
+            return;
+        };
+        let workers = &self.fleet.workers;
+        reaper.sweep_if_due(self.now, |pid| workers.values().any(|w| w.pid == pid));
     }
 
     fn emit(&self, e: Event) {
@@ -308,6 +328,7 @@ impl EventLoop {
             self.resume_paused();
             self.drop_doomed();
             self.tell_manager();
+            self.reap_orphans();
             if self.fleet.workers.is_empty() {
                 if self.sup.shutting_down() {
                     break Ok(());
@@ -372,6 +393,7 @@ impl EventLoop {
         };
         consider(self.sup.next_deadline());
         consider(self.manager.as_ref().and_then(|m| m.next_ping()));
+        consider(self.orphans.as_ref().map(|o| o.next_sweep()));
         for w in self.fleet.workers.values() {
             consider(self.ack_deadline(w));
         }

@@ -36,6 +36,7 @@ mod event_loop;
 mod events;
 mod master;
 mod notify;
+mod orphans;
 mod round_robin;
 mod sd;
 mod server;
