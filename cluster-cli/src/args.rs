@@ -122,7 +122,8 @@ pub struct SpawnArgs {
     pub shutdown_timeout: u64,
 
     /// A worker that neither listens through the master nor sends READY=1 to NOTIFY_SOCKET is
-    /// ready this long (ms) after it started (0: at once).
+    /// ready this long (ms) after it started (0: at once). For a program that sends READY=1,
+    /// set it above the program's slowest start.
     #[arg(long, value_name = "MS", default_value_t = millis(cluster_master::DEFAULT_READY_DELAY))]
     pub ready_delay: u64,
 

@@ -190,7 +190,7 @@ impl MasterBuilder {
     }
 
     /// Gives every worker `WATCHDOG_USEC`: a worker that does not send `WATCHDOG=1` to
-    /// `NOTIFY_SOCKET` within `period` (from its start, then from each ping) is killed as hung
+    /// `NOTIFY_SOCKET` within `period` (from becoming ready, then from each ping) is killed as hung
     /// and restarted.
     pub fn watchdog(mut self, period: Duration) -> Self {
         self.watchdog = Some(period);

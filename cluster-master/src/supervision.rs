@@ -27,8 +27,8 @@
 //! can no longer be told to stop). A worker is ready when it listens, when it sends `READY=1`
 //! to the notify socket, or, if it never said `Online` (a program that does not speak the
 //! channel), once the ready delay has passed since it started. With a watchdog period, a
-//! worker that does not send `WATCHDOG=1` within a period (from its start, then from its last
-//! ping) is killed as hung, and its exit is a crash like any other.
+//! ready worker that does not send `WATCHDOG=1` within a period (from becoming ready, then from
+//! its last ping) is killed as hung, and its exit is a crash like any other.
 //!
 //! **Reload.** One slot at a time: spawn the new worker beside the slot's current one, wait
 //! until it is ready, make it the slot's worker, then disconnect the old one. The reload is
@@ -375,7 +375,8 @@ impl Supervision {
         }
     }
 
-    /// The worker sent `WATCHDOG=1`.
+    /// The worker sent `WATCHDOG=1`. Pings before it is ready change nothing: its watchdog
+    /// starts when it becomes ready.
     pub(crate) fn watchdog_ping(&mut self, worker: WorkerId, now: Instant) {
         if let (Some(w), Some(period)) = (self.workers.get_mut(&worker), self.cfg.watchdog)
             && w.watchdog_at.is_some()
@@ -442,6 +443,9 @@ impl Supervision {
             w.ready_at = None;
             if w.phase == Phase::Starting {
                 w.phase = Phase::Ready;
+                // As systemd does, the watchdog runs once start-up is complete: how long a
+                // start may take is the ready timeout's business.
+                w.watchdog_at = self.cfg.watchdog.map(|period| now + period);
             }
         }
         self.advance_reload(now, out);
@@ -696,7 +700,7 @@ impl Supervision {
                 phase: Phase::Starting,
                 kill_at: None,
                 ready_at: None,
-                watchdog_at: self.cfg.watchdog.map(|period| now + period),
+                watchdog_at: None,
             },
         );
         out.push(Action::Spawn { slot, worker });

@@ -539,6 +539,18 @@ fn a_worker_that_stops_pinging_the_watchdog_is_killed_and_restarted() {
 }
 
 #[test]
+fn the_watchdog_starts_when_the_worker_is_ready() {
+    let mut rig = Rig::with(systemd_config(), 1);
+    let a = rig.worker(0);
+    rig.sup.online(a);
+    // A slow start is not a hang: no pings needed before ready.
+    assert!(rig.advance(WATCHDOG * 3).is_empty());
+    rig.act(|s, now, out| s.listening(a, now, out));
+    assert!(rig.advance(WATCHDOG - ms(1)).is_empty());
+    assert_eq!(rig.advance(ms(1)), [Action::WatchdogExpired(a)]);
+}
+
+#[test]
 fn a_stopping_worker_has_no_watchdog() {
     let mut rig = Rig::with(systemd_config(), 1);
     let a = rig.worker(0);
@@ -648,7 +660,7 @@ struct Sim {
     reload_baseline: Option<usize>,
     /// Old workers a reload replaced (disconnected once their successor was ready).
     replaced: BTreeSet<WorkerId>,
-    /// When each running worker last pinged the watchdog (or started).
+    /// When each running worker last pinged the watchdog.
     pinged: BTreeMap<WorkerId, Instant>,
     /// Workers whose watchdog expired.
     hung: BTreeSet<WorkerId>,
@@ -682,7 +694,6 @@ impl Sim {
                         match outcome {
                             SpawnOutcome::Ok { ready } => {
                                 self.alive.insert(worker, false);
-                                self.pinged.insert(worker, self.now);
                                 self.sup.spawned(worker, ready, self.now, &mut out);
                             }
                             SpawnOutcome::Fails { shortage } => {
@@ -726,7 +737,9 @@ impl Sim {
             }
             Op::WatchdogPing(n) => {
                 if let Some(w) = self.pick(n) {
-                    self.pinged.insert(w, now);
+                    if self.sup.phase(w) == Some(Phase::Ready) {
+                        self.pinged.insert(w, now);
+                    }
                     self.sup.watchdog_ping(w, now);
                 }
             }
@@ -843,7 +856,8 @@ impl Sim {
     }
 
     /// A worker is declared hung only when a whole period passed without a ping, and every
-    /// worker that has not been told to leave and went a period without one is declared hung.
+    /// ready worker that has not been told to leave is either watched with a deadline still
+    /// ahead or has been declared hung.
     fn check_watchdog(&mut self, actions: &[Action]) -> Result<(), TestCaseError> {
         let Some(period) = self.sup.cfg.watchdog else {
             return Ok(());
@@ -852,7 +866,7 @@ impl Sim {
             if let Action::WatchdogExpired(w) = *a {
                 let last = self.pinged.get(&w).copied();
                 prop_assert!(
-                    last.is_some_and(|t| t + period <= self.now),
+                    last.is_none_or(|t| t + period <= self.now),
                     "worker {w} declared hung {:?} after its last ping",
                     last.map(|t| self.now.saturating_duration_since(t))
                 );
@@ -860,12 +874,15 @@ impl Sim {
             }
         }
         self.pinged.retain(|w, _| self.alive.contains_key(w));
-        for (w, last) in &self.pinged {
-            let leaving = self.sup.phase(*w) == Some(Phase::Leaving);
+        for (id, w) in &self.sup.workers {
+            if w.phase != Phase::Ready || self.hung.contains(id) {
+                continue;
+            }
             prop_assert!(
-                leaving || self.hung.contains(w) || *last + period > self.now,
-                "worker {w} went {:?} without a ping and was not declared hung",
-                self.now.saturating_duration_since(*last)
+                w.watchdog_at.is_some_and(|t| t > self.now),
+                "ready worker {id} is not watched ({:?} at {:?})",
+                w.watchdog_at,
+                self.now
             );
         }
         Ok(())
