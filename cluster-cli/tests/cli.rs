@@ -1662,3 +1662,45 @@ fn the_units_in_docs_systemd_md_work_as_written() {
     manager.expect("STOPPING=1", &mut seen);
     assert_clean_exit(&mut c);
 }
+
+#[test]
+fn workers_see_none_of_the_masters_systemd_environment() {
+    if !Path::new(SOCKET_ACTIVATE).exists() {
+        eprintln!("SKIPPED: {SOCKET_ACTIVATE} is not installed");
+        return;
+    }
+    let manager = FakeManager::bind("worker-env");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    // The worker reports what it got, and whether fd 4 (the inherited socket would be
+    // there if it leaked past the channel at fd 3) is open.
+    let report = "echo \"env: ${LISTEN_FDS-none} ${LISTEN_PID-none} ${LISTEN_FDNAMES-none} \
+                  ${WATCHDOG_USEC-none} ${WATCHDOG_PID-none} ${NOTIFY_SOCKET}\"; \
+                  if [ -e /proc/self/fd/4 ]; then echo fd4: open; else echo fd4: closed; fi; \
+                  exec sleep 60";
+    let child = Command::new("/bin/sh")
+        .args(["-c", "exec 2>&1; exec \"$0\" \"$@\"", SOCKET_ACTIVATE])
+        .args(["-l", &addr, "--fdname=web"])
+        .arg(format!("--setenv=NOTIFY_SOCKET={}", manager.path.display()))
+        .args(["--setenv=WATCHDOG_USEC=10000000", BIN, "spawn", "-n", "1"])
+        .args(["--", "/bin/sh", "-c", report])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn systemd-socket-activate");
+    let mut c = Cluster::from_child(child);
+    c.wait_line("the socket bound", |l| l.starts_with("Listening on "));
+    // systemd-socket-activate starts the master on the first connection.
+    let _first = connect(port).expect("connect");
+    let env = c.wait_line("the worker's environment", |l| l.contains("] env: "));
+    let env = env.split("] env: ").nth(1).unwrap();
+    assert!(
+        env.starts_with("none none none none none @cluster-rs/notify/"),
+        "the worker got the master's systemd environment: {env}"
+    );
+    let fd4 = c.wait_line("the worker's fd 4", |l| l.contains("] fd4: "));
+    assert!(fd4.ends_with("fd4: closed"), "{fd4}");
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+}
