@@ -1493,6 +1493,8 @@ fn as_pid_1_the_master_reaps_the_orphans_a_worker_leaves() {
         .args([
             "--pid",
             "--fork",
+            // If the test fails and SIGKILLs unshare, the master goes too.
+            "--kill-child",
             BIN,
             "spawn",
             "-n",
