@@ -32,7 +32,8 @@
 //!
 //! **Reload.** One slot at a time: spawn the new worker beside the slot's current one, wait
 //! until it is ready, make it the slot's worker, then disconnect the old one. The reload is
-//! done once every slot has been replaced and every old worker has exited. Until then the
+//! done once every slot has been replaced and every old worker (one running when the reload
+//! started, or one a replacement took the slot from) has exited. Until then the
 //! new worker is not the slot's worker, so its crash restarts nothing: the reload fails and
 //! the old one keeps serving. A reload also gives errored slots a fresh start with a clean
 //! crash count (that is how a fixed program gets deployed); those start the new program
@@ -155,6 +156,10 @@ struct Reload {
     /// Slots still to replace, in order.
     queue: VecDeque<usize>,
     waiting: Option<Replacement>,
+    /// Old workers not yet exited: those running when the reload started, and each worker a
+    /// replacement took the slot from. The reload is done only once they are all gone, so
+    /// that "reload done" means nothing old serves any more.
+    old: BTreeSet<WorkerId>,
 }
 
 /// Why a reload stopped.
@@ -201,10 +206,6 @@ pub(crate) struct Supervision {
     slots: Vec<Slot>,
     workers: BTreeMap<WorkerId, Worker>,
     reload: Option<Reload>,
-    /// Old workers a reload (this one or one that failed) replaced and that have not exited:
-    /// a reload is done only once they are gone, so that "reload done" means nothing old
-    /// serves any more.
-    draining: BTreeSet<WorkerId>,
     shutting_down: bool,
     jitter: Jitter,
     next_worker: u32,
@@ -218,7 +219,6 @@ impl Supervision {
             slots: (0..slots).map(|_| Slot::new()).collect(),
             workers: BTreeMap::new(),
             reload: None,
-            draining: BTreeSet::new(),
             shutting_down: false,
             jitter: Jitter::new(seed),
             next_worker: 1,
@@ -581,6 +581,7 @@ impl Supervision {
         if self.reload.is_some() || self.shutting_down {
             return;
         }
+        let old = self.workers.keys().copied().collect();
         let mut queue = VecDeque::new();
         for slot in 0..self.slots.len() {
             match self.slots[slot].state {
@@ -595,6 +596,7 @@ impl Supervision {
         self.reload = Some(Reload {
             queue,
             waiting: None,
+            old,
         });
         self.advance_reload(now, out);
     }
@@ -683,7 +685,9 @@ impl Supervision {
         if self.replacement().is_some_and(|r| r.new == worker) {
             self.fail_reload(failure(worker), now, out);
         }
-        if self.draining.remove(&worker) && self.reload.is_some() {
+        if let Some(r) = &mut self.reload
+            && r.old.remove(&worker)
+        {
             self.advance_reload(now, out);
         }
         Some(w)
@@ -781,12 +785,14 @@ impl Supervision {
                     && self.workers.contains_key(&old)
                 {
                     self.disconnect(old, now, out);
-                    self.draining.insert(old);
+                    if let Some(r) = &mut self.reload {
+                        r.old.insert(old);
+                    }
                 }
                 continue;
             }
             let Some(slot) = r.queue.pop_front() else {
-                if self.draining.is_empty() {
+                if r.old.is_empty() {
                     self.reload = None;
                     out.push(Action::ReloadDone);
                 }

@@ -539,6 +539,27 @@ fn a_worker_that_stops_pinging_the_watchdog_is_killed_and_restarted() {
 }
 
 #[test]
+fn a_reload_is_done_only_when_every_worker_older_than_it_has_exited() {
+    let mut rig = Rig::new(2);
+    let (a, b) = (rig.worker(0), rig.worker(1));
+    rig.act(|s, now, out| s.reload(now, out));
+    let a2 = rig.sup.replacement().expect("waiting on slot 0").new;
+    rig.act(|s, now, out| s.listening(a2, now, out));
+    let b2 = rig.sup.replacement().expect("waiting on slot 1").new;
+    // Slot 1 goes away mid-reload: its old worker leaves by the scale-down, not the swap.
+    rig.act(|s, now, out| s.scale_down(now, out));
+    rig.act(|s, now, out| s.listening(b2, now, out));
+    assert!(
+        rig.act(|s, now, out| s.exited(a, true, now, out))
+            .is_empty()
+    );
+    assert_eq!(
+        rig.act(|s, now, out| s.exited(b, true, now, out)),
+        [Action::ReloadDone]
+    );
+}
+
+#[test]
 fn the_watchdog_starts_when_the_worker_is_ready() {
     let mut rig = Rig::with(systemd_config(), 1);
     let a = rig.worker(0);
