@@ -37,8 +37,8 @@ Fatal errors: one line `cluster-cli: REASON` on stderr, exit 1.
 Readiness: a worker is ready when it listens through the master, or sends READY=1 to
 NOTIFY_SOCKET (every worker gets one, as under systemd); a program that never does either is
 ready --ready-delay after it started. A rolling reload waits for readiness and is done when
-every old worker has exited. With --watchdog, WATCHDOG_USEC is set and a worker that sends no
-WATCHDOG=1 for that long is killed and restarted.
+every old worker has exited. With --watchdog, WATCHDOG_USEC is set and a ready worker that
+sends no WATCHDOG=1 for that long is killed and restarted.
 
 Socket activation: sockets passed to the master (LISTEN_FDS for its pid) are its own: a
 worker listening on one's address gets it without a bind; --listen NAME passes one on.
@@ -50,8 +50,9 @@ and WATCHDOG=1 at half WATCHDOG_USEC. See docs/systemd.md.
 
 Workers: the built-in hello worker and programs that link cluster-worker speak the channel
 (--policy, --window, --ack-timeout, --max-servers-per-worker apply to them). Any other program
-(--listen sockets, or PORT=--port) is sent --stop-signal to stop. Each worker runs in its own
-process group, so a terminal's Ctrl-C reaches the master alone.
+(serving --listen sockets, or binding PORT itself when --port is given) is sent --stop-signal
+to stop. Each worker runs in its own process group, so a terminal's Ctrl-C reaches the master
+alone.
 
 Signals: TERM, INT, QUIT = graceful stop (disconnect all, SIGKILL after --shutdown-timeout);
 a second TERM/INT/QUIT = forced stop (SIGKILL now); HUP = rolling reload (errored slots
