@@ -12,10 +12,12 @@ use cluster_master::{RestartPolicy, RoundRobinConfig};
 /// The stable log formats, shown at the end of `spawn --help`.
 const LOG_FORMATS: &str = "\
 Log lines (stdout unless noted; one per event, flushed at each line):
-  [master] pid P: starting N workers: PROGRAM ARGS... (policy rr)
+  [master] pid P: starting N workers: PROGRAM ARGS... (policy rr|sockets passed as LISTEN_FDS)
   [master] pre-bound ADDR as fd N (LISTEN_FDNAMES name listenI)
   [master] worker W (pid P) forked in slot S
   [master] worker W (pid P) online
+  [master] worker W (pid P) ready (READY=1)
+  [master] worker W (pid P) status: TEXT             (STATUS= sent to NOTIFY_SOCKET)
   [master] worker W (pid P) listening on ADDR
   [master] worker W (pid P) channel closed
   [master] worker W (pid P) dropped: REASON
@@ -31,6 +33,26 @@ Log lines (stdout unless noted; one per event, flushed at each line):
   [master] stopped (clean)|stopped (not clean: REASON)   (REASON also on stderr, exit 1)
   [worker W pid P] LINE      (a worker's stdout line; its stderr lines go to stderr)
 Fatal errors: one line `cluster-cli: REASON` on stderr, exit 1.
+
+Readiness: a worker is ready when it listens through the master, or sends READY=1 to
+NOTIFY_SOCKET (every worker gets one, as under systemd); a program that never does either is
+ready --ready-delay after it started. A rolling reload waits for readiness and is done when
+every old worker has exited. With --watchdog, WATCHDOG_USEC is set and a ready worker that
+sends no WATCHDOG=1 for that long is killed and restarted.
+
+Socket activation: sockets passed to the master (LISTEN_FDS for its pid) are its own: a
+worker listening on one's address gets it without a bind; --listen NAME passes one on.
+  [master] inherited ADDR as NAME (socket activation)
+
+Under systemd (NOTIFY_SOCKET set): READY=1 once every worker is ready, RELOADING=1 and
+READY=1 around a HUP reload (Type=notify-reload works), STOPPING=1 on stop, STATUS= lines,
+and WATCHDOG=1 at half WATCHDOG_USEC. See docs/systemd.md.
+
+Workers: the built-in hello worker and programs that link cluster-worker speak the channel
+(--policy, --window, --ack-timeout, --max-servers-per-worker apply to them). Any other program
+(serving --listen sockets, or binding PORT itself when --port is given) is sent --stop-signal
+to stop. Each worker runs in its own process group, so a terminal's Ctrl-C reaches the master
+alone.
 
 Signals: TERM, INT, QUIT = graceful stop (disconnect all, SIGKILL after --shutdown-timeout);
 a second TERM/INT/QUIT = forced stop (SIGKILL now); HUP = rolling reload (errored slots
@@ -100,6 +122,21 @@ pub struct SpawnArgs {
     #[arg(long, value_name = "MS", default_value_t = 30_000)]
     pub shutdown_timeout: u64,
 
+    /// A worker that neither listens through the master nor sends READY=1 to NOTIFY_SOCKET is
+    /// ready this long (ms) after it started (0: at once). For a program that sends READY=1,
+    /// set it above the program's slowest start.
+    #[arg(long, value_name = "MS", default_value_t = millis(cluster_master::DEFAULT_READY_DELAY))]
+    pub ready_delay: u64,
+
+    /// How long (ms) a reload's new worker may take to become ready before the reload fails.
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    pub ready_timeout: u64,
+
+    /// Give every worker WATCHDOG_USEC for this period (ms): one that sends no WATCHDOG=1 to
+    /// NOTIFY_SOCKET for that long is killed as hung and restarted.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub watchdog: Option<u64>,
+
     /// How long (ms) a worker may leave a round-robin hand-off unanswered before it counts as
     /// stuck: it is killed, restarted, and its connections go to the others. Each hand-off has
     /// its own deadline. Lower detects a hung worker sooner but kills one that is merely slow
@@ -120,17 +157,27 @@ pub struct SpawnArgs {
 
     /// Pre-bind ADDR in the master and pass it to every worker the systemd way (LISTEN_FDS,
     /// LISTEN_PID, LISTEN_FDNAMES; fds from 3), for programs that do not link cluster-worker.
-    /// ADDR: tcp:HOST:PORT, HOST:PORT, udp:HOST:PORT or unix:PATH. Repeatable; needs PROGRAM.
-    #[arg(long = "listen", value_name = "ADDR", value_parser = parse_listen, requires = "program")]
-    pub listen: Vec<ListenSpec>,
+    /// ADDR: tcp:HOST:PORT, HOST:PORT, udp:HOST:PORT or unix:PATH; or NAME, a socket the master
+    /// inherited from systemd under that LISTEN_FDNAMES name (an inherited socket with the
+    /// ADDR is used rather than bound, too). Repeatable; needs PROGRAM.
+    #[arg(long = "listen", value_name = "ADDR|NAME", value_parser = parse_listen_arg, requires = "program")]
+    pub listen: Vec<ListenArg>,
+
+    /// The signal that stops a worker which does not speak the channel (a --listen program,
+    /// any program): sent on stop, reload or scale-down, then SIGKILL after
+    /// --shutdown-timeout. Exiting 0 or dying of this signal is a clean stop. A name (TERM,
+    /// SIGINT, ...) or a number.
+    #[arg(long, value_name = "SIGNAL", default_value = "TERM", value_parser = parse_signal)]
+    pub stop_signal: i32,
 
     /// Address the built-in hello worker listens on.
     #[arg(long, default_value = "127.0.0.1", conflicts_with = "program")]
     pub host: IpAddr,
 
-    /// Port the built-in hello worker listens on (0: any free port, shared by all workers).
-    #[arg(long, default_value_t = 8000, conflicts_with = "program")]
-    pub port: u16,
+    /// Port the built-in hello worker listens on (default 8000; 0: any free port, shared by
+    /// all workers). With a PROGRAM: set PORT=PORT in the workers' environment.
+    #[arg(long)]
+    pub port: Option<u16>,
 
     /// The worker program and its arguments (after `--`). Default: the built-in hello worker.
     #[arg(last = true, value_name = "PROGRAM [ARGS]")]
@@ -161,6 +208,26 @@ impl SpawnArgs {
     }
 }
 
+/// The hello worker's port when `--port` is not given.
+pub const DEFAULT_HELLO_PORT: u16 = 8000;
+
+pub fn parse_signal(s: &str) -> Result<i32, String> {
+    if let Ok(n) = s.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n)
+            .map(|sig| sig as i32)
+            .map_err(|_| format!("`{s}` is not a signal number"));
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse::<nix::sys::signal::Signal>()
+        .map(|sig| sig as i32)
+        .map_err(|_| format!("`{s}` is not a signal name"))
+}
+
 fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -188,6 +255,27 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
         }
         _ => Err(format!("`{s}` is not of the form KEY=VALUE")),
     }
+}
+
+/// A `--listen` value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenArg {
+    /// An address the master binds (unless it inherited a socket with it).
+    Addr(ListenSpec),
+    /// An inherited socket's `LISTEN_FDNAMES` name.
+    Inherited(String),
+}
+
+pub fn parse_listen_arg(s: &str) -> Result<ListenArg, String> {
+    // Names cannot hold `:` (LISTEN_FDNAMES separates them with it); every address form does.
+    let is_name = !s.is_empty()
+        && !s.contains(':')
+        && !s.bytes().all(|b| b.is_ascii_digit())
+        && s.bytes().all(|b| b.is_ascii_graphic());
+    if is_name {
+        return Ok(ListenArg::Inherited(s.to_owned()));
+    }
+    parse_listen(s).map(ListenArg::Addr)
 }
 
 pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
@@ -263,6 +351,29 @@ mod tests {
     }
 
     #[test]
+    fn signal_values() {
+        assert_eq!(parse_signal("TERM"), Ok(nix::libc::SIGTERM));
+        assert_eq!(parse_signal("sigint"), Ok(nix::libc::SIGINT));
+        assert_eq!(parse_signal("10"), Ok(10));
+        assert!(parse_signal("0").is_err());
+        assert!(parse_signal("NOPE").is_err());
+    }
+
+    #[test]
+    fn listen_names() {
+        assert_eq!(
+            parse_listen_arg("web"),
+            Ok(ListenArg::Inherited("web".into()))
+        );
+        assert!(matches!(
+            parse_listen_arg("127.0.0.1:1"),
+            Ok(ListenArg::Addr(_))
+        ));
+        assert!(parse_listen_arg("8000").is_err());
+        assert!(parse_listen_arg("").is_err());
+    }
+
+    #[test]
     fn env_values() {
         assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
         assert_eq!(parse_env("A="), Ok(("A".into(), String::new())));
@@ -283,10 +394,12 @@ mod tests {
         assert_eq!(rest, [OsString::from("--x")]);
         // --listen makes no sense for the hello worker, which listens through the master.
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--listen", "127.0.0.1:1"]).is_err());
-        // --port is the hello worker's; a program gets its own arguments.
+        // --port with a program is its PORT variable; --host stays the hello worker's.
+        assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--port", "1", "--", "prog"]).is_ok());
         assert!(
-            Cli::try_parse_from(["cluster-cli", "spawn", "--port", "1", "--", "prog"]).is_err()
+            Cli::try_parse_from(["cluster-cli", "spawn", "--host", "::1", "--", "prog"]).is_err()
         );
+        assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--stop-signal", "BOGUS"]).is_err());
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--policy", "fastest"]).is_err());
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--window", "0"]).is_err());
     }

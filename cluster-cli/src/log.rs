@@ -141,6 +141,10 @@ impl EventLog {
                 format!("worker {worker} (pid {pid}) forked in slot {slot}")
             }
             Event::Online { worker } => format!("{} online", self.who(*worker)),
+            Event::Ready { worker } => format!("{} ready (READY=1)", self.who(*worker)),
+            Event::Status { worker, status } => {
+                format!("{} status: {status}", self.who(*worker))
+            }
             Event::Listening { worker, addr, .. } => {
                 format!("{} listening on {addr}", self.who(*worker))
             }
@@ -263,6 +267,7 @@ mod tests {
                     code: Some(0),
                     signal: None,
                     exited_after_disconnect: true,
+                    clean: true,
                 }
             ),
             "[master] worker 3 (pid 12345) exited with code 0, after disconnect"
@@ -277,6 +282,7 @@ mod tests {
                     code: None,
                     signal: Some(9),
                     exited_after_disconnect: false,
+                    clean: false,
                 }
             ),
             "[master] worker 4 (pid 7) exited on signal 9 (SIGKILL), crashed"

@@ -18,7 +18,7 @@ use cluster_master::{Event, Master, MasterBuilder, MasterControl, MasterError, R
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU};
 use signal_hook::iterator::Signals;
 
-use crate::args::{SpawnArgs, WorkerCount};
+use crate::args::{DEFAULT_HELLO_PORT, ListenArg, SpawnArgs, WorkerCount};
 use crate::cpus;
 use crate::log::{self, EventLog, Line};
 
@@ -37,7 +37,7 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
                 "--host".into(),
                 a.host.to_string().into(),
                 "--port".into(),
-                a.port.to_string().into(),
+                a.port.unwrap_or(DEFAULT_HELLO_PORT).to_string().into(),
             ];
             (exe, args)
         }
@@ -61,12 +61,27 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
         .shutdown_timeout(shutdown_timeout)
         .ack_timeout(Duration::from_millis(a.ack_timeout))
         .max_servers_per_worker(a.max_servers_per_worker)
+        .stop_signal(a.stop_signal)
+        .notify_systemd(true)
+        .ready_delay(Duration::from_millis(a.ready_delay))
+        .ready_timeout(Duration::from_millis(a.ready_timeout))
         .capture_output(true);
+    if let Some(ms) = a.watchdog {
+        builder = builder.watchdog(Duration::from_millis(ms));
+    }
+    if let (Some(_), Some(port)) = (a.program(), a.port) {
+        // The platform convention (Heroku, Cloud Run, ...) for "serve here".
+        builder = builder.env("PORT", port.to_string());
+    }
     for (k, v) in &a.env {
         builder = builder.env(k, v);
     }
-    for (i, spec) in a.listen.iter().enumerate() {
-        builder = builder.listen_fd(format!("listen{i}"), spec.clone());
+    builder = builder.socket_activation(true);
+    for (i, listen) in a.listen.iter().enumerate() {
+        builder = match listen {
+            ListenArg::Addr(spec) => builder.listen_fd(format!("listen{i}"), spec.clone()),
+            ListenArg::Inherited(name) => builder.listen_inherited(name),
+        };
     }
 
     // Signals are registered before any worker exists: a TERM that arrives during start-up
@@ -78,11 +93,16 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
     let shown: Vec<String> = std::iter::once(program.display().to_string())
         .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
         .collect();
+    // `--listen` sockets are served by the workers themselves: no policy applies to them.
+    let sharing = if a.listen.is_empty() {
+        format!("policy {}", a.policy)
+    } else {
+        "sockets passed as LISTEN_FDS".to_owned()
+    };
     log::master(format!(
-        "pid {}: starting {workers} workers: {} (policy {})",
+        "pid {}: starting {workers} workers: {} ({sharing})",
         std::process::id(),
         shown.join(" "),
-        a.policy
     ))
     .print();
 
@@ -93,6 +113,9 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
             return Err(format!("cannot start the master: {e}"));
         }
     };
+    for (name, addr) in master.inherited_sockets() {
+        log::master(format!("inherited {addr} as {name} (socket activation)")).print();
+    }
     // After the bind, so a port-0 `--listen` shows the port it got. Events (forks first) are
     // printed only from `sup.run` on, so these lines still come before them.
     for (i, (name, addr)) in master.listen_fds().iter().enumerate() {
@@ -222,7 +245,8 @@ impl SignalPolicy {
 #[derive(Debug)]
 struct Supervisor {
     stop: Arc<AtomicU8>,
-    /// Exits during the stop that were not a clean `exit 0` after disconnect.
+    /// Exits during the stop that were not clean (exit 0 after disconnect, or death by the
+    /// stop signal).
     unclean: Vec<String>,
     stopped_clean: Option<bool>,
 }
@@ -258,11 +282,9 @@ impl Supervisor {
                     pid,
                     code,
                     signal,
-                    exited_after_disconnect,
+                    clean,
                     ..
-                } if Stop::load(&self.stop) != Stop::Running
-                    && !(exited_after_disconnect && code == Some(0)) =>
-                {
+                } if Stop::load(&self.stop) != Stop::Running && !clean => {
                     let how = match (code, signal) {
                         (Some(c), _) => format!("exited with code {c}"),
                         (None, Some(s)) => format!("was killed by {}", log::signal_name(s)),

@@ -7,6 +7,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -38,14 +39,23 @@ struct Cluster {
 
 impl Cluster {
     fn start(args: &[&str]) -> Cluster {
-        let mut child = Command::new(BIN)
-            .arg("spawn")
+        Cluster::start_with(args, |_| {})
+    }
+
+    /// Like `start`, with `prepare` adjusting the command first (process group, environment).
+    fn start_with(args: &[&str], prepare: impl FnOnce(&mut Command)) -> Cluster {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("spawn")
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn cluster-cli");
+            .stderr(Stdio::piped());
+        prepare(&mut cmd);
+        Cluster::from_child(cmd.spawn().expect("spawn cluster-cli"))
+    }
+
+    /// Reads the stdout and stderr of a started master (or of something that runs one).
+    fn from_child(mut child: Child) -> Cluster {
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
         let (tx, lines) = mpsc::channel();
@@ -568,7 +578,7 @@ fn usage_errors_exit_2() {
         &["spawn", "-n", "0"][..],
         &["spawn", "--policy", "fastest"],
         &["spawn", "--listen", "127.0.0.1:1"],
-        &["spawn", "--listen", "nowhere", "--", "/bin/true"],
+        &["spawn", "--listen", "8000", "--", "/bin/true"],
         &["spawn", "--env", "NOEQUALS"],
         &["hello", "--port", "70000"],
         &["frobnicate"],
@@ -576,6 +586,14 @@ fn usage_errors_exit_2() {
         let out = Command::new(BIN).args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
     }
+    // A name is an inherited socket's: without one, a runtime error that says so.
+    let out = Command::new(BIN)
+        .args(["spawn", "--listen", "nowhere", "--", "/bin/true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no inherited socket named nowhere"), "{err}");
 }
 
 /// A program that knows nothing of cluster-rs, only systemd's socket passing: it serves the
@@ -868,4 +886,823 @@ fn a_port_in_use_is_reported_once_with_its_cause_and_not_retried() {
         c.seen
     );
     eprintln!("port in use: exit 1 after {took:?}: {}", fatal[0]);
+}
+
+// ------------------------------------------------------------- programs that know no channel
+
+fn have_python() -> bool {
+    let ok = Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIPPED: python3 is not installed");
+    }
+    ok
+}
+
+/// The port of the first `pre-bound` line.
+fn prebound_port(c: &mut Cluster) -> u16 {
+    let line = c.wait_line("the pre-bound line", |l| {
+        l.starts_with("[master] pre-bound ")
+    });
+    line.split_whitespace()
+        .nth(2)
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"))
+}
+
+/// Pids of the workers forked so far (from the lines already seen).
+fn forked_pids(c: &Cluster) -> Vec<u32> {
+    c.seen
+        .iter()
+        .filter(|l| l.contains(" forked in slot "))
+        .filter_map(|l| worker_of(l))
+        .map(|w| w.1)
+        .collect()
+}
+
+#[test]
+fn ctrl_c_reaches_the_master_alone_and_stops_a_program_that_does_not_handle_it() {
+    if !have_python() {
+        return;
+    }
+    // Started in a process group of its own, as a shell starts a foreground job: the terminal's
+    // SIGINT goes to that whole group.
+    let mut c = Cluster::start_with(
+        &[
+            "-n",
+            "2",
+            "--shutdown-timeout",
+            "10000",
+            "--",
+            "python3",
+            "-c",
+            "import time; print('up', flush=True); time.sleep(60)",
+        ],
+        |cmd| {
+            std::os::unix::process::CommandExt::process_group(cmd, 0);
+        },
+    );
+    for _ in 0..2 {
+        c.wait_line("a worker up", |l| {
+            l.starts_with("[worker ") && l.ends_with("] up")
+        });
+    }
+    let pids = forked_pids(&c);
+    assert_eq!(pids.len(), 2);
+    nix::sys::signal::killpg(c.pid(), Signal::SIGINT).unwrap();
+    assert_clean_exit(&mut c);
+    // Stopped by the master's SIGTERM, not the terminal's SIGINT.
+    for pid in pids {
+        assert!(
+            c.seen.iter().any(|l| l.contains(&format!(
+                "(pid {pid}) exited on signal 15 (SIGTERM), after disconnect"
+            ))),
+            "worker {pid} was not stopped by the stop signal"
+        );
+        assert!(!running(pid));
+    }
+}
+
+/// A `LISTEN_FDS` program that never reads its channel and stops gracefully on SIGTERM: it
+/// finishes the request in hand and exits 0, leaving queued connections to the others.
+const GRACEFUL_LISTEN_PROGRAM: &str = r#"
+import os, select, signal, socket, sys
+r, w = os.pipe()
+os.set_blocking(w, False)
+signal.set_wakeup_fd(w)
+signal.signal(signal.SIGTERM, lambda *a: None)
+pid = os.getpid()
+sock = socket.socket(fileno=3)
+sock.setblocking(False)
+print("ready pid", pid, flush=True)
+while True:
+    ready, _, _ = select.select([sock, r], [], [])
+    if r in ready:
+        sys.exit(0)
+    try:
+        conn, _ = sock.accept()
+    except BlockingIOError:
+        continue
+    conn.setblocking(True)
+    conn.settimeout(5)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    body = b"pid %d\n" % pid
+    conn.sendall(b"HTTP/1.1 200 OK\r\nx-pid: %d\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % (pid, len(body)) + body)
+    conn.close()
+"#;
+
+#[test]
+fn a_listen_worker_is_stopped_by_signal_and_reloads_without_a_failed_request() {
+    if !have_python() {
+        return;
+    }
+    let mut c = Cluster::start(&[
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "-n",
+        "2",
+        "--shutdown-timeout",
+        "20000",
+        "--",
+        "python3",
+        "-c",
+        GRACEFUL_LISTEN_PROGRAM,
+    ]);
+    let port = prebound_port(&mut c);
+    for _ in 0..2 {
+        c.wait_line("a worker's ready line", |l| l.contains("] ready pid "));
+    }
+    let old = forked_pids(&c);
+    let load = Load::start(port, LOAD_THREADS);
+    c.signal(Signal::SIGHUP);
+    c.wait_line("reload done", |l| l == "[master] reload done");
+    let res = load.finish();
+    assert!(res.failed.is_empty(), "failed requests: {:?}", res.failed);
+    // "reload done" comes after every old worker has exited (cleanly, by the stop signal).
+    let done = c
+        .seen
+        .iter()
+        .position(|l| l == "[master] reload done")
+        .unwrap();
+    for pid in &old {
+        let exit = c
+            .seen
+            .iter()
+            .position(|l| l.contains(&format!("(pid {pid}) exited with code 0, after disconnect")))
+            .unwrap_or_else(|| panic!("old worker {pid} did not exit cleanly before reload done"));
+        assert!(exit < done);
+    }
+    let new: Vec<u32> = forked_pids(&c)
+        .into_iter()
+        .filter(|p| !old.contains(p))
+        .collect();
+    assert_eq!(new.len(), 2);
+    let started = Instant::now();
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the stop took {:?}",
+        started.elapsed()
+    );
+}
+
+/// sd_notify in a few lines, for Python workers.
+const PY_SD_NOTIFY: &str = r#"
+import os, socket, sys, time
+def notify(msg):
+    addr = os.environ["NOTIFY_SOCKET"]
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.connect(addr)
+    s.send(msg.encode())
+    s.close()
+me = os.environ["CLUSTER_RS_WORKER_ID"]
+"#;
+
+/// A unique path under the temp dir for a test's files.
+fn temp_path(what: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("cluster-rs-{what}-{}", std::process::id()))
+}
+
+#[test]
+fn a_late_ready_holds_the_reload_until_it_comes() {
+    if !have_python() {
+        return;
+    }
+    let trigger = temp_path("late-ready");
+    let _ = std::fs::remove_file(&trigger);
+    // Worker 1 is ready at once; its replacement waits for the test's go before READY=1.
+    let program = format!(
+        "{PY_SD_NOTIFY}
+if me != '1':
+    for _ in range(600):
+        if os.path.exists({trigger:?}):
+            break
+        time.sleep(0.05)
+notify('STATUS=about to be ready\\nREADY=1')
+time.sleep(60)
+"
+    );
+    let mut c = Cluster::start(&[
+        "-n",
+        "1",
+        "--ready-delay",
+        "60000",
+        "--shutdown-timeout",
+        "10000",
+        "--",
+        "python3",
+        "-c",
+        &program,
+    ]);
+    c.wait_line("worker 1 ready", |l| {
+        l.starts_with("[master] worker 1 ") && l.ends_with(" ready (READY=1)")
+    });
+    c.signal(Signal::SIGHUP);
+    c.wait_line("the new worker", |l| {
+        l.starts_with("[master] worker 2 ") && l.contains(" forked in slot 0")
+    });
+    std::fs::write(&trigger, b"go").unwrap();
+    c.wait_line("reload done", |l| l == "[master] reload done");
+    let _ = std::fs::remove_file(&trigger);
+    let at = |c: &Cluster, pred: &dyn Fn(&str) -> bool| c.seen.iter().position(|l| pred(l));
+    let status = at(&c, &|l| {
+        l.starts_with("[master] worker 2 ") && l.ends_with(" status: about to be ready")
+    });
+    let ready = at(&c, &|l| {
+        l.starts_with("[master] worker 2 ") && l.ends_with(" ready (READY=1)")
+    });
+    let old_exit = at(&c, &|l| {
+        l.starts_with("[master] worker 1 ") && l.contains(" exited ")
+    });
+    let done = at(&c, &|l| l == "[master] reload done");
+    assert!(status.is_some() && status < ready, "status before ready");
+    assert!(
+        ready.is_some() && ready < old_exit,
+        "the old worker left only after READY=1"
+    );
+    assert!(old_exit < done, "reload done after the old worker's exit");
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+}
+
+#[test]
+fn a_worker_that_stops_pinging_the_watchdog_is_restarted() {
+    if !have_python() {
+        return;
+    }
+    // Worker 1 pings five times and then hangs; its replacement pings for ever.
+    let program = format!(
+        "{PY_SD_NOTIFY}
+notify('READY=1')
+assert int(os.environ['WATCHDOG_USEC']) == 400000
+n = 0
+while True:
+    if me != '1':
+        notify('WATCHDOG=1\\nSTATUS=ping %d' % n)
+    elif n < 5:
+        notify('WATCHDOG=1')
+    n += 1
+    time.sleep(0.1)
+"
+    );
+    let mut c = Cluster::start(&[
+        "-n",
+        "1",
+        "--watchdog",
+        "400",
+        // It notifies: a slow start under load must not be taken for ready.
+        "--ready-delay",
+        "60000",
+        "--restart-delay",
+        "50",
+        "--shutdown-timeout",
+        "10000",
+        "--",
+        "python3",
+        "-c",
+        &program,
+    ]);
+    c.wait_line("worker 1 declared hung", |l| {
+        l.starts_with("[master] worker 1 ")
+            && l.ends_with(" dropped: sent no WATCHDOG=1 for 400ms: hung")
+    });
+    c.wait_line("worker 1 killed", |l| {
+        l.starts_with("[master] worker 1 ") && l.ends_with(" exited on signal 9 (SIGKILL), crashed")
+    });
+    c.wait_line("its replacement ready", |l| {
+        l.starts_with("[master] worker 2 ") && l.ends_with(" ready (READY=1)")
+    });
+    // The replacement keeps pinging: it outlives several periods (12 pings, 100 ms apart).
+    c.wait_line("worker 2's 12th ping", |l| {
+        l.starts_with("[master] worker 2 ") && l.ends_with(" status: ping 12")
+    });
+    assert!(
+        !c.seen
+            .iter()
+            .any(|l| l.starts_with("[master] worker 2 ") && l.contains(" dropped"))
+    );
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+}
+
+// ------------------------------------------------------------------------ the master under systemd
+
+/// A fake service manager's `NOTIFY_SOCKET`: every datagram arrives on a channel.
+struct FakeManager {
+    path: std::path::PathBuf,
+    messages: Receiver<String>,
+}
+
+impl FakeManager {
+    fn bind(what: &str) -> FakeManager {
+        let path = temp_path(what);
+        let _ = std::fs::remove_file(&path);
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let (tx, messages) = mpsc::channel();
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                if tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        FakeManager { path, messages }
+    }
+
+    /// The next message (skipping watchdog pings and bare status updates) that has `key`.
+    fn expect(&self, key: &str, seen: &mut Vec<String>) -> String {
+        let deadline = Instant::now() + LINE_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let m = self
+                .messages
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {key} from the master; got {seen:?}"));
+            seen.push(m.clone());
+            if m.lines().any(|l| l == key) {
+                return m;
+            }
+            assert!(
+                m.lines()
+                    .all(|l| l.starts_with("WATCHDOG=") || l.starts_with("STATUS=")),
+                "unexpected {m:?} while waiting for {key}; got {seen:?}"
+            );
+        }
+    }
+}
+
+impl Drop for FakeManager {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[test]
+fn the_master_tells_its_service_manager_ready_reloading_and_stopping_in_order() {
+    let manager = FakeManager::bind("sd-notify");
+    let path = manager.path.clone();
+    let mut c = Cluster::start_with(&["-n", "2", "--port", "0"], |cmd| {
+        cmd.env("NOTIFY_SOCKET", &path)
+            .env("WATCHDOG_USEC", "200000");
+    });
+    let mut seen = Vec::new();
+    let ready = manager.expect("READY=1", &mut seen);
+    assert!(ready.contains("STATUS=2 of 2 workers ready"), "{ready}");
+    // Ready means serving.
+    let (port, _) = c.wait_listening(2);
+    get_ok(port, "/");
+    c.signal(Signal::SIGHUP);
+    let reloading = manager.expect("RELOADING=1", &mut seen);
+    let usec: u64 = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {reloading:?}"));
+    assert!(usec > 0);
+    manager.expect("READY=1", &mut seen);
+    c.wait_line("reload done", |l| l == "[master] reload done");
+    // The watchdog pings come from the loop at half the period (100 ms): wait for one.
+    manager.expect("WATCHDOG=1", &mut seen);
+    c.signal(Signal::SIGTERM);
+    manager.expect("STOPPING=1", &mut seen);
+    assert_clean_exit(&mut c);
+}
+
+// ------------------------------------------------------------------------ socket activation
+
+const SOCKET_ACTIVATE: &str = "/usr/bin/systemd-socket-activate";
+
+/// A port that was free a moment ago (for tools that take a port, not a socket).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn under_systemd_socket_activate_the_master_serves_the_inherited_socket() {
+    if !std::path::Path::new(SOCKET_ACTIVATE).exists() {
+        eprintln!("SKIPPED: {SOCKET_ACTIVATE} is not installed");
+        return;
+    }
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let port_arg = port.to_string();
+    // Its stderr joins stdout, so that its `Listening on` line can be awaited in order.
+    let child = Command::new("/bin/sh")
+        .args(["-c", "exec 2>&1; exec \"$0\" \"$@\"", SOCKET_ACTIVATE])
+        .args([
+            "-l",
+            &addr,
+            "--fdname=web",
+            BIN,
+            "spawn",
+            "-n",
+            "2",
+            "--port",
+            &port_arg,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn systemd-socket-activate");
+    // The shell and systemd-socket-activate exec in place: the child's pid is the master's.
+    let mut c = Cluster::from_child(child);
+    c.wait_line("the socket bound", |l| l.starts_with("Listening on "));
+    // systemd-socket-activate starts the master on the first connection, which waits in the
+    // socket's queue meanwhile, as under systemd.
+    let r = get_ok(port, "/");
+    assert!(r.body.starts_with("hello from worker "), "{:?}", r.body);
+    let want = format!("[master] inherited {addr} as web (socket activation)");
+    c.find_line(&want, |l| l == want);
+    // Had the master bound the port itself, the workers' listen would have failed with
+    // EADDRINUSE against the inherited socket.
+    for l in &c.seen {
+        assert!(!l.contains("errored"), "{l}");
+    }
+    c.wait_listening(2);
+    for _ in 0..20 {
+        get_ok(port, "/");
+    }
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+}
+
+/// Holds a listening socket as systemd does and runs the master on it, once per `start` read
+/// from stdin, stopping it (SIGTERM, then wait) on `stop`.
+const ACTIVATION_HARNESS: &str = r#"
+import os, signal, socket, subprocess, sys
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(128)
+port = s.getsockname()[1]
+fd = s.detach()
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.set_inheritable(3, True)
+print("harness: port", port, flush=True)
+master = None
+for line in sys.stdin:
+    if line.strip() == "start":
+        master = subprocess.Popen(
+            ["/bin/sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=web exec "$0" "$@"',
+             sys.argv[1], "spawn", "-n", "2", "--port", str(port)],
+            pass_fds=(3,))
+        print("harness: started", flush=True)
+    elif line.strip() == "stop":
+        master.send_signal(signal.SIGTERM)
+        print("harness: stopped rc=%d" % master.wait(), flush=True)
+"#;
+
+#[test]
+fn a_socket_held_across_master_restarts_refuses_no_connection() {
+    if !have_python() {
+        return;
+    }
+    let mut child = Command::new("python3")
+        .args(["-c", ACTIVATION_HARNESS, BIN])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the harness");
+    let mut to_harness = child.stdin.take().unwrap();
+    let mut c = Cluster::from_child(child);
+    let line = c.wait_line("the harness's port", |l| l.starts_with("harness: port "));
+    let port: u16 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    writeln!(to_harness, "start").unwrap();
+    c.wait_listening(2);
+    get_ok(port, "/");
+    writeln!(to_harness, "stop").unwrap();
+    let stopped = c.wait_line("the first master's stop", |l| {
+        l.starts_with("harness: stopped")
+    });
+    assert_eq!(stopped, "harness: stopped rc=0");
+    // No master runs now: these wait in the held socket's queue.
+    let mut waiting: Vec<TcpStream> = (0..20).map(|_| connect(port).expect("connect")).collect();
+    for s in &mut waiting {
+        write!(s, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    }
+    writeln!(to_harness, "start").unwrap();
+    for s in waiting {
+        let r = read_response(&mut BufReader::new(s)).expect("a queued connection was served");
+        assert_eq!(r.status, 200);
+    }
+    // One worker may have served them all: let the other finish starting before the stop (a
+    // hello worker stopped before it listens exits 1).
+    c.wait_listening(2);
+    writeln!(to_harness, "stop").unwrap();
+    let stopped = c.wait_line("the second master's stop", |l| {
+        l.starts_with("harness: stopped")
+    });
+    assert_eq!(stopped, "harness: stopped rc=0");
+    drop(to_harness);
+    let status = c.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "harness: {status:?}");
+}
+
+#[test]
+fn listen_name_passes_an_inherited_socket_to_listen_workers() {
+    if !std::path::Path::new(SOCKET_ACTIVATE).exists() || !have_python() {
+        eprintln!("SKIPPED: needs {SOCKET_ACTIVATE} and python3");
+        return;
+    }
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = Command::new("/bin/sh")
+        .args(["-c", "exec 2>&1; exec \"$0\" \"$@\"", SOCKET_ACTIVATE])
+        .args([
+            "-l",
+            &addr,
+            "--fdname=web",
+            BIN,
+            "spawn",
+            "-n",
+            "2",
+            "--listen",
+            "web",
+        ])
+        .args(["--", "python3", "-c", GRACEFUL_LISTEN_PROGRAM])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn systemd-socket-activate");
+    let mut c = Cluster::from_child(child);
+    c.wait_line("the socket bound", |l| l.starts_with("Listening on "));
+    let r = get_ok(port, "/");
+    assert!(r.body.starts_with("pid "), "{:?}", r.body);
+    let want = format!("[master] pre-bound {addr} as fd 3 (LISTEN_FDNAMES name web)");
+    c.find_line(&want, |l| l == want);
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+}
+
+// ------------------------------------------------------------------------ the master as PID 1
+
+/// Pids of the processes whose parent is `ppid`, with their state letter.
+fn children_of(ppid: u32) -> Vec<(u32, char)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let mut rest = stat.rsplit(')').next()?.split_whitespace();
+            let state = rest.next()?.chars().next()?;
+            let parent: u32 = rest.next()?.parse().ok()?;
+            (parent == ppid).then_some((pid, state))
+        })
+        .collect()
+}
+
+#[test]
+fn as_pid_1_the_master_reaps_the_orphans_a_worker_leaves() {
+    let usable = Command::new("unshare")
+        .args(["--pid", "--fork", "true"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !usable {
+        eprintln!("SKIPPED: `unshare --pid --fork` is missing or not permitted here");
+        return;
+    }
+    // The worker's subshell starts `sleep` in the background and exits: the sleep is orphaned
+    // and reparented to the namespace's init, the master. Then the worker says so and waits.
+    let worker = "(sleep 2 &); echo orphaned; exec sleep 60";
+    let child = Command::new("unshare")
+        .args([
+            "--pid",
+            "--fork",
+            // If the test fails and SIGKILLs unshare, the master goes too.
+            "--kill-child",
+            BIN,
+            "spawn",
+            "-n",
+            "1",
+            "--shutdown-timeout",
+            "5000",
+        ])
+        .args(["--", "/bin/sh", "-c", worker])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn unshare");
+    let unshare = child.id();
+    let mut c = Cluster::from_child(child);
+    c.wait_line("the worker's orphan", |l| l.ends_with("] orphaned"));
+    let master = children_of(unshare)
+        .first()
+        .map(|(pid, _)| *pid)
+        .expect("unshare's child, the master");
+    // The worker is the master's child; the orphan is too, now. Bounded look (no event
+    // tells an outsider about reparenting).
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    loop {
+        let kids = children_of(master);
+        if kids.len() >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no orphan reparented to the master: {kids:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Once the orphan's sleep ends, it must be reaped, not left a zombie: within the sweep
+    // period after it exits, the master has only its worker left.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let kids = children_of(master);
+        if kids.len() == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the orphan was not reaped: children of the master {kids:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    // And as PID 1 it stops gracefully on SIGTERM.
+    kill(Pid::from_raw(master as i32), Signal::SIGTERM).unwrap();
+    assert_clean_exit(&mut c);
+}
+
+// ------------------------------------------------------------------------ docs/systemd.md
+
+/// The `ini` blocks of docs/systemd.md.
+fn doc_units() -> Vec<String> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/systemd.md"))
+        .expect("docs/systemd.md");
+    doc.split("```ini\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next().map(str::to_owned))
+        .collect()
+}
+
+fn unit_value(unit: &str, key: &str) -> String {
+    unit.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {unit}"))
+        .to_owned()
+}
+
+#[test]
+fn the_units_in_docs_systemd_md_work_as_written() {
+    let units = doc_units();
+    let socket = units
+        .iter()
+        .find(|u| u.contains("[Socket]"))
+        .expect("a socket unit");
+    let service = units
+        .iter()
+        .find(|u| u.contains("[Service]"))
+        .expect("a service unit");
+    let exec = unit_value(service, "ExecStart");
+    let listen = unit_value(socket, "ListenStream");
+    let fdname = unit_value(socket, "FileDescriptorName");
+    let (_, doc_port) = listen.rsplit_once(':').expect("HOST:PORT");
+    // The installed path stands for the binary under test; nothing else is changed.
+    let exec = exec.replace("/usr/local/bin/cluster-cli", BIN);
+
+    if Path::new("/usr/bin/systemd-analyze").exists() {
+        let dir = temp_path("units");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let service_file = dir.join("cluster-web.service");
+        std::fs::write(dir.join("cluster-web.socket"), socket).unwrap();
+        std::fs::write(
+            &service_file,
+            service.replace(&unit_value(service, "ExecStart"), &exec),
+        )
+        .unwrap();
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(dir.join("cluster-web.socket"))
+            .arg(&service_file)
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "systemd-analyze verify: {err}");
+        for line in err.lines().filter(|l| !l.trim().is_empty()) {
+            // systemd before 253 does not know Type=notify-reload (the page says what to use
+            // there instead); anything else is a mistake in the units.
+            assert!(
+                line.contains("notify-reload"),
+                "systemd-analyze verify: {line}"
+            );
+        }
+    } else {
+        eprintln!("SKIPPED (part): systemd-analyze is not installed");
+    }
+
+    if !Path::new(SOCKET_ACTIVATE).exists() {
+        eprintln!("SKIPPED (part): {SOCKET_ACTIVATE} is not installed");
+        return;
+    }
+    // The socket unit's address on a free port, and ExecStart with that port.
+    let port = free_port();
+    let addr = listen.replace(doc_port, &port.to_string());
+    let argv: Vec<String> = exec
+        .split_whitespace()
+        .map(|a| {
+            if a == doc_port {
+                port.to_string()
+            } else {
+                a.to_owned()
+            }
+        })
+        .collect();
+    let manager = FakeManager::bind("doc-units");
+    let usec = unit_value(service, "WatchdogSec").parse::<u64>().unwrap() * 1_000_000;
+    let child = Command::new("/bin/sh")
+        .args(["-c", "exec 2>&1; exec \"$0\" \"$@\"", SOCKET_ACTIVATE])
+        .args(["-l", &addr, &format!("--fdname={fdname}")])
+        .arg(format!("--setenv=NOTIFY_SOCKET={}", manager.path.display()))
+        .arg(format!("--setenv=WATCHDOG_USEC={usec}"))
+        .args(&argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn systemd-socket-activate");
+    let mut c = Cluster::from_child(child);
+    c.wait_line("the socket bound", |l| l.starts_with("Listening on "));
+    let r = get_ok(port, "/");
+    assert_eq!(r.status, 200);
+    let mut seen = Vec::new();
+    manager.expect("READY=1", &mut seen);
+    let want = format!("[master] inherited {addr} as {fdname} (socket activation)");
+    c.find_line(&want, |l| l == want);
+    // `systemctl reload` under Type=notify-reload: SIGHUP, then RELOADING=1 and READY=1.
+    c.signal(Signal::SIGHUP);
+    manager.expect("RELOADING=1", &mut seen);
+    manager.expect("READY=1", &mut seen);
+    get_ok(port, "/");
+    c.signal(Signal::SIGTERM);
+    manager.expect("STOPPING=1", &mut seen);
+    assert_clean_exit(&mut c);
+}
+
+#[test]
+fn workers_see_none_of_the_masters_systemd_environment() {
+    if !Path::new(SOCKET_ACTIVATE).exists() {
+        eprintln!("SKIPPED: {SOCKET_ACTIVATE} is not installed");
+        return;
+    }
+    let manager = FakeManager::bind("worker-env");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    // The worker reports what it got, and whether fd 4 (the inherited socket would be
+    // there if it leaked past the channel at fd 3) is open.
+    let report = "echo \"env: ${LISTEN_FDS-none} ${LISTEN_PID-none} ${LISTEN_FDNAMES-none} \
+                  ${WATCHDOG_USEC-none} ${WATCHDOG_PID-none} ${NOTIFY_SOCKET}\"; \
+                  if [ -e /proc/self/fd/4 ]; then echo fd4: open; else echo fd4: closed; fi; \
+                  exec sleep 60";
+    let child = Command::new("/bin/sh")
+        .args(["-c", "exec 2>&1; exec \"$0\" \"$@\"", SOCKET_ACTIVATE])
+        .args(["-l", &addr, "--fdname=web"])
+        .arg(format!("--setenv=NOTIFY_SOCKET={}", manager.path.display()))
+        .args(["--setenv=WATCHDOG_USEC=10000000", BIN, "spawn", "-n", "1"])
+        .args(["--", "/bin/sh", "-c", report])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn systemd-socket-activate");
+    let mut c = Cluster::from_child(child);
+    c.wait_line("the socket bound", |l| l.starts_with("Listening on "));
+    // systemd-socket-activate starts the master on the first connection.
+    let _first = connect(port).expect("connect");
+    let env = c.wait_line("the worker's environment", |l| l.contains("] env: "));
+    let env = env.split("] env: ").nth(1).unwrap();
+    assert!(
+        env.starts_with("none none none none none @cluster-rs/notify/"),
+        "the worker got the master's systemd environment: {env}"
+    );
+    let fd4 = c.wait_line("the worker's fd 4", |l| l.contains("] fd4: "));
+    assert!(fd4.ends_with("fd4: closed"), "{fd4}");
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
 }

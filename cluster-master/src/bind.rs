@@ -135,7 +135,7 @@ pub(crate) fn set_backlog(fd: BorrowedFd<'_>, backlog: u32) -> Result<(), Listen
     listen(&fd, backlog).map_err(|e| errno_of(e, "listen"))
 }
 
-fn sockaddr_to_std(s: &SockaddrStorage) -> Option<SocketAddr> {
+pub(crate) fn sockaddr_to_std(s: &SockaddrStorage) -> Option<SocketAddr> {
     if let Some(v4) = s.as_sockaddr_in() {
         return Some(SocketAddr::V4((*v4).into()));
     }

@@ -11,6 +11,10 @@ use crate::{Master, MasterError};
 /// Servers one worker may hold unless [`MasterBuilder::max_servers_per_worker`] says otherwise.
 pub const DEFAULT_MAX_SERVERS_PER_WORKER: usize = 32;
 
+/// How long after its start a worker that neither speaks the channel nor sends `READY=1`
+/// counts as ready, unless [`MasterBuilder::ready_delay`] says otherwise.
+pub const DEFAULT_READY_DELAY: Duration = Duration::from_secs(1);
+
 /// Configures and starts a [`Master`].
 ///
 /// ```no_run
@@ -34,8 +38,23 @@ pub struct MasterBuilder {
     pub(crate) ready_timeout: Duration,
     pub(crate) capture_output: bool,
     pub(crate) max_frame: usize,
-    pub(crate) listen_fds: Vec<(String, ListenSpec)>,
+    pub(crate) listen_fds: Vec<(String, ListenSource)>,
     pub(crate) max_servers_per_worker: usize,
+    pub(crate) stop_signal: i32,
+    pub(crate) ready_delay: Duration,
+    pub(crate) watchdog: Option<Duration>,
+    pub(crate) notify_systemd: bool,
+    pub(crate) socket_activation: bool,
+    pub(crate) reap_orphans: bool,
+}
+
+/// Where a socket passed to the workers as `LISTEN_FDS` comes from.
+#[derive(Clone, Debug)]
+pub(crate) enum ListenSource {
+    /// Bound by the master (unless an inherited socket has the address).
+    Bind(ListenSpec),
+    /// Inherited by the master under this `LISTEN_FDNAMES` name.
+    Inherited(String),
 }
 
 impl MasterBuilder {
@@ -56,6 +75,12 @@ impl MasterBuilder {
             max_frame: cluster_ipc::frame::DEFAULT_MAX_FRAME,
             listen_fds: Vec::new(),
             max_servers_per_worker: DEFAULT_MAX_SERVERS_PER_WORKER,
+            stop_signal: libc::SIGTERM,
+            ready_delay: DEFAULT_READY_DELAY,
+            watchdog: None,
+            notify_systemd: false,
+            socket_activation: false,
+            reap_orphans: false,
         }
     }
 
@@ -127,7 +152,8 @@ impl MasterBuilder {
         self
     }
 
-    /// How long a new worker in a rolling reload may take to reach `listening`.
+    /// How long a new worker in a rolling reload may take to become ready (listening, or
+    /// `READY=1`).
     pub fn ready_timeout(mut self, timeout: Duration) -> Self {
         self.ready_timeout = timeout;
         self
@@ -154,11 +180,81 @@ impl MasterBuilder {
         self
     }
 
+    /// Readiness for programs that do not speak the channel: every worker gets
+    /// `NOTIFY_SOCKET`, and one that sends `READY=1` there is ready (as `Listening` makes a
+    /// native worker ready). One that never said `Online` and sends nothing is ready this
+    /// long after it started (default [`DEFAULT_READY_DELAY`]; zero: at once).
+    pub fn ready_delay(mut self, delay: Duration) -> Self {
+        self.ready_delay = delay;
+        self
+    }
+
+    /// Gives every worker `WATCHDOG_USEC`: a worker that does not send `WATCHDOG=1` to
+    /// `NOTIFY_SOCKET` within `period` (from becoming ready, then from each ping) is killed as hung
+    /// and restarted.
+    pub fn watchdog(mut self, period: Duration) -> Self {
+        self.watchdog = Some(period);
+        self
+    }
+
+    /// Report to the service manager that started this process, if it set `NOTIFY_SOCKET`
+    /// (systemd's `Type=notify` or `Type=notify-reload`): `READY=1` once every worker is
+    /// ready, `RELOADING=1` with `MONOTONIC_USEC` when [`crate::MasterControl::reload`] is
+    /// called and `READY=1` when the reload ends, `STOPPING=1` on shutdown, `STATUS=` lines,
+    /// and `WATCHDOG=1` from the event loop at half `WATCHDOG_USEC`. Off by default: an
+    /// embedder may speak to its manager itself.
+    pub fn notify_systemd(mut self, enabled: bool) -> Self {
+        self.notify_systemd = enabled;
+        self
+    }
+
+    /// The signal that asks a worker which does not speak the channel (it never said
+    /// `Online`: a `LISTEN_FDS` program, any program) to stop, sent with the `Disconnect`
+    /// that such a worker cannot read; SIGKILL follows after the shutdown timeout. A worker
+    /// that exits 0 or dies of this very signal has stopped cleanly, as systemd counts it.
+    /// Default `SIGTERM`.
+    pub fn stop_signal(mut self, signal: i32) -> Self {
+        self.stop_signal = signal;
+        self
+    }
+
     /// Pre-binds `spec` in the master and passes it to every worker the systemd way
     /// (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`, fds from 3), for programs that do not
     /// speak the cluster protocol. Such workers count as listening once spawned.
     pub fn listen_fd(mut self, name: impl Into<String>, spec: ListenSpec) -> Self {
-        self.listen_fds.push((name.into(), spec));
+        self.listen_fds
+            .push((name.into(), ListenSource::Bind(spec)));
+        self
+    }
+
+    /// Passes the socket this master inherited under `LISTEN_FDNAMES` name `name` (see
+    /// [`MasterBuilder::socket_activation`]) to every worker the way
+    /// [`MasterBuilder::listen_fd`] passes the sockets it binds, under the same name.
+    pub fn listen_inherited(mut self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        self.listen_fds
+            .push((name.clone(), ListenSource::Inherited(name)));
+        self
+    }
+
+    /// Reap orphaned descendants: the master makes itself a child subreaper, so that the
+    /// children a worker leaves behind are reparented to it, and waits for them when they exit
+    /// instead of leaving zombies. As PID 1 (a container's init) the master does this whether
+    /// asked or not, since orphans are reparented to it anyway. Every exited child of the
+    /// process that is not a worker is reaped, so an embedder that runs children of its own
+    /// must not rely on waiting for them itself.
+    pub fn reap_orphans(mut self, enabled: bool) -> Self {
+        self.reap_orphans = enabled;
+        self
+    }
+
+    /// Adopt the sockets a service manager passed to this process (`LISTEN_FDS`,
+    /// `LISTEN_PID`, `LISTEN_FDNAMES`; systemd's socket activation) as the master's own: a
+    /// worker's `listen` on an inherited socket's address gets that socket instead of a bind,
+    /// as does a [`MasterBuilder::listen_fd`] spec for that address. Off by default: the
+    /// descriptors are taken over (made close-on-exec and owned by the master) at start.
+    pub fn socket_activation(mut self, enabled: bool) -> Self {
+        self.socket_activation = enabled;
         self
     }
 

@@ -19,10 +19,13 @@ use std::time::{Duration, Instant};
 use cluster_core::{BoundAddr, ServerId, WorkerId};
 use mio::{Events, Poll, Token, Waker};
 
+use crate::activation::Activation;
 use crate::channel::WorkerChannel;
 use crate::events::{
     Command, Event, EventReceiver, EventSender, MasterStats, WorkerState, event_queue,
 };
+use crate::notify::NotifySocket;
+use crate::orphans::OrphanReaper;
 use crate::round_robin::Action;
 use crate::server::{Server, ServerKind};
 use crate::supervision::{Supervision, SupervisionConfig};
@@ -30,7 +33,10 @@ use crate::{MasterBuilder, MasterError, sys};
 
 mod channels;
 mod commands;
+mod inherited;
 mod lifecycle;
+mod manager;
+mod readiness;
 mod servers;
 mod spawn;
 
@@ -45,6 +51,7 @@ const KIND_CHANNEL: usize = 2;
 const KIND_PIDFD: usize = 3;
 const KIND_STDOUT: usize = 4;
 const KIND_STDERR: usize = 5;
+const KIND_NOTIFY: usize = 6;
 
 fn token(kind: usize, id: u32) -> Token {
     Token(((id as usize) << KIND_BITS) | kind)
@@ -90,6 +97,9 @@ struct WorkerRec {
     held_message: Option<Event>,
     /// Its last listen failed for a reason a restart cannot fix (`ADDR: error`).
     listen_failure: Option<String>,
+    /// The stop signal sent with its `Disconnect` (it never spoke the channel): dying of it
+    /// is a clean stop.
+    stop_signal_sent: Option<i32>,
 }
 
 impl WorkerRec {
@@ -147,6 +157,16 @@ pub(crate) struct EventLoop {
     /// Connections closed unserved before the owner asked to stop: the stop is judged only on
     /// what it closed itself.
     unserved_before_stop: Option<u64>,
+    /// The workers' `NOTIFY_SOCKET`.
+    notify: NotifySocket,
+    /// The notify socket's last drain stopped at its bound: read it again without waiting.
+    notify_unread: bool,
+    /// The service manager that started the master, if it is to be told how things go.
+    manager: Option<manager::Manager>,
+    /// Sockets the master inherited (socket activation).
+    activation: Activation,
+    /// Reaps orphaned descendants (as PID 1, or when asked).
+    orphans: Option<OrphanReaper>,
 }
 
 /// Something of a worker's that the loop reads: its channel, or a captured output pipe.
@@ -167,9 +187,22 @@ impl EventLoop {
                 .map_err(|e| MasterError::io("eventfd", e))?,
         );
         let (events, receiver) = event_queue(Arc::clone(&waker));
+        let notify = NotifySocket::bind().map_err(|e| MasterError::io("bind NOTIFY_SOCKET", e))?;
+        poll.registry()
+            .register(
+                &mut mio::unix::SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&notify.as_fd())),
+                token(KIND_NOTIFY, 0),
+                mio::Interest::READABLE,
+            )
+            .map_err(|e| MasterError::io("register NOTIFY_SOCKET", e))?;
+        let activation = if cfg.socket_activation {
+            Activation::new(crate::activation::take_from_env())
+        } else {
+            Activation::default()
+        };
         let mut prebound = Vec::new();
-        for (name, spec) in &cfg.listen_fds {
-            let bound = crate::bind::bind_spec(spec, false)?;
+        for (name, source) in &cfg.listen_fds {
+            let bound = inherited::prebind(&activation, source)?;
             prebound.push((name.clone(), bound.fd, bound.addr));
         }
         // Jitter only has to differ between masters started together.
@@ -182,11 +215,13 @@ impl EventLoop {
                 restart: cfg.restart.clone(),
                 ready_timeout: cfg.ready_timeout,
                 shutdown_timeout: cfg.shutdown_timeout,
+                ready_delay: cfg.ready_delay,
+                watchdog: cfg.watchdog,
             },
             cfg.workers,
             seed ^ 0x9e37_79b9_7f4a_7c15,
         );
-        let event_loop = EventLoop {
+        let mut event_loop = EventLoop {
             poll,
             waker,
             cfg,
@@ -209,7 +244,22 @@ impl EventLoop {
             paused: Vec::new(),
             unclean_exits: 0,
             unserved_before_stop: None,
+            notify,
+            notify_unread: false,
+            manager: None,
+            activation,
+            orphans: None,
         };
+        if crate::orphans::is_init() || event_loop.cfg.reap_orphans {
+            if !crate::orphans::is_init() {
+                crate::orphans::become_subreaper()
+                    .map_err(|e| MasterError::io("PR_SET_CHILD_SUBREAPER", e))?;
+            }
+            event_loop.orphans = Some(OrphanReaper::new(event_loop.now));
+        }
+        if event_loop.cfg.notify_systemd {
+            event_loop.manager = manager::Manager::from_env(event_loop.now);
+        }
         Ok((event_loop, receiver))
     }
 
@@ -217,11 +267,24 @@ impl EventLoop {
         Arc::clone(&self.waker)
     }
 
+    pub(crate) fn inherited_sockets(&self) -> Vec<(String, BoundAddr)> {
+        self.activation.describe()
+    }
+
     pub(crate) fn prebound_addrs(&self) -> Vec<(String, BoundAddr)> {
         self.prebound
             .iter()
             .map(|(name, _, addr)| (name.clone(), addr.clone()))
             .collect()
+    }
+
+    /// Reaps exited orphans when a sweep is due, leaving the workers to their pidfds.
+    fn reap_orphans(&mut self) {
+        let Some(reaper) = self.orphans.as_mut() else {
+            return;
+        };
+        let workers = &self.fleet.workers;
+        reaper.sweep_if_due(self.now, |pid| workers.values().any(|w| w.pid == pid));
     }
 
     fn emit(&self, e: Event) {
@@ -234,7 +297,7 @@ impl EventLoop {
         let result = loop {
             self.timer_due = self.next_deadline();
             let resumable = !self.paused.is_empty() && self.events.room_to_resume();
-            let timeout = if self.unread.is_empty() && !resumable {
+            let timeout = if self.unread.is_empty() && !resumable && !self.notify_unread {
                 self.timer_due
                     .map(|t| t.saturating_duration_since(Instant::now()))
             } else {
@@ -256,9 +319,13 @@ impl EventLoop {
                     KIND_PIDFD => self.reap(WorkerId(id)),
                     KIND_STDOUT => self.output_ready(WorkerId(id), false),
                     KIND_STDERR => self.output_ready(WorkerId(id), true),
+                    KIND_NOTIFY => self.notify_ready(),
                     _ => {}
                 }
                 self.drop_doomed();
+            }
+            if self.notify_unread {
+                self.notify_ready();
             }
             self.run_commands();
             self.on_timers();
@@ -266,6 +333,8 @@ impl EventLoop {
             self.resume_unread();
             self.resume_paused();
             self.drop_doomed();
+            self.tell_manager();
+            self.reap_orphans();
             if self.fleet.workers.is_empty() {
                 if self.sup.shutting_down() {
                     break Ok(());
@@ -283,12 +352,13 @@ impl EventLoop {
             self.close_server(id);
         }
         // One verdict for the embedder: a stop is clean when it closed no connection unserved
-        // and every worker left by itself (exit 0 after disconnect).
+        // and every worker left as asked.
         let closed_by_stop = self.fleet.stats.closed_unserved
             - self
                 .unserved_before_stop
                 .unwrap_or(self.fleet.stats.closed_unserved);
         let clean = result.is_ok() && closed_by_stop == 0 && self.unclean_exits == 0;
+        self.manager_stopping();
         self.emit(Event::Stopped { clean });
         result
     }
@@ -333,6 +403,8 @@ impl EventLoop {
             }
         };
         consider(self.sup.next_deadline());
+        consider(self.manager.as_ref().and_then(|m| m.next_ping()));
+        consider(self.orphans.as_ref().map(|o| o.next_sweep()));
         for w in self.fleet.workers.values() {
             consider(self.ack_deadline(w));
         }

@@ -69,7 +69,10 @@ pub(crate) fn event_queue(waker: Arc<Waker>) -> (EventSender, EventReceiver) {
 impl Event {
     /// User messages and output lines: events a worker can produce at any rate.
     fn is_bulk(&self) -> bool {
-        matches!(self, Event::Message { .. } | Event::Output { .. })
+        matches!(
+            self,
+            Event::Message { .. } | Event::Output { .. } | Event::Status { .. }
+        )
     }
 }
 
@@ -170,6 +173,18 @@ pub enum Event {
         /// The address (the real port for `listen(0)`).
         addr: BoundAddr,
     },
+    /// The worker sent `READY=1` to its `NOTIFY_SOCKET`.
+    Ready {
+        /// The worker.
+        worker: WorkerId,
+    },
+    /// The worker sent `STATUS=...` to its `NOTIFY_SOCKET`.
+    Status {
+        /// The worker.
+        worker: WorkerId,
+        /// What it said.
+        status: String,
+    },
     /// A user message from a worker.
     Message {
         /// The sender.
@@ -204,6 +219,9 @@ pub enum Event {
         signal: Option<i32>,
         /// It left because it was told to (or said it would): not a crash.
         exited_after_disconnect: bool,
+        /// It left as asked: exit 0 after a disconnect, or death by the stop signal the
+        /// master sent it (see [`crate::MasterBuilder::stop_signal`]).
+        clean: bool,
     },
     /// A crashed slot will get a new worker after this delay.
     Restarting {
@@ -239,8 +257,8 @@ pub enum Event {
     },
     /// The master stopped (after shutdown, or because every slot errored).
     Stopped {
-        /// True when the stop was asked for, every worker left by itself (exit 0 after
-        /// disconnect) and the stop closed no connection unserved.
+        /// True when the stop was asked for, every worker left as asked (exit 0 after
+        /// disconnect, or death by the stop signal) and the stop closed no connection unserved.
         clean: bool,
     },
 }

@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 
+mod activation;
 mod bind;
 mod channel;
 mod config;
@@ -34,14 +35,17 @@ mod error;
 mod event_loop;
 mod events;
 mod master;
+mod notify;
+mod orphans;
 mod round_robin;
+mod sd;
 mod server;
 mod supervision;
 mod supervisor;
 mod sys;
 
 pub use channel::WorkerChannel;
-pub use config::{DEFAULT_MAX_SERVERS_PER_WORKER, MasterBuilder};
+pub use config::{DEFAULT_MAX_SERVERS_PER_WORKER, DEFAULT_READY_DELAY, MasterBuilder};
 pub use error::MasterError;
 pub use events::{Event, MasterStats, WorkerInfo, WorkerState};
 pub use master::{Master, MasterControl};

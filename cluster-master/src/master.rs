@@ -20,6 +20,7 @@ pub struct Master {
     events: EventReceiver,
     thread: Option<JoinHandle<Result<(), MasterError>>>,
     listen_fds: Vec<(String, BoundAddr)>,
+    inherited: Vec<(String, BoundAddr)>,
 }
 
 /// A cloneable, thread-safe handle that sends commands to a [`Master`]'s event loop.
@@ -46,6 +47,12 @@ impl Master {
         &self.listen_fds
     }
 
+    /// The sockets this master adopted through socket activation
+    /// ([`MasterBuilder::socket_activation`]), in `LISTEN_FDS` order, with their names.
+    pub fn inherited_sockets(&self) -> &[(String, BoundAddr)] {
+        &self.inherited
+    }
+
     /// Waits for the loop to stop (after [`MasterControl::shutdown`], or when every slot
     /// errored).
     pub fn wait(mut self) -> Result<(), MasterError> {
@@ -61,6 +68,7 @@ impl Master {
         let (event_loop, ev_rx) = EventLoop::new(config, cmd_rx)?;
         let waker = event_loop.waker();
         let listen_fds = event_loop.prebound_addrs();
+        let inherited = event_loop.inherited_sockets();
         let thread = std::thread::Builder::new()
             .name("cluster-master".into())
             .spawn(move || event_loop.run())
@@ -73,6 +81,7 @@ impl Master {
             events: ev_rx,
             thread: Some(thread),
             listen_fds,
+            inherited,
         })
     }
 }

@@ -85,11 +85,44 @@ impl Server {
         rr: &RoundRobinConfig,
     ) -> Result<Server, ListenError> {
         let policy = policy.effective(spec.addr.is_udp());
-        let BoundSocket { fd, addr } = bind::bind_spec(spec, policy == Policy::ReusePort)?;
+        let bound = bind::bind_spec(spec, policy == Policy::ReusePort)?;
         let unix_path = match &spec.addr {
             ListenAddr::Unix(p) => Some(p.clone()),
             _ => None,
         };
+        Server::with_socket(id, key, spec, policy, slot, rr, bound, unix_path)
+    }
+
+    /// A server on a socket the master inherited (socket activation): not bound here, so its
+    /// path is not the master's to remove, and since it cannot be bound again per slot,
+    /// reuse-port serves it as shared.
+    pub(crate) fn adopt(
+        id: ServerId,
+        key: ListenKey,
+        spec: &ListenSpec,
+        policy: Policy,
+        rr: &RoundRobinConfig,
+        socket: BoundSocket,
+    ) -> Result<Server, ListenError> {
+        let policy = match policy.effective(spec.addr.is_udp()) {
+            Policy::ReusePort => Policy::Shared,
+            other => other,
+        };
+        Server::with_socket(id, key, spec, policy, 0, rr, socket, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn with_socket(
+        id: ServerId,
+        key: ListenKey,
+        spec: &ListenSpec,
+        policy: Policy,
+        slot: usize,
+        rr: &RoundRobinConfig,
+        bound: BoundSocket,
+        unix_path: Option<PathBuf>,
+    ) -> Result<Server, ListenError> {
+        let BoundSocket { fd, addr } = bound;
         let kind = match policy {
             Policy::ReusePort => {
                 let mut resolved = spec.clone();
@@ -105,7 +138,7 @@ impl Server {
             }
             Policy::Shared => ServerKind::Shared { socket: fd },
             _ => {
-                let socket = if unix_path.is_some() {
+                let socket = if matches!(spec.addr, ListenAddr::Unix(_)) {
                     AcceptSocket::Unix(UnixListener::from(fd))
                 } else {
                     AcceptSocket::Tcp(std::net::TcpListener::from(fd))

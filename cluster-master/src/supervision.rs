@@ -22,18 +22,24 @@
 //! only after a reload.
 //!
 //! **Workers.** Every worker supervision asked for is tracked until its exit is reported: its
-//! slot, when it started, whether it is ready (listening, or holding `LISTEN_FDS` from the
-//! start) or leaving, and the instant at which it is SIGKILLed if it has not exited by then
-//! (a disconnect that takes too long, or a worker that can no longer be told to stop).
+//! slot, when it started, whether it is ready or leaving, and the instant at which it is
+//! SIGKILLed if it has not exited by then (a disconnect that takes too long, or a worker that
+//! can no longer be told to stop). A worker is ready when it listens, when it sends `READY=1`
+//! to the notify socket, or, if it never said `Online` (a program that does not speak the
+//! channel), once the ready delay has passed since it started. With a watchdog period, a
+//! ready worker that does not send `WATCHDOG=1` within a period (from becoming ready, then from
+//! its last ping) is killed as hung, and its exit is a crash like any other.
 //!
 //! **Reload.** One slot at a time: spawn the new worker beside the slot's current one, wait
-//! until it is ready, make it the slot's worker, then disconnect the old one. Until then the
+//! until it is ready, make it the slot's worker, then disconnect the old one. The reload is
+//! done once every slot has been replaced and every old worker (one running when the reload
+//! started, or one a replacement took the slot from) has exited. Until then the
 //! new worker is not the slot's worker, so its crash restarts nothing: the reload fails and
 //! the old one keeps serving. A reload also gives errored slots a fresh start with a clean
 //! crash count (that is how a fixed program gets deployed); those start the new program
 //! already, so the rolling part skips them.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use cluster_core::WorkerId;
@@ -53,6 +59,12 @@ pub(crate) struct SupervisionConfig {
     pub(crate) ready_timeout: Duration,
     /// How long a disconnected worker may take to exit before it is SIGKILLed.
     pub(crate) shutdown_timeout: Duration,
+    /// A worker that neither speaks the channel (it said `Online`) nor sends `READY=1` counts
+    /// as ready this long after it started.
+    pub(crate) ready_delay: Duration,
+    /// A worker must send `WATCHDOG=1` at least this often, from its start, or it is killed
+    /// as hung.
+    pub(crate) watchdog: Option<Duration>,
 }
 
 /// Where a slot stands.
@@ -120,6 +132,10 @@ struct Worker {
     phase: Phase,
     /// SIGKILL at this instant.
     kill_at: Option<Instant>,
+    /// Ready at this instant unless it turns out to speak the channel (`--ready-delay`).
+    ready_at: Option<Instant>,
+    /// Hung unless it pings the watchdog before this instant.
+    watchdog_at: Option<Instant>,
 }
 
 /// The slot a reload is replacing right now.
@@ -140,6 +156,10 @@ struct Reload {
     /// Slots still to replace, in order.
     queue: VecDeque<usize>,
     waiting: Option<Replacement>,
+    /// Old workers not yet exited: those running when the reload started, and each worker a
+    /// replacement took the slot from. The reload is done only once they are all gone, so
+    /// that "reload done" means nothing old serves any more.
+    old: BTreeSet<WorkerId>,
 }
 
 /// Why a reload stopped.
@@ -175,6 +195,8 @@ pub(crate) enum Action {
     ReloadDone,
     /// Report that the reload stopped.
     ReloadFailed(ReloadFailure),
+    /// The worker sent no `WATCHDOG=1` in time: kill it as hung (its exit is a crash).
+    WatchdogExpired(WorkerId),
 }
 
 /// The supervision state machine; see the module documentation.
@@ -266,9 +288,38 @@ impl Supervision {
         self.reload.as_ref().and_then(|r| r.waiting)
     }
 
-    #[cfg(test)]
     pub(crate) fn reloading(&self) -> bool {
         self.reload.is_some()
+    }
+
+    /// Ready workers serving a slot (a reload's new worker counts once it has the slot).
+    pub(crate) fn ready_workers(&self) -> usize {
+        self.slots
+            .iter()
+            .filter_map(|s| match s.state {
+                SlotState::Running(w) => self.workers.get(&w),
+                _ => None,
+            })
+            .filter(|w| w.phase == Phase::Ready)
+            .count()
+    }
+
+    /// Every slot that is to be served has a ready worker, and there is one at least: what a
+    /// service manager calls started.
+    pub(crate) fn all_ready(&self) -> bool {
+        let mut served = self
+            .slots
+            .iter()
+            .filter(|s| !matches!(s.state, SlotState::Removed | SlotState::Errored))
+            .peekable();
+        served.peek().is_some()
+            && served.all(|s| match s.state {
+                SlotState::Running(w) => self
+                    .workers
+                    .get(&w)
+                    .is_some_and(|w| w.phase == Phase::Ready),
+                _ => false,
+            })
     }
 
     /// The earliest restart, SIGKILL or reload deadline.
@@ -279,7 +330,14 @@ impl Supervision {
         });
         let kills = self.workers.values().filter_map(|w| w.kill_at);
         let ready = self.replacement().map(|r| r.ready_by);
-        restarts.chain(kills).chain(ready).min()
+        let delays = self.workers.values().filter_map(|w| w.ready_at);
+        let watchdogs = self.workers.values().filter_map(|w| w.watchdog_at);
+        restarts
+            .chain(kills)
+            .chain(ready)
+            .chain(delays)
+            .chain(watchdogs)
+            .min()
     }
 
     // ------------------------------------------------------------ reports from the event loop
@@ -300,8 +358,30 @@ impl Supervision {
         {
             s.state = SlotState::Running(worker);
         }
-        if ready {
+        if ready || self.cfg.ready_delay.is_zero() {
             self.listening(worker, now, out);
+        } else if let Some(w) = self.workers.get_mut(&worker)
+            && w.phase == Phase::Starting
+        {
+            w.ready_at = Some(now + self.cfg.ready_delay);
+        }
+    }
+
+    /// The worker said `Online`: it speaks the channel and will say when it listens, so the
+    /// ready delay is not for it.
+    pub(crate) fn online(&mut self, worker: WorkerId) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.ready_at = None;
+        }
+    }
+
+    /// The worker sent `WATCHDOG=1`. Pings before it is ready change nothing: its watchdog
+    /// starts when it becomes ready.
+    pub(crate) fn watchdog_ping(&mut self, worker: WorkerId, now: Instant) {
+        if let (Some(w), Some(period)) = (self.workers.get_mut(&worker), self.cfg.watchdog)
+            && w.watchdog_at.is_some()
+        {
+            w.watchdog_at = Some(now + period);
         }
     }
 
@@ -330,6 +410,14 @@ impl Supervision {
             return;
         }
         s.state = SlotState::Vacant;
+        // A reload is already bringing up this slot's replacement (it was asked for in the
+        // same pass, before this spawn was reported): a restart would put two workers there.
+        if self.replacement().is_some_and(|r| r.slot == w.slot) {
+            return;
+        }
+        let Some(s) = self.slots.get_mut(w.slot) else {
+            return;
+        };
         if shortage && shortage_retries < MAX_SHORTAGE_RETRIES && !self.shutting_down {
             // Out of fds, processes or memory: not the program's fault, and it usually passes
             // (queued connections expire, workers finish). Counting it as a crash would error
@@ -349,12 +437,16 @@ impl Supervision {
         }
     }
 
-    /// The worker listens (takes connections).
+    /// The worker listens (takes connections), or sent `READY=1`.
     pub(crate) fn listening(&mut self, worker: WorkerId, now: Instant, out: &mut Vec<Action>) {
-        if let Some(w) = self.workers.get_mut(&worker)
-            && w.phase == Phase::Starting
-        {
-            w.phase = Phase::Ready;
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.ready_at = None;
+            if w.phase == Phase::Starting {
+                w.phase = Phase::Ready;
+                // As systemd does, the watchdog runs once start-up is complete: how long a
+                // start may take is the ready timeout's business.
+                w.watchdog_at = self.cfg.watchdog.map(|period| now + period);
+            }
         }
         self.advance_reload(now, out);
     }
@@ -363,6 +455,8 @@ impl Supervision {
     pub(crate) fn leaving(&mut self, worker: WorkerId) {
         if let Some(w) = self.workers.get_mut(&worker) {
             w.phase = Phase::Leaving;
+            w.ready_at = None;
+            w.watchdog_at = None;
         }
     }
 
@@ -445,6 +539,9 @@ impl Supervision {
             return;
         }
         w.phase = Phase::Leaving;
+        w.ready_at = None;
+        // A stopping worker is bounded by its kill deadline instead.
+        w.watchdog_at = None;
         w.kill_at = Some(now + self.cfg.shutdown_timeout);
         out.push(Action::Disconnect(worker));
     }
@@ -484,6 +581,7 @@ impl Supervision {
         if self.reload.is_some() || self.shutting_down {
             return;
         }
+        let old = self.workers.keys().copied().collect();
         let mut queue = VecDeque::new();
         for slot in 0..self.slots.len() {
             match self.slots[slot].state {
@@ -498,6 +596,7 @@ impl Supervision {
         self.reload = Some(Reload {
             queue,
             waiting: None,
+            old,
         });
         self.advance_reload(now, out);
     }
@@ -517,6 +616,8 @@ impl Supervision {
         for (id, w) in &mut self.workers {
             w.phase = Phase::Leaving;
             w.kill_at = None;
+            w.ready_at = None;
+            w.watchdog_at = None;
             out.push(Action::Kill(*id));
         }
     }
@@ -544,11 +645,23 @@ impl Supervision {
                 self.spawn_into(slot, shortage_retries, now, out);
             }
         }
+        let mut delayed = Vec::new();
         for (id, w) in &mut self.workers {
             if w.kill_at.is_some_and(|t| t <= now) {
                 w.kill_at = None;
                 out.push(Action::Kill(*id));
             }
+            if w.watchdog_at.is_some_and(|t| t <= now) {
+                w.watchdog_at = None;
+                out.push(Action::WatchdogExpired(*id));
+            }
+            if w.ready_at.is_some_and(|t| t <= now) {
+                w.ready_at = None;
+                delayed.push(*id);
+            }
+        }
+        for id in delayed {
+            self.listening(id, now, out);
         }
         if let Some(r) = self.replacement()
             && r.ready_by <= now
@@ -572,6 +685,11 @@ impl Supervision {
         if self.replacement().is_some_and(|r| r.new == worker) {
             self.fail_reload(failure(worker), now, out);
         }
+        if let Some(r) = &mut self.reload
+            && r.old.remove(&worker)
+        {
+            self.advance_reload(now, out);
+        }
         Some(w)
     }
 
@@ -585,6 +703,8 @@ impl Supervision {
                 started: now,
                 phase: Phase::Starting,
                 kill_at: None,
+                ready_at: None,
+                watchdog_at: None,
             },
         );
         out.push(Action::Spawn { slot, worker });
@@ -661,14 +781,21 @@ impl Supervision {
                 } else {
                     self.slots[waiting.slot].state = SlotState::Running(waiting.new);
                 }
-                if let Some(old) = waiting.old {
+                if let Some(old) = waiting.old
+                    && self.workers.contains_key(&old)
+                {
                     self.disconnect(old, now, out);
+                    if let Some(r) = &mut self.reload {
+                        r.old.insert(old);
+                    }
                 }
                 continue;
             }
             let Some(slot) = r.queue.pop_front() else {
-                self.reload = None;
-                out.push(Action::ReloadDone);
+                if r.old.is_empty() {
+                    self.reload = None;
+                    out.push(Action::ReloadDone);
+                }
                 return;
             };
             let state = self.slots[slot].state;

@@ -127,3 +127,38 @@ pub(crate) fn term_with_master(cmd: &mut std::process::Command) {
     // SAFETY: the closure makes two async-signal-safe calls and does not allocate.
     unsafe { cmd.pre_exec(closure) };
 }
+
+/// `CLOCK_MONOTONIC` in microseconds, the clock systemd's `MONOTONIC_USEC` is read against.
+pub(crate) fn monotonic_usec() -> Option<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } < 0 {
+        return None;
+    }
+    let secs = u64::try_from(ts.tv_sec).ok()?;
+    let nanos = u64::try_from(ts.tv_nsec).ok()?;
+    Some(secs * 1_000_000 + nanos / 1_000)
+}
+
+/// Takes ownership of `raw`, a descriptor this process inherited from its parent (systemd's
+/// `LISTEN_FDS`), after checking that it is open. It is made close-on-exec: the master passes
+/// sockets on to its workers deliberately, never by leaking them.
+pub(crate) fn take_inherited_fd(raw: i32) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD on any integer is harmless; it fails with EBADF if `raw` is not open.
+    let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is open (checked above), and the LISTEN_FDS protocol hands it to this
+    // process alone: no other owner in the process refers to it, so owning it is sound as long
+    // as it is taken once, which `activation::take_from_env` guarantees.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: F_SETFD on the fd we now own.
+    if unsafe { libc::fcntl(raw, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}

@@ -259,6 +259,7 @@ impl EventLoop {
                 {
                     w.state = WorkerState::Online;
                 }
+                self.sup.online(id);
                 self.emit(Event::Online { worker: id });
             }
             Message::QueryServer { seq, spec, index } => self.query_server(id, seq, spec, index),

@@ -49,13 +49,18 @@ impl EventLoop {
                         w.signal(sig);
                     }
                 }
-                Command::Reload => self.supervise(Supervision::reload),
+                Command::Reload => {
+                    self.manager_reloading();
+                    self.supervise(Supervision::reload);
+                }
                 Command::Shutdown => {
                     self.unserved_before_stop
                         .get_or_insert(self.fleet.stats.closed_unserved);
+                    self.manager_stopping();
                     self.supervise(Supervision::shutdown);
                 }
                 Command::ForceShutdown => {
+                    self.manager_stopping();
                     for w in self.fleet.workers.values_mut() {
                         w.exited_after_disconnect = true;
                     }

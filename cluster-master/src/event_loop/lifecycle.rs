@@ -64,7 +64,17 @@ impl EventLoop {
                 self.emit(Event::SlotErrored { slot, reason });
                 self.close_idle_servers_if_all_errored();
             }
-            Action::ReloadDone => self.emit(Event::ReloadDone),
+            Action::WatchdogExpired(worker) => {
+                let period = self.cfg.watchdog.unwrap_or_default();
+                self.doom(
+                    worker,
+                    format!("sent no WATCHDOG=1 for {}ms: hung", period.as_millis()),
+                );
+            }
+            Action::ReloadDone => {
+                self.manager_reload_ended();
+                self.emit(Event::ReloadDone);
+            }
             Action::ReloadFailed(failure) => {
                 let reason = match failure {
                     ReloadFailure::SpawnFailed(_) => self.last_exit.clone(),
@@ -73,9 +83,10 @@ impl EventLoop {
                         self.last_exit
                     ),
                     ReloadFailure::ReadyTimeout(new) => {
-                        format!("new worker {new} did not reach listening in time")
+                        format!("new worker {new} was not ready (listening, READY=1) in time")
                     }
                 };
+                self.manager_reload_ended();
                 self.emit(Event::ReloadFailed { reason });
             }
         }
@@ -103,6 +114,12 @@ impl EventLoop {
             return;
         };
         w.exited_after_disconnect = true;
+        // A worker that never said `Online` does not read its channel (a `LISTEN_FDS` program,
+        // any program): it is asked to stop the way a service manager would.
+        if w.state == WorkerState::Spawned && w.stop_signal_sent.is_none() {
+            w.signal(self.cfg.stop_signal);
+            w.stop_signal_sent = Some(self.cfg.stop_signal);
+        }
         w.state = WorkerState::Disconnecting;
         let sent = w
             .channel
@@ -138,7 +155,9 @@ impl EventLoop {
             .deregister(&mut SourceFd(&w.pidfd.as_raw_fd()));
         use std::os::unix::process::ExitStatusExt;
         let (code, signal) = status.map_or((None, None), |s| (s.code(), s.signal()));
-        if self.sup.shutting_down() && !(w.exited_after_disconnect && code == Some(0)) {
+        let clean = w.exited_after_disconnect
+            && (code == Some(0) || (signal.is_some() && signal == w.stop_signal_sent));
+        if self.sup.shutting_down() && !clean {
             self.unclean_exits += 1;
         }
         self.emit(Event::Exit {
@@ -148,6 +167,7 @@ impl EventLoop {
             code,
             signal,
             exited_after_disconnect: w.exited_after_disconnect,
+            clean,
         });
         self.last_exit = match (code, signal) {
             (Some(c), _) => format!("worker {id} (pid {}) exited with code {c}", w.pid),

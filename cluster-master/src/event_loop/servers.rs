@@ -18,7 +18,7 @@ use mio::unix::SourceFd;
 use super::{EventLoop, Fleet, KIND_LISTENER, MAX_QUEUED_FOR_WORKER, token};
 use crate::events::{Event, WorkerState};
 use crate::round_robin::{Action, RoundRobinHandle};
-use crate::server::{Server, ServerKind};
+use crate::server::ServerKind;
 
 /// Server ids fit in the top 24 bits of a connection id.
 const MAX_SERVER_ID: u32 = 1 << (64 - ConnId::COUNTER_BITS);
@@ -221,14 +221,7 @@ impl EventLoop {
             }
             None => {
                 let sid = ServerId(self.next_server);
-                match Server::bind(
-                    sid,
-                    key.clone(),
-                    &spec,
-                    self.cfg.policy,
-                    slot,
-                    &self.cfg.round_robin,
-                ) {
+                match self.bind_server(sid, key.clone(), &spec, slot) {
                     Ok(server) => {
                         self.next_server += 1;
                         if let ServerKind::RoundRobin { socket, .. } = &server.kind {

@@ -40,7 +40,7 @@ pub(super) struct OutputPipe {
 
 impl EventLoop {
     /// Spawns worker `id` for `slot` and registers its channel, pidfd and output pipes. Returns
-    /// whether it holds its listening sockets from the start (`LISTEN_FDS`).
+    /// whether it is ready at once (never, today: see supervision's ready delay).
     pub(super) fn spawn_worker(&mut self, id: WorkerId, slot: usize) -> Result<bool, MasterError> {
         let n_listen = self.prebound.len();
         let channel_fd = env::DEFAULT_CHANNEL_FD + n_listen as i32;
@@ -58,12 +58,24 @@ impl EventLoop {
         } else {
             std::process::Command::new(&self.cfg.program)
         };
+        if n_listen == 0 {
+            // Sockets passed to the master itself are not the worker's.
+            cmd.env_remove("LISTEN_FDS")
+                .env_remove("LISTEN_PID")
+                .env_remove("LISTEN_FDNAMES");
+        }
+        // The master's own watchdog is not the worker's; the worker gets its own below.
+        cmd.env_remove("WATCHDOG_USEC").env_remove("WATCHDOG_PID");
         cmd.args(&self.cfg.args)
             .envs(self.cfg.env.iter().map(|(k, v)| (k, v)))
+            .env("NOTIFY_SOCKET", self.notify.address())
             .env(env::WORKER_ID, id.0.to_string())
             .env(env::CHANNEL_FD, channel_fd.to_string())
             .env(env::WORKER_SLOT, slot.to_string())
             .stdin(Stdio::null());
+        if let Some(period) = self.cfg.watchdog {
+            cmd.env("WATCHDOG_USEC", period.as_micros().to_string());
+        }
         if self.cfg.capture_output {
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         }
@@ -79,6 +91,9 @@ impl EventLoop {
                 .map_err(|e| MasterError::io("prepare LISTEN_FDS", e))?;
             sys::term_with_master(&mut cmd);
         }
+        // Its own process group: a terminal's Ctrl-C (sent to the foreground group) reaches the
+        // master alone, which stops the workers in order instead of having them crash.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         sys::cloexec_from(&mut cmd, channel_fd + 1);
         let mut child = cmd.spawn().map_err(|e| MasterError::io("spawn", e))?;
         // Dropping the command closes our copy of the child's channel end, so that the child's
@@ -137,6 +152,7 @@ impl EventLoop {
                 held_message: None,
                 listen_failure: None,
                 dropping: false,
+                stop_signal_sent: None,
             },
         );
         self.emit(Event::Fork {
@@ -144,8 +160,10 @@ impl EventLoop {
             slot,
             pid,
         });
-        // A LISTEN_FDS worker holds its sockets from the first instruction.
-        Ok(n_listen > 0)
+        // Even a LISTEN_FDS worker, which holds its sockets from the first instruction, is
+        // ready only once it says so or the ready delay has passed: until then it may be
+        // loading what it needs to answer.
+        Ok(false)
     }
 
     fn register_pipe(&self, fd: OwnedFd, tok: Token) -> Option<OutputPipe> {

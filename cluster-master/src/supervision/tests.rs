@@ -18,6 +18,21 @@ fn config() -> SupervisionConfig {
         },
         ready_timeout: READY_TIMEOUT,
         shutdown_timeout: SHUTDOWN_TIMEOUT,
+        // Longer than any test's clock runs, unless a test sets its own.
+        ready_delay: Duration::from_secs(3600),
+        watchdog: None,
+    }
+}
+
+const READY_DELAY: Duration = Duration::from_secs(1);
+const WATCHDOG: Duration = Duration::from_secs(2);
+
+/// A config with a ready delay and a watchdog.
+fn systemd_config() -> SupervisionConfig {
+    SupervisionConfig {
+        ready_delay: READY_DELAY,
+        watchdog: Some(WATCHDOG),
+        ..config()
     }
 }
 
@@ -34,8 +49,12 @@ struct Rig {
 
 impl Rig {
     fn new(slots: usize) -> Rig {
+        Rig::with(config(), slots)
+    }
+
+    fn with(cfg: SupervisionConfig, slots: usize) -> Rig {
         let mut rig = Rig {
-            sup: Supervision::new(config(), slots, 7),
+            sup: Supervision::new(cfg, slots, 7),
             now: Instant::now(),
             out: Vec::new(),
         };
@@ -249,22 +268,34 @@ fn a_reload_disconnects_each_old_worker_only_once_its_replacement_listens() {
         rig.act(|s, now, out| s.exited(a, true, now, out))
             .is_empty()
     );
-    let done = rig.act(|s, now, out| s.listening(b2, now, out));
-    assert_eq!(done, [Action::Disconnect(b), Action::ReloadDone]);
+    let swapped = rig.act(|s, now, out| s.listening(b2, now, out));
+    assert_eq!(swapped, [Action::Disconnect(b)]);
     assert_eq!(rig.worker(1), b2);
+    // Done only once nothing old serves any more.
+    let done = rig.act(|s, now, out| s.exited(b, true, now, out));
+    assert_eq!(done, [Action::ReloadDone]);
 }
 
 #[test]
 fn workers_that_hold_their_sockets_from_the_start_reload_at_once() {
     let mut rig = Rig::new(2);
+    let old = [rig.worker(0), rig.worker(1)];
     rig.sup.reload(rig.now, &mut rig.out);
     let seen = rig.settle_spawns(true);
-    assert_eq!(seen.last(), Some(&Action::ReloadDone));
     assert_eq!(
         seen.iter()
             .filter(|a| matches!(a, Action::Disconnect(_)))
             .count(),
         2
+    );
+    assert!(!seen.contains(&Action::ReloadDone));
+    assert!(
+        rig.act(|s, now, out| s.exited(old[0], true, now, out))
+            .is_empty()
+    );
+    assert_eq!(
+        rig.act(|s, now, out| s.exited(old[1], true, now, out)),
+        [Action::ReloadDone]
     );
 }
 
@@ -382,6 +413,7 @@ fn a_slot_removed_during_its_replacement_loses_both_workers() {
     let mut rig = Rig::new(2);
     rig.act(|s, now, out| s.scale_up(now, out));
     let old = rig.worker(2);
+    let replaced = [rig.worker(0), rig.worker(1), old];
     rig.act(|s, now, out| s.reload(now, out));
     let a2 = rig.sup.replacement().expect("waiting").new;
     rig.act(|s, now, out| s.listening(a2, now, out));
@@ -392,12 +424,13 @@ fn a_slot_removed_during_its_replacement_loses_both_workers() {
     assert_eq!(rig.sup.phase(old), Some(Phase::Leaving));
     assert_eq!(
         rig.act(|s, now, out| s.listening(new, now, out)),
-        [
-            Action::Disconnect(new),
-            Action::ReleaseSlotSockets(2),
-            Action::ReloadDone
-        ]
+        [Action::Disconnect(new), Action::ReleaseSlotSockets(2)]
     );
+    for (i, w) in replaced.into_iter().enumerate() {
+        let last = i == replaced.len() - 1;
+        let done = rig.act(|s, now, out| s.exited(w, true, now, out));
+        assert_eq!(done.contains(&Action::ReloadDone), last, "{done:?}");
+    }
     assert_eq!(rig.sup.slot_state(2), Some(SlotState::Removed));
 }
 
@@ -438,10 +471,138 @@ enum SpawnOutcome {
     Fails { shortage: bool },
 }
 
+#[test]
+fn a_program_that_never_speaks_is_ready_after_the_delay_and_one_that_notifies_at_once() {
+    let mut rig = Rig::with(systemd_config(), 2);
+    let (a, b) = (rig.worker(0), rig.worker(1));
+    rig.act(|s, now, out| s.listening(a, now, out));
+    assert_eq!(rig.sup.phase(a), Some(Phase::Ready));
+    assert_eq!(rig.sup.phase(b), Some(Phase::Starting));
+    assert_eq!(rig.sup.next_deadline(), Some(rig.now + READY_DELAY));
+    rig.advance(READY_DELAY);
+    assert_eq!(rig.sup.phase(b), Some(Phase::Ready));
+}
+
+#[test]
+fn a_worker_that_speaks_the_channel_waits_for_listening_not_the_delay() {
+    let mut rig = Rig::with(systemd_config(), 1);
+    let a = rig.worker(0);
+    rig.sup.online(a);
+    rig.advance(READY_DELAY * 3);
+    assert_eq!(rig.sup.phase(a), Some(Phase::Starting));
+}
+
+#[test]
+fn a_late_ready_holds_the_reload() {
+    let cfg = SupervisionConfig {
+        ready_delay: Duration::from_secs(3600),
+        ..systemd_config()
+    };
+    let mut rig = Rig::with(cfg, 1);
+    let old = rig.worker(0);
+    rig.act(|s, now, out| s.listening(old, now, out));
+    rig.act(|s, now, out| s.reload(now, out));
+    let new = rig.sup.replacement().expect("waiting").new;
+    for _ in 0..4 {
+        rig.sup.watchdog_ping(new, rig.now);
+        rig.sup.watchdog_ping(old, rig.now);
+        assert!(rig.advance(ms(1000)).is_empty());
+    }
+    assert_eq!(
+        rig.act(|s, now, out| s.listening(new, now, out)),
+        [Action::Disconnect(old)]
+    );
+    assert_eq!(
+        rig.act(|s, now, out| s.exited(old, true, now, out)),
+        [Action::ReloadDone]
+    );
+}
+
+#[test]
+fn a_worker_that_stops_pinging_the_watchdog_is_killed_and_restarted() {
+    let mut rig = Rig::with(systemd_config(), 1);
+    let a = rig.worker(0);
+    rig.act(|s, now, out| s.listening(a, now, out));
+    // Pings keep it alive past many periods.
+    for _ in 0..5 {
+        rig.advance(WATCHDOG - ms(1));
+        rig.sup.watchdog_ping(a, rig.now);
+    }
+    assert!(rig.advance(WATCHDOG - ms(1)).is_empty());
+    assert_eq!(rig.advance(ms(1)), [Action::WatchdogExpired(a)]);
+    // Its exit (the kill) is a crash: the slot restarts.
+    let after = rig.crash(a);
+    assert!(
+        matches!(after[..], [Action::Restarting { slot: 0, .. }]),
+        "{after:?}"
+    );
+}
+
+#[test]
+fn a_reload_is_done_only_when_every_worker_older_than_it_has_exited() {
+    let mut rig = Rig::new(2);
+    let (a, b) = (rig.worker(0), rig.worker(1));
+    rig.act(|s, now, out| s.reload(now, out));
+    let a2 = rig.sup.replacement().expect("waiting on slot 0").new;
+    rig.act(|s, now, out| s.listening(a2, now, out));
+    let b2 = rig.sup.replacement().expect("waiting on slot 1").new;
+    // Slot 1 goes away mid-reload: its old worker leaves by the scale-down, not the swap.
+    rig.act(|s, now, out| s.scale_down(now, out));
+    rig.act(|s, now, out| s.listening(b2, now, out));
+    assert!(
+        rig.act(|s, now, out| s.exited(a, true, now, out))
+            .is_empty()
+    );
+    assert_eq!(
+        rig.act(|s, now, out| s.exited(b, true, now, out)),
+        [Action::ReloadDone]
+    );
+}
+
+#[test]
+fn the_watchdog_starts_when_the_worker_is_ready() {
+    let mut rig = Rig::with(systemd_config(), 1);
+    let a = rig.worker(0);
+    rig.sup.online(a);
+    // A slow start is not a hang: no pings needed before ready.
+    assert!(rig.advance(WATCHDOG * 3).is_empty());
+    rig.act(|s, now, out| s.listening(a, now, out));
+    assert!(rig.advance(WATCHDOG - ms(1)).is_empty());
+    assert_eq!(rig.advance(ms(1)), [Action::WatchdogExpired(a)]);
+}
+
+#[test]
+fn a_stopping_worker_has_no_watchdog() {
+    let mut rig = Rig::with(systemd_config(), 1);
+    let a = rig.worker(0);
+    rig.act(|s, now, out| s.disconnect(a, now, out));
+    assert_eq!(rig.advance(SHUTDOWN_TIMEOUT), [Action::Kill(a)]);
+}
+
+#[test]
+fn all_ready_once_every_served_slot_has_a_ready_worker() {
+    let mut rig = Rig::with(systemd_config(), 2);
+    let (a, b) = (rig.worker(0), rig.worker(1));
+    assert!(!rig.sup.all_ready());
+    rig.act(|s, now, out| s.listening(a, now, out));
+    assert!(!rig.sup.all_ready());
+    assert_eq!(rig.sup.ready_workers(), 1);
+    rig.act(|s, now, out| s.listening(b, now, out));
+    assert!(rig.sup.all_ready());
+    // A crashed slot waiting for its restart is not ready.
+    rig.crash(a);
+    assert!(!rig.sup.all_ready());
+    assert_eq!(rig.sup.ready_workers(), 1);
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     /// The `n`th live worker (modulo their count) listens.
     Listening(usize),
+    /// It says `Online`.
+    Online(usize),
+    /// It sends `WATCHDOG=1`.
+    WatchdogPing(usize),
     /// It says it is leaving.
     Leaving(usize),
     /// Its channel closes.
@@ -482,6 +643,8 @@ impl Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (0..8usize).prop_map(Op::Listening),
+        2 => (0..8usize).prop_map(Op::Online),
+        3 => (0..8usize).prop_map(Op::WatchdogPing),
         1 => (0..8usize).prop_map(Op::Leaving),
         1 => (0..8usize).prop_map(Op::ChannelClosed),
         4 => (0..8usize).prop_map(Op::Exit),
@@ -516,6 +679,12 @@ struct Sim {
     shut_down: bool,
     /// Ready workers when the running reload started, if no op since could take one away.
     reload_baseline: Option<usize>,
+    /// Old workers a reload replaced (disconnected once their successor was ready).
+    replaced: BTreeSet<WorkerId>,
+    /// When each running worker last pinged the watchdog.
+    pinged: BTreeMap<WorkerId, Instant>,
+    /// Workers whose watchdog expired.
+    hung: BTreeSet<WorkerId>,
 }
 
 impl Sim {
@@ -571,6 +740,7 @@ impl Sim {
             .map(|s| self.sup.slot_state(s))
             .collect();
         let ready_before = self.ready();
+        let replacing = self.sup.replacement();
         let mut planned_exit = false;
         let mut reload_started = false;
         let mut out = Vec::new();
@@ -579,6 +749,19 @@ impl Sim {
             Op::Listening(n) => {
                 if let Some(w) = self.pick(n) {
                     self.sup.listening(w, now, &mut out);
+                }
+            }
+            Op::Online(n) => {
+                if let Some(w) = self.pick(n) {
+                    self.sup.online(w);
+                }
+            }
+            Op::WatchdogPing(n) => {
+                if let Some(w) = self.pick(n) {
+                    if self.sup.phase(w) == Some(Phase::Ready) {
+                        self.pinged.insert(w, now);
+                    }
+                    self.sup.watchdog_ping(w, now);
                 }
             }
             Op::Leaving(n) => {
@@ -646,7 +829,22 @@ impl Sim {
             self.reload_baseline = None;
         }
         let actions = self.carry_out(out);
+        if let Some(old) = replacing.and_then(|r| r.old)
+            && actions.contains(&Action::Disconnect(old))
+        {
+            self.replaced.insert(old);
+        }
         self.check(op, &before, ready_before, &actions)?;
+        self.check_watchdog(&actions)?;
+        if actions.contains(&Action::ReloadDone) {
+            // "Reload done" means no old worker serves any more.
+            for old in &self.replaced {
+                prop_assert!(
+                    !self.alive.contains_key(old),
+                    "reload done while replaced worker {old} still runs"
+                );
+            }
+        }
         if planned_exit && !actions.iter().any(|a| matches!(a, Action::ReloadFailed(_))) {
             // A worker that was told to leave (or said it would) is not replaced, unless it
             // was a reload's new worker and its slot has nobody else.
@@ -674,6 +872,39 @@ impl Sim {
             if *state == Some(SlotState::Removed) {
                 self.removed.insert(slot);
             }
+        }
+        Ok(())
+    }
+
+    /// A worker is declared hung only when a whole period passed without a ping, and every
+    /// ready worker that has not been told to leave is either watched with a deadline still
+    /// ahead or has been declared hung.
+    fn check_watchdog(&mut self, actions: &[Action]) -> Result<(), TestCaseError> {
+        let Some(period) = self.sup.cfg.watchdog else {
+            return Ok(());
+        };
+        for a in actions {
+            if let Action::WatchdogExpired(w) = *a {
+                let last = self.pinged.get(&w).copied();
+                prop_assert!(
+                    last.is_none_or(|t| t + period <= self.now),
+                    "worker {w} declared hung {:?} after its last ping",
+                    last.map(|t| self.now.saturating_duration_since(t))
+                );
+                self.hung.insert(w);
+            }
+        }
+        self.pinged.retain(|w, _| self.alive.contains_key(w));
+        for (id, w) in &self.sup.workers {
+            if w.phase != Phase::Ready || self.hung.contains(id) {
+                continue;
+            }
+            prop_assert!(
+                w.watchdog_at.is_some_and(|t| t > self.now),
+                "ready worker {id} is not watched ({:?} at {:?})",
+                w.watchdog_at,
+                self.now
+            );
         }
         Ok(())
     }
@@ -764,11 +995,13 @@ proptest! {
     fn supervision_keeps_its_invariants(
         slots in 1..4usize,
         seed in any::<u64>(),
+        systemd in any::<bool>(),
         outcomes in prop::collection::vec(spawn_outcome(), 1..12),
         ops in prop::collection::vec(op(), 1..120),
     ) {
+        let cfg = if systemd { systemd_config() } else { config() };
         let mut sim = Sim {
-            sup: Supervision::new(config(), slots, seed),
+            sup: Supervision::new(cfg, slots, seed),
             now: Instant::now(),
             outcomes,
             next_outcome: 0,
@@ -776,6 +1009,9 @@ proptest! {
             removed: BTreeSet::new(),
             shut_down: false,
             reload_baseline: None,
+            replaced: BTreeSet::new(),
+            pinged: BTreeMap::new(),
+            hung: BTreeSet::new(),
         };
         let mut out = Vec::new();
         sim.sup.start(sim.now, &mut out);
