@@ -36,6 +36,7 @@ pub struct MasterBuilder {
     pub(crate) max_frame: usize,
     pub(crate) listen_fds: Vec<(String, ListenSpec)>,
     pub(crate) max_servers_per_worker: usize,
+    pub(crate) protocol: crate::Protocol,
 }
 
 impl MasterBuilder {
@@ -56,6 +57,7 @@ impl MasterBuilder {
             max_frame: cluster_ipc::frame::DEFAULT_MAX_FRAME,
             listen_fds: Vec::new(),
             max_servers_per_worker: DEFAULT_MAX_SERVERS_PER_WORKER,
+            protocol: crate::Protocol::Native,
         }
     }
 
@@ -86,6 +88,13 @@ impl MasterBuilder {
     /// How many workers (slots) to run. At least one.
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n.max(1);
+        self
+    }
+
+    /// The IPC protocol the workers speak: [`crate::Protocol::Node`] runs unmodified Node.js
+    /// programs (`node app.js`) as workers. Default: native.
+    pub fn protocol(mut self, protocol: crate::Protocol) -> Self {
+        self.protocol = protocol;
         self
     }
 

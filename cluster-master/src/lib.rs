@@ -34,6 +34,7 @@ mod error;
 mod event_loop;
 mod events;
 mod master;
+mod node;
 mod round_robin;
 mod server;
 mod supervision;
@@ -45,6 +46,7 @@ pub use config::{DEFAULT_MAX_SERVERS_PER_WORKER, MasterBuilder};
 pub use error::MasterError;
 pub use events::{Event, MasterStats, WorkerInfo, WorkerState};
 pub use master::{Master, MasterControl};
+pub use node::Protocol;
 pub use round_robin::{
     Action, CloseReason, HandleError, RoundRobinConfig, RoundRobinHandle, RoundRobinStats,
 };
