@@ -80,24 +80,31 @@ struct Wire<'a> {
     accepted: Option<bool>,
     #[serde(default)]
     key: Option<String>,
-    #[serde(default)]
-    index: Option<u32>,
+    #[serde(borrow, default)]
+    index: Option<&'a RawValue>,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
     #[serde(default)]
     address: Option<String>,
-    #[serde(default)]
-    port: Option<i64>,
+    #[serde(borrow, default)]
+    port: Option<&'a RawValue>,
     #[serde(rename = "addressType", borrow, default)]
     address_type: Option<&'a RawValue>,
-    #[serde(default)]
-    fd: Option<i64>,
-    #[serde(default)]
-    flags: Option<u32>,
-    #[serde(default)]
-    backlog: Option<i64>,
+    #[serde(borrow, default)]
+    fd: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    flags: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    backlog: Option<&'a RawValue>,
     #[serde(borrow, default)]
     msg: Option<&'a RawValue>,
+}
+
+/// A numeric field as JavaScript sends it: anything that is not an integer (`false`,
+/// `undefined` turned `null`, a float) counts as absent, as `|0` or a truthiness test would
+/// treat it in Node's own primary.
+fn int(raw: Option<&RawValue>) -> Option<i64> {
+    raw.and_then(|r| r.get().parse().ok())
 }
 
 /// The part of a `queryServer` that names the listen, as Node's worker repeats it in
@@ -327,9 +334,11 @@ impl NodeCodec {
             .address_type
             .map(|r| r.get().trim_matches('"').to_string())
             .ok_or_else(|| bad(M, "addressType"))?;
-        let port = wire.port.unwrap_or(-1);
-        let index = wire.index.unwrap_or(0);
-        let fd = wire.fd;
+        let port = int(wire.port).unwrap_or(-1);
+        let index = int(wire.index)
+            .and_then(|i| u32::try_from(i).ok())
+            .unwrap_or(0);
+        let fd = int(wire.fd);
         let ip = |v6: bool| -> Result<IpAddr, NodeError> {
             match &wire.address {
                 Some(a) => a.parse().map_err(|_| bad(M, "address")),
@@ -357,9 +366,8 @@ impl NodeCodec {
         };
         let spec = ListenSpec {
             addr,
-            ipv6_only: wire.flags.unwrap_or(0) & IPV6_ONLY_FLAG != 0,
-            backlog: wire
-                .backlog
+            ipv6_only: int(wire.flags).unwrap_or(0) & i64::from(IPV6_ONLY_FLAG) != 0,
+            backlog: int(wire.backlog)
                 .filter(|b| *b > 0)
                 .map(|b| u32::try_from(b).unwrap_or(u32::MAX)),
             exclusive: false,
@@ -393,13 +401,17 @@ impl NodeCodec {
     /// `listening` names the server only by the listen's fields, with the bound port.
     fn decode_listening(&mut self, wire: &Wire<'_>) -> Option<Message> {
         let address_type = wire.address_type.map(|r| r.get().trim_matches('"'))?;
-        let port = wire.port.unwrap_or(-1);
+        let port = int(wire.port).unwrap_or(-1);
+        let fd = int(wire.fd);
+        let index = int(wire.index)
+            .and_then(|i| u32::try_from(i).ok())
+            .unwrap_or(0);
         let g = self.granted.iter_mut().find(|g| {
             !g.listening
                 && g.ident.address == wire.address
                 && g.ident.address_type == address_type
-                && g.ident.fd == wire.fd
-                && g.ident.index == wire.index.unwrap_or(0)
+                && g.ident.fd == fd
+                && g.ident.index == index
                 && (g.ident.port == port || bound_port(&g.bound) == Some(port))
         })?;
         g.listening = true;

@@ -1,0 +1,16 @@
+// An unmodified Node http app: answers with its cluster worker id in a header.
+const cluster = require('cluster');
+const http = require('http');
+const port = +process.env.PORT || 0;
+const server = http.createServer((req, res) => {
+  const delay = +(new URL(req.url, 'http://x').searchParams.get('delay') || 0);
+  setTimeout(() => {
+    res.setHeader('x-worker-id', String(cluster.worker.id));
+    res.setHeader('x-worker-pid', String(process.pid));
+    res.end(`hello from ${cluster.worker.id}\n`);
+  }, delay);
+});
+server.on('error', (e) => { console.log(`server error ${e.code}`); process.exit(3); });
+server.listen(port, '127.0.0.1', () => {
+  console.log(`listening ${server.address().port} isWorker=${cluster.isWorker}`);
+});
