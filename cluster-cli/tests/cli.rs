@@ -869,3 +869,6 @@ fn a_port_in_use_is_reported_once_with_its_cause_and_not_retried() {
     );
     eprintln!("port in use: exit 1 after {took:?}: {}", fatal[0]);
 }
+
+#[path = "cli/node.rs"]
+mod node;

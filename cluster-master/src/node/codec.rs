@@ -581,13 +581,13 @@ fn encode_user(payload: &[u8], out: &mut Vec<u8>) -> Result<(), NodeError> {
             "a user message with cmd {cmd}"
         )));
     }
-    if payload.contains(&b'\n') || payload.contains(&b'\r') {
-        // Pretty-printed: a newline would end the line early.
-        serde_json::to_writer(&mut *out, &value)
-            .map_err(|e| NodeError::Unsupported(e.to_string()))?;
-    } else {
-        out.extend_from_slice(payload);
-    }
+    // A JSON string cannot hold a raw line break, so any in valid JSON is whitespace between
+    // tokens: a space keeps the value (and its key order) and the message on one line.
+    out.extend(
+        payload
+            .iter()
+            .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b }),
+    );
     out.push(b'\n');
     Ok(())
 }

@@ -235,7 +235,7 @@ fn user_messages_pass_as_json_both_ways() {
         &mut out,
     )
     .unwrap();
-    assert_eq!(out, b"{\"a\":[1,2]}\n");
+    assert_eq!(out, b"{  \"a\": [1, 2] }\n");
     for bad in [
         &b"not json"[..],
         b"{\"cmd\":\"NODE_CLUSTER\",\"act\":\"online\"}",
