@@ -303,3 +303,44 @@ fn node_worker_sending_malformed_json_is_dropped_while_the_other_serves() {
     let status = c.wait_exit(Duration::from_secs(30));
     assert!(status.code().is_some(), "{status:?}");
 }
+
+#[test]
+fn node_shared_policy_hands_each_worker_the_bound_socket() {
+    let mut c = node_cluster(&["-n", "2", "--policy", "shared"], "http_id.js");
+    let (port, _) = c.wait_listening(2);
+    let printed = wait_printed_ports(&mut c, 2, "listening");
+    assert_eq!(printed, BTreeSet::from([port]));
+    for _ in 0..10 {
+        assert!(get_ok(port, "/").worker_id().is_some());
+    }
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+}
+
+#[test]
+fn node_http_on_a_unix_socket_path() {
+    use std::os::unix::net::UnixStream;
+    let dir = std::env::temp_dir().join(format!("cluster-node-unix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("app.sock");
+    let env = format!("SOCK={}", sock.display());
+    let mut c = node_cluster(&["-n", "2", "--env", &env], "http_unix.js");
+    for _ in 0..2 {
+        c.wait_line("a listening line", |l| l.contains(" listening on "));
+    }
+    let mut ids = BTreeSet::new();
+    for _ in 0..10 {
+        let s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut w = s.try_clone().unwrap();
+        w.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let r = read_response(&mut BufReader::new(s)).unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "unix hello\n"));
+        ids.insert(r.worker_id().unwrap());
+    }
+    assert_eq!(ids.len(), 2, "both workers take connections from the path");
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -142,7 +142,7 @@ impl NodeChannel {
             let buf = self.lines.read_buf(READ_CHUNK);
             match self.sock.recv(buf, &mut self.fds_in) {
                 Ok(r) => {
-                    self.lines.commit(READ_CHUNK, r.bytes);
+                    self.lines.commit(r.bytes);
                     if r.fds_truncated {
                         return Err(violation(NodeError::FdsTruncated));
                     }
@@ -150,15 +150,12 @@ impl NodeChannel {
                         self.eof = true;
                     }
                 }
-                Err(e) => {
-                    self.lines.commit(READ_CHUNK, 0);
-                    match e.kind() {
-                        io::ErrorKind::WouldBlock => return Ok(None),
-                        io::ErrorKind::Interrupted => {}
-                        io::ErrorKind::ConnectionReset => self.eof = true,
-                        _ => return Err(e.into()),
-                    }
-                }
+                Err(e) => match e.kind() {
+                    io::ErrorKind::WouldBlock => return Ok(None),
+                    io::ErrorKind::Interrupted => {}
+                    io::ErrorKind::ConnectionReset => self.eof = true,
+                    _ => return Err(e.into()),
+                },
             }
         }
     }

@@ -610,7 +610,10 @@ impl std::fmt::Write for Utf8Sink<'_> {
 /// Splits a byte stream into lines of at most `max` bytes (the `\n` not counted).
 #[derive(Debug)]
 pub(crate) struct LineSplitter {
+    /// `buf[..filled]` holds data; the rest is space to read into, zeroed once when the
+    /// buffer grows and reused after (a 64 KiB memset per read would cost more than the read).
     buf: Vec<u8>,
+    filled: usize,
     /// Start of the first line not yet returned.
     start: usize,
     /// Where to resume the search for `\n` (everything in `start..scanned` has none).
@@ -622,43 +625,48 @@ impl LineSplitter {
     pub(crate) fn new(max: usize) -> Self {
         Self {
             buf: Vec::new(),
+            filled: 0,
             start: 0,
             scanned: 0,
             max,
         }
     }
 
-    /// Free space of at least `want` bytes at the end of the buffer, to read into; then call
-    /// [`LineSplitter::commit`] with what was read.
+    /// Free space of at least `want` bytes after the data, to read into; then call
+    /// [`LineSplitter::commit`] with how much was read.
     pub(crate) fn read_buf(&mut self, want: usize) -> &mut [u8] {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
-            self.scanned = 0;
+        if self.start == self.filled {
+            self.filled = 0;
             self.start = 0;
-        } else if self.start > self.buf.capacity() / 2 {
-            self.buf.drain(..self.start);
+            self.scanned = 0;
+        } else if self.start > 0 && self.buf.len() - self.filled < want {
+            self.buf.copy_within(self.start..self.filled, 0);
+            self.filled -= self.start;
             self.scanned -= self.start;
             self.start = 0;
         }
-        let len = self.buf.len();
-        self.buf.resize(len + want, 0);
-        &mut self.buf[len..]
+        if self.buf.len() - self.filled < want {
+            self.buf.resize(self.filled + want, 0);
+        }
+        &mut self.buf[self.filled..]
     }
 
     /// Keeps `n` bytes of the space [`LineSplitter::read_buf`] gave.
-    pub(crate) fn commit(&mut self, given: usize, n: usize) {
-        let keep = self.buf.len() - given + n.min(given);
-        self.buf.truncate(keep);
+    pub(crate) fn commit(&mut self, n: usize) {
+        self.filled = (self.filled + n).min(self.buf.len());
     }
 
     /// Bytes held that are not yet part of a returned line.
     pub(crate) fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        self.filled - self.start
     }
 
     /// The next complete line, without its `\n`.
     pub(crate) fn next_line(&mut self) -> Result<Option<&[u8]>, NodeError> {
-        match self.buf[self.scanned..].iter().position(|b| *b == b'\n') {
+        match self.buf[self.scanned..self.filled]
+            .iter()
+            .position(|b| *b == b'\n')
+        {
             Some(i) => {
                 let end = self.scanned + i;
                 let line_start = self.start;
@@ -670,8 +678,8 @@ impl LineSplitter {
                 Ok(Some(&self.buf[line_start..end]))
             }
             None => {
-                self.scanned = self.buf.len();
-                if self.buf.len() - self.start > self.max {
+                self.scanned = self.filled;
+                if self.filled - self.start > self.max {
                     return Err(NodeError::LineTooLong { max: self.max });
                 }
                 Ok(None)

@@ -283,12 +283,12 @@ fn the_splitter_caps_lines() {
     let mut s = LineSplitter::new(4);
     let buf = s.read_buf(16);
     buf[..8].copy_from_slice(b"abcd\nabc");
-    s.commit(16, 8);
+    s.commit(8);
     assert_eq!(s.next_line().unwrap(), Some(&b"abcd"[..]));
     assert_eq!(s.next_line().unwrap(), None);
     let buf = s.read_buf(16);
     buf[..3].copy_from_slice(b"de\n");
-    s.commit(16, 3);
+    s.commit(3);
     assert_eq!(s.next_line(), Err(NodeError::LineTooLong { max: 4 }));
 }
 
@@ -331,7 +331,7 @@ proptest! {
             i += 1;
             let buf = s.read_buf(64);
             buf[..n].copy_from_slice(&stream[pos..pos + n]);
-            s.commit(64, n);
+            s.commit(n);
             pos += n;
             while let Some(l) = s.next_line().unwrap() {
                 got.push(String::from_utf8(l.to_vec()).unwrap());
