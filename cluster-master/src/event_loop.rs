@@ -144,6 +144,8 @@ pub(crate) struct EventLoop {
     paused: Vec<Source>,
     /// Workers that did not leave cleanly (exit 0 after disconnect) during the shutdown.
     unclean_exits: usize,
+    /// What Node workers' `queryServer`s carry per key (see [`crate::node`]).
+    node_server_data: crate::node::SharedServerData,
 }
 
 /// Something of a worker's that the loop reads: its channel, or a captured output pipe.
@@ -205,6 +207,7 @@ impl EventLoop {
             unread: Vec::new(),
             paused: Vec::new(),
             unclean_exits: 0,
+            node_server_data: Default::default(),
         };
         Ok((event_loop, receiver))
     }

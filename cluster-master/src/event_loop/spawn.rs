@@ -80,8 +80,14 @@ impl EventLoop {
                 )
             }
             Protocol::Node => Box::new(
-                crate::node::spawn_channel(&mut cmd, channel_fd, id, self.cfg.max_frame)
-                    .map_err(|e| MasterError::io("socketpair", e))?,
+                crate::node::spawn_channel(
+                    &mut cmd,
+                    channel_fd,
+                    id,
+                    self.cfg.max_frame,
+                    &self.node_server_data,
+                )
+                .map_err(|e| MasterError::io("socketpair", e))?,
             ),
         };
         if n_listen > 0 {

@@ -10,7 +10,7 @@ use cluster_ipc::{FdStream, IpcError, Received};
 use mio::event::Source;
 use mio::{Interest, Registry, Token};
 
-use super::codec::{LineSplitter, NodeCodec, NodeError};
+use super::codec::{LineSplitter, NodeCodec, NodeError, SharedServerData};
 use crate::channel::WorkerChannel;
 
 /// Bytes asked of the socket per read.
@@ -50,10 +50,10 @@ fn violation(e: NodeError) -> IpcError {
 }
 
 impl NodeChannel {
-    pub(crate) fn new(sock: FdStream, max_line: usize) -> Self {
+    pub(crate) fn new(sock: FdStream, max_line: usize, shared: SharedServerData) -> Self {
         Self {
             sock,
-            codec: NodeCodec::new(),
+            codec: NodeCodec::new(shared),
             lines: LineSplitter::new(max_line),
             fds_in: VecDeque::new(),
             outq: VecDeque::new(),
@@ -275,7 +275,10 @@ mod tests {
     fn pair() -> (NodeChannel, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();
         b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        (NodeChannel::new(FdStream::new(a).unwrap(), 1024), b)
+        (
+            NodeChannel::new(FdStream::new(a).unwrap(), 1024, SharedServerData::default()),
+            b,
+        )
     }
 
     fn recv_now(ch: &mut NodeChannel) -> Result<Option<Received>, IpcError> {

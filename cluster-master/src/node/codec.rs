@@ -12,6 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 
 use cluster_core::{
     BoundAddr, ConnId, ListenAddr, ListenSpec, Message, RefuseReason, Seq, ServerGrant, ServerId,
@@ -135,6 +136,35 @@ struct Granted {
     listening: bool,
 }
 
+/// The `data` of each `queryServer` key, shared by every Node worker of one master: as Node's
+/// primary does, the first worker's (non-null) data is what every worker gets back for that key,
+/// so that `tls.Server`s in different workers share their session-ticket keys.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SharedServerData(Arc<Mutex<HashMap<String, String>>>);
+
+/// Keys remembered at most; past it a worker gets its own data back.
+const MAX_SHARED_KEYS: usize = 1024;
+
+impl SharedServerData {
+    /// The data to echo for `key` when a worker sent `data`.
+    fn settle(&self, key: &str, data: &str) -> String {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(key) {
+            Some(kept) if kept != "null" => kept.clone(),
+            Some(kept) => {
+                data.clone_into(kept);
+                data.to_string()
+            }
+            None => {
+                if map.len() < MAX_SHARED_KEYS {
+                    map.insert(key.to_string(), data.to_string());
+                }
+                data.to_string()
+            }
+        }
+    }
+}
+
 /// What decoding one line produced.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Decoded {
@@ -157,6 +187,7 @@ pub(crate) struct NodeCodec {
     /// Our `NODE_HANDLE` lines not yet acknowledged, oldest first: the hand-off, or `None`
     /// for a server handle.
     handles_unacked: VecDeque<Option<ConnId>>,
+    shared: SharedServerData,
 }
 
 fn bad(message: &'static str, field: &'static str) -> NodeError {
@@ -170,8 +201,11 @@ fn is_internal_cmd(cmd: &str) -> bool {
 }
 
 impl NodeCodec {
-    pub(crate) fn new() -> Self {
-        Self::default()
+    pub(crate) fn new(shared: SharedServerData) -> Self {
+        Self {
+            shared,
+            ..Self::default()
+        }
     }
 
     fn seq(&mut self) -> u64 {
@@ -389,7 +423,9 @@ impl NodeCodec {
             index,
             port,
         };
-        let data = wire.data.map_or("null", |d| d.get()).to_string();
+        let data = self
+            .shared
+            .settle(&key, wire.data.map_or("null", |d| d.get()));
         self.queries.insert(seq, PendingQuery { key, data, ident });
         Ok(Message::QueryServer {
             seq: Seq(seq),

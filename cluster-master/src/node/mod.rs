@@ -21,6 +21,7 @@ mod channel;
 mod codec;
 
 pub(crate) use channel::NodeChannel;
+pub(crate) use codec::SharedServerData;
 
 /// Which IPC protocol the workers speak.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -110,12 +111,13 @@ pub(crate) fn spawn_channel(
     channel_fd: i32,
     id: WorkerId,
     max_line: usize,
+    shared: &SharedServerData,
 ) -> io::Result<NodeChannel> {
     cmd.env("NODE_CHANNEL_FD", channel_fd.to_string())
         .env("NODE_UNIQUE_ID", id.0.to_string())
         .env("NODE_CHANNEL_SERIALIZATION_MODE", "json");
     let stream = cluster_ipc::spawn_with_stream(cmd, channel_fd)?;
-    Ok(NodeChannel::new(stream, max_line))
+    Ok(NodeChannel::new(stream, max_line, shared.clone()))
 }
 
 #[cfg(test)]

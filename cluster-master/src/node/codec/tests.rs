@@ -39,7 +39,7 @@ fn grant_rr(c: &mut NodeCodec, seq: u64, server: u32, port: u16) -> String {
 
 #[test]
 fn query_server_becomes_a_listen_spec_and_the_reply_echoes_key_and_data() {
-    let mut c = NodeCodec::new();
+    let mut c = NodeCodec::new(SharedServerData::default());
     let m = query(&mut c, 1, 0, 2);
     assert_eq!(
         m,
@@ -78,7 +78,7 @@ fn query_server_becomes_a_listen_spec_and_the_reply_echoes_key_and_data() {
 
 #[test]
 fn a_failed_bind_travels_as_a_negative_errno() {
-    let mut c = NodeCodec::new();
+    let mut c = NodeCodec::new(SharedServerData::default());
     query(&mut c, 5, 8000, 0);
     let mut out = Vec::new();
     c.encode(
@@ -99,7 +99,7 @@ fn a_failed_bind_travels_as_a_negative_errno() {
 
 #[test]
 fn udp_and_shared_grants_go_in_a_handle() {
-    let mut c = NodeCodec::new();
+    let mut c = NodeCodec::new(SharedServerData::default());
     let m = decode(&mut c, "{\"cmd\":\"NODE_CLUSTER\",\"act\":\"queryServer\",\"index\":0,\"data\":null,\"address\":\"127.0.0.1\",\"port\":41234,\"addressType\":\"udp4\",\"fd\":-1,\"flags\":0,\"seq\":1}").unwrap().msg.unwrap();
     assert!(
         matches!(&m, Message::QueryServer { spec, .. } if spec.addr.is_udp()),
@@ -132,7 +132,7 @@ fn udp_and_shared_grants_go_in_a_handle() {
 
 #[test]
 fn newconn_answers_map_to_accepted_and_refused() {
-    let mut c = NodeCodec::new();
+    let mut c = NodeCodec::new(SharedServerData::default());
     query(&mut c, 1, 8000, 0);
     grant_rr(&mut c, 1, 1, 8000);
     let mut seqs = Vec::new();
@@ -196,7 +196,7 @@ fn newconn_answers_map_to_accepted_and_refused() {
 
 #[test]
 fn exited_after_disconnect_is_acked() {
-    let mut c = NodeCodec::new();
+    let mut c = NodeCodec::new(SharedServerData::default());
     let mut replies = Vec::new();
     let d = c
         .decode(
@@ -211,7 +211,7 @@ fn exited_after_disconnect_is_acked() {
 
 #[test]
 fn user_messages_pass_as_json_both_ways() {
-    let mut c = NodeCodec::new();
+    let mut c = NodeCodec::new(SharedServerData::default());
     for s in [
         "{\"hello\":\"w\\\"orld\"}",
         "[\"NODE_CLUSTER\",\"online\"]",
@@ -253,7 +253,7 @@ fn user_messages_pass_as_json_both_ways() {
 
 #[test]
 fn violations_are_named() {
-    let mut c = NodeCodec::new();
+    let mut c = NodeCodec::new(SharedServerData::default());
     assert!(
         matches!(decode(&mut c, "{\"cmd\":\"NODE_CLUSTER\",\"act\":\"dance\",\"seq\":1}"), Err(NodeError::UnknownAct(a)) if a == "dance")
     );
@@ -295,7 +295,7 @@ fn the_splitter_caps_lines() {
 proptest! {
     #[test]
     fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256), fd in any::<bool>()) {
-        let mut c = NodeCodec::new();
+        let mut c = NodeCodec::new(SharedServerData::default());
         let _ = c.decode(&bytes, fd, &mut Vec::new());
     }
 
@@ -307,7 +307,7 @@ proptest! {
             0..8),
         fd in any::<bool>(),
     ) {
-        let mut c = NodeCodec::new();
+        let mut c = NodeCodec::new(SharedServerData::default());
         query(&mut c, 1, 8000, 0);
         grant_rr(&mut c, 1, 1, 8000);
         let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
@@ -344,7 +344,7 @@ proptest! {
     /// Every hand-off gets exactly one answer back, whichever order the worker answers in.
     #[test]
     fn newconn_round_trip(order in Just((0u64..20).collect::<Vec<_>>()).prop_shuffle(), accept in proptest::collection::vec(any::<bool>(), 20)) {
-        let mut c = NodeCodec::new();
+        let mut c = NodeCodec::new(SharedServerData::default());
         query(&mut c, 1, 8000, 0);
         grant_rr(&mut c, 1, 1, 8000);
         let mut seq_of = Vec::new();
@@ -370,7 +370,7 @@ proptest! {
     fn user_payload_round_trip(s in ".{0,40}", n in any::<i64>()) {
         let value = serde_json::json!({"text": s, "n": n, "nested": [s.clone()]});
         let payload = serde_json::to_vec_pretty(&value).unwrap();
-        let mut c = NodeCodec::new();
+        let mut c = NodeCodec::new(SharedServerData::default());
         let mut out = Vec::new();
         c.encode(&Message::User { payload }, 0, &mut out).unwrap();
         prop_assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1);
@@ -378,5 +378,27 @@ proptest! {
         let Some(Message::User { payload }) = back.msg else { panic!("not a user message") };
         let got: serde_json::Value = serde_json::from_slice(&payload).unwrap();
         prop_assert_eq!(got, value);
+    }
+}
+
+#[test]
+fn every_worker_gets_the_first_workers_data_for_a_key() {
+    let shared = SharedServerData::default();
+    let q = |data: &str| {
+        format!(
+            "{{\"cmd\":\"NODE_CLUSTER\",\"act\":\"queryServer\",\"index\":0,\"data\":{data},\"address\":\"127.0.0.1\",\"port\":8443,\"addressType\":4,\"seq\":1}}"
+        )
+    };
+    let mut replies = Vec::new();
+    for (sent, echoed) in [
+        ("null", "null"),
+        ("{\"ticketKeys\":\"aa\"}", "{\"ticketKeys\":\"aa\"}"),
+        ("{\"ticketKeys\":\"bb\"}", "{\"ticketKeys\":\"aa\"}"),
+    ] {
+        let mut c = NodeCodec::new(shared.clone());
+        decode(&mut c, &q(sent)).unwrap();
+        let reply = grant_rr(&mut c, 1, 1, 8443);
+        assert!(reply.contains(&format!(",\"data\":{echoed},")), "{reply}");
+        replies.push(reply);
     }
 }
