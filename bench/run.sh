@@ -22,7 +22,7 @@
 #   --window N). Compare with node-rr: `--variants "rs-node node-rr" --phases "throughput rss"`.
 #
 # Usage: bench/run.sh [--smoke] [--no-build] [--no-docs] [--variants "A B"] [--phases "P Q"]
-#   --smoke     CI check: ~5 s of load over rs-standalone and rs-rr, 1 repetition, no docs;
+#   --smoke     CI check: ~7 s of load over rs-standalone, rs-rr and rs-node, 1 repetition, no docs;
 #               exits non-zero if a server does not start or any request fails
 #   --no-build  use the binaries already in target/release
 #   --no-docs   do not write docs/benchmarks.md (a full run of every phase and variant does)
@@ -68,7 +68,8 @@ if ((SMOKE)); then
   : "${DURATION:=1}" "${REPEATS:=1}" "${WARMUP:=0}" "${CLIENT_SECONDS:=1}" "${STARTUP_RUNS:=2}"
   : "${STARTUP_WORKERS:=2}" "${STARTUP_VARIANTS:=rs-rr}" "${SPLIT_REQUESTS:=400}"
   : "${SPLIT_VARIANTS:=rs-rr}" "${CLIENT_VARIANTS:=rs-rr}" "${RSS_SETTLE:=1}"
-  : "${VARIANTS:=rs-standalone rs-rr}"
+  # rs-node: 1 s of the Node app under our master, so the Node path cannot rot either.
+  : "${VARIANTS:=rs-standalone rs-rr rs-node}"
 fi
 PORT=${PORT:-18480}
 DURATION=${DURATION:-10}

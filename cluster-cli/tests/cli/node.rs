@@ -344,3 +344,39 @@ fn node_http_on_a_unix_socket_path() {
     assert_clean_exit(&mut c);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn node_worker_that_disconnects_itself_leaves_cleanly_and_is_not_replaced() {
+    let mut c = node_cluster(&["-n", "2"], "self_disconnect.js");
+    let left = c.wait_line("worker 1 exits after disconnect", |l| {
+        l.starts_with("[master] worker 1 (pid ")
+            && l.ends_with(" exited with code 0, after disconnect")
+    });
+    let listening = c.find_line("worker 2 listening", |l| {
+        l.starts_with("[master] worker 2 (pid ") && l.contains(" listening on ")
+    });
+    let port: u16 = listening.rsplit(':').next().unwrap().parse().unwrap();
+    for _ in 0..10 {
+        assert_eq!(get_ok(port, "/").worker_id(), Some(2), "after {left}");
+    }
+    assert!(
+        !c.seen.iter().any(|l| l.contains(" restarting in ")),
+        "a planned leave is not a crash: {:?}",
+        c.seen
+    );
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+}
+
+#[test]
+fn node_sigint_stops_node_workers_gracefully() {
+    let mut c = node_cluster(&["-n", "2"], "http_id.js");
+    let (port, workers) = c.wait_listening(2);
+    get_ok(port, "/");
+    c.signal(Signal::SIGINT);
+    assert_clean_exit(&mut c);
+    for (id, pid) in workers {
+        let want = format!("[master] worker {id} (pid {pid}) exited with code 0, after disconnect");
+        assert!(c.seen.contains(&want), "missing: {want}");
+    }
+}
