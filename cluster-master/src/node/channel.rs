@@ -43,6 +43,11 @@ pub(crate) struct NodeChannel {
     replies: Vec<u8>,
     eof: bool,
     failed: Option<IpcError>,
+    /// The last read was short and brought no fd: the socket was empty then, so the next
+    /// `recv` that needs bytes says `Ok(None)` without a syscall (edge-triggered readiness
+    /// reports anything that arrives later). A read that brings fds may stop short after
+    /// them with more queued, so it never takes this shortcut.
+    read_drained: bool,
 }
 
 fn violation(e: NodeError) -> IpcError {
@@ -61,6 +66,7 @@ impl NodeChannel {
             replies: Vec::new(),
             eof: false,
             failed: None,
+            read_drained: false,
         }
     }
 
@@ -139,10 +145,17 @@ impl NodeChannel {
                     n => IpcError::ClosedMidFrame(n),
                 });
             }
+            if std::mem::take(&mut self.read_drained) {
+                return Ok(None);
+            }
+            let fds_before = self.fds_in.len();
             let buf = self.lines.read_buf(READ_CHUNK);
+            let space = buf.len();
             match self.sock.recv(buf, &mut self.fds_in) {
                 Ok(r) => {
                     self.lines.commit(r.bytes);
+                    self.read_drained =
+                        r.bytes > 0 && r.bytes < space && self.fds_in.len() == fds_before;
                     if r.fds_truncated {
                         return Err(violation(NodeError::FdsTruncated));
                     }
@@ -333,6 +346,9 @@ mod tests {
             Message::Accepted { conn: ConnId(9) }
         );
         drop(node);
+        // The last read was short, so the first call answers from that (no syscall); the EOF
+        // would come with its own readiness edge.
+        assert!(ch.recv().unwrap().is_none());
         assert!(ch.recv().unwrap_err().is_closed());
     }
 
