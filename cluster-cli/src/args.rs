@@ -314,4 +314,23 @@ mod tests {
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--policy", "fastest"]).is_err());
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--window", "0"]).is_err());
     }
+
+    #[test]
+    fn protocol_values() {
+        assert_eq!(parse_protocol("auto"), Ok(ProtocolChoice::Auto));
+        assert_eq!(
+            parse_protocol("node"),
+            Ok(ProtocolChoice::Fixed(Protocol::Node))
+        );
+        assert_eq!(
+            parse_protocol("native"),
+            Ok(ProtocolChoice::Fixed(Protocol::Native))
+        );
+        assert!(parse_protocol("deno").is_err());
+        let cli = Cli::try_parse_from(["cluster-cli", "spawn", "--", "node", "app.js"]).unwrap();
+        let Command::Spawn(a) = cli.command else {
+            panic!("not spawn")
+        };
+        assert_eq!(a.protocol, ProtocolChoice::Auto);
+    }
 }
