@@ -16,10 +16,13 @@
 #   rs-rr, rs-rr-w1 (rr with --window 1, Node's rule), rs-shared, rs-reuseport
 #   (cluster-cli spawn -n 2), node-rr, node-none (shared/bench/node/server.js, 2 workers),
 #   node-single (shared/bench/node/single.js). Diagnostic variants, selectable with
-#   --variants: rs-standalone-t1 and rs-rr-t1 (hello with --threads 1 per process).
+#   --variants: rs-standalone-t1 and rs-rr-t1 (hello with --threads 1 per process); rs-node
+#   and rs-node-wN (the Node anchor's server.js, unmodified, as the 2 workers of
+#   `cluster-cli spawn -- node server.js`, which speaks Node's cluster protocol; -wN sets
+#   --window N). Compare with node-rr: `--variants "rs-node node-rr" --phases "throughput rss"`.
 #
 # Usage: bench/run.sh [--smoke] [--no-build] [--no-docs] [--variants "A B"] [--phases "P Q"]
-#   --smoke     CI check: ~5 s of load over rs-standalone and rs-rr, 1 repetition, no docs;
+#   --smoke     CI check: ~7 s of load over rs-standalone, rs-rr and rs-node, 1 repetition, no docs;
 #               exits non-zero if a server does not start or any request fails
 #   --no-build  use the binaries already in target/release
 #   --no-docs   do not write docs/benchmarks.md (a full run of every phase and variant does)
@@ -65,7 +68,8 @@ if ((SMOKE)); then
   : "${DURATION:=1}" "${REPEATS:=1}" "${WARMUP:=0}" "${CLIENT_SECONDS:=1}" "${STARTUP_RUNS:=2}"
   : "${STARTUP_WORKERS:=2}" "${STARTUP_VARIANTS:=rs-rr}" "${SPLIT_REQUESTS:=400}"
   : "${SPLIT_VARIANTS:=rs-rr}" "${CLIENT_VARIANTS:=rs-rr}" "${RSS_SETTLE:=1}"
-  : "${VARIANTS:=rs-standalone rs-rr}"
+  # rs-node: 1 s of the Node app under our master, so the Node path cannot rot either.
+  : "${VARIANTS:=rs-standalone rs-rr rs-node}"
 fi
 PORT=${PORT:-18480}
 DURATION=${DURATION:-10}
@@ -184,6 +188,8 @@ variant_label() {
     rs-reuseport) echo "cluster-rs reuseport" ;;
     rs-standalone-t1) echo "cluster-rs standalone --threads 1" ;;
     rs-rr-t1) echo "cluster-rs rr, workers --threads 1" ;;
+    rs-node) echo "cluster-rs master, Node workers" ;;
+    rs-node-w*) echo "cluster-rs master, Node workers, --window ${1#rs-node-w}" ;;
     node-rr) echo "Node cluster rr" ;;
     node-none) echo "Node cluster none" ;;
     node-single) echo "Node single" ;;
@@ -212,6 +218,9 @@ variant_command() {
       # Diagnostic, not in the default set: one session thread per process (Node's shape).
       rs-standalone-t1) CMD+=("$CLI" hello --host 127.0.0.1 --port "$PORT" --threads 1) READY_RE="" READY_COUNT=1 ;;
       rs-rr-t1) CMD+=("$CLI" spawn -n "$workers" --policy rr -- "$CLI" hello --host 127.0.0.1 --port "$PORT" --threads 1) ;;
+      # Node's own worker code, unmodified: only the primary differs from node-rr.
+      rs-node) CMD+=("$CLI" spawn -n "$workers" --policy rr --env PORT="$PORT" -- node "$SHARED/node/server.js") ;;
+      rs-node-w*) CMD+=("$CLI" spawn -n "$workers" --policy rr --window "${variant#rs-node-w}" --env PORT="$PORT" -- node "$SHARED/node/server.js") ;;
     esac
   else
     READY_RE='^listening [0-9]+ '
@@ -357,7 +366,7 @@ phase_throughput() {
   say ""
   say "== throughput: wrk -t1 -c$CONNS -d${DURATION}s --latency, ${WARMUP}s warm-up, $REPEATS repetitions, 2 workers =="
   say "   (cpu = server CPU: master + workers; other = CPU used by processes outside this run; % of one core)"
-  local rep mode variant key log out line seconds requests pid i ticks wrk_ticks busy0 busy1 errs other cpuus
+  local rep mode variant key log out line seconds requests pid i ticks wrk_ticks busy0 busy1 errs other cpuus primary_ticks
   local -a pids before
   for ((rep = 1; rep <= REPEATS; rep++)); do
     for mode in keepalive close; do
@@ -377,6 +386,8 @@ phase_throughput() {
         ticks=0
         for ((i = 0; i < ${#pids[@]}; i++)); do
           ticks=$((ticks + $(cpu_ticks "${pids[i]}") - before[i]))
+          # The primary alone (the master, or Node's primary): what round-robin costs.
+          ((i == 0)) && primary_ticks=$(($(cpu_ticks "${pids[i]}") - before[i]))
         done
         # Workers that appeared during the run (a respawn) would be missed: say so.
         [[ $(descendants "$SERVER_PID" | wc -l) -eq $((${#pids[@]} - 1)) ]] || say "  (worker set changed during the run)"
@@ -400,6 +411,7 @@ phase_throughput() {
         say "  run $rep $(printf '%-13s %-9s' "$variant" "$mode") rps=$(calc %.0f "$(field rps "$line")") p50=$(calc %.2f "$(field p50_us "$line") / 1000")ms" \
           "p99=$(calc %.2f "$(field p99_us "$line") / 1000")ms errors(c/r/w/t)=$(field connect "$line")/$(field read "$line")/$(field write "$line")/$(field timeout "$line")" \
           "non2xx=$(field non2xx3xx "$line") cpu=$cpuus us/req ($(calc %.0f "100 * $ticks / $CLK_TCK / $seconds")%)" \
+          "primary=$(calc %.1f "1e6 * $primary_ticks / $CLK_TCK / $requests") us/req" \
           "wrk=$(calc %.0f "100 * $(field wrk_cpu_s "$line") / $seconds")% other=${other}% load=$(loadavg)"
         ((errs == 0)) || fail "run $rep $key: $errs socket errors"
         (($(field non2xx3xx "$line") == 0)) || fail "run $rep $key: $(field non2xx3xx "$line") non-2xx answers"

@@ -7,6 +7,7 @@ mod handoff_loss;
 mod hostile_bounds;
 mod hostile_worker;
 mod lifecycle;
+mod node_messages;
 mod round_robin;
 mod shared_handle;
 mod util;

@@ -7,12 +7,13 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use cluster_core::{ListenAddr, ListenSpec, Policy};
-use cluster_master::{RestartPolicy, RoundRobinConfig};
+use cluster_master::{Protocol, RestartPolicy, RoundRobinConfig};
 
 /// The stable log formats, shown at the end of `spawn --help`.
 const LOG_FORMATS: &str = "\
 Log lines (stdout unless noted; one per event, flushed at each line):
   [master] pid P: starting N workers: PROGRAM ARGS... (policy rr|sockets passed as LISTEN_FDS)
+  [master] workers speak Node's cluster protocol (HOW)   (only then; HOW is --protocol node or auto's reason)
   [master] pre-bound ADDR as fd N (LISTEN_FDNAMES name listenI)
   [master] worker W (pid P) forked in slot S
   [master] worker W (pid P) online
@@ -95,6 +96,13 @@ pub struct SpawnArgs {
     /// accept on one socket), reuseport (one SO_REUSEPORT socket per slot).
     #[arg(long, value_name = "rr|shared|reuseport", default_value = "rr", value_parser = parse_policy)]
     pub policy: Policy,
+
+    /// The IPC protocol of the workers: native (cluster-worker programs), node (unmodified
+    /// Node.js programs: Node's own cluster IPC), or auto: node when PROGRAM's basename is
+    /// node or nodejs (also as `env [..] node`), or PROGRAM is a script whose #! line names
+    /// node; native otherwise.
+    #[arg(long, value_name = "native|node|auto", default_value = "auto", value_parser = parse_protocol)]
+    pub protocol: ProtocolChoice,
 
     /// Round-robin hand-offs in flight per worker (Node's is 1).
     #[arg(long, value_name = "N", default_value_t = RoundRobinConfig::default().window,
@@ -240,6 +248,22 @@ pub fn parse_workers(s: &str) -> Result<WorkerCount, String> {
         Ok(0) => Err("must be at least 1 (or `auto`)".into()),
         Ok(n) => Ok(WorkerCount::Fixed(n)),
         Err(_) => Err(format!("`{s}` is neither a number nor `auto`")),
+    }
+}
+
+/// `--protocol`: fixed, or decided from the program once it is known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProtocolChoice {
+    /// Node when the program is node (see the option's help), native otherwise.
+    Auto,
+    /// As given.
+    Fixed(Protocol),
+}
+
+pub fn parse_protocol(s: &str) -> Result<ProtocolChoice, String> {
+    match s {
+        "auto" => Ok(ProtocolChoice::Auto),
+        other => other.parse().map(ProtocolChoice::Fixed),
     }
 }
 
@@ -402,5 +426,24 @@ mod tests {
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--stop-signal", "BOGUS"]).is_err());
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--policy", "fastest"]).is_err());
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--window", "0"]).is_err());
+    }
+
+    #[test]
+    fn protocol_values() {
+        assert_eq!(parse_protocol("auto"), Ok(ProtocolChoice::Auto));
+        assert_eq!(
+            parse_protocol("node"),
+            Ok(ProtocolChoice::Fixed(Protocol::Node))
+        );
+        assert_eq!(
+            parse_protocol("native"),
+            Ok(ProtocolChoice::Fixed(Protocol::Native))
+        );
+        assert!(parse_protocol("deno").is_err());
+        let cli = Cli::try_parse_from(["cluster-cli", "spawn", "--", "node", "app.js"]).unwrap();
+        let Command::Spawn(a) = cli.command else {
+            panic!("not spawn")
+        };
+        assert_eq!(a.protocol, ProtocolChoice::Auto);
     }
 }

@@ -14,11 +14,13 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cluster_master::{Event, Master, MasterBuilder, MasterControl, MasterError, RestartPolicy};
+use cluster_master::{
+    Event, Master, MasterBuilder, MasterControl, MasterError, Protocol, RestartPolicy,
+};
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU};
 use signal_hook::iterator::Signals;
 
-use crate::args::{DEFAULT_HELLO_PORT, ListenArg, SpawnArgs, WorkerCount};
+use crate::args::{DEFAULT_HELLO_PORT, ListenArg, ProtocolChoice, SpawnArgs, WorkerCount};
 use crate::cpus;
 use crate::log::{self, EventLog, Line};
 
@@ -52,7 +54,15 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
         max_fast_crashes: a.max_restarts,
         ..RestartPolicy::default()
     };
+    let (protocol, why) = match a.protocol {
+        ProtocolChoice::Fixed(p) => (p, "--protocol node"),
+        ProtocolChoice::Auto => (
+            Protocol::detect(&program, &args),
+            "auto: the program is node",
+        ),
+    };
     let mut builder = MasterBuilder::new(&program)
+        .protocol(protocol)
         .args(&args)
         .workers(workers)
         .policy(a.policy)
@@ -105,6 +115,10 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
         shown.join(" "),
     ))
     .print();
+
+    if protocol == Protocol::Node {
+        log::master(format!("workers speak Node's cluster protocol ({why})")).print();
+    }
 
     let master = match builder.start() {
         Ok(m) => m,

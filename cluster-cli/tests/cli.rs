@@ -1706,3 +1706,6 @@ fn workers_see_none_of_the_masters_systemd_environment() {
     c.signal(Signal::SIGTERM);
     assert_clean_exit(&mut c);
 }
+
+#[path = "cli/node.rs"]
+mod node;

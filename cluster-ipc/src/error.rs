@@ -96,6 +96,10 @@ pub enum IpcError {
     /// A blocking receive or send ran out of time.
     #[error("channel timed out")]
     TimedOut,
+    /// The peer broke a protocol framed outside this crate (Node's JSON lines); the text says
+    /// how.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
 }
 
 impl IpcError {
@@ -130,6 +134,7 @@ impl IpcError {
                 max: *max,
             },
             IpcError::TimedOut => IpcError::TimedOut,
+            IpcError::Protocol(s) => IpcError::Protocol(s.clone()),
         }
     }
 

@@ -30,6 +30,7 @@
 mod channel;
 mod error;
 pub mod frame;
+mod stream;
 mod sys;
 #[cfg(test)]
 mod tests;
@@ -37,3 +38,4 @@ mod tests;
 pub use channel::{Channel, Limits, Received, spawn_with_channel};
 pub use error::{DecodeError, IpcError};
 pub use frame::Decoder;
+pub use stream::{FdStream, StreamRead, spawn_with_stream};

@@ -46,6 +46,7 @@ pub struct MasterBuilder {
     pub(crate) notify_systemd: bool,
     pub(crate) socket_activation: bool,
     pub(crate) reap_orphans: bool,
+    pub(crate) protocol: crate::Protocol,
 }
 
 /// Where a socket passed to the workers as `LISTEN_FDS` comes from.
@@ -81,6 +82,7 @@ impl MasterBuilder {
             notify_systemd: false,
             socket_activation: false,
             reap_orphans: false,
+            protocol: crate::Protocol::Native,
         }
     }
 
@@ -111,6 +113,13 @@ impl MasterBuilder {
     /// How many workers (slots) to run. At least one.
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n.max(1);
+        self
+    }
+
+    /// The IPC protocol the workers speak: [`crate::Protocol::Node`] runs unmodified Node.js
+    /// programs (`node app.js`) as workers. Default: native.
+    pub fn protocol(mut self, protocol: crate::Protocol) -> Self {
+        self.protocol = protocol;
         self
     }
 

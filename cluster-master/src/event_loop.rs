@@ -167,6 +167,8 @@ pub(crate) struct EventLoop {
     activation: Activation,
     /// Reaps orphaned descendants (as PID 1, or when asked).
     orphans: Option<OrphanReaper>,
+    /// What Node workers' `queryServer`s carry per key (see [`crate::node`]).
+    node_server_data: crate::node::SharedServerData,
 }
 
 /// Something of a worker's that the loop reads: its channel, or a captured output pipe.
@@ -249,6 +251,7 @@ impl EventLoop {
             manager: None,
             activation,
             orphans: None,
+            node_server_data: Default::default(),
         };
         if crate::orphans::is_init() || event_loop.cfg.reap_orphans {
             if !crate::orphans::is_init() {

@@ -35,6 +35,7 @@ mod error;
 mod event_loop;
 mod events;
 mod master;
+mod node;
 mod notify;
 mod orphans;
 mod round_robin;
@@ -49,6 +50,7 @@ pub use config::{DEFAULT_MAX_SERVERS_PER_WORKER, DEFAULT_READY_DELAY, MasterBuil
 pub use error::MasterError;
 pub use events::{Event, MasterStats, WorkerInfo, WorkerState};
 pub use master::{Master, MasterControl};
+pub use node::Protocol;
 pub use round_robin::{
     Action, CloseReason, HandleError, RoundRobinConfig, RoundRobinHandle, RoundRobinStats,
 };

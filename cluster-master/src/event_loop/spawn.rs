@@ -14,8 +14,9 @@ use mio::{Interest, Token};
 use super::{
     EventLoop, KIND_CHANNEL, KIND_PIDFD, KIND_STDERR, KIND_STDOUT, Source, WorkerRec, token,
 };
+use crate::channel::WorkerChannel;
 use crate::events::{Event, WorkerState};
-use crate::{MasterError, sys};
+use crate::{MasterError, Protocol, sys};
 
 pub(super) fn is_resource_shortage(e: &MasterError) -> bool {
     matches!(e, MasterError::Io { source, .. } if matches!(
@@ -79,12 +80,28 @@ impl EventLoop {
         if self.cfg.capture_output {
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         }
-        let limits = Limits {
-            max_frame: self.cfg.max_frame,
-            accept_fds: false,
+        let mut channel: Box<dyn WorkerChannel> = match self.cfg.protocol {
+            Protocol::Native => {
+                let limits = Limits {
+                    max_frame: self.cfg.max_frame,
+                    accept_fds: false,
+                };
+                Box::new(
+                    cluster_ipc::spawn_with_channel(&mut cmd, channel_fd, limits)
+                        .map_err(|e| MasterError::io("socketpair", e.into()))?,
+                )
+            }
+            Protocol::Node => Box::new(
+                crate::node::spawn_channel(
+                    &mut cmd,
+                    channel_fd,
+                    id,
+                    self.cfg.max_frame,
+                    &self.node_server_data,
+                )
+                .map_err(|e| MasterError::io("socketpair", e))?,
+            ),
         };
-        let mut channel = cluster_ipc::spawn_with_channel(&mut cmd, channel_fd, limits)
-            .map_err(|e| MasterError::io("socketpair", e.into()))?;
         if n_listen > 0 {
             let fds: Vec<_> = self.prebound.iter().map(|(_, fd, _)| fd.as_fd()).collect();
             sys::inherit_listen_fds(&mut cmd, &fds, env::DEFAULT_CHANNEL_FD)
@@ -143,7 +160,7 @@ impl EventLoop {
                 pid,
                 child,
                 pidfd,
-                channel: Some(Box::new(channel)),
+                channel: Some(channel),
                 state: WorkerState::Spawned,
                 exited_after_disconnect: false,
                 servers: Vec::new(),

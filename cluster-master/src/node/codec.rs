@@ -1,0 +1,728 @@
+//! Node's cluster protocol as pure functions over bytes: JSON lines in, [`Message`]s out, and
+//! back. No sockets, no fds: the channel says whether an fd arrived with a `NODE_HANDLE` line
+//! and attaches the fds it is told to.
+//!
+//! Node's vocabulary maps onto the master's one to one where the concept is the same
+//! (`online`, `queryServer`, `listening`, `close`, `exitedAfterDisconnect`, `newconn` and its
+//! `{ack, accepted}` answer, `disconnect`, user messages). What only Node needs stays here:
+//! the worker's `seq` numbers and our own, the opaque `key` strings and the `data` echo of
+//! each `queryServer`, the `NODE_HANDLE_ACK`s owed to the worker, and which of our handles
+//! the worker has acknowledged.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use cluster_core::{
+    BoundAddr, ConnId, ListenAddr, ListenSpec, Message, RefuseReason, Seq, ServerGrant, ServerId,
+    ServerReply,
+};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// `UV_TCP_IPV6ONLY` and `UV_UDP_IPV6ONLY` are both bit 0 of a `queryServer`'s `flags`.
+const IPV6_ONLY_FLAG: u32 = 1;
+
+/// How a Node worker broke the protocol. Any of these drops the worker.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum NodeError {
+    /// A line longer than the cap, or unterminated past it.
+    #[error("line of more than {max} bytes")]
+    LineTooLong {
+        /// The cap.
+        max: usize,
+    },
+    /// Not JSON at all.
+    #[error("malformed JSON: {0}")]
+    Malformed(String),
+    /// A `NODE_CLUSTER` message whose `act` this primary does not know.
+    #[error("unknown act {0:?}")]
+    UnknownAct(String),
+    /// A `NODE_` message with a missing or mistyped field.
+    #[error("{message} with a missing or invalid {field}")]
+    BadField {
+        /// The message.
+        message: &'static str,
+        /// The field.
+        field: &'static str,
+    },
+    /// A handle attached to a message that never carries one.
+    #[error("a handle attached to {0}, which carries none")]
+    HandleNotAllowed(String),
+    /// Fds arrived that no `NODE_HANDLE` line claimed.
+    #[error("{0} fds arrived without a NODE_HANDLE to carry them")]
+    StrayFds(usize),
+    /// The kernel dropped fds on their way (`MSG_CTRUNC`).
+    #[error("fds truncated in transit")]
+    FdsTruncated,
+    /// The worker lost a server handle we sent (NACK): it will wait for it forever.
+    #[error("the worker did not receive a server handle")]
+    ServerHandleLost,
+    /// Something the master asked us to send has no Node encoding.
+    #[error("cannot send {0} to a Node worker")]
+    Unsupported(String),
+}
+
+/// Every field a worker's line may have; absent ones are `None`. Strings that are never
+/// escaped in Node's output are borrowed (an escaped one fails here and falls back to the
+/// generic parse).
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow, default)]
+    cmd: Option<&'a str>,
+    #[serde(borrow, default)]
+    act: Option<&'a str>,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default)]
+    ack: Option<i64>,
+    #[serde(default)]
+    accepted: Option<bool>,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(borrow, default)]
+    index: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(default)]
+    address: Option<String>,
+    #[serde(borrow, default)]
+    port: Option<&'a RawValue>,
+    #[serde(rename = "addressType", borrow, default)]
+    address_type: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    fd: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    flags: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    backlog: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    msg: Option<&'a RawValue>,
+}
+
+/// A numeric field as JavaScript sends it: anything that is not an integer (`false`,
+/// `undefined` turned `null`, a float) counts as absent, as `|0` or a truthiness test would
+/// treat it in Node's own primary.
+fn int(raw: Option<&RawValue>) -> Option<i64> {
+    raw.and_then(|r| r.get().parse().ok())
+}
+
+/// The part of a `queryServer` that names the listen, as Node's worker repeats it in
+/// `listening` (with the port replaced by the bound one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ListenIdent {
+    address: Option<String>,
+    address_type: String,
+    fd: Option<i64>,
+    index: u32,
+    port: i64,
+}
+
+#[derive(Debug)]
+struct PendingQuery {
+    key: String,
+    /// Echoed verbatim (`tls.Server` keeps its ticket keys there).
+    data: String,
+    ident: ListenIdent,
+}
+
+#[derive(Debug)]
+struct Granted {
+    key: String,
+    server: ServerId,
+    ident: ListenIdent,
+    bound: BoundAddr,
+    listening: bool,
+}
+
+/// The `data` of each `queryServer` key, shared by every Node worker of one master: as Node's
+/// primary does, the first worker's (non-null) data is what every worker gets back for that key,
+/// so that `tls.Server`s in different workers share their session-ticket keys.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SharedServerData(Arc<Mutex<HashMap<String, String>>>);
+
+/// Keys remembered at most; past it a worker gets its own data back.
+const MAX_SHARED_KEYS: usize = 1024;
+
+impl SharedServerData {
+    /// The data to echo for `key` when a worker sent `data`.
+    fn settle(&self, key: &str, data: &str) -> String {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(key) {
+            Some(kept) if kept != "null" => kept.clone(),
+            Some(kept) => {
+                data.clone_into(kept);
+                data.to_string()
+            }
+            None => {
+                if map.len() < MAX_SHARED_KEYS {
+                    map.insert(key.to_string(), data.to_string());
+                }
+                data.to_string()
+            }
+        }
+    }
+}
+
+/// What decoding one line produced.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Decoded {
+    /// The message for the master, if the line was one it must see.
+    pub msg: Option<Message>,
+    /// The line's `NODE_HANDLE` took the fd that arrived for it (the channel passes it on with
+    /// the message or closes it).
+    pub took_fd: bool,
+}
+
+/// One worker's protocol state. Both directions go through it because they correlate:
+/// replies carry the worker's `seq`, answers carry ours.
+#[derive(Debug, Default)]
+pub(crate) struct NodeCodec {
+    next_seq: u64,
+    queries: HashMap<u64, PendingQuery>,
+    granted: Vec<Granted>,
+    /// Our `newconn` seqs not yet answered.
+    newconns: HashMap<u64, ConnId>,
+    /// Our `NODE_HANDLE` lines not yet acknowledged, oldest first: the hand-off, or `None`
+    /// for a server handle.
+    handles_unacked: VecDeque<Option<ConnId>>,
+    shared: SharedServerData,
+}
+
+fn bad(message: &'static str, field: &'static str) -> NodeError {
+    NodeError::BadField { message, field }
+}
+
+/// Whether a JSON value is one of Node's internal messages (an object whose `cmd` is a string
+/// that starts with `NODE_` and is longer than that), which its `'message'` handlers never see.
+fn is_internal_cmd(cmd: &str) -> bool {
+    cmd.len() > 5 && cmd.starts_with("NODE_")
+}
+
+impl NodeCodec {
+    pub(crate) fn new(shared: SharedServerData) -> Self {
+        Self {
+            shared,
+            ..Self::default()
+        }
+    }
+
+    fn seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq += 1;
+        s
+    }
+
+    /// Hand-offs sent and not answered (for tests and sanity checks).
+    #[cfg(test)]
+    pub(crate) fn unanswered(&self) -> usize {
+        self.newconns.len()
+    }
+
+    /// Decodes one line (without its `\n`). `fd_waiting` says an fd arrived that a
+    /// `NODE_HANDLE` line may claim. Lines the worker is owed in return (`NODE_HANDLE_ACK`,
+    /// the ack of `exitedAfterDisconnect`) are appended to `replies`.
+    pub(crate) fn decode(
+        &mut self,
+        line: &[u8],
+        fd_waiting: bool,
+        replies: &mut Vec<u8>,
+    ) -> Result<Decoded, NodeError> {
+        // Only an object can be internal; serde would also fill a `Wire` from an array.
+        let object = line.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        let wire: Wire<'_> = match serde_json::from_slice(line) {
+            Ok(w) if object => w,
+            Ok(_) => return user_or_malformed(line, None),
+            Err(e) => return user_or_malformed(line, Some(e)),
+        };
+        let Some(cmd) = wire.cmd.filter(|c| is_internal_cmd(c)) else {
+            // Not internal: a user message, delivered as the JSON text it came as.
+            return Ok(Decoded {
+                msg: Some(Message::User {
+                    payload: line.to_vec(),
+                }),
+                took_fd: false,
+            });
+        };
+        match cmd {
+            "NODE_CLUSTER" => Ok(Decoded {
+                msg: self.decode_cluster(&wire, replies)?,
+                took_fd: false,
+            }),
+            "NODE_HANDLE" => self.decode_handle(&wire, fd_waiting, replies),
+            "NODE_HANDLE_ACK" => {
+                self.handles_unacked.pop_front();
+                Ok(Decoded::default())
+            }
+            "NODE_HANDLE_NACK" => match self.handles_unacked.pop_front() {
+                Some(Some(conn)) => {
+                    self.newconns.retain(|_, c| *c != conn);
+                    Ok(Decoded {
+                        msg: Some(Message::Refused {
+                            conn,
+                            reason: RefuseReason::FdLost,
+                        }),
+                        took_fd: false,
+                    })
+                }
+                Some(None) => Err(NodeError::ServerHandleLost),
+                None => Ok(Decoded::default()),
+            },
+            // The socket-list and debugger messages: Node's primary has nothing to do for a
+            // worker that does not send it sockets, and neither have we.
+            _ => Ok(Decoded::default()),
+        }
+    }
+
+    fn decode_handle(
+        &mut self,
+        wire: &Wire<'_>,
+        fd_waiting: bool,
+        replies: &mut Vec<u8>,
+    ) -> Result<Decoded, NodeError> {
+        let inner = wire.msg.ok_or_else(|| bad("NODE_HANDLE", "msg"))?;
+        if !fd_waiting {
+            // The fd did not arrive: Node's sender retransmits on NACK.
+            replies.extend_from_slice(b"{\"cmd\":\"NODE_HANDLE_NACK\"}\n");
+            return Ok(Decoded::default());
+        }
+        let inner_text = inner.get();
+        let inner_wire: Option<Wire<'_>> = serde_json::from_str(inner_text).ok();
+        if let Some(c) = inner_wire.as_ref().and_then(|w| w.cmd)
+            && is_internal_cmd(c)
+        {
+            // No message a worker sends its primary carries a handle.
+            return Err(NodeError::HandleNotAllowed(c.to_string()));
+        }
+        replies.extend_from_slice(b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n");
+        Ok(Decoded {
+            msg: Some(Message::User {
+                payload: inner_text.as_bytes().to_vec(),
+            }),
+            took_fd: true,
+        })
+    }
+
+    fn decode_cluster(
+        &mut self,
+        wire: &Wire<'_>,
+        replies: &mut Vec<u8>,
+    ) -> Result<Option<Message>, NodeError> {
+        let Some(act) = wire.act else {
+            // An answer to one of our messages; only `newconn` gets one. An unknown `ack` is
+            // harmless, as in Node (test-cluster-invalid-message sends `ack: -1`).
+            let Some(ack) = wire.ack else {
+                return Err(bad("NODE_CLUSTER", "act"));
+            };
+            let Some(conn) = u64::try_from(ack)
+                .ok()
+                .and_then(|a| self.newconns.remove(&a))
+            else {
+                return Ok(None);
+            };
+            return Ok(Some(if wire.accepted == Some(true) {
+                Message::Accepted { conn }
+            } else {
+                // The worker closed that server or is at `maxConnections`; it will say
+                // `close` for the former, so the refusal itself is never permanent.
+                Message::Refused {
+                    conn,
+                    reason: RefuseReason::MaxConnections,
+                }
+            }));
+        };
+        match act {
+            "online" => Ok(Some(Message::Online)),
+            "queryServer" => self.decode_query(wire).map(Some),
+            "listening" => Ok(self.decode_listening(wire)),
+            "close" => {
+                let key = wire.key.as_deref().ok_or_else(|| bad("close", "key"))?;
+                let Some(pos) = self.granted.iter().position(|g| g.key == key) else {
+                    // Node's primary ignores a key it does not know.
+                    return Ok(None);
+                };
+                let g = self.granted.swap_remove(pos);
+                Ok(Some(Message::Close { server: g.server }))
+            }
+            "exitedAfterDisconnect" => {
+                let seq = wire
+                    .seq
+                    .ok_or_else(|| bad("exitedAfterDisconnect", "seq"))?;
+                // The worker disconnects only once this is answered.
+                let ours = self.seq();
+                let _ = writeln!(
+                    Utf8Sink(replies),
+                    "{{\"cmd\":\"NODE_CLUSTER\",\"ack\":{seq},\"seq\":{ours}}}"
+                );
+                Ok(Some(Message::ExitedAfterDisconnect))
+            }
+            other => Err(NodeError::UnknownAct(other.to_string())),
+        }
+    }
+
+    fn decode_query(&mut self, wire: &Wire<'_>) -> Result<Message, NodeError> {
+        const M: &str = "queryServer";
+        let seq = wire.seq.ok_or_else(|| bad(M, "seq"))?;
+        let address_type = wire
+            .address_type
+            .map(|r| r.get().trim_matches('"').to_string())
+            .ok_or_else(|| bad(M, "addressType"))?;
+        let port = int(wire.port).unwrap_or(-1);
+        let index = int(wire.index)
+            .and_then(|i| u32::try_from(i).ok())
+            .unwrap_or(0);
+        let fd = int(wire.fd);
+        let ip = |v6: bool| -> Result<IpAddr, NodeError> {
+            match &wire.address {
+                Some(a) => a.parse().map_err(|_| bad(M, "address")),
+                // Node's listen without a host: all interfaces of the family.
+                None if v6 => Ok(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+                None => Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            }
+        };
+        let port16 = || u16::try_from(port).map_err(|_| bad(M, "port"));
+        let addr = match (fd, address_type.as_str()) {
+            (Some(fd), _) if fd >= 0 => {
+                ListenAddr::Fd(i32::try_from(fd).map_err(|_| bad(M, "fd"))?)
+            }
+            (_, "4") => ListenAddr::Tcp(SocketAddr::new(ip(false)?, port16()?)),
+            (_, "6") => ListenAddr::Tcp(SocketAddr::new(ip(true)?, port16()?)),
+            (_, "udp4") => ListenAddr::Udp(SocketAddr::new(ip(false)?, port16()?)),
+            (_, "udp6") => ListenAddr::Udp(SocketAddr::new(ip(true)?, port16()?)),
+            (_, "-1") => ListenAddr::Unix(
+                wire.address
+                    .clone()
+                    .ok_or_else(|| bad(M, "address"))?
+                    .into(),
+            ),
+            _ => return Err(bad(M, "addressType")),
+        };
+        let spec = ListenSpec {
+            addr,
+            ipv6_only: int(wire.flags).unwrap_or(0) & i64::from(IPV6_ONLY_FLAG) != 0,
+            backlog: int(wire.backlog)
+                .filter(|b| *b > 0)
+                .map(|b| u32::try_from(b).unwrap_or(u32::MAX)),
+            exclusive: false,
+        };
+        // Node's own key, `address:port:addressType:fd:index`, as JS template strings render
+        // it; the worker treats it as opaque and names the server by it.
+        let key = format!(
+            "{}:{}:{}:{}:{}",
+            wire.address.as_deref().unwrap_or("null"),
+            port,
+            address_type,
+            fd.map_or_else(|| "undefined".to_string(), |f| f.to_string()),
+            index
+        );
+        let ident = ListenIdent {
+            address: wire.address.clone(),
+            address_type,
+            fd,
+            index,
+            port,
+        };
+        let data = self
+            .shared
+            .settle(&key, wire.data.map_or("null", |d| d.get()));
+        self.queries.insert(seq, PendingQuery { key, data, ident });
+        Ok(Message::QueryServer {
+            seq: Seq(seq),
+            spec,
+            index,
+        })
+    }
+
+    /// `listening` names the server only by the listen's fields, with the bound port.
+    fn decode_listening(&mut self, wire: &Wire<'_>) -> Option<Message> {
+        let address_type = wire.address_type.map(|r| r.get().trim_matches('"'))?;
+        let port = int(wire.port).unwrap_or(-1);
+        let fd = int(wire.fd);
+        let index = int(wire.index)
+            .and_then(|i| u32::try_from(i).ok())
+            .unwrap_or(0);
+        let g = self.granted.iter_mut().find(|g| {
+            !g.listening
+                && g.ident.address == wire.address
+                && g.ident.address_type == address_type
+                && g.ident.fd == fd
+                && g.ident.index == index
+                && (g.ident.port == port || bound_port(&g.bound) == Some(port))
+        })?;
+        g.listening = true;
+        Some(Message::Listening {
+            server: g.server,
+            addr: g.bound.clone(),
+        })
+    }
+
+    /// Encodes `msg` (to be sent with `n_fds` fds) as one line appended to `out`. Returns
+    /// whether the line is a `NODE_HANDLE`, which must go in a `sendmsg` of its own with its fd.
+    pub(crate) fn encode(
+        &mut self,
+        msg: &Message,
+        n_fds: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, NodeError> {
+        match msg {
+            Message::NewConn { server, conn } => {
+                let key = self
+                    .granted
+                    .iter()
+                    .find(|g| g.server == *server)
+                    .map(|g| g.key.as_str())
+                    .ok_or_else(|| NodeError::Unsupported(format!("newconn on {server}")))?;
+                let seq = self.next_seq;
+                out.extend_from_slice(
+                    b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":{\"cmd\":\"NODE_CLUSTER\",\"act\":\"newconn\",\"key\":",
+                );
+                json_string(out, key);
+                let _ = writeln!(Utf8Sink(out), ",\"seq\":{seq}}}}}");
+                self.next_seq += 1;
+                self.newconns.insert(seq, *conn);
+                self.handles_unacked.push_back(Some(*conn));
+                Ok(true)
+            }
+            Message::QueryServerReply { seq, reply } => self.encode_reply(*seq, reply, out),
+            Message::Disconnect => {
+                let seq = self.seq();
+                let _ = writeln!(
+                    Utf8Sink(out),
+                    "{{\"cmd\":\"NODE_CLUSTER\",\"act\":\"disconnect\",\"seq\":{seq}}}"
+                );
+                Ok(false)
+            }
+            Message::User { payload } => {
+                if n_fds > 0 {
+                    return Err(NodeError::Unsupported("fds with a user message".into()));
+                }
+                encode_user(payload, out)?;
+                Ok(false)
+            }
+            other => Err(NodeError::Unsupported(other.name().to_string())),
+        }
+    }
+
+    fn encode_reply(
+        &mut self,
+        seq: Seq,
+        reply: &ServerReply,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, NodeError> {
+        let q = self
+            .queries
+            .remove(&seq.0)
+            .ok_or_else(|| NodeError::Unsupported(format!("reply to unknown query {seq}")))?;
+        let ours = self.seq();
+        let head = |out: &mut Vec<u8>, errno: &str| {
+            let _ = write!(
+                Utf8Sink(out),
+                "{{\"cmd\":\"NODE_CLUSTER\",\"errno\":{errno},\"key\":"
+            );
+            json_string(out, &q.key);
+            let _ = write!(Utf8Sink(out), ",\"ack\":{},\"data\":{}", seq.0, q.data);
+        };
+        match reply {
+            ServerReply::Failed(e) => {
+                // libuv's errors are the negated errno on Linux.
+                head(out, &(-e.errno.abs()).to_string());
+                let _ = writeln!(Utf8Sink(out), ",\"seq\":{ours}}}");
+                Ok(false)
+            }
+            ServerReply::Granted {
+                server,
+                addr,
+                grant,
+            } => {
+                let handle = match grant {
+                    ServerGrant::RoundRobin => {
+                        head(out, "null");
+                        if let BoundAddr::Inet(a) = addr {
+                            out.extend_from_slice(b",\"sockname\":{\"address\":");
+                            json_string(out, &a.ip().to_string());
+                            let family = if a.is_ipv4() { "IPv4" } else { "IPv6" };
+                            let _ = write!(
+                                Utf8Sink(out),
+                                ",\"family\":\"{family}\",\"port\":{}}}",
+                                a.port()
+                            );
+                        }
+                        let _ = writeln!(Utf8Sink(out), ",\"seq\":{ours}}}");
+                        false
+                    }
+                    ServerGrant::Shared | ServerGrant::ReusePort => {
+                        let kind = if q.ident.address_type.starts_with("udp") {
+                            "dgram.Native"
+                        } else {
+                            "net.Native"
+                        };
+                        let _ = write!(
+                            Utf8Sink(out),
+                            "{{\"cmd\":\"NODE_HANDLE\",\"type\":\"{kind}\",\"msg\":"
+                        );
+                        head(out, "0");
+                        let _ = writeln!(Utf8Sink(out), ",\"seq\":{ours}}}}}");
+                        self.handles_unacked.push_back(None);
+                        true
+                    }
+                };
+                self.granted.push(Granted {
+                    key: q.key,
+                    server: *server,
+                    ident: q.ident,
+                    bound: addr.clone(),
+                    listening: false,
+                });
+                Ok(handle)
+            }
+        }
+    }
+}
+
+fn bound_port(b: &BoundAddr) -> Option<i64> {
+    match b {
+        BoundAddr::Inet(a) => Some(i64::from(a.port())),
+        BoundAddr::Unix(_) => None,
+    }
+}
+
+/// A line that is not a well-typed [`Wire`]: valid JSON that is not a Node-internal message is
+/// a user message; anything else is a violation.
+fn user_or_malformed(line: &[u8], e: Option<serde_json::Error>) -> Result<Decoded, NodeError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(line).map_err(|e| NodeError::Malformed(e.to_string()))?;
+    if let Some(e) = e
+        && let Some(cmd) = value.get("cmd").and_then(|c| c.as_str())
+        && is_internal_cmd(cmd)
+    {
+        return Err(NodeError::Malformed(format!("{cmd}: {e}")));
+    }
+    Ok(Decoded {
+        msg: Some(Message::User {
+            payload: line.to_vec(),
+        }),
+        took_fd: false,
+    })
+}
+
+/// A user message for the worker: any JSON value except one Node would take for its own.
+fn encode_user(payload: &[u8], out: &mut Vec<u8>) -> Result<(), NodeError> {
+    let value: serde_json::Value = serde_json::from_slice(payload)
+        .map_err(|e| NodeError::Unsupported(format!("a user message that is not JSON ({e})")))?;
+    if let Some(cmd) = value.get("cmd").and_then(|c| c.as_str())
+        && is_internal_cmd(cmd)
+    {
+        return Err(NodeError::Unsupported(format!(
+            "a user message with cmd {cmd}"
+        )));
+    }
+    // A JSON string cannot hold a raw line break, so any in valid JSON is whitespace between
+    // tokens: a space keeps the value (and its key order) and the message on one line.
+    out.extend(
+        payload
+            .iter()
+            .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b }),
+    );
+    out.push(b'\n');
+    Ok(())
+}
+
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    // Writing a str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// `write!` into a byte buffer.
+struct Utf8Sink<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for Utf8Sink<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// Splits a byte stream into lines of at most `max` bytes (the `\n` not counted).
+#[derive(Debug)]
+pub(crate) struct LineSplitter {
+    /// `buf[..filled]` holds data; the rest is space to read into, zeroed once when the
+    /// buffer grows and reused after (a 64 KiB memset per read would cost more than the read).
+    buf: Vec<u8>,
+    filled: usize,
+    /// Start of the first line not yet returned.
+    start: usize,
+    /// Where to resume the search for `\n` (everything in `start..scanned` has none).
+    scanned: usize,
+    max: usize,
+}
+
+impl LineSplitter {
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            filled: 0,
+            start: 0,
+            scanned: 0,
+            max,
+        }
+    }
+
+    /// Free space of at least `want` bytes after the data, to read into; then call
+    /// [`LineSplitter::commit`] with how much was read.
+    pub(crate) fn read_buf(&mut self, want: usize) -> &mut [u8] {
+        if self.start == self.filled {
+            self.filled = 0;
+            self.start = 0;
+            self.scanned = 0;
+        } else if self.start > 0 && self.buf.len() - self.filled < want {
+            self.buf.copy_within(self.start..self.filled, 0);
+            self.filled -= self.start;
+            self.scanned -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() - self.filled < want {
+            self.buf.resize(self.filled + want, 0);
+        }
+        &mut self.buf[self.filled..]
+    }
+
+    /// Keeps `n` bytes of the space [`LineSplitter::read_buf`] gave.
+    pub(crate) fn commit(&mut self, n: usize) {
+        self.filled = (self.filled + n).min(self.buf.len());
+    }
+
+    /// Bytes held that are not yet part of a returned line.
+    pub(crate) fn buffered(&self) -> usize {
+        self.filled - self.start
+    }
+
+    /// The next complete line, without its `\n`.
+    pub(crate) fn next_line(&mut self) -> Result<Option<&[u8]>, NodeError> {
+        match self.buf[self.scanned..self.filled]
+            .iter()
+            .position(|b| *b == b'\n')
+        {
+            Some(i) => {
+                let end = self.scanned + i;
+                let line_start = self.start;
+                if end - line_start > self.max {
+                    return Err(NodeError::LineTooLong { max: self.max });
+                }
+                self.start = end + 1;
+                self.scanned = self.start;
+                Ok(Some(&self.buf[line_start..end]))
+            }
+            None => {
+                self.scanned = self.filled;
+                if self.filled - self.start > self.max {
+                    return Err(NodeError::LineTooLong { max: self.max });
+                }
+                Ok(None)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,2 @@
+// Throws before it ever listens.
+throw new Error('boom at start');
