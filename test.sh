@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Every test of the workspace: unit, property, and real processes (Rust, Python and Node.js
+# workers). The Node-worker tests run a real `node`, so Debian's nodejs is installed when it
+# is missing; python3 comes with the machine. Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")"
+if ! command -v node >/dev/null; then
+    echo "test.sh: node is missing; installing Debian's nodejs for the Node-worker tests" >&2
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    timeout 600 $sudo apt-get update
+    timeout 600 $sudo apt-get install -y nodejs
+fi
+exec cargo test --workspace --locked "$@"
