@@ -8,5 +8,6 @@ mod hostile_worker;
 mod lifecycle;
 mod round_robin;
 mod shared_handle;
+mod tokio_worker;
 mod util;
 mod worker_runtime;
