@@ -149,6 +149,60 @@ fn a_slow_async_handler_delays_no_answer_to_the_master() {
     stop_expecting_clean_exits(c, 2);
 }
 
+/// One worker whose accept loop takes a connection every 100 ms.
+fn slow_acceptor() -> MasterBuilder {
+    MasterBuilder::new(tokio_worker())
+        .args(["127.0.0.1:0", "slow-accept", "100"])
+        .workers(1)
+        .ack_timeout(Duration::from_millis(300))
+}
+
+/// Waits until the master counts `n` hand-offs taken (answered `Accepted`).
+fn wait_taken(c: &Cluster, n: u64) {
+    let deadline = Instant::now() + WAIT;
+    while c.master().stats().expect("stats").taken < n {
+        assert!(Instant::now() < deadline, "never {n} taken");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_slow_accept_loop_delays_no_answer_and_a_stop_serves_what_was_answered() {
+    let _fds = shared_fds();
+    // Ten connections at once, taken one per 100 ms: answered long before they are taken
+    // (an answer later than 300 ms would get the worker dropped).
+    let mut c = Cluster::start(slow_acceptor());
+    let addr = inet(&c.wait_listening(1));
+    let clients: Vec<_> = (0..10)
+        .map(|_| std::thread::spawn(move || ask_worker(addr)))
+        .collect();
+    wait_taken(&c, 10);
+    // All ten answered and waiting in the inbox: the stop must serve them before the exit.
+    c.master().shutdown().expect("shutdown");
+    for h in clients {
+        assert_eq!(h.join().expect("client").expect("served"), WorkerId(1));
+    }
+    c.wait_for(WAIT, |e| matches!(e, Event::Stopped { .. }));
+    assert!(
+        c.seen.iter().any(|e| matches!(
+            e,
+            Event::Exit {
+                code: Some(0),
+                exited_after_disconnect: true,
+                ..
+            }
+        )),
+        "{:#?}",
+        c.seen
+    );
+    assert!(!c.seen.iter().any(|e| matches!(e, Event::Dropped { .. })));
+    assert!(matches!(
+        c.seen.last(),
+        Some(Event::Stopped { clean: true })
+    ));
+    c.master.take().expect("master").wait().expect("clean stop");
+}
+
 #[test]
 fn on_shutdown_in_flight_axum_requests_complete_and_workers_exit_0() {
     let _fds = shared_fds();

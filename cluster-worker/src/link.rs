@@ -518,7 +518,8 @@ impl State {
         #[cfg(feature = "tokio")]
         {
             let output_pending = self.has_pending_output();
-            self.reactor.wake(output_pending);
+            let stopping = self.stopping();
+            self.reactor.wake(output_pending, stopping);
         }
     }
 

@@ -245,7 +245,7 @@ pub async fn disconnected() {
         if st.stopped_and_emptied() {
             return Poll::Ready(());
         }
-        st.wake_on_change(cx);
+        st.wake_on_stop(cx);
         Poll::Pending
     })
     .await;
@@ -374,11 +374,14 @@ impl<L> Core<L> {
             if let Err(e) = st.still_taking() {
                 return Poll::Ready(Err(e));
             }
-            st.wake_on_change(cx);
+            st.wake_on_stop(cx);
             return Poll::Ready(Ok(Source::Socket(io)));
         }
         match st.take_answered(server) {
-            Ok(Some((stream, info))) => Poll::Ready(Ok(Source::Taken((stream, info.peer)))),
+            Ok(Some((stream, info))) => {
+                st.note_taken();
+                Poll::Ready(Ok(Source::Taken((stream, info.peer))))
+            }
             Ok(None) => {
                 st.wake_on_change(cx);
                 Poll::Pending

@@ -34,6 +34,9 @@ use super::{Asked, Grant, Link, State, Taker};
 #[derive(Debug, Default)]
 pub(crate) struct Wakers {
     waiters: Vec<Waker>,
+    /// Futures that wait only for the worker to stop: woken by changes once it stops, not by
+    /// every hand-off before.
+    stop_waiters: Vec<Waker>,
     /// The channel task's waker, while it runs.
     channel_task: Option<Waker>,
     task_running: bool,
@@ -42,18 +45,23 @@ pub(crate) struct Wakers {
 impl Wakers {
     /// Wakes every waiting future (they register again if they still wait), and the channel
     /// task when it has output to write.
-    pub(super) fn wake(&mut self, output_pending: bool) {
+    pub(super) fn wake(&mut self, output_pending: bool, stopping: bool) {
         for waker in self.waiters.drain(..) {
             waker.wake();
+        }
+        if stopping {
+            for waker in self.stop_waiters.drain(..) {
+                waker.wake();
+            }
         }
         if output_pending && let Some(task) = &self.channel_task {
             task.wake_by_ref();
         }
     }
 
-    fn register(&mut self, waker: &Waker) {
-        if !self.waiters.iter().any(|w| w.will_wake(waker)) {
-            self.waiters.push(waker.clone());
+    fn register(list: &mut Vec<Waker>, waker: &Waker) {
+        if !list.iter().any(|w| w.will_wake(waker)) {
+            list.push(waker.clone());
         }
     }
 }
@@ -61,17 +69,37 @@ impl Wakers {
 impl State {
     /// Has `cx` woken at the next change.
     pub(crate) fn wake_on_change(&mut self, cx: &Context<'_>) {
-        self.reactor.register(cx.waker());
+        Wakers::register(&mut self.reactor.waiters, cx.waker());
+    }
+
+    /// Has `cx` woken at the next change once the worker stops taking (see
+    /// [`State::stopping`]).
+    pub(crate) fn wake_on_stop(&mut self, cx: &Context<'_>) {
+        Wakers::register(&mut self.reactor.stop_waiters, cx.waker());
+    }
+
+    /// True once the worker stops taking connections: disconnecting, draining, or the master
+    /// is gone.
+    pub(crate) fn stopping(&self) -> bool {
+        self.stop().is_some() || self.draining
     }
 
     /// True once the worker stops taking and every stream answered for a tokio listener has
     /// been taken: then nothing the master counts on is left for the application to serve.
     pub(crate) fn stopped_and_emptied(&self) -> bool {
-        (self.stop().is_some() || self.draining)
+        self.stopping()
             && !self
                 .inboxes
                 .values()
                 .any(|i| i.taker == Taker::Reactor && !i.parked.is_empty())
+    }
+
+    /// After a tokio listener took a stream: once the worker stops, each take may be the
+    /// last one `disconnected` waits for, so it counts as a change.
+    pub(crate) fn note_taken(&mut self) {
+        if self.stopping() {
+            self.changed = true;
+        }
     }
 
     /// The oldest user message; `None` while there is none.
