@@ -47,6 +47,7 @@ use cluster_core::{BoundAddr, ListenAddr, ListenSpec};
 use crate::link::{Link, Room, Taker};
 use crate::listener::{ACCEPT_QUEUE, Listener, Sock};
 use crate::stream::Stream;
+use crate::worker::Worker;
 
 /// A TCP listener on the runtime: through the master in a worker, bound here otherwise.
 ///
@@ -103,7 +104,15 @@ impl TcpListener {
     /// yields to the runtime and ends at the listen timeout (30 s). Standalone, or for an
     /// `exclusive` spec, it binds here.
     pub async fn listen(spec: ListenSpec) -> io::Result<TcpListener> {
-        let grant = listen_through_master(spec).await?;
+        TcpListener::listen_on(crate::worker()?, spec).await
+    }
+
+    /// [`TcpListener::listen`] through `worker`, or here when `None`.
+    pub(crate) async fn listen_on(
+        worker: Option<Worker>,
+        spec: ListenSpec,
+    ) -> io::Result<TcpListener> {
+        let grant = listen_through_master(worker, spec).await?;
         let addr = match grant.local_addr() {
             BoundAddr::Inet(a) => a,
             BoundAddr::Unix(_) => return Err(wrong_kind("TCP")),
@@ -163,7 +172,7 @@ impl UnixListener {
 
     /// Listens on `spec`; see [`TcpListener::listen`].
     pub async fn listen(spec: ListenSpec) -> io::Result<UnixListener> {
-        let grant = listen_through_master(spec).await?;
+        let grant = listen_through_master(crate::worker()?, spec).await?;
         let core = Core::new(grant, |sock| match sock {
             Sock::Unix(l) => {
                 let l = l.try_clone()?;
@@ -233,7 +242,11 @@ impl UnixListener {
 /// # }
 /// ```
 pub async fn disconnected() {
-    let Some(link) = global_link() else {
+    disconnected_of(global_link()).await;
+}
+
+async fn disconnected_of(link: Option<Arc<Link>>) {
+    let Some(link) = link else {
         return std::future::pending().await;
     };
     if link.ensure_channel_task().is_err() {
@@ -262,7 +275,11 @@ pub async fn disconnected() {
 /// # }
 /// ```
 pub async fn recv() -> Option<Vec<u8>> {
-    let link = global_link()?;
+    recv_of(global_link()).await
+}
+
+async fn recv_of(link: Option<Arc<Link>>) -> Option<Vec<u8>> {
+    let link = link?;
     link.ensure_channel_task().ok()?;
     poll_fn(|cx| {
         let mut st = link.lock();
@@ -302,11 +319,11 @@ fn wrong_kind(want: &str) -> io::Error {
 }
 
 /// Asks the master for the server (without blocking the runtime), or binds here.
-async fn listen_through_master(spec: ListenSpec) -> io::Result<Listener> {
+async fn listen_through_master(worker: Option<Worker>, spec: ListenSpec) -> io::Result<Listener> {
     if matches!(spec.addr, ListenAddr::Udp(_)) {
         return Err(wrong_kind("stream"));
     }
-    match crate::worker()? {
+    match worker {
         Some(w) if !spec.exclusive => {
             let granted = w.link().query_async(&spec).await?;
             w.adopt_grant(granted)
@@ -454,3 +471,6 @@ impl axum::serve::Listener for UnixListener {
         UnixListener::local_addr(self)
     }
 }
+
+#[cfg(test)]
+mod tests;
