@@ -21,7 +21,7 @@
 //! the master hands connections over the channel: a task on the runtime reads the channel
 //! whenever the reactor reports it readable and answers each hand-off as it arrives (no
 //! thread, and no wait on the application: a slow handler or a slow accept loop delays no
-//! answer). Up to [`ACCEPT_QUEUE`](crate::ACCEPT_QUEUE) answered connections wait for
+//! answer). Up to [`crate::ACCEPT_QUEUE`] answered connections wait for
 //! `accept`; beyond that the master gives them to other workers. A connection is returned
 //! only once its `Accepted` is written.
 //!

@@ -13,7 +13,7 @@
 //! futures registered here, so whoever reads, the waiting futures hear of it.
 //!
 //! **Waking.** Futures waiting on the state (an accept, a listen's reply, `disconnected`, a
-//! user message) register their waker in [`Wakers`] under the lock; [`Locked`]'s release wakes
+//! user message) register their waker in [`Wakers`] under the lock; [`Locked`](super::Locked)'s release wakes
 //! them all when something changed, and they look again. The channel task is woken the same
 //! way when output is left queued (a `send` from the application met a full socket), so it
 //! starts watching for writability.
