@@ -149,10 +149,10 @@ fn a_slow_async_handler_delays_no_answer_to_the_master() {
     stop_expecting_clean_exits(c, 2);
 }
 
-/// One worker whose accept loop takes a connection every 100 ms.
+/// One worker whose accept loop takes a connection every 50 ms.
 fn slow_acceptor() -> MasterBuilder {
     MasterBuilder::new(tokio_worker())
-        .args(["127.0.0.1:0", "slow-accept", "100"])
+        .args(["127.0.0.1:0", "slow-accept", "50"])
         .workers(1)
         .ack_timeout(Duration::from_millis(300))
 }
@@ -169,15 +169,18 @@ fn wait_taken(c: &Cluster, n: u64) {
 #[test]
 fn a_slow_accept_loop_delays_no_answer_and_a_stop_serves_what_was_answered() {
     let _fds = shared_fds();
-    // Ten connections at once, taken one per 100 ms: answered long before they are taken
-    // (an answer later than 300 ms would get the worker dropped).
+    // Forty connections at once, taken one per 50 ms: answered long before they are taken (an
+    // answer later than 300 ms would get the worker dropped), and held like a listen backlog
+    // would hold them, not refused (the only worker refusing would close them).
     let mut c = Cluster::start(slow_acceptor());
     let addr = inet(&c.wait_listening(1));
-    let clients: Vec<_> = (0..10)
+    let clients: Vec<_> = (0..40)
         .map(|_| std::thread::spawn(move || ask_worker(addr)))
         .collect();
-    wait_taken(&c, 10);
-    // All ten answered and waiting in the inbox: the stop must serve them before the exit.
+    wait_taken(&c, 40);
+    let stats = c.master().stats().expect("stats");
+    assert_eq!(stats.refused, 0, "{stats:?}");
+    // All forty answered and waiting in the inbox: the stop must serve them before the exit.
     c.master().shutdown().expect("shutdown");
     for h in clients {
         assert_eq!(h.join().expect("client").expect("served"), WorkerId(1));

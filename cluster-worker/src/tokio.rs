@@ -21,8 +21,8 @@
 //! the master hands connections over the channel: a task on the runtime reads the channel
 //! whenever the reactor reports it readable and answers each hand-off as it arrives (no
 //! thread, and no wait on the application: a slow handler or a slow accept loop delays no
-//! answer). Up to [`crate::ACCEPT_QUEUE`] answered connections wait for
-//! `accept`; beyond that the master gives them to other workers. A connection is returned
+//! answer). Up to [`ACCEPT_BACKLOG`] answered connections wait for `accept`; beyond that the
+//! master gives them to other workers. A connection is returned
 //! only once its `Accepted` is written.
 //!
 //! **Stopping.** When the master asks the worker to stop (its SIGTERM, a reload), hand-offs
@@ -45,9 +45,18 @@ use ::tokio::net::{self as tnet, ToSocketAddrs};
 use cluster_core::{BoundAddr, ListenAddr, ListenSpec};
 
 use crate::link::{Link, Room, Taker};
-use crate::listener::{ACCEPT_QUEUE, Listener, Sock};
+use crate::listener::{Listener, Sock};
 use crate::stream::Stream;
 use crate::worker::Worker;
+
+/// Connections a worker holds answered (`Accepted` sent) for its tokio listeners until they
+/// are accepted, counted over all its listeners; beyond it hand-offs are refused and the master
+/// offers them to another worker. The bound plays the part of a standalone server's `listen(2)`
+/// backlog (Node's default is 511): an async accept loop takes connections in bursts as the
+/// runtime schedules it, and a small bound would refuse, under load, connections this worker
+/// would have served a moment later (the blocking listeners' [`crate::ACCEPT_QUEUE`] of 16 is
+/// for accept loops that take one connection at a time).
+pub const ACCEPT_BACKLOG: usize = 512;
 
 /// A TCP listener on the runtime: through the master in a worker, bound here otherwise.
 ///
@@ -380,7 +389,7 @@ impl<L> Core<L> {
             };
         };
         if !self.started.load(Ordering::Acquire) {
-            let room: Room = Arc::new(|parked| parked < ACCEPT_QUEUE);
+            let room: Room = Arc::new(|parked| parked < ACCEPT_BACKLOG);
             link.lock()
                 .start_taking(server, &self.grant.local_addr(), Taker::Reactor, room)?;
             self.started.store(true, Ordering::Release);

@@ -214,13 +214,22 @@ impl Drop for TaskMark {
 async fn channel_task(link: Weak<Link>, channel: AsyncFd<OwnedFd>) {
     let _mark = TaskMark(link.clone());
     let failed = poll_fn(|cx| {
-        loop {
-            let Some(link) = link.upgrade() else {
-                return Poll::Ready(None);
-            };
-            // Readiness is cleared before reading, so whatever arrives after makes a new
-            // edge; `pump` reads until the socket is empty.
-            let readable = match channel.poll_read_ready(cx) {
+        let Some(link) = link.upgrade() else {
+            return Poll::Ready(None);
+        };
+        // Readiness is cleared before reading, so whatever arrives after makes a new
+        // edge; `pump` reads until the socket is empty.
+        let readable = match channel.poll_read_ready(cx) {
+            Poll::Ready(Ok(mut ready)) => {
+                ready.clear_ready();
+                true
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Some(e)),
+            Poll::Pending => false,
+        };
+        let mut st = link.lock();
+        let writable = st.has_pending_output()
+            && match channel.poll_write_ready(cx) {
                 Poll::Ready(Ok(mut ready)) => {
                     ready.clear_ready();
                     true
@@ -228,32 +237,26 @@ async fn channel_task(link: Weak<Link>, channel: AsyncFd<OwnedFd>) {
                 Poll::Ready(Err(e)) => return Poll::Ready(Some(e)),
                 Poll::Pending => false,
             };
-            let mut st = link.lock();
-            let writable = st.has_pending_output()
-                && match channel.poll_write_ready(cx) {
-                    Poll::Ready(Ok(mut ready)) => {
-                        ready.clear_ready();
-                        true
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Some(e)),
-                    Poll::Pending => false,
-                };
-            if !readable && !writable {
-                if !st
-                    .reactor
-                    .channel_task
-                    .as_ref()
-                    .is_some_and(|w| w.will_wake(cx.waker()))
-                {
-                    st.reactor.channel_task = Some(cx.waker().clone());
-                }
-                return Poll::Pending;
+        if !readable && !writable {
+            if !st
+                .reactor
+                .channel_task
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                st.reactor.channel_task = Some(cx.waker().clone());
             }
-            st.pump();
-            if st.channel_closed() {
-                return Poll::Ready(None);
-            }
+            return Poll::Pending;
         }
+        st.pump();
+        if st.channel_closed() {
+            return Poll::Ready(None);
+        }
+        // Yield before looking again: the master answers our answers at once with more
+        // hand-offs, and a task that kept reading would fill the inboxes faster than the
+        // accept loop (on the same runtime) empties them, refusing what it could serve.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     })
     .await;
     if let Some(e) = failed {
