@@ -235,4 +235,6 @@ pub fn serve(
 }
 
 #[cfg(test)]
+mod conversion_tests;
+#[cfg(test)]
 mod tests;

@@ -194,3 +194,26 @@ fn a_stop_serves_what_was_answered_then_ends_accept_and_resolves_disconnected() 
         drop((m_back, clients));
     });
 }
+
+#[test]
+fn standalone_listeners_bind_here() {
+    let rt = runtime();
+    rt.block_on(async {
+        let tcp = TcpListener::listen_on(None, ListenSpec::tcp("127.0.0.1:0".parse().unwrap()))
+            .await
+            .unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (_server_side, peer) = tcp.accept().await.unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
+
+        let path = std::env::temp_dir().join(format!("cluster-tokio-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let unix = super::UnixListener::bind(&path).await.unwrap();
+        let _client = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let (server_side, _) = unix.accept().await.unwrap();
+        assert!(server_side.peer_addr().is_ok());
+        assert_eq!(unix.listen_addr(), BoundAddr::Unix(path.clone()));
+        std::fs::remove_file(&path).unwrap();
+    });
+}
