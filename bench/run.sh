@@ -15,7 +15,9 @@
 # Variants: rs-standalone (cluster-cli hello: one process accepting directly, the limit),
 #   rs-rr, rs-rr-w1 (rr with --window 1, Node's rule), rs-shared, rs-reuseport
 #   (cluster-cli spawn -n 2), node-rr, node-none (shared/bench/node/server.js, 2 workers),
-#   node-single (shared/bench/node/single.js). Diagnostic variants, selectable with
+#   node-single (shared/bench/node/single.js), axum-standalone (the axum example,
+#   examples/examples/axum_hello.rs, alone) and axum-rr (the same binary under
+#   `cluster-cli spawn -n 2 --policy rr`). Diagnostic variants, selectable with
 #   --variants: rs-standalone-t1 and rs-rr-t1 (hello with --threads 1 per process); rs-node
 #   and rs-node-wN (the Node anchor's server.js, unmodified, as the 2 workers of
 #   `cluster-cli spawn -- node server.js`, which speaks Node's cluster protocol; -wN sets
@@ -30,7 +32,7 @@
 #   CONNS [64], WARMUP [1] s, CLIENT_SECONDS [5], RSS_SETTLE [2], STARTUP_RUNS [10],
 #   STARTUP_WORKERS ["2 16"], STARTUP_VARIANTS ["rs-rr rs-shared rs-reuseport node-rr"],
 #   SPLIT_WORKERS [4], SPLIT_REQUESTS [20000], SPLIT_VARIANTS ["rs-rr rs-rr-w1 rs-shared
-#   rs-reuseport node-rr"], VARIANTS [all eight], PHASES [all five], SERVER_CPUS / WRK_CPUS
+#   rs-reuseport node-rr"], VARIANTS [all ten], PHASES [all five], SERVER_CPUS / WRK_CPUS
 #   [unset: no taskset], BINARIES [cli | fallback: target/release/{hello-worker,mini-master},
 #   which only run rs-standalone and rs-rr], SHARED [$(dirname $0)/../../shared/bench],
 #   RESULTS [bench/results/<timestamp>].
@@ -61,7 +63,7 @@ while (($#)); do
   shift
 done
 
-ALL_VARIANTS="rs-standalone rs-rr rs-rr-w1 rs-shared rs-reuseport node-rr node-none node-single"
+ALL_VARIANTS="rs-standalone rs-rr rs-rr-w1 rs-shared rs-reuseport node-rr node-none node-single axum-standalone axum-rr"
 ALL_PHASES="throughput client rss startup split"
 if ((SMOKE)); then
   DOCS=0
@@ -113,6 +115,7 @@ RELEASE="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 CLI="$RELEASE/cluster-cli"
 HELLO_BIN="$RELEASE/hello-worker"
 MINI_BIN="$RELEASE/mini-master"
+AXUM_BIN="$RELEASE/examples/axum_hello"
 
 SERVER_PID=""
 SERVER_BIN=""
@@ -193,6 +196,8 @@ variant_label() {
     node-rr) echo "Node cluster rr" ;;
     node-none) echo "Node cluster none" ;;
     node-single) echo "Node single" ;;
+    axum-standalone) echo "axum example standalone" ;;
+    axum-rr) echo "axum example, cluster-cli rr" ;;
     *) echo "$1" ;;
   esac
 }
@@ -221,6 +226,8 @@ variant_command() {
       # Node's own worker code, unmodified: only the primary differs from node-rr.
       rs-node) CMD+=("$CLI" spawn -n "$workers" --policy rr --env PORT="$PORT" -- node "$SHARED/node/server.js") ;;
       rs-node-w*) CMD+=("$CLI" spawn -n "$workers" --policy rr --window "${variant#rs-node-w}" --env PORT="$PORT" -- node "$SHARED/node/server.js") ;;
+      axum-standalone) SERVER_BIN=$AXUM_BIN CMD+=("$AXUM_BIN" "127.0.0.1:$PORT") READY_RE="" READY_COUNT=1 ;;
+      axum-rr) CMD+=("$CLI" spawn -n "$workers" --policy rr -- "$AXUM_BIN" "127.0.0.1:$PORT") ;;
     esac
   else
     READY_RE='^listening [0-9]+ '
@@ -228,7 +235,7 @@ variant_command() {
     case $variant in
       rs-standalone) SERVER_BIN=$HELLO_BIN CMD+=("$HELLO_BIN" "127.0.0.1:$PORT") READY_RE='^listening ' READY_COUNT=1 ;;
       rs-rr) SERVER_BIN=$MINI_BIN CMD+=("$MINI_BIN" "$workers" "$HELLO_BIN" "127.0.0.1:$PORT") ;;
-      rs-*) return 1 ;;
+      rs-* | axum-*) return 1 ;;
     esac
   fi
   case $variant in
@@ -238,7 +245,7 @@ variant_command() {
     node-single)
       SERVER_BIN="$SHARED/node/single.js" READY_RE='^READY' READY_COUNT=1 FORK_RE=""
       CMD+=(env PORT="$PORT" node "$SHARED/node/single.js") ;;
-    rs-*) ;;
+    rs-* | axum-*) ;;
     *) die "unknown variant $variant" ;;
   esac
   return 0
@@ -612,6 +619,14 @@ write_targets() {
   echo "- server CPU per close request <= 1.15x standalone: rr $(med "${CPUUS[rs-rr/close]:-}") vs $(med "${CPUUS[rs-standalone/close]:-}") µs = ${r}x, $(verdict "$r" 1.15 '<=')"
   r=$(ratio "$(med "${RPS[rs-rr/keepalive]:-}")" "$(med "${RPS[rs-standalone/keepalive]:-}")")
   echo "- keep-alive equal to standalone within noise (taken as >= 0.9x; keep-alive spreads ~10 % between sets here): rr ${r}x (ranges rr $(fmt_range "${RPS[rs-rr/keepalive]:-}"), standalone $(fmt_range "${RPS[rs-standalone/keepalive]:-}")), $(verdict "$r" 0.9 '>=')"
+  if [[ -n ${RPS[axum-rr/close]:-} ]]; then
+    r=$(ratio "$(med "${RPS[axum-rr/keepalive]:-}")" "$(med "${RPS[axum-standalone/keepalive]:-}")")
+    echo "- axum example under rr, keep-alive >= 0.95x the same app standalone: ${r}x, $(verdict "$r" 0.95 '>=')"
+    r=$(ratio "$(med "${RPS[axum-rr/close]:-}")" "$(med "${RPS[axum-standalone/close]:-}")")
+    echo "- axum example under rr, \`Connection: close\` >= 0.85x standalone: ${r}x, $(verdict "$r" 0.85 '>=')"
+    r=$(ratio "$(med "${CPUUS[axum-rr/close]:-}")" "$(med "${CPUUS[axum-standalone/close]:-}")")
+    echo "- axum example, server CPU per close request <= 1.5x standalone: rr $(med "${CPUUS[axum-rr/close]:-}") vs $(med "${CPUUS[axum-standalone/close]:-}") µs = ${r}x, $(verdict "$r" 1.5 '<=')"
+  fi
   r=$(calc %.2f "${RSS_M[rs-rr]:-0} / 1024")
   [[ -n ${RSS_M[rs-rr]:-} ]] || r=nan
   echo "- master idle RSS <= 4 MiB: rr master $r MiB, $(verdict "$r" 4 '<=')"
@@ -698,6 +713,10 @@ build() {
   if [[ $BINARIES == cli ]]; then
     (cd "$ROOT" && cargo build --release -p cluster-cli -p cluster-tests) >"$RESULTS/build.log" 2>&1 ||
       die "cargo build failed (see $RESULTS/build.log); BINARIES=fallback runs the test binaries only"
+    if [[ " $VARIANTS " == *" axum-"* ]]; then
+      (cd "$ROOT" && cargo build --release -p cluster-examples --example axum_hello) >>"$RESULTS/build.log" 2>&1 ||
+        die "cargo build of the axum example failed (see $RESULTS/build.log)"
+    fi
   else
     (cd "$ROOT" && cargo build --release -p cluster-tests) >"$RESULTS/build.log" 2>&1 || die "cargo build failed (see $RESULTS/build.log)"
   fi

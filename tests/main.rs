@@ -10,5 +10,6 @@ mod lifecycle;
 mod node_messages;
 mod round_robin;
 mod shared_handle;
+mod tokio_worker;
 mod util;
 mod worker_runtime;

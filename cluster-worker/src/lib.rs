@@ -95,6 +95,12 @@
 //! UDP: [`bind_udp`] returns a plain `std::net::UdpSocket` (shared by the master, as in Node),
 //! so its server is never closed in the master while the worker lives.
 //!
+//! **Async.** With the `tokio` feature, [`tokio`] has listeners on the runtime's reactor
+//! (`cluster_worker::tokio::TcpListener::bind(addr).await`), `disconnected()` for graceful
+//! shutdown and async user messages; with `axum` they implement `axum::serve::Listener`. The
+//! blocking [`Listener`] is also an `AsFd` and, for shared and reuse-port grants, converts
+//! into a `std::net::TcpListener` for any other runtime.
+//!
 //! **Modules.** Dependencies point one way: `lib` (the free functions) → `worker`
 //! ([`Worker`]) → `serve` (the loop) → `listener` ([`Listener`]) → `link` (the shared channel
 //! state, the one answering function, the answerer thread); `serve` → `pool` (handler
@@ -113,6 +119,8 @@ mod sessions;
 mod shared;
 mod stream;
 mod sys;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 mod worker;
 
 use std::io;
@@ -226,5 +234,7 @@ pub fn serve(
     }
 }
 
+#[cfg(test)]
+mod conversion_tests;
 #[cfg(test)]
 mod tests;

@@ -18,6 +18,10 @@
 //! **Waking.** [`Locked`] notes whether anything arrived or became takeable under it; when it
 //! is released it wakes the serve loop (unless it is the serve loop), the threads blocked in
 //! [`Locked::wait`], and the readiness sockets of listeners registered in a caller's `Poll`.
+//!
+//! **On a tokio runtime** (feature `tokio`, [`reactor`]) a task on the runtime reads instead
+//! of the answerer thread, woken by the reactor; futures waiting on the state register their
+//! wakers, which [`Locked`] wakes on release like the others.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
@@ -39,6 +43,9 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use crate::handler::ConnInfo;
 use crate::stream::Stream;
 use crate::sys;
+
+#[cfg(feature = "tokio")]
+pub(crate) mod reactor;
 
 /// How long `listen` waits for the master's answer unless `set_listen_timeout` says otherwise.
 pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -74,6 +81,9 @@ pub(crate) enum Taker {
     ServeLoop,
     /// The application, through a listener; needs the answerer thread.
     Application,
+    /// A tokio listener: the runtime's channel task reads (see [`reactor`]), no thread.
+    #[cfg(feature = "tokio")]
+    Reactor,
 }
 
 struct Inbox {
@@ -125,6 +135,9 @@ pub(crate) struct State {
     fd_mark: Option<u64>,
     /// Something arrived or became takeable since the last wake-up (see [`Locked`]).
     changed: bool,
+    /// Futures waiting on the state, and the runtime's channel task.
+    #[cfg(feature = "tokio")]
+    reactor: reactor::Wakers,
 }
 
 impl State {
@@ -502,6 +515,12 @@ impl State {
                 let _ = s.write(&[1]);
             }
         }
+        #[cfg(feature = "tokio")]
+        {
+            let output_pending = self.has_pending_output();
+            let stopping = self.stopping();
+            self.reactor.wake(output_pending, stopping);
+        }
     }
 
     fn answerer_needed(&self) -> bool {
@@ -598,6 +617,8 @@ impl Link {
             answerer_running: false,
             fd_mark: sys::nofile_soft_limit().map(|l| l.saturating_sub(FD_RESERVE)),
             changed: false,
+            #[cfg(feature = "tokio")]
+            reactor: reactor::Wakers::default(),
         };
         Ok(Link {
             id,
@@ -660,10 +681,16 @@ impl Link {
     }
 
     /// Asks the master for a server. Blocks until it answers (at most the listen timeout).
-    pub(crate) fn query(
-        &self,
-        spec: &ListenSpec,
-    ) -> io::Result<(ServerId, BoundAddr, ServerGrant, Vec<OwnedFd>)> {
+    pub(crate) fn query(&self, spec: &ListenSpec) -> io::Result<Grant> {
+        let asked = self.send_query(spec)?;
+        let deadline = Instant::now().checked_add(asked.timeout);
+        let got = self.wait_for(deadline, |st| st.replies.remove(&asked.seq).map(Ok));
+        self.finish_query(spec, &asked, got)
+    }
+
+    /// Sends `QueryServer` for `spec` with the smallest free index; [`Link::finish_query`]
+    /// takes the reply.
+    pub(crate) fn send_query(&self, spec: &ListenSpec) -> io::Result<Asked> {
         let (seq, index, timeout) = {
             let mut st = self.lock();
             let used = st.indexes.entry(spec.addr.clone()).or_default();
@@ -682,8 +709,22 @@ impl Link {
             }
             (seq, index, st.query_timeout)
         };
-        let deadline = Instant::now().checked_add(timeout);
-        let got = self.wait_for(deadline, |st| st.replies.remove(&seq).map(Ok));
+        Ok(Asked {
+            seq,
+            index,
+            timeout,
+        })
+    }
+
+    /// Takes the reply to `asked` (or the wait's failure) into the state: a grant opens the
+    /// server, anything else frees its index.
+    pub(crate) fn finish_query(
+        &self,
+        spec: &ListenSpec,
+        asked: &Asked,
+        got: io::Result<Received>,
+    ) -> io::Result<Grant> {
+        let Asked { seq, index, .. } = *asked;
         let mut st = self.lock();
         let failed = |st: &mut State, e: io::Error| {
             st.release_index(&spec.addr, index);
@@ -768,6 +809,17 @@ impl Link {
             sys::wait_readable(self.poll_fd(), left.min(WAIT_SLICE))?;
         }
     }
+}
+
+/// What the master granted: the server, its address, how it is shared, its socket if any.
+pub(crate) type Grant = (ServerId, BoundAddr, ServerGrant, Vec<OwnedFd>);
+
+/// A `QueryServer` sent and not answered yet.
+#[derive(Debug)]
+pub(crate) struct Asked {
+    pub(crate) seq: Seq,
+    pub(crate) index: u32,
+    pub(crate) timeout: Duration,
 }
 
 /// The answerer thread: reads (and so answers) while a listener the application drives is

@@ -171,6 +171,12 @@ impl Listener {
         self.grant
     }
 
+    /// The link to the master of a granted listener.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn link(&self) -> Option<&Arc<Link>> {
+        self.link.as_ref()
+    }
+
     /// For a serve loop: the master's server this listener stands for, which from now on the
     /// loop closes (the listener's drop no longer does), and its address.
     pub(crate) fn hand_to_serve(mut self) -> Option<(ServerId, BoundAddr)> {
@@ -423,6 +429,83 @@ impl Iterator for Incoming<'_> {
                 None
             }
             other => Some(other),
+        }
+    }
+}
+
+impl AsFd for Listener {
+    /// The listening socket (standalone, exclusive, shared and reuse-port grants). A
+    /// round-robin grant has none: then it is the socket registered with mio's `Poll` if there
+    /// is one, else the channel to the master, readable when the master has written (call
+    /// [`Listener::try_accept`], which reads and answers, and expect spurious wake-ups).
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match (self.sock.fd(), &self.link) {
+            (Some(fd), _) => fd,
+            (None, Some(link)) => link.poll_fd(),
+            // Only `Listener::granted` makes round-robin listeners, always with a link.
+            (None, None) => unreachable!("a round-robin listener has a link to its master"),
+        }
+    }
+}
+
+impl Listener {
+    /// The real socket, for another runtime or framework; the master's server stays open for
+    /// the life of the worker (as for [`crate::bind_udp`]), counted as listening. A granted
+    /// socket is the master's open file, shared with the other workers, and stays
+    /// non-blocking: keep it so. Fails for a round-robin grant, which has no socket.
+    fn into_socket(mut self) -> io::Result<Sock> {
+        if matches!(self.sock, Sock::RoundRobin { .. }) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a round-robin grant has no socket: accept through the listener \
+                 (or cluster_worker::tokio), or ask the master for a shared policy",
+            ));
+        }
+        self.start_taking()?;
+        self.server = None;
+        self.link = None;
+        Ok(std::mem::replace(
+            &mut self.sock,
+            Sock::RoundRobin { signal: None },
+        ))
+    }
+}
+
+impl TryFrom<Listener> for TcpListener {
+    type Error = io::Error;
+
+    /// The listening socket of a TCP listener bound here or granted shared or reuse-port;
+    /// see the `AsFd` impl for round-robin grants.
+    ///
+    /// ```no_run
+    /// use cluster_worker::ListenSpec;
+    ///
+    /// let listener = cluster_worker::listen(ListenSpec::tcp("127.0.0.1:8080".parse()?))?;
+    /// let std_listener = std::net::TcpListener::try_from(listener)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    fn try_from(listener: Listener) -> io::Result<TcpListener> {
+        match listener.into_socket()? {
+            Sock::Tcp(l) => Ok(l),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a TCP listener",
+            )),
+        }
+    }
+}
+
+impl TryFrom<Listener> for UnixListener {
+    type Error = io::Error;
+
+    /// The listening socket of a Unix listener bound here or granted shared.
+    fn try_from(listener: Listener) -> io::Result<UnixListener> {
+        match listener.into_socket()? {
+            Sock::Unix(l) => Ok(l),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a Unix listener",
+            )),
         }
     }
 }

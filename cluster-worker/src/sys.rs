@@ -2,8 +2,9 @@
 //! (`IPV6_V6ONLY` before bind, the `listen(2)` backlog), identifying inherited sockets, the
 //! open-file limit, and bounded `poll(2)` waits.
 //!
-//! Everything goes through nix's safe wrappers, so this module needs no `unsafe`: every fd is
-//! an `OwnedFd` from the moment the kernel returns it.
+//! Everything goes through nix's safe wrappers, so this module needs no `unsafe` (but for
+//! registering an fd with tokio's reactor, feature `tokio`): every fd is an `OwnedFd` from
+//! the moment the kernel returns it.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -214,4 +215,19 @@ pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
 pub(crate) fn shutdown_both(fd: BorrowedFd<'_>) {
     // ENOTCONN (peer already gone) is the only expected failure, and changes nothing.
     let _ = socket::shutdown(fd.as_raw_fd(), socket::Shutdown::Both);
+}
+
+/// `fd` on the current tokio runtime's reactor, watched for `interest`. Panics outside a
+/// runtime with IO enabled, as tokio's own sockets do.
+#[cfg(feature = "tokio")]
+#[allow(unsafe_code)]
+pub(crate) fn on_reactor(
+    fd: OwnedFd,
+    interest: tokio::io::Interest,
+) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd takes the OwnedFd itself, which alone closes the descriptor (on the
+    // AsyncFd's drop): until then it stays open, names the same open file description, and
+    // `as_raw_fd` returns the same number.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) };
+    registered.map_err(|e| e.into_parts().1)
 }

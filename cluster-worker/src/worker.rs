@@ -118,7 +118,13 @@ impl Worker {
         if spec.exclusive {
             return Listener::bind_standalone(&spec);
         }
-        let (server, addr, grant, mut fds) = self.link.query(&spec)?;
+        let granted = self.link.query(&spec)?;
+        self.adopt_grant(granted)
+    }
+
+    /// The listener for what the master granted.
+    pub(crate) fn adopt_grant(&self, granted: crate::link::Grant) -> io::Result<Listener> {
+        let (server, addr, grant, mut fds) = granted;
         let sock = match grant {
             ServerGrant::RoundRobin => Ok(Sock::RoundRobin { signal: None }),
             ServerGrant::Shared | ServerGrant::ReusePort => fds
@@ -178,6 +184,11 @@ impl Worker {
                 Err(missing_fd())
             }
         }
+    }
+
+    #[cfg(feature = "tokio")]
+    pub(crate) fn link(&self) -> &Arc<Link> {
+        &self.link
     }
 
     /// Sends an application message to the master. Never blocks; usable from any thread.
