@@ -93,10 +93,14 @@ pub(crate) fn cloexec_from(cmd: &mut std::process::Command, first: i32) {
                 libc::CLOSE_RANGE_CLOEXEC,
             )
         };
-        // Kernels before 5.11 lack it: the master's own fds are close-on-exec anyway, so only
-        // fds leaked into the master by its parent would pass through.
-        if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS) {
-            return Err(io::Error::last_os_error());
+        // Kernels before 5.9 lack close_range (ENOSYS), and 5.9/5.10 lack CLOSE_RANGE_CLOEXEC
+        // (EINVAL): the master's own fds are close-on-exec anyway, so only fds leaked into the
+        // master by its parent would pass through.
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if !matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) {
+                return Err(err);
+            }
         }
         Ok(())
     };
