@@ -148,21 +148,54 @@ pub(crate) fn monotonic_usec() -> Option<u64> {
 }
 
 /// Takes ownership of `raw`, a descriptor this process inherited from its parent (systemd's
-/// `LISTEN_FDS`), after checking that it is open. It is made close-on-exec: the master passes
-/// sockets on to its workers deliberately, never by leaking them.
+/// `LISTEN_FDS`), after checking that it is an open socket: anything else (a stale count, a
+/// file the process opened itself at that number) is left alone, unowned, with `ENOTSOCK`.
+/// It is made close-on-exec: the master passes sockets on to its workers deliberately, never
+/// by leaking them.
 pub(crate) fn take_inherited_fd(raw: i32) -> io::Result<OwnedFd> {
     // SAFETY: F_GETFD on any integer is harmless; it fails with EBADF if `raw` is not open.
     let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
     if flags < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: `raw` is open (checked above), and the LISTEN_FDS protocol hands it to this
-    // process alone: no other owner in the process refers to it, so owning it is sound as long
-    // as it is taken once, which `activation::take_from_env` guarantees.
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one `stat` into the valid, exclusively borrowed `st`; on an fd that
+    // is not open it fails with EBADF.
+    if unsafe { libc::fstat(raw, &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::from_raw_os_error(libc::ENOTSOCK));
+    }
+    // SAFETY: `raw` is an open socket (checked above), and the LISTEN_FDS protocol hands it to
+    // this process alone: no other owner in the process refers to it, so owning it is sound as
+    // long as it is taken once, which `activation::take_from_env` guarantees.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     // SAFETY: F_SETFD on the fd we now own.
     if unsafe { libc::fcntl(raw, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, IntoRawFd};
+
+    #[test]
+    fn an_inherited_fd_that_is_not_a_socket_is_left_alone() {
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let taken = take_inherited_fd(file.as_raw_fd());
+        let was_taken = taken.is_ok();
+        // Had it been taken, two owners would close it: give the second one up.
+        if let Ok(fd) = taken {
+            let _ = fd.into_raw_fd();
+        }
+        assert!(!was_taken, "a file is no inherited socket");
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let fd = take_inherited_fd(sock.into_raw_fd()).unwrap();
+        drop(fd);
+    }
 }
