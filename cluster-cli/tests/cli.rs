@@ -1284,6 +1284,65 @@ fn the_master_tells_its_service_manager_ready_reloading_and_stopping_in_order() 
     assert_clean_exit(&mut c);
 }
 
+#[test]
+fn a_second_reload_request_during_a_reload_tells_the_manager_nothing() {
+    if !have_python() {
+        return;
+    }
+    let trigger = temp_path("second-hup");
+    let _ = std::fs::remove_file(&trigger);
+    // Worker 1 is ready at once; every later one waits for the test's go before READY=1.
+    let program = format!(
+        "{PY_SD_NOTIFY}
+if me != '1':
+    for _ in range(600):
+        if os.path.exists({trigger:?}):
+            break
+        time.sleep(0.05)
+notify('READY=1')
+time.sleep(60)
+"
+    );
+    let manager = FakeManager::bind("second-hup-manager");
+    let path = manager.path.clone();
+    let mut c = Cluster::start_with(
+        &[
+            "-n",
+            "1",
+            "--ready-delay",
+            "60000",
+            "--",
+            "python3",
+            "-c",
+            &program,
+        ],
+        |cmd| {
+            cmd.env("NOTIFY_SOCKET", &path);
+        },
+    );
+    let mut seen = Vec::new();
+    manager.expect("READY=1", &mut seen);
+    c.signal(Signal::SIGHUP);
+    manager.expect("RELOADING=1", &mut seen);
+    c.wait_line("the new worker", |l| {
+        l.starts_with("[master] worker 2 ") && l.contains(" forked in slot 0")
+    });
+    c.signal(Signal::SIGHUP);
+    // Commands reach the loop in order: once the worker SIGTTIN adds is forked, the second
+    // SIGHUP has been handled.
+    c.signal(Signal::SIGTTIN);
+    c.wait_line("the added worker", |l| {
+        l.starts_with("[master] worker 3 ") && l.contains(" forked in slot 1")
+    });
+    std::fs::write(&trigger, b"go").unwrap();
+    // Anything but status and pings before READY=1 (a second RELOADING=1) fails here.
+    manager.expect("READY=1", &mut seen);
+    c.wait_line("reload done", |l| l == "[master] reload done");
+    let _ = std::fs::remove_file(&trigger);
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+}
+
 // ------------------------------------------------------------------------ socket activation
 
 const SOCKET_ACTIVATE: &str = "/usr/bin/systemd-socket-activate";

@@ -288,6 +288,12 @@ impl Supervision {
         self.reload.as_ref().and_then(|r| r.waiting)
     }
 
+    /// A [`Supervision::reload`] now would start one: none runs and the master is not
+    /// shutting down.
+    pub(crate) fn reload_would_start(&self) -> bool {
+        self.reload.is_none() && !self.shutting_down
+    }
+
     pub(crate) fn reloading(&self) -> bool {
         self.reload.is_some()
     }
@@ -578,7 +584,7 @@ impl Supervision {
 
     /// Starts a rolling reload, unless one runs or the master is shutting down.
     pub(crate) fn reload(&mut self, now: Instant, out: &mut Vec<Action>) {
-        if self.reload.is_some() || self.shutting_down {
+        if !self.reload_would_start() {
             return;
         }
         let old = self.workers.keys().copied().collect();
