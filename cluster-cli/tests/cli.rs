@@ -1517,6 +1517,51 @@ fn listen_name_passes_an_inherited_socket_to_listen_workers() {
     assert_clean_exit(&mut c);
 }
 
+/// Pids of the live processes (zombies have no command line) that have `arg` as an argument.
+fn pids_with_arg(arg: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
+        })
+        .collect()
+}
+
+#[test]
+fn a_stop_reaches_what_a_worker_started() {
+    // A wrapper that runs its program as a child (no exec): the stop signal must reach the
+    // child too, or it outlives the master.
+    let arg = format!("300.{}", std::process::id());
+    let script = format!("sleep {arg}; true");
+    let mut c = Cluster::start(&["-n", "1", "--", "sh", "-c", &script]);
+    c.wait_line("the worker", |l| l.contains(" forked in slot 0"));
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    while pids_with_arg(&arg).is_empty() {
+        assert!(Instant::now() < deadline, "the worker's sleep never ran");
+        thread::sleep(Duration::from_millis(20));
+    }
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+    // The master signalled the group before it exited; the kernel may still be delivering.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut left = pids_with_arg(&arg);
+    while !left.is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+        left = pids_with_arg(&arg);
+    }
+    for pid in &left {
+        // Ours (started by this test's worker, found by its unique argument): do not leave it.
+        let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+    }
+    assert!(
+        left.is_empty(),
+        "the worker's child outlived the stop: {left:?}"
+    );
+}
+
 // ------------------------------------------------------------------------ the master as PID 1
 
 /// Pids of the processes whose parent is `ppid`, with their state letter.

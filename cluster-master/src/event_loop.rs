@@ -107,6 +107,17 @@ impl WorkerRec {
     fn signal(&self, signal: i32) {
         let _ = sys::pidfd_signal(self.pidfd.as_fd(), signal);
     }
+
+    /// Signals the worker and its process group (it was spawned as the group's leader): a
+    /// stop or a SIGKILL reaches what it started too, as a service manager's stop reaches the
+    /// whole unit. The group is signalled only while the worker is unreaped: its pid, hence
+    /// the group id, cannot be reused before then.
+    fn signal_with_group(&self, signal: i32) {
+        self.signal(signal);
+        if sys::unreaped(self.pid) {
+            let _ = sys::signal_group(self.pid, signal);
+        }
+    }
 }
 
 /// What carrying out a handle's actions touches, kept apart from the server table so that a

@@ -41,6 +41,31 @@ pub(crate) fn pidfd_signal(pidfd: std::os::fd::BorrowedFd<'_>, signal: i32) -> i
     Ok(())
 }
 
+/// Whether child `pid` has not been reaped yet (running, or a zombie): only then is its pid
+/// (and so the id of the process group it leads) still its own.
+pub(crate) fn unreaped(pid: u32) -> bool {
+    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    let peek = waitid(
+        Id::Pid(nix::unistd::Pid::from_raw(pid)),
+        WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+    );
+    matches!(
+        peek,
+        Ok(WaitStatus::StillAlive | WaitStatus::Exited(..) | WaitStatus::Signaled(..))
+    )
+}
+
+/// Sends `signal` to process group `pgid` (`killpg(2)`).
+pub(crate) fn signal_group(pgid: u32, signal: i32) -> io::Result<()> {
+    let pgid =
+        libc::pid_t::try_from(pgid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    let signal = nix::sys::signal::Signal::try_from(signal).map_err(io::Error::from)?;
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), signal).map_err(io::Error::from)
+}
+
 /// Arranges for `fds` to be open at `first`, `first + 1`, ... in the child `cmd` spawns, without
 /// close-on-exec (systemd's `LISTEN_FDS` layout). Each fd is first duplicated above every
 /// target, so one `dup2` can never overwrite a source that a later one still needs.

@@ -210,7 +210,7 @@ impl EventLoop {
                 continue;
             }
             w.dropping = true;
-            w.signal(libc::SIGKILL);
+            w.signal_with_group(libc::SIGKILL);
             self.emit(Event::Dropped { worker: id, reason });
             // No new hand-offs. What is in flight stays until `reap`: the worker may have
             // written an `Accepted` we have not read, or even write one before the SIGKILL

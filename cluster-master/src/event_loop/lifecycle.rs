@@ -43,7 +43,7 @@ impl EventLoop {
             Action::Disconnect(worker) => self.send_disconnect(worker),
             Action::Kill(worker) => {
                 if let Some(w) = self.fleet.workers.get(&worker) {
-                    w.signal(libc::SIGKILL);
+                    w.signal_with_group(libc::SIGKILL);
                 }
             }
             Action::ReleaseSlotSockets(slot) => self.release_slot_sockets(slot),
@@ -117,7 +117,7 @@ impl EventLoop {
         // A worker that never said `Online` does not read its channel (a `LISTEN_FDS` program,
         // any program): it is asked to stop the way a service manager would.
         if w.state == WorkerState::Spawned && w.stop_signal_sent.is_none() {
-            w.signal(self.cfg.stop_signal);
+            w.signal_with_group(self.cfg.stop_signal);
             w.stop_signal_sent = Some(self.cfg.stop_signal);
         }
         w.state = WorkerState::Disconnecting;
