@@ -1197,6 +1197,90 @@ while True:
     assert_clean_exit(&mut c);
 }
 
+#[test]
+fn a_slow_native_worker_behind_a_program_reloads_without_a_refused_connection() {
+    // A PROGRAM gets the ready delay (1 s by default), but this one turns out to speak the
+    // channel, and only after the delay: it is ready when it listens, and until then clients
+    // wait for it rather than being refused.
+    let port = free_port();
+    let script = format!("sleep 2; exec {BIN} hello --port {port}");
+    let mut c = Cluster::start(&["-n", "1", "--", "sh", "-c", &script]);
+    c.wait_listening(1);
+    let load = Load::start(port, LOAD_THREADS);
+    c.signal(Signal::SIGHUP);
+    c.wait_line("the new worker listening", |l| {
+        l.starts_with("[master] worker 2 ") && l.contains(" listening on ")
+    });
+    c.find_line("reload done", |l| l == "[master] reload done");
+    let res = load.finish();
+    assert!(
+        res.failed.is_empty(),
+        "{} failed requests, first: {:?}",
+        res.failed.len(),
+        &res.failed[..res.failed.len().min(5)]
+    );
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+}
+
+#[test]
+fn repeated_ready_and_status_notices_are_logged_once() {
+    if !have_python() {
+        return;
+    }
+    let program = format!(
+        "{PY_SD_NOTIFY}
+for _ in range(20):
+    notify('READY=1\\n' * 200)
+for _ in range(20):
+    notify('STATUS=same\\nSTATUS=same')
+notify('STATUS=done')
+time.sleep(60)
+"
+    );
+    let mut c = Cluster::start(&["-n", "1", "--", "python3", "-c", &program]);
+    c.wait_line("the last status", |l| l.ends_with(" status: done"));
+    let count = |c: &Cluster, suffix: &str| c.seen.iter().filter(|l| l.ends_with(suffix)).count();
+    assert_eq!(count(&c, " ready (READY=1)"), 1);
+    assert_eq!(count(&c, " status: same"), 1);
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+}
+
+#[test]
+fn a_worker_that_said_stopping_still_gets_the_stop_signal() {
+    if !have_python() {
+        return;
+    }
+    // It says it is stopping but stays; only the stop signal (SIGTERM) ends it in time.
+    let program = format!(
+        "{PY_SD_NOTIFY}
+notify('READY=1')
+notify('STOPPING=1\\nSTATUS=stopping')
+time.sleep(60)
+"
+    );
+    let mut c = Cluster::start(&[
+        "-n",
+        "1",
+        "--shutdown-timeout",
+        "60000",
+        "--",
+        "python3",
+        "-c",
+        &program,
+    ]);
+    c.wait_line("its stopping", |l| l.ends_with(" status: stopping"));
+    c.signal(Signal::SIGTERM);
+    assert_clean_exit(&mut c);
+    assert!(
+        c.seen
+            .iter()
+            .any(|l| l.starts_with("[master] worker 1 ") && l.contains(" exited on signal 15 ")),
+        "stopped by SIGTERM"
+    );
+}
+
 // ------------------------------------------------------------------------ the master under systemd
 
 /// A fake service manager's `NOTIFY_SOCKET`: every datagram arrives on a channel.

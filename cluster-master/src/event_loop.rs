@@ -100,6 +100,11 @@ struct WorkerRec {
     /// The stop signal sent with its `Disconnect` (it never spoke the channel): dying of it
     /// is a clean stop.
     stop_signal_sent: Option<i32>,
+    /// It said `Online`: it reads its channel, so `Disconnect` stops it. Kept apart from
+    /// `state`, which a worker leaving on its own (`STOPPING=1`) changes.
+    spoke_channel: bool,
+    /// Its last `STATUS=` line, so that a repeated one is not logged again.
+    last_status: Option<String>,
 }
 
 impl WorkerRec {
@@ -163,6 +168,10 @@ pub(crate) struct EventLoop {
     /// Sources not read for want of room in the embedder's event queue, read again once it has
     /// room (edge-triggered readiness will not report what is already waiting).
     paused: Vec<Source>,
+    /// Servers whose last holder closed them while another worker was still starting (a
+    /// reload's replacement, say): kept open so that clients wait rather than be refused, and
+    /// closed once nobody is starting if still nobody holds them.
+    kept_for_starting: Vec<ServerId>,
     /// Workers that did not leave cleanly (exit 0 after disconnect) during the shutdown.
     unclean_exits: usize,
     /// Connections closed unserved before the owner asked to stop: the stop is judged only on
@@ -255,6 +264,7 @@ impl EventLoop {
             timer_due: None,
             unread: Vec::new(),
             paused: Vec::new(),
+            kept_for_starting: Vec::new(),
             unclean_exits: 0,
             unserved_before_stop: None,
             notify,
@@ -347,6 +357,7 @@ impl EventLoop {
             self.resume_unread();
             self.resume_paused();
             self.drop_doomed();
+            self.close_kept_servers_once_nobody_starts();
             self.tell_manager();
             self.reap_orphans();
             if self.fleet.workers.is_empty() {

@@ -254,10 +254,11 @@ impl EventLoop {
         }
         match r.msg {
             Message::Online => {
-                if let Some(w) = self.fleet.workers.get_mut(&id)
-                    && w.state == WorkerState::Spawned
-                {
-                    w.state = WorkerState::Online;
+                if let Some(w) = self.fleet.workers.get_mut(&id) {
+                    w.spoke_channel = true;
+                    if w.state == WorkerState::Spawned {
+                        w.state = WorkerState::Online;
+                    }
                 }
                 self.sup.online(id);
                 self.emit(Event::Online { worker: id });
