@@ -116,11 +116,15 @@ impl WorkerRec {
     /// Signals the worker and its process group (it was spawned as the group's leader): a
     /// stop or a SIGKILL reaches what it started too, as a service manager's stop reaches the
     /// whole unit. The group is signalled only while the worker is unreaped: its pid, hence
-    /// the group id, cannot be reused before then.
+    /// the group id, cannot be reused before then. A worker still in its group gets the one
+    /// signal through it (a program may take a second SIGTERM as "force"); one that left it
+    /// gets its own through the pidfd.
     fn signal_with_group(&self, signal: i32) {
-        self.signal(signal);
-        if sys::unreaped(self.pid) {
-            let _ = sys::signal_group(self.pid, signal);
+        let unreaped = sys::unreaped(self.pid);
+        let in_own_group = unreaped && sys::leads_its_group(self.pid);
+        let group_signalled = unreaped && sys::signal_group(self.pid, signal).is_ok();
+        if !(in_own_group && group_signalled) {
+            self.signal(signal);
         }
     }
 }

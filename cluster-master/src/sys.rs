@@ -58,6 +58,15 @@ pub(crate) fn unreaped(pid: u32) -> bool {
     )
 }
 
+/// Whether process `pid` is in the process group it leads (it did not move to another one).
+pub(crate) fn leads_its_group(pid: u32) -> bool {
+    let Ok(raw) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    let pid = nix::unistd::Pid::from_raw(raw);
+    nix::unistd::getpgid(Some(pid)).is_ok_and(|group| group == pid)
+}
+
 /// Sends `signal` to process group `pgid` (`killpg(2)`).
 pub(crate) fn signal_group(pgid: u32, signal: i32) -> io::Result<()> {
     let pgid =
