@@ -234,7 +234,9 @@ impl MasterBuilder {
 
     /// Pre-binds `spec` in the master and passes it to every worker the systemd way
     /// (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`, fds from 3), for programs that do not
-    /// speak the cluster protocol. Such workers count as listening once spawned.
+    /// speak the cluster protocol. Such a worker is ready once it sends `READY=1` or, if one
+    /// is set, the [`MasterBuilder::ready_delay`] has passed: set one for programs that do not
+    /// notify, or a reload waits for them until its ready timeout.
     pub fn listen_fd(mut self, name: impl Into<String>, spec: ListenSpec) -> Self {
         self.listen_fds
             .push((name.into(), ListenSource::Bind(spec)));
