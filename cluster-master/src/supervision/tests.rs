@@ -669,6 +669,8 @@ enum Op {
     WatchdogPing(usize),
     /// It says it is leaving.
     Leaving(usize),
+    /// It sends `STOPPING=1`.
+    Stopping(usize),
     /// Its channel closes.
     ChannelClosed(usize),
     /// It exits.
@@ -695,6 +697,7 @@ impl Op {
             self,
             Op::Online(_)
                 | Op::Leaving(_)
+                | Op::Stopping(_)
                 | Op::Exit(_)
                 | Op::ExitUnableToListen(_)
                 | Op::Disconnect(_)
@@ -711,6 +714,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..8usize).prop_map(Op::Online),
         3 => (0..8usize).prop_map(Op::WatchdogPing),
         1 => (0..8usize).prop_map(Op::Leaving),
+        1 => (0..8usize).prop_map(Op::Stopping),
         1 => (0..8usize).prop_map(Op::ChannelClosed),
         4 => (0..8usize).prop_map(Op::Exit),
         1 => (0..8usize).prop_map(Op::ExitUnableToListen),
@@ -833,6 +837,19 @@ impl Sim {
                 if let Some(w) = self.pick(n) {
                     self.alive.insert(w, true);
                     self.sup.leaving(w);
+                }
+            }
+            Op::Stopping(n) => {
+                if let Some(w) = self.pick(n) {
+                    self.alive.insert(w, true);
+                    self.sup.stopping(w, now);
+                    prop_assert!(
+                        self.sup
+                            .workers
+                            .get(&w)
+                            .is_some_and(|w| w.kill_at.is_some()),
+                        "worker {w} said STOPPING=1 and has no SIGKILL deadline"
+                    );
                 }
             }
             Op::ChannelClosed(n) => {
