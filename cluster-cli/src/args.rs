@@ -36,10 +36,11 @@ Log lines (stdout unless noted; one per event, flushed at each line):
 Fatal errors: one line `cluster-cli: REASON` on stderr, exit 1.
 
 Readiness: a worker is ready when it listens through the master, or sends READY=1 to
-NOTIFY_SOCKET (every worker gets one, as under systemd); a program that never does either is
-ready --ready-delay after it started. A rolling reload waits for readiness and is done when
-every old worker has exited. With --watchdog, WATCHDOG_USEC is set and a ready worker that
-sends no WATCHDOG=1 for that long is killed and restarted.
+NOTIFY_SOCKET (every worker gets one, as under systemd); a PROGRAM (not node) that has not
+said online and does neither is ready --ready-delay after it started. A rolling reload waits
+for readiness and is done when every old worker has exited. With --watchdog, WATCHDOG_USEC is
+set and a ready worker that never said online (not hello, native or Node workers) and sends
+no WATCHDOG=1 for that long is killed and restarted.
 
 Socket activation: sockets passed to the master (LISTEN_FDS for its pid) are its own: a
 worker listening on one's address gets it without a bind; --listen NAME passes one on.
@@ -130,9 +131,9 @@ pub struct SpawnArgs {
     #[arg(long, value_name = "MS", default_value_t = 30_000)]
     pub shutdown_timeout: u64,
 
-    /// A worker that neither listens through the master nor sends READY=1 to NOTIFY_SOCKET is
-    /// ready this long (ms) after it started (0: at once). For a program that sends READY=1,
-    /// set it above the program's slowest start.
+    /// A PROGRAM worker (not node) that has not said online and neither listens through the
+    /// master nor sends READY=1 to NOTIFY_SOCKET is ready this long (ms) after it started (0:
+    /// at once). For a program that sends READY=1, set it above the program's slowest start.
     #[arg(long, value_name = "MS", default_value_t = millis(cluster_master::DEFAULT_READY_DELAY))]
     pub ready_delay: u64,
 
@@ -140,7 +141,8 @@ pub struct SpawnArgs {
     #[arg(long, value_name = "MS", default_value_t = 30_000)]
     pub ready_timeout: u64,
 
-    /// Give every worker WATCHDOG_USEC for this period (ms): one that sends no WATCHDOG=1 to
+    /// Give every worker WATCHDOG_USEC for this period (ms): a ready one that never said
+    /// online (any program, not a native or Node worker) and sends no WATCHDOG=1 to
     /// NOTIFY_SOCKET for that long is killed as hung and restarted.
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub watchdog: Option<u64>,

@@ -73,9 +73,13 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
         .max_servers_per_worker(a.max_servers_per_worker)
         .stop_signal(a.stop_signal)
         .notify_systemd(true)
-        .ready_delay(Duration::from_millis(a.ready_delay))
         .ready_timeout(Duration::from_millis(a.ready_timeout))
         .capture_output(true);
+    // The ready delay is for programs that may not speak the channel: the hello worker and
+    // Node programs do, and would be taken for ready before they listen.
+    if a.program().is_some() && protocol != Protocol::Node {
+        builder = builder.ready_delay(Duration::from_millis(a.ready_delay));
+    }
     if let Some(ms) = a.watchdog {
         builder = builder.watchdog(Duration::from_millis(ms));
     }

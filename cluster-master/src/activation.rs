@@ -8,6 +8,11 @@
 //! `LISTEN_FDS` workers. The manager keeps its copy open across master restarts, so the
 //! kernel keeps queueing connections while no master runs: none is refused.
 //!
+//! An inherited IPv6 wildcard socket that also accepts IPv4 (`[::]:PORT` without
+//! `IPV6_V6ONLY`, which is what `systemd-socket-activate -l PORT` and a `ListenStream=PORT`
+//! unit give) serves a worker's `listen` on `0.0.0.0:PORT` as well as on `[::]:PORT`: it
+//! receives every connection either would.
+//!
 //! The table keeps the sockets for the master's lifetime and hands out duplicates: a server
 //! closed (its last worker gone) and opened again gets the same socket back.
 
@@ -37,6 +42,8 @@ pub(crate) struct Inherited {
     /// no worker could ask for (it can still be passed on by name).
     pub(crate) addr: Option<ListenAddr>,
     pub(crate) bound: BoundAddr,
+    /// An IPv6 socket that accepts IPv4 too (`IPV6_V6ONLY` off).
+    pub(crate) dual_stack: bool,
 }
 
 /// Set by the first [`take_from_env`]: the descriptors can be owned once per process.
@@ -71,14 +78,47 @@ fn take(count: usize, names: Option<&str>) -> Vec<Inherited> {
             let name = names.get(i).copied().unwrap_or("unknown").to_owned();
             let (addr, bound) =
                 describe(&fd).unwrap_or((None, BoundAddr::Unix(Default::default())));
+            let dual_stack = is_dual_stack(&fd, addr.as_ref());
             Some(Inherited {
                 name,
                 fd,
                 addr,
                 bound,
+                dual_stack,
             })
         })
         .collect()
+}
+
+/// Whether `fd`, bound to `addr`, is an IPv6 socket that accepts IPv4 too.
+fn is_dual_stack(fd: &OwnedFd, addr: Option<&ListenAddr>) -> bool {
+    let is_v6 = matches!(
+        addr,
+        Some(
+            ListenAddr::Tcp(std::net::SocketAddr::V6(_))
+                | ListenAddr::Udp(std::net::SocketAddr::V6(_))
+        )
+    );
+    is_v6 && getsockopt(fd, sockopt::Ipv6V6Only).is_ok_and(|v6_only| !v6_only)
+}
+
+/// Whether an inherited socket bound to `have` serves a `listen` on `want`: the same
+/// address, or a dual-stack `[::]:P` for `0.0.0.0:P`.
+fn serves(have: &ListenAddr, dual_stack: bool, want: &ListenAddr) -> bool {
+    use std::net::SocketAddr;
+    let wildcard_v4_for_v6 = |h: &SocketAddr, w: &SocketAddr| {
+        dual_stack
+            && h.ip() == std::net::Ipv6Addr::UNSPECIFIED
+            && w.ip() == std::net::Ipv4Addr::UNSPECIFIED
+            && h.port() == w.port()
+    };
+    have == want
+        || match (have, want) {
+            (ListenAddr::Tcp(h), ListenAddr::Tcp(w)) | (ListenAddr::Udp(h), ListenAddr::Udp(w)) => {
+                wildcard_v4_for_v6(h, w)
+            }
+            _ => false,
+        }
 }
 
 /// What `fd` is bound to.
@@ -133,12 +173,17 @@ impl Activation {
         })
     }
 
-    /// A duplicate of the inherited socket bound to exactly `addr`, if there is one.
+    /// A duplicate of the inherited socket that serves `addr`, if there is one: bound to
+    /// exactly `addr`, or else a dual-stack `[::]:P` for `0.0.0.0:P`.
     pub(crate) fn for_addr(&self, addr: &ListenAddr) -> Option<io::Result<BoundSocket>> {
-        let s = self
-            .sockets
-            .iter()
-            .find(|s| s.addr.as_ref() == Some(addr))?;
+        let exact = self.sockets.iter().find(|s| s.addr.as_ref() == Some(addr));
+        let s = exact.or_else(|| {
+            self.sockets.iter().find(|s| {
+                s.addr
+                    .as_ref()
+                    .is_some_and(|have| serves(have, s.dual_stack, addr))
+            })
+        })?;
         Some(Activation::dup(s))
     }
 
@@ -185,6 +230,7 @@ mod tests {
             fd: OwnedFd::from(tcp),
             addr: Some(ListenAddr::Tcp(addr)),
             bound: BoundAddr::Inet(addr),
+            dual_stack: false,
         }]);
         let a = act.for_addr(&ListenAddr::Tcp(addr)).unwrap().unwrap();
         let b = act.for_name("web").unwrap().unwrap();
@@ -197,5 +243,68 @@ mod tests {
         let listener = std::net::TcpListener::from(a.fd);
         listener.set_nonblocking(false).unwrap();
         assert!(listener.accept().is_ok());
+    }
+
+    fn inherited(fd: OwnedFd) -> Inherited {
+        let (addr, bound) = describe(&fd).unwrap();
+        let dual_stack = is_dual_stack(&fd, addr.as_ref());
+        Inherited {
+            name: "unknown".into(),
+            fd,
+            addr,
+            bound,
+            dual_stack,
+        }
+    }
+
+    /// An IPv6 wildcard TCP socket on an ephemeral port, with `IPV6_V6ONLY` as given.
+    fn v6_wildcard(v6_only: bool) -> Option<(OwnedFd, u16)> {
+        use nix::sys::socket::{
+            AddressFamily, SockFlag, SockaddrIn6, bind, listen, setsockopt, socket,
+        };
+        let fd = socket(
+            AddressFamily::Inet6,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .ok()?;
+        setsockopt(&fd, sockopt::Ipv6V6Only, &v6_only).unwrap();
+        let any = SockaddrIn6::from(std::net::SocketAddrV6::new(
+            std::net::Ipv6Addr::UNSPECIFIED,
+            0,
+            0,
+            0,
+        ));
+        // No IPv6 on this machine: nothing to test.
+        bind(fd.as_raw_fd(), &any).ok()?;
+        listen(&fd, nix::sys::socket::Backlog::new(8).unwrap()).unwrap();
+        let port = std::net::TcpListener::from(fd.try_clone().unwrap())
+            .local_addr()
+            .unwrap()
+            .port();
+        Some((fd, port))
+    }
+
+    #[test]
+    fn a_dual_stack_wildcard_serves_the_ipv4_wildcard_too() {
+        let Some((fd, port)) = v6_wildcard(false) else {
+            return;
+        };
+        let act = Activation::new(vec![inherited(fd)]);
+        let v4 = |p: u16| ListenAddr::Tcp(format!("0.0.0.0:{p}").parse().unwrap());
+        let v6 = |p: u16| ListenAddr::Tcp(format!("[::]:{p}").parse().unwrap());
+        assert!(act.for_addr(&v6(port)).is_some());
+        assert!(act.for_addr(&v4(port)).is_some());
+        assert!(act.for_addr(&v4(port.wrapping_add(1))).is_none());
+        let udp = ListenAddr::Udp(format!("0.0.0.0:{port}").parse().unwrap());
+        assert!(act.for_addr(&udp).is_none());
+        let loopback = ListenAddr::Tcp(format!("127.0.0.1:{port}").parse().unwrap());
+        assert!(act.for_addr(&loopback).is_none());
+        // IPv6 only: IPv4 clients would never reach it.
+        let (fd, port) = v6_wildcard(true).unwrap();
+        let act = Activation::new(vec![inherited(fd)]);
+        assert!(act.for_addr(&v6(port)).is_some());
+        assert!(act.for_addr(&v4(port)).is_none());
     }
 }

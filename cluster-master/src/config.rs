@@ -11,8 +11,8 @@ use crate::{Master, MasterError};
 /// Servers one worker may hold unless [`MasterBuilder::max_servers_per_worker`] says otherwise.
 pub const DEFAULT_MAX_SERVERS_PER_WORKER: usize = 32;
 
-/// How long after its start a worker that neither speaks the channel nor sends `READY=1`
-/// counts as ready, unless [`MasterBuilder::ready_delay`] says otherwise.
+/// A ready delay that suits most programs which neither speak the channel nor send `READY=1`
+/// (the CLI's default for them); see [`MasterBuilder::ready_delay`].
 pub const DEFAULT_READY_DELAY: Duration = Duration::from_secs(1);
 
 /// Configures and starts a [`Master`].
@@ -41,7 +41,7 @@ pub struct MasterBuilder {
     pub(crate) listen_fds: Vec<(String, ListenSource)>,
     pub(crate) max_servers_per_worker: usize,
     pub(crate) stop_signal: i32,
-    pub(crate) ready_delay: Duration,
+    pub(crate) ready_delay: Option<Duration>,
     pub(crate) watchdog: Option<Duration>,
     pub(crate) notify_systemd: bool,
     pub(crate) socket_activation: bool,
@@ -77,7 +77,7 @@ impl MasterBuilder {
             listen_fds: Vec::new(),
             max_servers_per_worker: DEFAULT_MAX_SERVERS_PER_WORKER,
             stop_signal: libc::SIGTERM,
-            ready_delay: DEFAULT_READY_DELAY,
+            ready_delay: None,
             watchdog: None,
             notify_systemd: false,
             socket_activation: false,
@@ -191,10 +191,15 @@ impl MasterBuilder {
 
     /// Readiness for programs that do not speak the channel: every worker gets
     /// `NOTIFY_SOCKET`, and one that sends `READY=1` there is ready (as `Listening` makes a
-    /// native worker ready). One that never said `Online` and sends nothing is ready this
-    /// long after it started (default [`DEFAULT_READY_DELAY`]; zero: at once).
+    /// native worker ready). With a ready delay, one that has not said `Online` is also ready
+    /// this long after it started (zero: at once; [`DEFAULT_READY_DELAY`] suits most).
+    ///
+    /// Off by default, and only for programs known not to speak the channel: a slow native or
+    /// Node worker would be taken for ready before it listens (a reload would then stop the
+    /// worker it replaces too early). A worker that says `Online` is ready only once it
+    /// listens or sends `READY=1`, even if the delay had passed.
     pub fn ready_delay(mut self, delay: Duration) -> Self {
-        self.ready_delay = delay;
+        self.ready_delay = Some(delay);
         self
     }
 
@@ -229,7 +234,9 @@ impl MasterBuilder {
 
     /// Pre-binds `spec` in the master and passes it to every worker the systemd way
     /// (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`, fds from 3), for programs that do not
-    /// speak the cluster protocol. Such workers count as listening once spawned.
+    /// speak the cluster protocol. Such a worker is ready once it sends `READY=1` or, if one
+    /// is set, the [`MasterBuilder::ready_delay`] has passed: set one for programs that do not
+    /// notify, or a reload waits for them until its ready timeout.
     pub fn listen_fd(mut self, name: impl Into<String>, spec: ListenSpec) -> Self {
         self.listen_fds
             .push((name.into(), ListenSource::Bind(spec)));

@@ -100,12 +100,32 @@ struct WorkerRec {
     /// The stop signal sent with its `Disconnect` (it never spoke the channel): dying of it
     /// is a clean stop.
     stop_signal_sent: Option<i32>,
+    /// It said `Online`: it reads its channel, so `Disconnect` stops it. Kept apart from
+    /// `state`, which a worker leaving on its own (`STOPPING=1`) changes.
+    spoke_channel: bool,
+    /// Its last `STATUS=` line, so that a repeated one is not logged again.
+    last_status: Option<String>,
 }
 
 impl WorkerRec {
     /// Signals the worker through its pidfd, never a pid somebody else may own by now.
     fn signal(&self, signal: i32) {
         let _ = sys::pidfd_signal(self.pidfd.as_fd(), signal);
+    }
+
+    /// Signals the worker and its process group (it was spawned as the group's leader): a
+    /// stop or a SIGKILL reaches what it started too, as a service manager's stop reaches the
+    /// whole unit. The group is signalled only while the worker is unreaped: its pid, hence
+    /// the group id, cannot be reused before then. A worker still in its group gets the one
+    /// signal through it (a program may take a second SIGTERM as "force"); one that left it
+    /// gets its own through the pidfd.
+    fn signal_with_group(&self, signal: i32) {
+        let unreaped = sys::unreaped(self.pid);
+        let in_own_group = unreaped && sys::leads_its_group(self.pid);
+        let group_signalled = unreaped && sys::signal_group(self.pid, signal).is_ok();
+        if !(in_own_group && group_signalled) {
+            self.signal(signal);
+        }
     }
 }
 
@@ -152,6 +172,10 @@ pub(crate) struct EventLoop {
     /// Sources not read for want of room in the embedder's event queue, read again once it has
     /// room (edge-triggered readiness will not report what is already waiting).
     paused: Vec<Source>,
+    /// Servers whose last holder closed them while another worker was still starting (a
+    /// reload's replacement, say): kept open so that clients wait rather than be refused, and
+    /// closed once nobody is starting if still nobody holds them.
+    kept_for_starting: Vec<ServerId>,
     /// Workers that did not leave cleanly (exit 0 after disconnect) during the shutdown.
     unclean_exits: usize,
     /// Connections closed unserved before the owner asked to stop: the stop is judged only on
@@ -244,6 +268,7 @@ impl EventLoop {
             timer_due: None,
             unread: Vec::new(),
             paused: Vec::new(),
+            kept_for_starting: Vec::new(),
             unclean_exits: 0,
             unserved_before_stop: None,
             notify,
@@ -336,6 +361,7 @@ impl EventLoop {
             self.resume_unread();
             self.resume_paused();
             self.drop_doomed();
+            self.close_kept_servers_once_nobody_starts();
             self.tell_manager();
             self.reap_orphans();
             if self.fleet.workers.is_empty() {

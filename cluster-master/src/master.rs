@@ -126,7 +126,9 @@ impl MasterControl {
     }
 
     /// Sends a signal to a worker (as Node's `worker.kill`, without disconnecting first). A
-    /// worker killed this way counts as crashed and is restarted.
+    /// worker killed this way counts as crashed and is restarted. The signal reaches the
+    /// worker alone, not the processes it started (a stop, or the SIGKILL after the shutdown
+    /// timeout, reaches its whole process group).
     pub fn kill(&self, worker: WorkerId, signal: i32) -> Result<(), MasterError> {
         self.command(Command::Kill(worker, signal))
     }

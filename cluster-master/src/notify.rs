@@ -38,17 +38,29 @@ pub(crate) enum Notice {
 /// Parses a notification: newline-separated `KEY=VALUE` assignments. Keys this master does
 /// not act on (`MAINPID`, `ERRNO`, `EXTEND_TIMEOUT_USEC`, ...) are ignored, as systemd
 /// ignores what it does not know.
+///
+/// Each kind of notice counts once per datagram, however often it is repeated (the last
+/// `STATUS=` wins, as in systemd), so what one datagram can make the master do is bounded.
+/// They come in the order that reads right in a log: the status, then readiness, the
+/// watchdog ping, and the stop.
 pub(crate) fn parse(datagram: &[u8]) -> Vec<Notice> {
     let text = String::from_utf8_lossy(datagram);
-    text.split('\n')
-        .filter_map(|line| match line.split_once('=')? {
-            ("READY", "1") => Some(Notice::Ready),
-            ("WATCHDOG", "1") => Some(Notice::Watchdog),
-            ("STOPPING", "1") => Some(Notice::Stopping),
-            ("STATUS", status) => Some(Notice::Status(status.to_owned())),
-            _ => None,
-        })
-        .collect()
+    let (mut ready, mut watchdog, mut stopping, mut status) = (false, false, false, None);
+    for line in text.split('\n') {
+        match line.split_once('=') {
+            Some(("READY", "1")) => ready = true,
+            Some(("WATCHDOG", "1")) => watchdog = true,
+            Some(("STOPPING", "1")) => stopping = true,
+            Some(("STATUS", s)) => status = Some(s),
+            _ => {}
+        }
+    }
+    let mut notices = Vec::new();
+    notices.extend(status.map(|s| Notice::Status(s.to_owned())));
+    notices.extend(ready.then_some(Notice::Ready));
+    notices.extend(watchdog.then_some(Notice::Watchdog));
+    notices.extend(stopping.then_some(Notice::Stopping));
+    notices
 }
 
 /// One datagram as received.
@@ -136,14 +148,27 @@ mod tests {
         assert_eq!(
             parse(b"READY=1\nSTATUS=serving 3 clients\nMAINPID=7\nWATCHDOG=1\n"),
             [
-                Notice::Ready,
                 Notice::Status("serving 3 clients".into()),
+                Notice::Ready,
                 Notice::Watchdog
             ]
         );
         assert_eq!(parse(b"STOPPING=1"), [Notice::Stopping]);
         assert_eq!(parse(b"READY=0\nWATCHDOG=trigger\nnonsense\n\n"), []);
         assert_eq!(parse(b"STATUS="), [Notice::Status(String::new())]);
+    }
+
+    #[test]
+    fn each_kind_counts_once_per_datagram() {
+        let flood = "READY=1\nWATCHDOG=1\nSTOPPING=1\n".repeat(300);
+        assert_eq!(
+            parse(flood.as_bytes()),
+            [Notice::Ready, Notice::Watchdog, Notice::Stopping]
+        );
+        assert_eq!(
+            parse(b"STATUS=a\nSTATUS=b\nSTATUS=c"),
+            [Notice::Status("c".into())]
+        );
     }
 
     #[test]

@@ -23,12 +23,17 @@
 //!
 //! **Workers.** Every worker supervision asked for is tracked until its exit is reported: its
 //! slot, when it started, whether it is ready or leaving, and the instant at which it is
-//! SIGKILLed if it has not exited by then (a disconnect that takes too long, or a worker that
-//! can no longer be told to stop). A worker is ready when it listens, when it sends `READY=1`
-//! to the notify socket, or, if it never said `Online` (a program that does not speak the
-//! channel), once the ready delay has passed since it started. With a watchdog period, a
-//! ready worker that does not send `WATCHDOG=1` within a period (from becoming ready, then from
-//! its last ping) is killed as hung, and its exit is a crash like any other.
+//! SIGKILLed if it has not exited by then (a disconnect that takes too long, a worker that
+//! said `STOPPING=1`, or one that can no longer be told to stop). A worker is ready when it
+//! listens or sends `READY=1` to the notify socket. With a ready delay (opt-in, for programs
+//! that do not speak the channel), a worker that has not said `Online` is also ready once the
+//! delay has passed since it started. A worker that says `Online` speaks the channel: the
+//! delay is not for it, and if the delay had already made it ready (a slow start), it is
+//! starting again until it listens; what its early readiness set off (a reload moving on)
+//! cannot be undone, which is why the delay is opt-in. With a watchdog period, a ready
+//! worker that never said `Online` and does not send `WATCHDOG=1` within a period (from
+//! becoming ready, then from its last ping) is killed as hung, and its exit is a crash like
+//! any other. Workers that speak the channel are not watched: they have no reason to ping.
 //!
 //! **Reload.** One slot at a time: spawn the new worker beside the slot's current one, wait
 //! until it is ready, make it the slot's worker, then disconnect the old one. The reload is
@@ -60,10 +65,10 @@ pub(crate) struct SupervisionConfig {
     /// How long a disconnected worker may take to exit before it is SIGKILLed.
     pub(crate) shutdown_timeout: Duration,
     /// A worker that neither speaks the channel (it said `Online`) nor sends `READY=1` counts
-    /// as ready this long after it started.
-    pub(crate) ready_delay: Duration,
-    /// A worker must send `WATCHDOG=1` at least this often, from its start, or it is killed
-    /// as hung.
+    /// as ready this long after it started; `None`: only listening or `READY=1` make it ready.
+    pub(crate) ready_delay: Option<Duration>,
+    /// A worker that does not speak the channel must send `WATCHDOG=1` at least this often,
+    /// once ready, or it is killed as hung.
     pub(crate) watchdog: Option<Duration>,
 }
 
@@ -134,6 +139,13 @@ struct Worker {
     kill_at: Option<Instant>,
     /// Ready at this instant unless it turns out to speak the channel (`--ready-delay`).
     ready_at: Option<Instant>,
+    /// Ready because the ready delay passed, not because it said so.
+    ready_by_delay: bool,
+    /// It said `Online`: it speaks the channel, so neither the ready delay nor the watchdog
+    /// applies to it.
+    speaks_channel: bool,
+    /// Told to disconnect (it was sent `Disconnect`, and the stop signal if it needs one).
+    disconnected: bool,
     /// Hung unless it pings the watchdog before this instant.
     watchdog_at: Option<Instant>,
 }
@@ -284,8 +296,22 @@ impl Supervision {
         self.workers.keys().copied()
     }
 
+    /// Some worker may still be starting: spawned (or about to be) and not ready, or ready
+    /// only by the ready delay (it may yet turn out to speak the channel and listen).
+    pub(crate) fn any_worker_starting(&self) -> bool {
+        self.workers
+            .values()
+            .any(|w| w.phase == Phase::Starting || (w.phase == Phase::Ready && w.ready_by_delay))
+    }
+
     pub(crate) fn replacement(&self) -> Option<Replacement> {
         self.reload.as_ref().and_then(|r| r.waiting)
+    }
+
+    /// A [`Supervision::reload`] now would start one: none runs and the master is not
+    /// shutting down.
+    pub(crate) fn reload_would_start(&self) -> bool {
+        self.reload.is_none() && !self.shutting_down
     }
 
     pub(crate) fn reloading(&self) -> bool {
@@ -358,20 +384,36 @@ impl Supervision {
         {
             s.state = SlotState::Running(worker);
         }
-        if ready || self.cfg.ready_delay.is_zero() {
+        if ready {
             self.listening(worker, now, out);
-        } else if let Some(w) = self.workers.get_mut(&worker)
-            && w.phase == Phase::Starting
-        {
-            w.ready_at = Some(now + self.cfg.ready_delay);
+            return;
+        }
+        match self.cfg.ready_delay {
+            Some(delay) if delay.is_zero() => self.ready_by_delay(worker, now, out),
+            Some(delay) => {
+                if let Some(w) = self.workers.get_mut(&worker)
+                    && w.phase == Phase::Starting
+                    && !w.speaks_channel
+                {
+                    w.ready_at = Some(now + delay);
+                }
+            }
+            None => {}
         }
     }
 
     /// The worker said `Online`: it speaks the channel and will say when it listens, so the
-    /// ready delay is not for it.
+    /// ready delay is not for it (nor the watchdog). If the delay made it ready before it
+    /// spoke (a slow start), it is starting again until it listens.
     pub(crate) fn online(&mut self, worker: WorkerId) {
         if let Some(w) = self.workers.get_mut(&worker) {
+            w.speaks_channel = true;
             w.ready_at = None;
+            w.watchdog_at = None;
+            if w.phase == Phase::Ready && w.ready_by_delay {
+                w.phase = Phase::Starting;
+                w.ready_by_delay = false;
+            }
         }
     }
 
@@ -438,17 +480,50 @@ impl Supervision {
     }
 
     /// The worker listens (takes connections), or sent `READY=1`.
-    pub(crate) fn listening(&mut self, worker: WorkerId, now: Instant, out: &mut Vec<Action>) {
-        if let Some(w) = self.workers.get_mut(&worker) {
-            w.ready_at = None;
-            if w.phase == Phase::Starting {
-                w.phase = Phase::Ready;
-                // As systemd does, the watchdog runs once start-up is complete: how long a
-                // start may take is the ready timeout's business.
-                w.watchdog_at = self.cfg.watchdog.map(|period| now + period);
-            }
-        }
+    ///
+    /// Returns whether this made the worker ready (it was starting, or ready only by the
+    /// delay): a repeated `READY=1` changes nothing and is worth no event.
+    pub(crate) fn listening(
+        &mut self,
+        worker: WorkerId,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let changed = self.become_ready(worker, false, now);
         self.advance_reload(now, out);
+        changed
+    }
+
+    fn ready_by_delay(&mut self, worker: WorkerId, now: Instant, out: &mut Vec<Action>) {
+        if self.workers.get(&worker).is_some_and(|w| !w.speaks_channel) {
+            self.become_ready(worker, true, now);
+            self.advance_reload(now, out);
+        }
+    }
+
+    fn become_ready(&mut self, worker: WorkerId, by_delay: bool, now: Instant) -> bool {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return false;
+        };
+        w.ready_at = None;
+        match w.phase {
+            Phase::Starting => {
+                w.phase = Phase::Ready;
+                w.ready_by_delay = by_delay;
+                // As systemd does, the watchdog runs once start-up is complete: how long a
+                // start may take is the ready timeout's business. A worker that speaks the
+                // channel has no reason to ping it.
+                if !w.speaks_channel {
+                    w.watchdog_at = self.cfg.watchdog.map(|period| now + period);
+                }
+                true
+            }
+            Phase::Ready if w.ready_by_delay && !by_delay => {
+                w.ready_by_delay = false;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The worker said it is leaving (it disconnected on its own): its exit is no crash.
@@ -457,6 +532,16 @@ impl Supervision {
             w.phase = Phase::Leaving;
             w.ready_at = None;
             w.watchdog_at = None;
+        }
+    }
+
+    /// The worker said `STOPPING=1`: it is leaving, its exit is no crash, and it gets the
+    /// shutdown timeout to exit before it is SIGKILLed, as a disconnected worker does (one
+    /// that said so and kept running would otherwise never be stopped).
+    pub(crate) fn stopping(&mut self, worker: WorkerId, now: Instant) {
+        self.leaving(worker);
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.kill_at.get_or_insert(now + self.cfg.shutdown_timeout);
         }
     }
 
@@ -535,14 +620,18 @@ impl Supervision {
         let Some(w) = self.workers.get_mut(&worker) else {
             return;
         };
-        if w.phase == Phase::Leaving && w.kill_at.is_some() {
+        if w.disconnected || (w.phase == Phase::Leaving && w.kill_at.is_some() && w.speaks_channel)
+        {
             return;
         }
+        w.disconnected = true;
         w.phase = Phase::Leaving;
         w.ready_at = None;
         // A stopping worker is bounded by its kill deadline instead.
         w.watchdog_at = None;
-        w.kill_at = Some(now + self.cfg.shutdown_timeout);
+        // One that said `STOPPING=1` keeps its deadline if that comes sooner.
+        let deadline = now + self.cfg.shutdown_timeout;
+        w.kill_at = Some(w.kill_at.map_or(deadline, |k| k.min(deadline)));
         out.push(Action::Disconnect(worker));
     }
 
@@ -578,7 +667,7 @@ impl Supervision {
 
     /// Starts a rolling reload, unless one runs or the master is shutting down.
     pub(crate) fn reload(&mut self, now: Instant, out: &mut Vec<Action>) {
-        if self.reload.is_some() || self.shutting_down {
+        if !self.reload_would_start() {
             return;
         }
         let old = self.workers.keys().copied().collect();
@@ -618,6 +707,7 @@ impl Supervision {
             w.kill_at = None;
             w.ready_at = None;
             w.watchdog_at = None;
+            w.disconnected = true;
             out.push(Action::Kill(*id));
         }
     }
@@ -661,7 +751,7 @@ impl Supervision {
             }
         }
         for id in delayed {
-            self.listening(id, now, out);
+            self.ready_by_delay(id, now, out);
         }
         if let Some(r) = self.replacement()
             && r.ready_by <= now
@@ -704,6 +794,9 @@ impl Supervision {
                 phase: Phase::Starting,
                 kill_at: None,
                 ready_at: None,
+                ready_by_delay: false,
+                speaks_channel: false,
+                disconnected: false,
                 watchdog_at: None,
             },
         );

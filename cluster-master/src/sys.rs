@@ -41,6 +41,40 @@ pub(crate) fn pidfd_signal(pidfd: std::os::fd::BorrowedFd<'_>, signal: i32) -> i
     Ok(())
 }
 
+/// Whether child `pid` has not been reaped yet (running, or a zombie): only then is its pid
+/// (and so the id of the process group it leads) still its own.
+pub(crate) fn unreaped(pid: u32) -> bool {
+    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    let peek = waitid(
+        Id::Pid(nix::unistd::Pid::from_raw(pid)),
+        WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+    );
+    matches!(
+        peek,
+        Ok(WaitStatus::StillAlive | WaitStatus::Exited(..) | WaitStatus::Signaled(..))
+    )
+}
+
+/// Whether process `pid` is in the process group it leads (it did not move to another one).
+pub(crate) fn leads_its_group(pid: u32) -> bool {
+    let Ok(raw) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    let pid = nix::unistd::Pid::from_raw(raw);
+    nix::unistd::getpgid(Some(pid)).is_ok_and(|group| group == pid)
+}
+
+/// Sends `signal` to process group `pgid` (`killpg(2)`).
+pub(crate) fn signal_group(pgid: u32, signal: i32) -> io::Result<()> {
+    let pgid =
+        libc::pid_t::try_from(pgid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    let signal = nix::sys::signal::Signal::try_from(signal).map_err(io::Error::from)?;
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), signal).map_err(io::Error::from)
+}
+
 /// Arranges for `fds` to be open at `first`, `first + 1`, ... in the child `cmd` spawns, without
 /// close-on-exec (systemd's `LISTEN_FDS` layout). Each fd is first duplicated above every
 /// target, so one `dup2` can never overwrite a source that a later one still needs.
@@ -93,10 +127,14 @@ pub(crate) fn cloexec_from(cmd: &mut std::process::Command, first: i32) {
                 libc::CLOSE_RANGE_CLOEXEC,
             )
         };
-        // Kernels before 5.11 lack it: the master's own fds are close-on-exec anyway, so only
-        // fds leaked into the master by its parent would pass through.
-        if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS) {
-            return Err(io::Error::last_os_error());
+        // Kernels before 5.9 lack close_range (ENOSYS), and 5.9/5.10 lack CLOSE_RANGE_CLOEXEC
+        // (EINVAL): the master's own fds are close-on-exec anyway, so only fds leaked into the
+        // master by its parent would pass through.
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if !matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) {
+                return Err(err);
+            }
         }
         Ok(())
     };
@@ -144,21 +182,54 @@ pub(crate) fn monotonic_usec() -> Option<u64> {
 }
 
 /// Takes ownership of `raw`, a descriptor this process inherited from its parent (systemd's
-/// `LISTEN_FDS`), after checking that it is open. It is made close-on-exec: the master passes
-/// sockets on to its workers deliberately, never by leaking them.
+/// `LISTEN_FDS`), after checking that it is an open socket: anything else (a stale count, a
+/// file the process opened itself at that number) is left alone, unowned, with `ENOTSOCK`.
+/// It is made close-on-exec: the master passes sockets on to its workers deliberately, never
+/// by leaking them.
 pub(crate) fn take_inherited_fd(raw: i32) -> io::Result<OwnedFd> {
     // SAFETY: F_GETFD on any integer is harmless; it fails with EBADF if `raw` is not open.
     let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
     if flags < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: `raw` is open (checked above), and the LISTEN_FDS protocol hands it to this
-    // process alone: no other owner in the process refers to it, so owning it is sound as long
-    // as it is taken once, which `activation::take_from_env` guarantees.
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one `stat` into the valid, exclusively borrowed `st`; on an fd that
+    // is not open it fails with EBADF.
+    if unsafe { libc::fstat(raw, &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::from_raw_os_error(libc::ENOTSOCK));
+    }
+    // SAFETY: `raw` is an open socket (checked above), and the LISTEN_FDS protocol hands it to
+    // this process alone: no other owner in the process refers to it, so owning it is sound as
+    // long as it is taken once, which `activation::take_from_env` guarantees.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     // SAFETY: F_SETFD on the fd we now own.
     if unsafe { libc::fcntl(raw, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, IntoRawFd};
+
+    #[test]
+    fn an_inherited_fd_that_is_not_a_socket_is_left_alone() {
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let taken = take_inherited_fd(file.as_raw_fd());
+        let was_taken = taken.is_ok();
+        // Had it been taken, two owners would close it: give the second one up.
+        if let Ok(fd) = taken {
+            let _ = fd.into_raw_fd();
+        }
+        assert!(!was_taken, "a file is no inherited socket");
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let fd = take_inherited_fd(sock.into_raw_fd()).unwrap();
+        drop(fd);
+    }
 }

@@ -210,7 +210,7 @@ impl EventLoop {
                 continue;
             }
             w.dropping = true;
-            w.signal(libc::SIGKILL);
+            w.signal_with_group(libc::SIGKILL);
             self.emit(Event::Dropped { worker: id, reason });
             // No new hand-offs. What is in flight stays until `reap`: the worker may have
             // written an `Accepted` we have not read, or even write one before the SIGKILL
@@ -254,10 +254,11 @@ impl EventLoop {
         }
         match r.msg {
             Message::Online => {
-                if let Some(w) = self.fleet.workers.get_mut(&id)
-                    && w.state == WorkerState::Spawned
-                {
-                    w.state = WorkerState::Online;
+                if let Some(w) = self.fleet.workers.get_mut(&id) {
+                    w.spoke_channel = true;
+                    if w.state == WorkerState::Spawned {
+                        w.state = WorkerState::Online;
+                    }
                 }
                 self.sup.online(id);
                 self.emit(Event::Online { worker: id });

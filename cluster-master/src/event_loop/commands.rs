@@ -50,7 +50,12 @@ impl EventLoop {
                     }
                 }
                 Command::Reload => {
-                    self.manager_reloading();
+                    // A reload already running (or a shutdown) ignores this one: the manager
+                    // hears RELOADING=1 only for a reload that starts, so that each is
+                    // answered by exactly one READY=1.
+                    if self.sup.reload_would_start() {
+                        self.manager_reloading();
+                    }
                     self.supervise(Supervision::reload);
                 }
                 Command::Shutdown => {

@@ -43,7 +43,7 @@ impl EventLoop {
             Action::Disconnect(worker) => self.send_disconnect(worker),
             Action::Kill(worker) => {
                 if let Some(w) = self.fleet.workers.get(&worker) {
-                    w.signal(libc::SIGKILL);
+                    w.signal_with_group(libc::SIGKILL);
                 }
             }
             Action::ReleaseSlotSockets(slot) => self.release_slot_sockets(slot),
@@ -115,9 +115,10 @@ impl EventLoop {
         };
         w.exited_after_disconnect = true;
         // A worker that never said `Online` does not read its channel (a `LISTEN_FDS` program,
-        // any program): it is asked to stop the way a service manager would.
-        if w.state == WorkerState::Spawned && w.stop_signal_sent.is_none() {
-            w.signal(self.cfg.stop_signal);
+        // any program): it is asked to stop the way a service manager would, even if it said
+        // `STOPPING=1` already (it may not be going).
+        if !w.spoke_channel && w.stop_signal_sent.is_none() {
+            w.signal_with_group(self.cfg.stop_signal);
             w.stop_signal_sent = Some(self.cfg.stop_signal);
         }
         w.state = WorkerState::Disconnecting;

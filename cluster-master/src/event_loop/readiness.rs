@@ -45,22 +45,34 @@ impl EventLoop {
     fn on_notice(&mut self, id: WorkerId, notice: Notice) {
         match notice {
             Notice::Ready => {
-                self.emit(Event::Ready { worker: id });
-                self.supervise(|s, now, out| s.listening(id, now, out));
+                // Only the change is news: a worker repeating READY=1 makes no event.
+                let mut became_ready = false;
+                self.supervise(|s, now, out| became_ready = s.listening(id, now, out));
+                if became_ready {
+                    self.emit(Event::Ready { worker: id });
+                }
             }
-            // A log line: when the embedder is behind, it is dropped rather than queued.
-            Notice::Status(status) if self.events.has_room() => {
+            Notice::Status(status) => {
+                let Some(w) = self.fleet.workers.get_mut(&id) else {
+                    return;
+                };
+                // A log line: the same one again is no news, and when the embedder is behind
+                // it is dropped rather than queued (it is bulk).
+                if w.last_status.as_deref() == Some(status.as_str()) || !self.events.has_room() {
+                    return;
+                }
+                w.last_status = Some(status.clone());
                 self.emit(Event::Status { worker: id, status });
             }
-            Notice::Status(_) => {}
             Notice::Watchdog => self.sup.watchdog_ping(id, self.now),
             Notice::Stopping => {
-                // Leaving by its own choice: its exit is not a crash.
+                // Leaving by its own choice: its exit is not a crash. If it does not go, it
+                // is killed after the shutdown timeout, as a disconnected worker is.
                 if let Some(w) = self.fleet.workers.get_mut(&id) {
                     w.exited_after_disconnect = true;
                     w.state = WorkerState::Disconnecting;
                 }
-                self.sup.leaving(id);
+                self.sup.stopping(id, self.now);
                 self.retire(id);
             }
         }

@@ -106,8 +106,30 @@ impl EventLoop {
             self.fleet.stats.requeued += handle.stats().requeued_on_remove - requeued_before;
             run_actions(sid, handle, &mut self.fleet, self.now);
         }
-        if server.holders.is_empty() && (explicit_close || !replacement_coming) {
+        if !server.holders.is_empty() {
+            return;
+        }
+        if explicit_close && replacement_coming && self.sup.any_worker_starting() {
+            // The worker starting may be about to listen here (a reload's replacement for
+            // this holder's slot): closing now would refuse clients until it does.
+            if !self.kept_for_starting.contains(&sid) {
+                self.kept_for_starting.push(sid);
+            }
+        } else if explicit_close || !replacement_coming {
             self.close_server(sid);
+        }
+    }
+
+    /// Closes the servers kept for starting workers once none is starting, unless one of
+    /// them took the server up.
+    pub(super) fn close_kept_servers_once_nobody_starts(&mut self) {
+        if self.kept_for_starting.is_empty() || self.sup.any_worker_starting() {
+            return;
+        }
+        for sid in std::mem::take(&mut self.kept_for_starting) {
+            if self.servers.get(&sid).is_some_and(|s| s.holders.is_empty()) {
+                self.close_server(sid);
+            }
         }
     }
 
@@ -329,7 +351,9 @@ impl EventLoop {
             server: sid,
             addr,
         });
-        self.supervise(|s, now, out| s.listening(id, now, out));
+        self.supervise(|s, now, out| {
+            s.listening(id, now, out);
+        });
     }
 
     pub(super) fn on_answer(&mut self, id: WorkerId, conn: ConnId, refused: Option<RefuseReason>) {

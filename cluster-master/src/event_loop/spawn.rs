@@ -170,6 +170,8 @@ impl EventLoop {
                 listen_failure: None,
                 dropping: false,
                 stop_signal_sent: None,
+                spoke_channel: false,
+                last_status: None,
             },
         );
         self.emit(Event::Fork {

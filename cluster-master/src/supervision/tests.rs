@@ -19,7 +19,7 @@ fn config() -> SupervisionConfig {
         ready_timeout: READY_TIMEOUT,
         shutdown_timeout: SHUTDOWN_TIMEOUT,
         // Longer than any test's clock runs, unless a test sets its own.
-        ready_delay: Duration::from_secs(3600),
+        ready_delay: Some(Duration::from_secs(3600)),
         watchdog: None,
     }
 }
@@ -30,7 +30,7 @@ const WATCHDOG: Duration = Duration::from_secs(2);
 /// A config with a ready delay and a watchdog.
 fn systemd_config() -> SupervisionConfig {
     SupervisionConfig {
-        ready_delay: READY_DELAY,
+        ready_delay: Some(READY_DELAY),
         watchdog: Some(WATCHDOG),
         ..config()
     }
@@ -82,7 +82,10 @@ impl Rig {
         seen
     }
 
-    fn act(&mut self, f: impl FnOnce(&mut Supervision, Instant, &mut Vec<Action>)) -> Vec<Action> {
+    fn act<R>(
+        &mut self,
+        f: impl FnOnce(&mut Supervision, Instant, &mut Vec<Action>) -> R,
+    ) -> Vec<Action> {
         f(&mut self.sup, self.now, &mut self.out);
         self.settle()
     }
@@ -493,9 +496,67 @@ fn a_worker_that_speaks_the_channel_waits_for_listening_not_the_delay() {
 }
 
 #[test]
+fn without_a_ready_delay_a_slow_worker_is_not_ready_until_it_listens() {
+    let cfg = SupervisionConfig {
+        ready_delay: None,
+        ..config()
+    };
+    let mut rig = Rig::with(cfg, 1);
+    let old = rig.worker(0);
+    assert!(rig.act(|s, now, out| s.listening(old, now, out)).is_empty());
+    rig.act(|s, now, out| s.reload(now, out));
+    let new = rig.sup.replacement().expect("waiting").new;
+    assert_eq!(rig.sup.next_deadline(), Some(rig.now + READY_TIMEOUT));
+    // Nothing but its own listening lets the old worker go.
+    assert!(rig.advance(READY_TIMEOUT - ms(1)).is_empty());
+    assert_eq!(rig.sup.phase(new), Some(Phase::Starting));
+    rig.sup.online(new);
+    assert_eq!(
+        rig.act(|s, now, out| s.listening(new, now, out)),
+        [Action::Disconnect(old)]
+    );
+}
+
+#[test]
+fn a_worker_the_delay_made_ready_is_starting_again_once_it_says_online() {
+    let mut rig = Rig::with(systemd_config(), 1);
+    let a = rig.worker(0);
+    rig.advance(READY_DELAY);
+    assert_eq!(rig.sup.phase(a), Some(Phase::Ready));
+    assert!(rig.sup.all_ready());
+    rig.sup.online(a);
+    assert_eq!(rig.sup.phase(a), Some(Phase::Starting));
+    assert!(!rig.sup.all_ready());
+    // Its listening is news; a second one is not.
+    assert!(rig.sup.listening(a, rig.now, &mut rig.out));
+    assert!(!rig.sup.listening(a, rig.now, &mut rig.out));
+    assert_eq!(rig.sup.phase(a), Some(Phase::Ready));
+    // It speaks the channel: no watchdog for it.
+    assert!(rig.advance(WATCHDOG * 3).is_empty());
+}
+
+#[test]
+fn a_worker_that_says_stopping_and_stays_is_killed_after_the_shutdown_timeout() {
+    let mut rig = Rig::with(systemd_config(), 1);
+    let a = rig.worker(0);
+    rig.act(|s, now, out| s.listening(a, now, out));
+    rig.sup.stopping(a, rig.now);
+    assert!(rig.advance(SHUTDOWN_TIMEOUT - ms(1)).is_empty());
+    assert_eq!(rig.advance(ms(1)), [Action::Kill(a)]);
+    // A stop meanwhile still tells it (it never spoke the channel: the stop signal).
+    let mut rig = Rig::with(systemd_config(), 1);
+    let b = rig.worker(0);
+    rig.sup.stopping(b, rig.now);
+    assert_eq!(
+        rig.act(|s, now, out| s.shutdown(now, out)),
+        [Action::Disconnect(b)]
+    );
+}
+
+#[test]
 fn a_late_ready_holds_the_reload() {
     let cfg = SupervisionConfig {
-        ready_delay: Duration::from_secs(3600),
+        ready_delay: Some(Duration::from_secs(3600)),
         ..systemd_config()
     };
     let mut rig = Rig::with(cfg, 1);
@@ -561,9 +622,12 @@ fn a_reload_is_done_only_when_every_worker_older_than_it_has_exited() {
 
 #[test]
 fn the_watchdog_starts_when_the_worker_is_ready() {
-    let mut rig = Rig::with(systemd_config(), 1);
+    let cfg = SupervisionConfig {
+        ready_delay: None,
+        ..systemd_config()
+    };
+    let mut rig = Rig::with(cfg, 1);
     let a = rig.worker(0);
-    rig.sup.online(a);
     // A slow start is not a hang: no pings needed before ready.
     assert!(rig.advance(WATCHDOG * 3).is_empty());
     rig.act(|s, now, out| s.listening(a, now, out));
@@ -605,6 +669,8 @@ enum Op {
     WatchdogPing(usize),
     /// It says it is leaving.
     Leaving(usize),
+    /// It sends `STOPPING=1`.
+    Stopping(usize),
     /// Its channel closes.
     ChannelClosed(usize),
     /// It exits.
@@ -625,11 +691,13 @@ enum Op {
 }
 
 impl Op {
-    /// Ops that may take a ready worker away.
+    /// Ops that may take a ready worker away (`Online` from one the delay made ready).
     fn destructive(&self) -> bool {
         matches!(
             self,
-            Op::Leaving(_)
+            Op::Online(_)
+                | Op::Leaving(_)
+                | Op::Stopping(_)
                 | Op::Exit(_)
                 | Op::ExitUnableToListen(_)
                 | Op::Disconnect(_)
@@ -646,6 +714,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..8usize).prop_map(Op::Online),
         3 => (0..8usize).prop_map(Op::WatchdogPing),
         1 => (0..8usize).prop_map(Op::Leaving),
+        1 => (0..8usize).prop_map(Op::Stopping),
         1 => (0..8usize).prop_map(Op::ChannelClosed),
         4 => (0..8usize).prop_map(Op::Exit),
         1 => (0..8usize).prop_map(Op::ExitUnableToListen),
@@ -768,6 +837,19 @@ impl Sim {
                 if let Some(w) = self.pick(n) {
                     self.alive.insert(w, true);
                     self.sup.leaving(w);
+                }
+            }
+            Op::Stopping(n) => {
+                if let Some(w) = self.pick(n) {
+                    self.alive.insert(w, true);
+                    self.sup.stopping(w, now);
+                    prop_assert!(
+                        self.sup
+                            .workers
+                            .get(&w)
+                            .is_some_and(|w| w.kill_at.is_some()),
+                        "worker {w} said STOPPING=1 and has no SIGKILL deadline"
+                    );
                 }
             }
             Op::ChannelClosed(n) => {
@@ -896,7 +978,7 @@ impl Sim {
         }
         self.pinged.retain(|w, _| self.alive.contains_key(w));
         for (id, w) in &self.sup.workers {
-            if w.phase != Phase::Ready || self.hung.contains(id) {
+            if w.phase != Phase::Ready || w.speaks_channel || self.hung.contains(id) {
                 continue;
             }
             prop_assert!(
