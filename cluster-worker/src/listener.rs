@@ -234,10 +234,18 @@ impl Listener {
     /// with every other worker, and so is its `O_NONBLOCK` flag: clearing it would make the
     /// other workers' event loops block in `accept` whenever this one wins the race. So the
     /// socket stays non-blocking and the wait is a `poll`, which under a master also watches
-    /// the channel so that a disconnect ends the wait.
+    /// the channel and wakes every [`WAIT_SLICE`] so that a disconnect ends the wait, however
+    /// it is learnt.
     fn accept_local_blocking(&self) -> io::Result<(Stream, ConnInfo)> {
         self.sock.set_nonblocking(true)?;
         loop {
+            if let Some(link) = &self.link {
+                // A disconnect another thread read (an answerer, a serve loop) or recorded
+                // (`Worker::disconnect`) leaves the channel silent: look before every accept.
+                let mut st = link.lock();
+                st.pump();
+                st.still_taking()?;
+            }
             match self.sock.accept_local(self.server) {
                 Ok(got) => return in_blocking_mode(got),
                 // Another worker took it, or the client left first: wait for the next one.
@@ -257,11 +265,8 @@ impl Listener {
                 sys::wait_readable(fd, Duration::from_secs(60))?;
                 continue;
             };
-            if sys::wait_listener_or_channel(fd, link.poll_fd())? {
-                let mut st = link.lock();
-                st.pump();
-                st.still_taking()?;
-            }
+            // In slices: what another thread records makes no fd readable here.
+            sys::wait_listener_or_channel(fd, link.poll_fd(), WAIT_SLICE)?;
         }
     }
 

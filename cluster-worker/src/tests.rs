@@ -952,3 +952,42 @@ fn hand_off_info_names_the_client() {
     drop(m);
     assert_eq!(serve.join().unwrap().unwrap(), ServeOutcome::MasterGone);
 }
+
+/// Runs `l.accept()` on a thread; its result (stream dropped) arrives on the receiver.
+fn accept_in_thread(
+    l: Listener,
+) -> crossbeam::channel::Receiver<std::io::Result<Option<ServerId>>> {
+    let (tx, rx) = crossbeam::channel::bounded(1);
+    thread::spawn(move || {
+        let _ = tx.send(l.accept().map(|(_, info)| info.server));
+    });
+    rx
+}
+
+/// A Disconnect another thread has already read leaves the channel silent: the blocking
+/// accept on a shared socket must still end, and not take the next client.
+#[test]
+fn shared_accept_ends_on_a_disconnect_read_by_another_thread() {
+    let (mut m, w) = setup();
+    let (l, sock) = shared_listener(&mut m, &w, 6);
+    m.send_blocking(&Message::Disconnect, &[], Some(T)).unwrap();
+    assert!(
+        w.take_messages().is_empty(),
+        "pumps (records) the Disconnect"
+    );
+    let rx = accept_in_thread(l);
+    // A client that comes later must not be taken by a worker that is leaving.
+    let _c = TcpStream::connect(sock.local_addr().unwrap()).unwrap();
+    let err = rx.recv_timeout(T).unwrap().unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted, "{err}");
+}
+
+#[test]
+fn shared_accept_ends_on_worker_disconnect() {
+    let (mut m, w) = setup();
+    let (l, _sock) = shared_listener(&mut m, &w, 6);
+    let rx = accept_in_thread(l);
+    w.disconnect().unwrap();
+    let err = rx.recv_timeout(T).unwrap().unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted, "{err}");
+}
