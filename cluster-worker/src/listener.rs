@@ -140,6 +140,14 @@ impl Listener {
         })
     }
 
+    /// Binds for real in this process (`exclusive`) for a worker under a master: the link
+    /// lets a blocking accept end when the worker disconnects; there is no server to close.
+    pub(crate) fn bind_exclusive(spec: &ListenSpec, link: Arc<Link>) -> io::Result<Listener> {
+        let mut listener = Listener::bind_standalone(spec)?;
+        listener.link = Some(link);
+        Ok(listener)
+    }
+
     pub(crate) fn granted(
         sock: Sock,
         link: Arc<Link>,

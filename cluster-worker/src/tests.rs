@@ -991,3 +991,17 @@ fn shared_accept_ends_on_worker_disconnect() {
     let err = rx.recv_timeout(T).unwrap().unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted, "{err}");
 }
+
+/// An `exclusive` listener is bound in the worker, but the worker still leaves on the
+/// master's Disconnect: its blocking accept ends as a granted one's does.
+#[test]
+fn exclusive_accept_ends_on_master_disconnect() {
+    let (mut m, w) = setup();
+    let mut spec = ListenSpec::tcp(any_port());
+    spec.exclusive = true;
+    let l = w.listen(spec).unwrap();
+    let rx = accept_in_thread(l);
+    m.send_blocking(&Message::Disconnect, &[], Some(T)).unwrap();
+    let err = rx.recv_timeout(T).unwrap().unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted, "{err}");
+}

@@ -116,7 +116,7 @@ impl Worker {
             ));
         }
         if spec.exclusive {
-            return Listener::bind_standalone(&spec);
+            return Listener::bind_exclusive(&spec, self.link.clone());
         }
         let (server, addr, grant, mut fds) = self.link.query(&spec)?;
         let sock = match grant {
