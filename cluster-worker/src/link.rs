@@ -105,6 +105,8 @@ pub(crate) struct State {
     /// Indexes in use per address (open servers and queries in flight).
     indexes: HashMap<ListenAddr, BTreeSet<u32>>,
     replies: HashMap<Seq, Received>,
+    /// Queries whose `listen` still waits: a reply to any other seq is nobody's.
+    asked: HashSet<Seq>,
     /// Queries whose `listen` gave up waiting: a late grant is closed at once, so neither the
     /// worker nor the master keeps a server nobody listens on.
     abandoned: HashSet<Seq>,
@@ -164,6 +166,13 @@ impl State {
                         "cluster-worker: the master granted {server:?} after listen() gave up; \
                          closing it"
                     );
+                    self.queue(&Message::Close { server });
+                }
+            }
+            Message::QueryServerReply { seq, reply } if !self.asked.contains(&seq) => {
+                // Kept, it would hold its fds for ever; a grant would hold the master's server.
+                eprintln!("cluster-worker: ignoring a reply to {seq:?}, which nobody asked");
+                if let ServerReply::Granted { server, .. } = reply {
                     self.queue(&Message::Close { server });
                 }
             }
@@ -586,6 +595,7 @@ impl Link {
             servers: HashMap::new(),
             indexes: HashMap::new(),
             replies: HashMap::new(),
+            asked: HashSet::new(),
             abandoned: HashSet::new(),
             query_timeout: QUERY_TIMEOUT,
             inboxes: HashMap::new(),
@@ -680,11 +690,13 @@ impl Link {
                 st.release_index(&spec.addr, index);
                 return Err(e);
             }
+            st.asked.insert(seq);
             (seq, index, st.query_timeout)
         };
         let deadline = Instant::now().checked_add(timeout);
         let got = self.wait_for(deadline, |st| st.replies.remove(&seq).map(Ok));
         let mut st = self.lock();
+        st.asked.remove(&seq);
         let failed = |st: &mut State, e: io::Error| {
             st.release_index(&spec.addr, index);
             Err(e)

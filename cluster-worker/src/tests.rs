@@ -1005,3 +1005,29 @@ fn exclusive_accept_ends_on_master_disconnect() {
     let err = rx.recv_timeout(T).unwrap().unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted, "{err}");
 }
+
+/// A reply to a query the worker never sent is nobody's: a granted server is handed back and
+/// its socket closed, not kept for ever.
+#[test]
+fn a_reply_nobody_asked_for_is_closed_and_its_socket_dropped() {
+    let (mut m, w) = setup();
+    let sock = TcpListener::bind(any_port()).unwrap();
+    let addr = sock.local_addr().unwrap();
+    send_shared_grant(&mut m, cluster_core::Seq(10_000), 900, addr, sock.as_fd());
+    assert!(w.take_messages().is_empty(), "pumps the reply");
+    assert_eq!(
+        recv(&mut m).msg,
+        Message::Close {
+            server: ServerId(900)
+        }
+    );
+    // With ours closed, nothing listens on the port any more: the worker kept no copy.
+    drop(sock);
+    assert_eq!(
+        TcpStream::connect(addr).unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    // Queries the worker does send still get their replies.
+    let (_l, i) = grant_rr(&mut m, &w, 1);
+    assert_eq!(i, 0);
+}
