@@ -48,6 +48,10 @@ pub(crate) const WAIT_SLICE: Duration = Duration::from_millis(50);
 /// Fds kept free below `RLIMIT_NOFILE` for the worker's own needs (files, pipes, the accept
 /// of a session's upstream...): a hand-off whose fd lands above the mark is refused.
 const FD_RESERVE: u64 = 32;
+/// User messages kept for [`crate::Worker::take_messages`]; beyond it the oldest are dropped,
+/// so a master that sends faster than the application takes cannot grow the worker without
+/// bound.
+pub const USER_QUEUE: usize = 1024;
 
 /// Who asked for the disconnect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +119,8 @@ pub(crate) struct State {
     /// Streams in all inboxes.
     parked: usize,
     user: VecDeque<Vec<u8>>,
+    /// User messages dropped because `user` was full.
+    user_dropped: u64,
     disconnect: Option<DisconnectBy>,
     /// Channel EOF or a protocol error: the master is gone for us.
     gone: bool,
@@ -189,7 +195,13 @@ impl State {
             Message::Disconnect => {
                 self.disconnect.get_or_insert(DisconnectBy::Master);
             }
-            Message::User { payload } => self.user.push_back(payload),
+            Message::User { payload } => {
+                if self.user.len() >= USER_QUEUE {
+                    self.user.pop_front();
+                    self.user_dropped += 1;
+                }
+                self.user.push_back(payload);
+            }
             other => {
                 eprintln!(
                     "cluster-worker: ignoring unexpected {} from the master",
@@ -464,6 +476,10 @@ impl State {
         self.user.drain(..).collect()
     }
 
+    pub(crate) fn user_dropped(&self) -> u64 {
+        self.user_dropped
+    }
+
     /// Registers the channel in a serve loop's `Poll` and has the loop woken through `waker`
     /// when another thread reads something for it.
     pub(crate) fn attach_serve_loop(
@@ -601,6 +617,7 @@ impl Link {
             inboxes: HashMap::new(),
             parked: 0,
             user: VecDeque::new(),
+            user_dropped: 0,
             disconnect: None,
             gone: false,
             draining: false,

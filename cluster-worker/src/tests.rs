@@ -1031,3 +1031,34 @@ fn a_reply_nobody_asked_for_is_closed_and_its_socket_dropped() {
     let (_l, i) = grant_rr(&mut m, &w, 1);
     assert_eq!(i, 0);
 }
+
+/// User messages the application does not take are kept up to `USER_QUEUE`, the oldest
+/// dropped and counted beyond it.
+#[test]
+fn user_messages_nobody_takes_are_bounded() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    // The answerer reads the channel for this listener, user messages included.
+    let caller = for_loop_server(l, None);
+    expect_listening(&mut m, 1);
+    let sent = crate::USER_QUEUE + 100;
+    for i in 0..sent {
+        let payload = u32::try_from(i).unwrap().to_be_bytes().to_vec();
+        m.send_blocking(&Message::User { payload }, &[], Some(T))
+            .unwrap();
+    }
+    // Answers come in order: once this one is back, every message before it was read.
+    let (_c, s) = tcp_pair();
+    hand_off(&mut m, 1, 1, &s);
+    assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(1) });
+    let kept = w.take_messages();
+    assert_eq!(kept.len(), crate::USER_QUEUE);
+    assert_eq!(
+        kept[0],
+        100u32.to_be_bytes().to_vec(),
+        "the oldest were dropped"
+    );
+    assert_eq!(w.messages_dropped(), 100);
+    m.send_blocking(&Message::Disconnect, &[], Some(T)).unwrap();
+    assert_eq!(caller.join().unwrap(), 1);
+}

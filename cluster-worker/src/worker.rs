@@ -192,11 +192,22 @@ impl Worker {
         self.link.lock().send(&Message::User { payload })
     }
 
-    /// User messages that arrived while no serve loop was running to deliver them.
+    /// User messages that arrived while no serve loop was running to deliver them, oldest
+    /// first.
+    ///
+    /// At most [`USER_QUEUE`](crate::USER_QUEUE) are kept between calls: when more arrive,
+    /// the oldest are dropped (counted by [`messages_dropped`](Self::messages_dropped)), so a
+    /// master that sends faster than the application takes cannot exhaust the worker's memory.
     pub fn take_messages(&self) -> Vec<Vec<u8>> {
         let mut st = self.link.lock();
         st.pump();
         st.take_user()
+    }
+
+    /// How many user messages were dropped, over the worker's life, because more than
+    /// [`USER_QUEUE`](crate::USER_QUEUE) waited for [`take_messages`](Self::take_messages).
+    pub fn messages_dropped(&self) -> u64 {
+        self.link.lock().user_dropped()
     }
 
     /// Leaves the cluster gracefully: tells the master (`ExitedAfterDisconnect`, so the exit is
