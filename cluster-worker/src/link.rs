@@ -337,8 +337,9 @@ impl State {
         self.chan.as_ref().is_some_and(Channel::has_pending_output)
     }
 
-    /// Opens `server`'s inbox (if not open yet) and tells the master, once, that the server
-    /// takes connections: round-robin hand-offs start only after this.
+    /// Opens `server`'s inbox (if not open yet; a serve loop takes an open one over) and tells
+    /// the master, once, that the server takes connections: round-robin hand-offs start only
+    /// after this.
     pub(crate) fn start_taking(
         &mut self,
         server: ServerId,
@@ -352,15 +353,28 @@ impl State {
                 "the server is closed",
             ));
         };
-        if entry.grant == ServerGrant::RoundRobin && !self.inboxes.contains_key(&server) {
-            let inbox = Inbox {
-                parked: VecDeque::new(),
-                ready: 0,
-                room,
-                taker,
-                signal: None,
-            };
-            self.inboxes.insert(server, inbox);
+        if entry.grant == ServerGrant::RoundRobin {
+            match self.inboxes.get_mut(&server) {
+                None => {
+                    let inbox = Inbox {
+                        parked: VecDeque::new(),
+                        ready: 0,
+                        room,
+                        taker,
+                        signal: None,
+                    };
+                    self.inboxes.insert(server, inbox);
+                }
+                // A listener the application used, then gave to a serve: the serve's limits
+                // apply from now on, the answerer is not needed for it, and nobody reads the
+                // readiness socket any more. What is parked was answered: the serve takes it.
+                Some(inbox) if taker == Taker::ServeLoop => {
+                    inbox.room = room;
+                    inbox.taker = taker;
+                    inbox.signal = None;
+                }
+                Some(_) => {}
+            }
         }
         if entry.listening_sent {
             return Ok(());

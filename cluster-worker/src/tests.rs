@@ -1062,3 +1062,50 @@ fn user_messages_nobody_takes_are_bounded() {
     m.send_blocking(&Message::Disconnect, &[], Some(T)).unwrap();
     assert_eq!(caller.join().unwrap(), 1);
 }
+
+/// A listener first driven by the application (`try_accept`), then given to a serve: the
+/// serve's limits decide, not the application's accept queue.
+#[test]
+fn a_serve_takes_over_a_listener_the_application_used() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    assert_eq!(
+        l.try_accept().unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock
+    );
+    expect_listening(&mut m, 1);
+    let (hold_tx, hold_rx) = crossbeam::channel::unbounded::<()>();
+    let handler = Handler::blocking(move |_s, _| {
+        let _ = hold_rx.recv_timeout(T);
+    });
+    let (started_tx, started_rx) = crossbeam::channel::bounded(1);
+    let cfg = ServeConfig::new()
+        .threads(2)
+        .max_connections(1)
+        .on_message(move |_| {
+            let _ = started_tx.try_send(());
+        });
+    let serve = spawn_serve(&w, vec![l], handler, cfg);
+    // The serve delivers a message only from its loop, which runs once it took the server.
+    m.send_blocking(&Message::User { payload: vec![] }, &[], Some(T))
+        .unwrap();
+    started_rx.recv_timeout(T).unwrap();
+    let (_c1, s1) = tcp_pair();
+    hand_off(&mut m, 1, 1, &s1);
+    assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(1) });
+    let (_c2, s2) = tcp_pair();
+    hand_off(&mut m, 1, 2, &s2);
+    assert_eq!(
+        next_answer(&mut m),
+        Message::Refused {
+            conn: ConnId(2),
+            reason: RefuseReason::MaxConnections
+        }
+    );
+    drop(hold_tx);
+    m.send_blocking(&Message::Disconnect, &[], Some(T)).unwrap();
+    assert_eq!(
+        serve.join().unwrap().unwrap(),
+        ServeOutcome::MasterDisconnect
+    );
+}
