@@ -124,6 +124,9 @@ pub(crate) struct State {
     disconnect: Option<DisconnectBy>,
     /// Channel EOF or a protocol error: the master is gone for us.
     gone: bool,
+    /// The master closed its end (EOF, `EPIPE`, reset): it has exited, or dropped us and
+    /// re-queued what we had not answered; either way no answer of ours can reach it now.
+    peer_closed: bool,
     /// Set by a serve loop that drains: refuse every hand-off with `Draining`.
     draining: bool,
     /// The serve loop's waker and thread while a serve runs.
@@ -148,7 +151,9 @@ impl State {
                     self.route(r);
                 }
                 Err(e) => {
-                    if !e.is_closed() {
+                    if e.is_closed() {
+                        self.peer_closed = true;
+                    } else {
                         eprintln!("cluster-worker: channel to the master failed: {e}");
                     }
                     self.gone = true;
@@ -273,6 +278,7 @@ impl State {
         let queued = chan.send(msg, &[]);
         if let Err(e) = queued {
             if e.is_closed() {
+                self.peer_closed = true;
                 self.gone = true;
                 self.changed = true;
             }
@@ -299,6 +305,7 @@ impl State {
             && let Err(e) = chan.queue(msg)
         {
             if e.is_closed() {
+                self.peer_closed = true;
                 self.gone = true;
                 self.changed = true;
             } else {
@@ -315,20 +322,44 @@ impl State {
         if let Some(chan) = self.chan.as_mut()
             && let Err(e) = chan.flush()
         {
-            if !e.is_closed() {
+            if e.is_closed() {
+                self.peer_closed = true;
+            } else {
                 eprintln!("cluster-worker: channel to the master failed: {e}");
             }
             self.gone = true;
             self.changed = true;
         }
-        // With the master gone nobody re-routes what we took: serve it anyway.
-        let written = self.gone || !self.has_pending_output();
+        if self.gone && !self.peer_closed && self.has_pending_output() {
+            // A master that may still be there re-queues every connection whose answer it
+            // never reads, once it sees our end close: close it now, so none of those answers
+            // can still go out, and drop those streams rather than serve them twice.
+            if let Some(chan) = self.chan.take() {
+                sys::shutdown_both(chan.as_fd());
+            }
+            self.drop_unanswered();
+        }
+        // With the master gone (its end closed) nobody re-routes what we took: serve it.
+        let written = self.peer_closed || !self.has_pending_output();
         if written && self.parked > 0 {
             for inbox in self.inboxes.values_mut() {
                 if inbox.ready < inbox.parked.len() {
                     inbox.ready = inbox.parked.len();
                     self.changed = true;
                 }
+            }
+        }
+    }
+
+    /// Drops (closes) the parked streams whose `Accepted` was not written: the channel will
+    /// never write it, so the master gives those connections to another worker.
+    fn drop_unanswered(&mut self) {
+        for inbox in self.inboxes.values_mut() {
+            let unanswered = inbox.parked.len() - inbox.ready;
+            if unanswered > 0 {
+                inbox.parked.truncate(inbox.ready);
+                self.parked -= unanswered;
+                self.changed = true;
             }
         }
     }
@@ -518,13 +549,20 @@ impl State {
     }
 
     /// Flushes what is queued (bounded) and closes the channel, so the master sees EOF: the
-    /// end of a worker's serve.
+    /// end of a worker's serve. Parked streams whose answers did not go out are dropped: the
+    /// master re-queues those connections when it sees the EOF.
     pub(crate) fn close_channel(&mut self, timeout: Duration) {
         if let Some(mut chan) = self.chan.take() {
-            let _ = chan.flush_blocking(Some(timeout));
+            match chan.flush_blocking(Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.is_closed() => self.peer_closed = true,
+                Err(_) => self.drop_unanswered(),
+            }
             // Listeners and waiters hold dups of the socket; the master must see EOF now.
             sys::shutdown_both(chan.as_fd());
             self.changed = true;
+            // What is still parked was answered (or the master is gone): takeable.
+            self.flush();
         }
     }
 
@@ -634,6 +672,7 @@ impl Link {
             user_dropped: 0,
             disconnect: None,
             gone: false,
+            peer_closed: false,
             draining: false,
             serve_loop: None,
             answerer_running: false,

@@ -1109,3 +1109,52 @@ fn a_serve_takes_over_a_listener_the_application_used() {
         ServeOutcome::MasterDisconnect
     );
 }
+
+/// A connection whose `Accepted` was still queued when the worker closed its channel is the
+/// master's to re-queue (it never read the answer): the worker must drop it, not serve it.
+#[test]
+fn a_stream_whose_answer_never_went_out_is_dropped_when_the_channel_closes() {
+    let (mut m, w) = setup();
+    let (app, _) = grant_rr(&mut m, &w, 1);
+    let (served, _) = grant_rr(&mut m, &w, 2);
+    assert_eq!(
+        app.try_accept().unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock
+    );
+    expect_listening(&mut m, 1);
+    let (marker_tx, marker_rx) = crossbeam::channel::bounded(1);
+    let cfg = ServeConfig::new().threads(1).on_message(move |_| {
+        let _ = marker_tx.try_send(());
+    });
+    let serve = spawn_serve(&w, vec![served], Handler::blocking(|_, _| {}), cfg);
+    expect_listening(&mut m, 2);
+    clog(&mut m, &w);
+    let (_c, s) = tcp_pair();
+    hand_off(&mut m, 1, 7, &s);
+    // Frames are read in order: once the serve delivers this, the hand-off was answered.
+    m.send_blocking(&Message::User { payload: vec![] }, &[], Some(T))
+        .unwrap();
+    marker_rx.recv_timeout(T).unwrap();
+    m.send_blocking(&Message::Disconnect, &[], Some(T)).unwrap();
+    // The serve's final flush gives up on the clogged channel and closes it.
+    assert_eq!(
+        serve.join().unwrap().unwrap(),
+        ServeOutcome::MasterDisconnect
+    );
+    let err = accept_in_thread(app).recv_timeout(T).unwrap().unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted, "{err}");
+    // The master never gets the answer, so it re-queues the connection itself.
+    loop {
+        match m.recv_blocking(Some(T)) {
+            Ok(r) => assert!(
+                !matches!(r.msg, Message::Accepted { .. }),
+                "{:?}",
+                r.msg.name()
+            ),
+            Err(e) => {
+                assert!(e.is_closed(), "{e}");
+                break;
+            }
+        }
+    }
+}
