@@ -52,6 +52,9 @@ const FD_RESERVE: u64 = 32;
 /// so a master that sends faster than the application takes cannot grow the worker without
 /// bound.
 pub const USER_QUEUE: usize = 1024;
+/// Frames one [`State::pump`] reads at most: a master that floods the channel must not keep
+/// one thread reading under the lock while the others wait for it.
+pub(crate) const PUMP_FRAMES: usize = 1024;
 
 /// Who asked for the disconnect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,18 +139,29 @@ pub(crate) struct State {
     fd_mark: Option<u64>,
     /// Something arrived or became takeable since the last wake-up (see [`Locked`]).
     changed: bool,
+    /// The last pump stopped at [`PUMP_FRAMES`]: frames may be left in the channel's buffer or
+    /// the socket with no new readiness edge to announce them, so the reader pumps again.
+    unread: bool,
 }
 
 impl State {
-    /// Reads the channel until `WouldBlock`, answering hand-offs as they come, then flushes
-    /// the answers (one `sendmsg` for all of them). Returns true when anything arrived.
+    /// Reads the channel until `WouldBlock` (or [`PUMP_FRAMES`] frames: see
+    /// [`has_unread`](Self::has_unread)), answering hand-offs as they come, then flushes the
+    /// answers (one `sendmsg` for all of them). Returns true when anything arrived.
     pub(crate) fn pump(&mut self) -> bool {
         let mut any = false;
+        let mut frames = 0;
+        self.unread = false;
         while let Some(chan) = self.chan.as_mut() {
+            if frames == PUMP_FRAMES {
+                self.unread = true;
+                break;
+            }
             match chan.recv() {
                 Ok(None) => break,
                 Ok(Some(r)) => {
                     any = true;
+                    frames += 1;
                     self.route(r);
                 }
                 Err(e) => {
@@ -362,6 +376,12 @@ impl State {
                 self.changed = true;
             }
         }
+    }
+
+    /// True when the last pump left frames unread: whoever reads must pump again without
+    /// waiting for readiness.
+    pub(crate) fn has_unread(&self) -> bool {
+        self.unread
     }
 
     pub(crate) fn has_pending_output(&self) -> bool {
@@ -678,6 +698,7 @@ impl Link {
             answerer_running: false,
             fd_mark: sys::nofile_soft_limit().map(|l| l.saturating_sub(FD_RESERVE)),
             changed: false,
+            unread: false,
         };
         Ok(Link {
             id,
@@ -846,6 +867,9 @@ impl Link {
                 st.wait(left.min(WAIT_SLICE));
                 continue;
             }
+            if st.has_unread() {
+                continue;
+            }
             drop(st);
             sys::wait_readable(self.poll_fd(), left.min(WAIT_SLICE))?;
         }
@@ -856,7 +880,7 @@ impl Link {
 /// open. Holds the link only while awake, so dropping the last handle still closes it.
 fn answerer_main(link: &Weak<Link>, fd: &OwnedFd) {
     loop {
-        let want_write = {
+        let (want_write, unread) = {
             let Some(link) = link.upgrade() else {
                 return;
             };
@@ -866,8 +890,11 @@ fn answerer_main(link: &Weak<Link>, fd: &OwnedFd) {
                 return;
             }
             st.pump();
-            st.has_pending_output()
+            (st.has_pending_output(), st.has_unread())
         };
+        if unread {
+            continue;
+        }
         if let Err(e) = sys::wait_channel(fd.as_fd(), want_write, WAIT_SLICE) {
             eprintln!("cluster-worker: the answerer stops: {e}");
             if let Some(link) = link.upgrade() {

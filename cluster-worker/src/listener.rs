@@ -247,12 +247,14 @@ impl Listener {
     fn accept_local_blocking(&self) -> io::Result<(Stream, ConnInfo)> {
         self.sock.set_nonblocking(true)?;
         loop {
+            let mut unread = false;
             if let Some(link) = &self.link {
                 // A disconnect another thread read (an answerer, a serve loop) or recorded
                 // (`Worker::disconnect`) leaves the channel silent: look before every accept.
                 let mut st = link.lock();
                 st.pump();
                 st.still_taking()?;
+                unread = st.has_unread();
             }
             match self.sock.accept_local(self.server) {
                 Ok(got) => return in_blocking_mode(got),
@@ -265,6 +267,9 @@ impl Listener {
                             | io::ErrorKind::ConnectionAborted
                     ) => {}
                 Err(e) => return Err(e),
+            }
+            if unread {
+                continue;
             }
             let Some(fd) = self.sock.fd() else {
                 return Err(no_socket());

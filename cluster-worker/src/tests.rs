@@ -1158,3 +1158,51 @@ fn a_stream_whose_answer_never_went_out_is_dropped_when_the_channel_closes() {
         }
     }
 }
+
+/// One pump reads a bounded number of frames; the next reads the rest.
+#[test]
+fn a_pump_reads_a_bounded_number_of_frames() {
+    let (mut m, ours) = Channel::pair().unwrap();
+    let link = crate::link::Link::new(ours, WorkerId(1)).unwrap();
+    assert_eq!(recv(&mut m).msg, Message::Online);
+    let sent = crate::link::PUMP_FRAMES + 100;
+    for _ in 0..sent {
+        // Queued, so they go out in a few large writes that the socket's buffer holds.
+        m.queue(&Message::User { payload: vec![] }).unwrap();
+    }
+    m.flush_blocking(Some(T)).unwrap();
+    let mut st = link.lock();
+    st.pump();
+    assert!(st.has_unread());
+    assert_eq!(st.take_user().len(), crate::link::PUMP_FRAMES);
+    st.pump();
+    assert!(!st.has_unread());
+    assert_eq!(st.take_user().len(), 100);
+    assert_eq!(st.user_dropped(), 0);
+}
+
+/// A flood larger than one pump is all delivered by a serve loop: what one pass leaves
+/// behind is read on the next, with no new readiness edge.
+#[test]
+fn a_serve_loop_reads_a_flood_to_the_end() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    let (tx, rx) = crossbeam::channel::unbounded();
+    let cfg = ServeConfig::new().threads(1).on_message(move |p| {
+        let _ = tx.send(p);
+    });
+    let serve = spawn_serve(&w, vec![l], Handler::sessions(Echo), cfg);
+    expect_listening(&mut m, 1);
+    let sent = 3 * crate::link::PUMP_FRAMES;
+    for i in 0..sent {
+        let payload = u32::try_from(i).unwrap().to_be_bytes().to_vec();
+        m.send(&Message::User { payload }, &[]).unwrap();
+    }
+    m.flush_blocking(Some(T)).unwrap();
+    for i in 0..sent {
+        let want = u32::try_from(i).unwrap().to_be_bytes().to_vec();
+        assert_eq!(rx.recv_timeout(T).unwrap(), want);
+    }
+    drop(m);
+    assert_eq!(serve.join().unwrap().unwrap(), ServeOutcome::MasterGone);
+}
