@@ -142,6 +142,9 @@ pub(crate) struct State {
     /// The last pump stopped at [`PUMP_FRAMES`]: frames may be left in the channel's buffer or
     /// the socket with no new readiness edge to announce them, so the reader pumps again.
     unread: bool,
+    /// Stops the answerer thread as a failed wait would.
+    #[cfg(test)]
+    pub(crate) answerer_fails: bool,
 }
 
 impl State {
@@ -601,6 +604,12 @@ impl State {
         }
     }
 
+    /// False when no answerer thread reads (none was needed, or it failed): a blocking
+    /// `accept` then reads the channel itself.
+    pub(crate) fn answerer_running(&self) -> bool {
+        self.answerer_running
+    }
+
     fn answerer_needed(&self) -> bool {
         self.chan.is_some()
             && !self.gone
@@ -699,6 +708,8 @@ impl Link {
             fd_mark: sys::nofile_soft_limit().map(|l| l.saturating_sub(FD_RESERVE)),
             changed: false,
             unread: false,
+            #[cfg(test)]
+            answerer_fails: false,
         };
         Ok(Link {
             id,
@@ -886,6 +897,11 @@ fn answerer_main(link: &Weak<Link>, fd: &OwnedFd) {
             };
             let mut st = link.lock();
             if !st.answerer_needed() {
+                st.answerer_running = false;
+                return;
+            }
+            #[cfg(test)]
+            if st.answerer_fails {
                 st.answerer_running = false;
                 return;
             }

@@ -227,11 +227,25 @@ impl Listener {
             (Sock::RoundRobin { .. }, Some(link), Some(server)) => {
                 let mut st = link.lock();
                 loop {
+                    if !st.answerer_running() {
+                        // The answerer failed: read (and answer) here, or nobody does.
+                        st.pump();
+                    }
                     if let Some(got) = st.take_answered(server)? {
                         drop(st);
                         return in_blocking_mode(got);
                     }
-                    st.wait(WAIT_SLICE);
+                    if st.answerer_running() {
+                        st.wait(WAIT_SLICE);
+                        continue;
+                    }
+                    if st.has_unread() {
+                        continue;
+                    }
+                    let want_write = st.has_pending_output();
+                    drop(st);
+                    sys::wait_channel(link.poll_fd(), want_write, WAIT_SLICE)?;
+                    st = link.lock();
                 }
             }
             _ => self.accept_local_blocking(),

@@ -1206,3 +1206,18 @@ fn a_serve_loop_reads_a_flood_to_the_end() {
     drop(m);
     assert_eq!(serve.join().unwrap().unwrap(), ServeOutcome::MasterGone);
 }
+
+/// A blocking `accept` whose answerer thread has stopped reads the channel itself: the
+/// hand-offs are still answered and the connection returned.
+#[test]
+fn blocking_accept_answers_itself_when_the_answerer_fails() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    w.link().lock().answerer_fails = true;
+    let rx = accept_in_thread(l);
+    expect_listening(&mut m, 1);
+    let (_c, s) = tcp_pair();
+    hand_off(&mut m, 1, 1, &s);
+    assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(1) });
+    assert_eq!(rx.recv_timeout(T).unwrap().unwrap(), Some(ServerId(1)));
+}

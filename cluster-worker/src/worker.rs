@@ -247,6 +247,13 @@ impl Worker {
     }
 }
 
+#[cfg(test)]
+impl Worker {
+    pub(crate) fn link(&self) -> &Arc<Link> {
+        &self.link
+    }
+}
+
 fn missing_fd() -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
