@@ -212,6 +212,10 @@ impl Listener {
     /// [`io::ErrorKind::UnexpectedEof`] when the master is gone. On a shared socket the wait
     /// also ends on those.
     ///
+    /// Dropping the listener closes the connections already answered `Accepted` for it and
+    /// not yet returned (as `close(2)` drops a backlog): the master has handed them over and
+    /// will not give them to another worker. Take them all before dropping it to serve them.
+    ///
     /// ```no_run
     /// use cluster_worker::ListenSpec;
     /// use std::io::Write;
@@ -344,7 +348,9 @@ impl Listener {
     }
 
     /// Connections as they arrive ([`accept`](Self::accept) in a loop); ends (returns `None`)
-    /// when the worker disconnects or the master is gone, under every policy.
+    /// when the worker disconnects or the master is gone, under every policy. For a
+    /// round-robin grant it ends only once every connection answered for it was returned:
+    /// dropping the listener earlier closes the connections answered and not yet taken.
     ///
     /// ```no_run
     /// use cluster_worker::ListenSpec;
