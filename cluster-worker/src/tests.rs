@@ -1213,7 +1213,7 @@ fn a_serve_loop_reads_a_flood_to_the_end() {
 fn blocking_accept_answers_itself_when_the_answerer_fails() {
     let (mut m, w) = setup();
     let (l, _) = grant_rr(&mut m, &w, 1);
-    w.link().lock().answerer_fails = true;
+    w.test_link().lock().answerer_fails = true;
     let rx = accept_in_thread(l);
     expect_listening(&mut m, 1);
     let (_c, s) = tcp_pair();

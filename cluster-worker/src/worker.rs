@@ -249,7 +249,9 @@ impl Worker {
 
 #[cfg(test)]
 impl Worker {
-    pub(crate) fn link(&self) -> &Arc<Link> {
+    /// For tests that reach into the shared state (named apart from the tokio module's
+    /// `link()`, which is compiled only with that feature).
+    pub(crate) fn test_link(&self) -> &Arc<Link> {
         &self.link
     }
 }
