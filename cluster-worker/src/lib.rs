@@ -129,6 +129,7 @@ use std::sync::OnceLock;
 
 pub use cluster_core::{BoundAddr, ListenAddr, ListenSpec, ServerGrant, ServerId, WorkerId};
 pub use handler::{ConnInfo, Handler, Next, Session, SessionFactory};
+pub use link::USER_QUEUE;
 pub use listener::{ACCEPT_QUEUE, Incoming, Listener};
 pub use serve::{ServeConfig, ServeOutcome, Shutdown};
 pub use stream::Stream;

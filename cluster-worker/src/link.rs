@@ -55,6 +55,13 @@ pub(crate) const WAIT_SLICE: Duration = Duration::from_millis(50);
 /// Fds kept free below `RLIMIT_NOFILE` for the worker's own needs (files, pipes, the accept
 /// of a session's upstream...): a hand-off whose fd lands above the mark is refused.
 const FD_RESERVE: u64 = 32;
+/// User messages kept for [`crate::Worker::take_messages`]; beyond it the oldest are dropped,
+/// so a master that sends faster than the application takes cannot grow the worker without
+/// bound.
+pub const USER_QUEUE: usize = 1024;
+/// Frames one [`State::pump`] reads at most: a master that floods the channel must not keep
+/// one thread reading under the lock while the others wait for it.
+pub(crate) const PUMP_FRAMES: usize = 1024;
 
 /// Who asked for the disconnect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +122,8 @@ pub(crate) struct State {
     /// Indexes in use per address (open servers and queries in flight).
     indexes: HashMap<ListenAddr, BTreeSet<u32>>,
     replies: HashMap<Seq, Received>,
+    /// Queries whose `listen` still waits: a reply to any other seq is nobody's.
+    asked: HashSet<Seq>,
     /// Queries whose `listen` gave up waiting: a late grant is closed at once, so neither the
     /// worker nor the master keeps a server nobody listens on.
     abandoned: HashSet<Seq>,
@@ -123,9 +132,14 @@ pub(crate) struct State {
     /// Streams in all inboxes.
     parked: usize,
     user: VecDeque<Vec<u8>>,
+    /// User messages dropped because `user` was full.
+    user_dropped: u64,
     disconnect: Option<DisconnectBy>,
     /// Channel EOF or a protocol error: the master is gone for us.
     gone: bool,
+    /// The master closed its end (EOF, `EPIPE`, reset): it has exited, or dropped us and
+    /// re-queued what we had not answered; either way no answer of ours can reach it now.
+    peer_closed: bool,
     /// Set by a serve loop that drains: refuse every hand-off with `Draining`.
     draining: bool,
     /// The serve loop's waker and thread while a serve runs.
@@ -138,22 +152,38 @@ pub(crate) struct State {
     /// Futures waiting on the state, and the runtime's channel task.
     #[cfg(feature = "tokio")]
     reactor: reactor::Wakers,
+    /// The last pump stopped at [`PUMP_FRAMES`]: frames may be left in the channel's buffer or
+    /// the socket with no new readiness edge to announce them, so the reader pumps again.
+    unread: bool,
+    /// Stops the answerer thread as a failed wait would.
+    #[cfg(test)]
+    pub(crate) answerer_fails: bool,
 }
 
 impl State {
-    /// Reads the channel until `WouldBlock`, answering hand-offs as they come, then flushes
-    /// the answers (one `sendmsg` for all of them). Returns true when anything arrived.
+    /// Reads the channel until `WouldBlock` (or [`PUMP_FRAMES`] frames: see
+    /// [`has_unread`](Self::has_unread)), answering hand-offs as they come, then flushes the
+    /// answers (one `sendmsg` for all of them). Returns true when anything arrived.
     pub(crate) fn pump(&mut self) -> bool {
         let mut any = false;
+        let mut frames = 0;
+        self.unread = false;
         while let Some(chan) = self.chan.as_mut() {
+            if frames == PUMP_FRAMES {
+                self.unread = true;
+                break;
+            }
             match chan.recv() {
                 Ok(None) => break,
                 Ok(Some(r)) => {
                     any = true;
+                    frames += 1;
                     self.route(r);
                 }
                 Err(e) => {
-                    if !e.is_closed() {
+                    if e.is_closed() {
+                        self.peer_closed = true;
+                    } else {
                         eprintln!("cluster-worker: channel to the master failed: {e}");
                     }
                     self.gone = true;
@@ -180,6 +210,13 @@ impl State {
                     self.queue(&Message::Close { server });
                 }
             }
+            Message::QueryServerReply { seq, reply } if !self.asked.contains(&seq) => {
+                // Kept, it would hold its fds for ever; a grant would hold the master's server.
+                eprintln!("cluster-worker: ignoring a reply to {seq:?}, which nobody asked");
+                if let ServerReply::Granted { server, .. } = reply {
+                    self.queue(&Message::Close { server });
+                }
+            }
             Message::QueryServerReply { seq, reply } => {
                 self.replies.insert(
                     seq,
@@ -193,7 +230,13 @@ impl State {
             Message::Disconnect => {
                 self.disconnect.get_or_insert(DisconnectBy::Master);
             }
-            Message::User { payload } => self.user.push_back(payload),
+            Message::User { payload } => {
+                if self.user.len() >= USER_QUEUE {
+                    self.user.pop_front();
+                    self.user_dropped += 1;
+                }
+                self.user.push_back(payload);
+            }
             other => {
                 eprintln!(
                     "cluster-worker: ignoring unexpected {} from the master",
@@ -265,6 +308,7 @@ impl State {
         let queued = chan.send(msg, &[]);
         if let Err(e) = queued {
             if e.is_closed() {
+                self.peer_closed = true;
                 self.gone = true;
                 self.changed = true;
             }
@@ -291,6 +335,7 @@ impl State {
             && let Err(e) = chan.queue(msg)
         {
             if e.is_closed() {
+                self.peer_closed = true;
                 self.gone = true;
                 self.changed = true;
             } else {
@@ -307,14 +352,25 @@ impl State {
         if let Some(chan) = self.chan.as_mut()
             && let Err(e) = chan.flush()
         {
-            if !e.is_closed() {
+            if e.is_closed() {
+                self.peer_closed = true;
+            } else {
                 eprintln!("cluster-worker: channel to the master failed: {e}");
             }
             self.gone = true;
             self.changed = true;
         }
-        // With the master gone nobody re-routes what we took: serve it anyway.
-        let written = self.gone || !self.has_pending_output();
+        if self.gone && !self.peer_closed && self.has_pending_output() {
+            // A master that may still be there re-queues every connection whose answer it
+            // never reads, once it sees our end close: close it now, so none of those answers
+            // can still go out, and drop those streams rather than serve them twice.
+            if let Some(chan) = self.chan.take() {
+                sys::shutdown_both(chan.as_fd());
+            }
+            self.drop_unanswered();
+        }
+        // With the master gone (its end closed) nobody re-routes what we took: serve it.
+        let written = self.peer_closed || !self.has_pending_output();
         if written && self.parked > 0 {
             for inbox in self.inboxes.values_mut() {
                 if inbox.ready < inbox.parked.len() {
@@ -325,12 +381,32 @@ impl State {
         }
     }
 
+    /// Drops (closes) the parked streams whose `Accepted` was not written: the channel will
+    /// never write it, so the master gives those connections to another worker.
+    fn drop_unanswered(&mut self) {
+        for inbox in self.inboxes.values_mut() {
+            let unanswered = inbox.parked.len() - inbox.ready;
+            if unanswered > 0 {
+                inbox.parked.truncate(inbox.ready);
+                self.parked -= unanswered;
+                self.changed = true;
+            }
+        }
+    }
+
+    /// True when the last pump left frames unread: whoever reads must pump again without
+    /// waiting for readiness.
+    pub(crate) fn has_unread(&self) -> bool {
+        self.unread
+    }
+
     pub(crate) fn has_pending_output(&self) -> bool {
         self.chan.as_ref().is_some_and(Channel::has_pending_output)
     }
 
-    /// Opens `server`'s inbox (if not open yet) and tells the master, once, that the server
-    /// takes connections: round-robin hand-offs start only after this.
+    /// Opens `server`'s inbox (if not open yet; a serve loop takes an open one over) and tells
+    /// the master, once, that the server takes connections: round-robin hand-offs start only
+    /// after this.
     pub(crate) fn start_taking(
         &mut self,
         server: ServerId,
@@ -344,15 +420,28 @@ impl State {
                 "the server is closed",
             ));
         };
-        if entry.grant == ServerGrant::RoundRobin && !self.inboxes.contains_key(&server) {
-            let inbox = Inbox {
-                parked: VecDeque::new(),
-                ready: 0,
-                room,
-                taker,
-                signal: None,
-            };
-            self.inboxes.insert(server, inbox);
+        if entry.grant == ServerGrant::RoundRobin {
+            match self.inboxes.get_mut(&server) {
+                None => {
+                    let inbox = Inbox {
+                        parked: VecDeque::new(),
+                        ready: 0,
+                        room,
+                        taker,
+                        signal: None,
+                    };
+                    self.inboxes.insert(server, inbox);
+                }
+                // A listener the application used, then gave to a serve: the serve's limits
+                // apply from now on, the answerer is not needed for it, and nobody reads the
+                // readiness socket any more. What is parked was answered: the serve takes it.
+                Some(inbox) if taker == Taker::ServeLoop => {
+                    inbox.room = room;
+                    inbox.taker = taker;
+                    inbox.signal = None;
+                }
+                Some(_) => {}
+            }
         }
         if entry.listening_sent {
             return Ok(());
@@ -468,6 +557,10 @@ impl State {
         self.user.drain(..).collect()
     }
 
+    pub(crate) fn user_dropped(&self) -> u64 {
+        self.user_dropped
+    }
+
     /// Registers the channel in a serve loop's `Poll` and has the loop woken through `waker`
     /// when another thread reads something for it.
     pub(crate) fn attach_serve_loop(
@@ -492,13 +585,20 @@ impl State {
     }
 
     /// Flushes what is queued (bounded) and closes the channel, so the master sees EOF: the
-    /// end of a worker's serve.
+    /// end of a worker's serve. Parked streams whose answers did not go out are dropped: the
+    /// master re-queues those connections when it sees the EOF.
     pub(crate) fn close_channel(&mut self, timeout: Duration) {
         if let Some(mut chan) = self.chan.take() {
-            let _ = chan.flush_blocking(Some(timeout));
+            match chan.flush_blocking(Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.is_closed() => self.peer_closed = true,
+                Err(_) => self.drop_unanswered(),
+            }
             // Listeners and waiters hold dups of the socket; the master must see EOF now.
             sys::shutdown_both(chan.as_fd());
             self.changed = true;
+            // What is still parked was answered (or the master is gone): takeable.
+            self.flush();
         }
     }
 
@@ -521,6 +621,12 @@ impl State {
             let stopping = self.stopping();
             self.reactor.wake(output_pending, stopping);
         }
+    }
+
+    /// False when no answerer thread reads (none was needed, or it failed): a blocking
+    /// `accept` then reads the channel itself.
+    pub(crate) fn answerer_running(&self) -> bool {
+        self.answerer_running
     }
 
     fn answerer_needed(&self) -> bool {
@@ -605,13 +711,16 @@ impl Link {
             servers: HashMap::new(),
             indexes: HashMap::new(),
             replies: HashMap::new(),
+            asked: HashSet::new(),
             abandoned: HashSet::new(),
             query_timeout: QUERY_TIMEOUT,
             inboxes: HashMap::new(),
             parked: 0,
             user: VecDeque::new(),
+            user_dropped: 0,
             disconnect: None,
             gone: false,
+            peer_closed: false,
             draining: false,
             serve_loop: None,
             answerer_running: false,
@@ -619,6 +728,9 @@ impl Link {
             changed: false,
             #[cfg(feature = "tokio")]
             reactor: reactor::Wakers::default(),
+            unread: false,
+            #[cfg(test)]
+            answerer_fails: false,
         };
         Ok(Link {
             id,
@@ -707,6 +819,7 @@ impl Link {
                 st.release_index(&spec.addr, index);
                 return Err(e);
             }
+            st.asked.insert(seq);
             (seq, index, st.query_timeout)
         };
         Ok(Asked {
@@ -726,6 +839,7 @@ impl Link {
     ) -> io::Result<Grant> {
         let Asked { seq, index, .. } = *asked;
         let mut st = self.lock();
+        st.asked.remove(&seq);
         let failed = |st: &mut State, e: io::Error| {
             st.release_index(&spec.addr, index);
             Err(e)
@@ -805,6 +919,9 @@ impl Link {
                 st.wait(left.min(WAIT_SLICE));
                 continue;
             }
+            if st.has_unread() {
+                continue;
+            }
             drop(st);
             sys::wait_readable(self.poll_fd(), left.min(WAIT_SLICE))?;
         }
@@ -826,7 +943,7 @@ pub(crate) struct Asked {
 /// open. Holds the link only while awake, so dropping the last handle still closes it.
 fn answerer_main(link: &Weak<Link>, fd: &OwnedFd) {
     loop {
-        let want_write = {
+        let (want_write, unread) = {
             let Some(link) = link.upgrade() else {
                 return;
             };
@@ -835,9 +952,17 @@ fn answerer_main(link: &Weak<Link>, fd: &OwnedFd) {
                 st.answerer_running = false;
                 return;
             }
+            #[cfg(test)]
+            if st.answerer_fails {
+                st.answerer_running = false;
+                return;
+            }
             st.pump();
-            st.has_pending_output()
+            (st.has_pending_output(), st.has_unread())
         };
+        if unread {
+            continue;
+        }
         if let Err(e) = sys::wait_channel(fd.as_fd(), want_write, WAIT_SLICE) {
             eprintln!("cluster-worker: the answerer stops: {e}");
             if let Some(link) = link.upgrade() {

@@ -140,6 +140,14 @@ impl Listener {
         })
     }
 
+    /// Binds for real in this process (`exclusive`) for a worker under a master: the link
+    /// lets a blocking accept end when the worker disconnects; there is no server to close.
+    pub(crate) fn bind_exclusive(spec: &ListenSpec, link: Arc<Link>) -> io::Result<Listener> {
+        let mut listener = Listener::bind_standalone(spec)?;
+        listener.link = Some(link);
+        Ok(listener)
+    }
+
     pub(crate) fn granted(
         sock: Sock,
         link: Arc<Link>,
@@ -210,6 +218,10 @@ impl Listener {
     /// [`io::ErrorKind::UnexpectedEof`] when the master is gone. On a shared socket the wait
     /// also ends on those.
     ///
+    /// Dropping the listener closes the connections already answered `Accepted` for it and
+    /// not yet returned (as `close(2)` drops a backlog): the master has handed them over and
+    /// will not give them to another worker. Take them all before dropping it to serve them.
+    ///
     /// ```no_run
     /// use cluster_worker::ListenSpec;
     /// use std::io::Write;
@@ -225,11 +237,25 @@ impl Listener {
             (Sock::RoundRobin { .. }, Some(link), Some(server)) => {
                 let mut st = link.lock();
                 loop {
+                    if !st.answerer_running() {
+                        // The answerer failed: read (and answer) here, or nobody does.
+                        st.pump();
+                    }
                     if let Some(got) = st.take_answered(server)? {
                         drop(st);
                         return in_blocking_mode(got);
                     }
-                    st.wait(WAIT_SLICE);
+                    if st.answerer_running() {
+                        st.wait(WAIT_SLICE);
+                        continue;
+                    }
+                    if st.has_unread() {
+                        continue;
+                    }
+                    let want_write = st.has_pending_output();
+                    drop(st);
+                    sys::wait_channel(link.poll_fd(), want_write, WAIT_SLICE)?;
+                    st = link.lock();
                 }
             }
             _ => self.accept_local_blocking(),
@@ -240,10 +266,20 @@ impl Listener {
     /// with every other worker, and so is its `O_NONBLOCK` flag: clearing it would make the
     /// other workers' event loops block in `accept` whenever this one wins the race. So the
     /// socket stays non-blocking and the wait is a `poll`, which under a master also watches
-    /// the channel so that a disconnect ends the wait.
+    /// the channel and wakes every [`WAIT_SLICE`] so that a disconnect ends the wait, however
+    /// it is learnt.
     fn accept_local_blocking(&self) -> io::Result<(Stream, ConnInfo)> {
         self.sock.set_nonblocking(true)?;
         loop {
+            let mut unread = false;
+            if let Some(link) = &self.link {
+                // A disconnect another thread read (an answerer, a serve loop) or recorded
+                // (`Worker::disconnect`) leaves the channel silent: look before every accept.
+                let mut st = link.lock();
+                st.pump();
+                st.still_taking()?;
+                unread = st.has_unread();
+            }
             match self.sock.accept_local(self.server) {
                 Ok(got) => return in_blocking_mode(got),
                 // Another worker took it, or the client left first: wait for the next one.
@@ -256,6 +292,9 @@ impl Listener {
                     ) => {}
                 Err(e) => return Err(e),
             }
+            if unread {
+                continue;
+            }
             let Some(fd) = self.sock.fd() else {
                 return Err(no_socket());
             };
@@ -263,11 +302,8 @@ impl Listener {
                 sys::wait_readable(fd, Duration::from_secs(60))?;
                 continue;
             };
-            if sys::wait_listener_or_channel(fd, link.poll_fd())? {
-                let mut st = link.lock();
-                st.pump();
-                st.still_taking()?;
-            }
+            // In slices: what another thread records makes no fd readable here.
+            sys::wait_listener_or_channel(fd, link.poll_fd(), WAIT_SLICE)?;
         }
     }
 
@@ -318,7 +354,9 @@ impl Listener {
     }
 
     /// Connections as they arrive ([`accept`](Self::accept) in a loop); ends (returns `None`)
-    /// when the worker disconnects or the master is gone, under every policy.
+    /// when the worker disconnects or the master is gone, under every policy. For a
+    /// round-robin grant it ends only once every connection answered for it was returned:
+    /// dropping the listener earlier closes the connections answered and not yet taken.
     ///
     /// ```no_run
     /// use cluster_worker::ListenSpec;

@@ -183,22 +183,23 @@ pub(crate) fn wait_channel(
     }
 }
 
-/// Waits until `listener` or `channel` is readable (no timeout; EINTR returns early).
-/// Returns whether the channel was.
+/// Waits until `listener` or `channel` is readable or `timeout` passes (EINTR returns early).
+/// Spurious returns are fine: callers loop.
 pub(crate) fn wait_listener_or_channel(
     listener: BorrowedFd<'_>,
     channel: BorrowedFd<'_>,
-) -> io::Result<bool> {
+    timeout: Duration,
+) -> io::Result<()> {
+    let ms = timeout.as_millis().clamp(1, u128::from(u16::MAX));
+    let ms = u16::try_from(ms).unwrap_or(u16::MAX);
     let mut fds = [
         PollFd::new(listener, PollFlags::POLLIN),
         PollFd::new(channel, PollFlags::POLLIN),
     ];
-    match nix::poll::poll(&mut fds, PollTimeout::NONE) {
-        Ok(_) | Err(nix::Error::EINTR) => {}
-        Err(e) => return Err(io_err(e)),
+    match nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
+        Ok(_) | Err(nix::Error::EINTR) => Ok(()),
+        Err(e) => Err(io_err(e)),
     }
-    // Hang-up and error count as readable: the next read reports them.
-    Ok(fds[1].revents().is_some_and(|r| !r.is_empty()))
 }
 
 /// True for accept errors that mean "out of fds or memory": the connection stays queued, so

@@ -952,3 +952,272 @@ fn hand_off_info_names_the_client() {
     drop(m);
     assert_eq!(serve.join().unwrap().unwrap(), ServeOutcome::MasterGone);
 }
+
+/// Runs `l.accept()` on a thread; its result (stream dropped) arrives on the receiver.
+fn accept_in_thread(
+    l: Listener,
+) -> crossbeam::channel::Receiver<std::io::Result<Option<ServerId>>> {
+    let (tx, rx) = crossbeam::channel::bounded(1);
+    thread::spawn(move || {
+        let _ = tx.send(l.accept().map(|(_, info)| info.server));
+    });
+    rx
+}
+
+/// A Disconnect another thread has already read leaves the channel silent: the blocking
+/// accept on a shared socket must still end, and not take the next client.
+#[test]
+fn shared_accept_ends_on_a_disconnect_read_by_another_thread() {
+    let (mut m, w) = setup();
+    let (l, sock) = shared_listener(&mut m, &w, 6);
+    m.send_blocking(&Message::Disconnect, &[], Some(T)).unwrap();
+    assert!(
+        w.take_messages().is_empty(),
+        "pumps (records) the Disconnect"
+    );
+    let rx = accept_in_thread(l);
+    // A client that comes later must not be taken by a worker that is leaving.
+    let _c = TcpStream::connect(sock.local_addr().unwrap()).unwrap();
+    let err = rx.recv_timeout(T).unwrap().unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted, "{err}");
+}
+
+#[test]
+fn shared_accept_ends_on_worker_disconnect() {
+    let (mut m, w) = setup();
+    let (l, _sock) = shared_listener(&mut m, &w, 6);
+    let rx = accept_in_thread(l);
+    w.disconnect().unwrap();
+    let err = rx.recv_timeout(T).unwrap().unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted, "{err}");
+}
+
+/// An `exclusive` listener is bound in the worker, but the worker still leaves on the
+/// master's Disconnect: its blocking accept ends as a granted one's does.
+#[test]
+fn exclusive_accept_ends_on_master_disconnect() {
+    let (mut m, w) = setup();
+    let mut spec = ListenSpec::tcp(any_port());
+    spec.exclusive = true;
+    let l = w.listen(spec).unwrap();
+    let rx = accept_in_thread(l);
+    m.send_blocking(&Message::Disconnect, &[], Some(T)).unwrap();
+    let err = rx.recv_timeout(T).unwrap().unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted, "{err}");
+}
+
+/// A reply to a query the worker never sent is nobody's: a granted server is handed back and
+/// its socket closed, not kept for ever.
+#[test]
+fn a_reply_nobody_asked_for_is_closed_and_its_socket_dropped() {
+    let (mut m, w) = setup();
+    let sock = TcpListener::bind(any_port()).unwrap();
+    let addr = sock.local_addr().unwrap();
+    send_shared_grant(&mut m, cluster_core::Seq(10_000), 900, addr, sock.as_fd());
+    assert!(w.take_messages().is_empty(), "pumps the reply");
+    assert_eq!(
+        recv(&mut m).msg,
+        Message::Close {
+            server: ServerId(900)
+        }
+    );
+    // With ours closed, nothing listens on the port any more: the worker kept no copy.
+    drop(sock);
+    assert_eq!(
+        TcpStream::connect(addr).unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    // Queries the worker does send still get their replies.
+    let (_l, i) = grant_rr(&mut m, &w, 1);
+    assert_eq!(i, 0);
+}
+
+/// User messages the application does not take are kept up to `USER_QUEUE`, the oldest
+/// dropped and counted beyond it.
+#[test]
+fn user_messages_nobody_takes_are_bounded() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    // The answerer reads the channel for this listener, user messages included.
+    let caller = for_loop_server(l, None);
+    expect_listening(&mut m, 1);
+    let sent = crate::USER_QUEUE + 100;
+    for i in 0..sent {
+        let payload = u32::try_from(i).unwrap().to_be_bytes().to_vec();
+        m.send_blocking(&Message::User { payload }, &[], Some(T))
+            .unwrap();
+    }
+    // Answers come in order: once this one is back, every message before it was read.
+    let (_c, s) = tcp_pair();
+    hand_off(&mut m, 1, 1, &s);
+    assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(1) });
+    let kept = w.take_messages();
+    assert_eq!(kept.len(), crate::USER_QUEUE);
+    assert_eq!(
+        kept[0],
+        100u32.to_be_bytes().to_vec(),
+        "the oldest were dropped"
+    );
+    assert_eq!(w.messages_dropped(), 100);
+    m.send_blocking(&Message::Disconnect, &[], Some(T)).unwrap();
+    assert_eq!(caller.join().unwrap(), 1);
+}
+
+/// A listener first driven by the application (`try_accept`), then given to a serve: the
+/// serve's limits decide, not the application's accept queue.
+#[test]
+fn a_serve_takes_over_a_listener_the_application_used() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    assert_eq!(
+        l.try_accept().unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock
+    );
+    expect_listening(&mut m, 1);
+    let (hold_tx, hold_rx) = crossbeam::channel::unbounded::<()>();
+    let handler = Handler::blocking(move |_s, _| {
+        let _ = hold_rx.recv_timeout(T);
+    });
+    let (started_tx, started_rx) = crossbeam::channel::bounded(1);
+    let cfg = ServeConfig::new()
+        .threads(2)
+        .max_connections(1)
+        .on_message(move |_| {
+            let _ = started_tx.try_send(());
+        });
+    let serve = spawn_serve(&w, vec![l], handler, cfg);
+    // The serve delivers a message only from its loop, which runs once it took the server.
+    m.send_blocking(&Message::User { payload: vec![] }, &[], Some(T))
+        .unwrap();
+    started_rx.recv_timeout(T).unwrap();
+    let (_c1, s1) = tcp_pair();
+    hand_off(&mut m, 1, 1, &s1);
+    assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(1) });
+    let (_c2, s2) = tcp_pair();
+    hand_off(&mut m, 1, 2, &s2);
+    assert_eq!(
+        next_answer(&mut m),
+        Message::Refused {
+            conn: ConnId(2),
+            reason: RefuseReason::MaxConnections
+        }
+    );
+    drop(hold_tx);
+    m.send_blocking(&Message::Disconnect, &[], Some(T)).unwrap();
+    assert_eq!(
+        serve.join().unwrap().unwrap(),
+        ServeOutcome::MasterDisconnect
+    );
+}
+
+/// A connection whose `Accepted` was still queued when the worker closed its channel is the
+/// master's to re-queue (it never read the answer): the worker must drop it, not serve it.
+#[test]
+fn a_stream_whose_answer_never_went_out_is_dropped_when_the_channel_closes() {
+    let (mut m, w) = setup();
+    let (app, _) = grant_rr(&mut m, &w, 1);
+    let (served, _) = grant_rr(&mut m, &w, 2);
+    assert_eq!(
+        app.try_accept().unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock
+    );
+    expect_listening(&mut m, 1);
+    let (marker_tx, marker_rx) = crossbeam::channel::bounded(1);
+    let cfg = ServeConfig::new().threads(1).on_message(move |_| {
+        let _ = marker_tx.try_send(());
+    });
+    let serve = spawn_serve(&w, vec![served], Handler::blocking(|_, _| {}), cfg);
+    expect_listening(&mut m, 2);
+    clog(&mut m, &w);
+    let (_c, s) = tcp_pair();
+    hand_off(&mut m, 1, 7, &s);
+    // Frames are read in order: once the serve delivers this, the hand-off was answered.
+    m.send_blocking(&Message::User { payload: vec![] }, &[], Some(T))
+        .unwrap();
+    marker_rx.recv_timeout(T).unwrap();
+    m.send_blocking(&Message::Disconnect, &[], Some(T)).unwrap();
+    // The serve's final flush gives up on the clogged channel and closes it.
+    assert_eq!(
+        serve.join().unwrap().unwrap(),
+        ServeOutcome::MasterDisconnect
+    );
+    let err = accept_in_thread(app).recv_timeout(T).unwrap().unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted, "{err}");
+    // The master never gets the answer, so it re-queues the connection itself.
+    loop {
+        match m.recv_blocking(Some(T)) {
+            Ok(r) => assert!(
+                !matches!(r.msg, Message::Accepted { .. }),
+                "{:?}",
+                r.msg.name()
+            ),
+            Err(e) => {
+                assert!(e.is_closed(), "{e}");
+                break;
+            }
+        }
+    }
+}
+
+/// One pump reads a bounded number of frames; the next reads the rest.
+#[test]
+fn a_pump_reads_a_bounded_number_of_frames() {
+    let (mut m, ours) = Channel::pair().unwrap();
+    let link = crate::link::Link::new(ours, WorkerId(1)).unwrap();
+    assert_eq!(recv(&mut m).msg, Message::Online);
+    let sent = crate::link::PUMP_FRAMES + 100;
+    for _ in 0..sent {
+        // Queued, so they go out in a few large writes that the socket's buffer holds.
+        m.queue(&Message::User { payload: vec![] }).unwrap();
+    }
+    m.flush_blocking(Some(T)).unwrap();
+    let mut st = link.lock();
+    st.pump();
+    assert!(st.has_unread());
+    assert_eq!(st.take_user().len(), crate::link::PUMP_FRAMES);
+    st.pump();
+    assert!(!st.has_unread());
+    assert_eq!(st.take_user().len(), 100);
+    assert_eq!(st.user_dropped(), 0);
+}
+
+/// A flood larger than one pump is all delivered by a serve loop: what one pass leaves
+/// behind is read on the next, with no new readiness edge.
+#[test]
+fn a_serve_loop_reads_a_flood_to_the_end() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    let (tx, rx) = crossbeam::channel::unbounded();
+    let cfg = ServeConfig::new().threads(1).on_message(move |p| {
+        let _ = tx.send(p);
+    });
+    let serve = spawn_serve(&w, vec![l], Handler::sessions(Echo), cfg);
+    expect_listening(&mut m, 1);
+    let sent = 3 * crate::link::PUMP_FRAMES;
+    for i in 0..sent {
+        let payload = u32::try_from(i).unwrap().to_be_bytes().to_vec();
+        m.send(&Message::User { payload }, &[]).unwrap();
+    }
+    m.flush_blocking(Some(T)).unwrap();
+    for i in 0..sent {
+        let want = u32::try_from(i).unwrap().to_be_bytes().to_vec();
+        assert_eq!(rx.recv_timeout(T).unwrap(), want);
+    }
+    drop(m);
+    assert_eq!(serve.join().unwrap().unwrap(), ServeOutcome::MasterGone);
+}
+
+/// A blocking `accept` whose answerer thread has stopped reads the channel itself: the
+/// hand-offs are still answered and the connection returned.
+#[test]
+fn blocking_accept_answers_itself_when_the_answerer_fails() {
+    let (mut m, w) = setup();
+    let (l, _) = grant_rr(&mut m, &w, 1);
+    w.test_link().lock().answerer_fails = true;
+    let rx = accept_in_thread(l);
+    expect_listening(&mut m, 1);
+    let (_c, s) = tcp_pair();
+    hand_off(&mut m, 1, 1, &s);
+    assert_eq!(next_answer(&mut m), Message::Accepted { conn: ConnId(1) });
+    assert_eq!(rx.recv_timeout(T).unwrap().unwrap(), Some(ServerId(1)));
+}

@@ -116,7 +116,7 @@ impl Worker {
             ));
         }
         if spec.exclusive {
-            return Listener::bind_standalone(&spec);
+            return Listener::bind_exclusive(&spec, self.link.clone());
         }
         let granted = self.link.query(&spec)?;
         self.adopt_grant(granted)
@@ -203,11 +203,22 @@ impl Worker {
         self.link.lock().send(&Message::User { payload })
     }
 
-    /// User messages that arrived while no serve loop was running to deliver them.
+    /// User messages that arrived while no serve loop was running to deliver them, oldest
+    /// first.
+    ///
+    /// At most [`USER_QUEUE`](crate::USER_QUEUE) are kept between calls: when more arrive,
+    /// the oldest are dropped (counted by [`messages_dropped`](Self::messages_dropped)), so a
+    /// master that sends faster than the application takes cannot exhaust the worker's memory.
     pub fn take_messages(&self) -> Vec<Vec<u8>> {
         let mut st = self.link.lock();
         st.pump();
         st.take_user()
+    }
+
+    /// How many user messages were dropped, over the worker's life, because more than
+    /// [`USER_QUEUE`](crate::USER_QUEUE) waited for [`take_messages`](Self::take_messages).
+    pub fn messages_dropped(&self) -> u64 {
+        self.link.lock().user_dropped()
     }
 
     /// Leaves the cluster gracefully: tells the master (`ExitedAfterDisconnect`, so the exit is
@@ -244,6 +255,15 @@ impl Worker {
         config: ServeConfig,
     ) -> io::Result<ServeOutcome> {
         crate::serve::run(Some(&self.link), listeners, handler, config)
+    }
+}
+
+#[cfg(test)]
+impl Worker {
+    /// For tests that reach into the shared state (named apart from the tokio module's
+    /// `link()`, which is compiled only with that feature).
+    pub(crate) fn test_link(&self) -> &Arc<Link> {
+        &self.link
     }
 }
 

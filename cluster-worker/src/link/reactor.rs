@@ -186,6 +186,7 @@ impl Drop for PendingQuery<'_> {
             return;
         }
         let mut st = self.link.lock();
+        st.asked.remove(&self.asked.seq);
         st.abandoned.insert(self.asked.seq);
         if let Some(reply) = st.replies.remove(&self.asked.seq) {
             // Routed as a late reply: a grant is closed at once.
@@ -237,7 +238,8 @@ async fn channel_task(link: Weak<Link>, channel: AsyncFd<OwnedFd>) {
                 Poll::Ready(Err(e)) => return Poll::Ready(Some(e)),
                 Poll::Pending => false,
             };
-        if !readable && !writable {
+        // A pump capped at PUMP_FRAMES leaves frames no new readiness edge will announce.
+        if !readable && !writable && !st.has_unread() {
             if !st
                 .reactor
                 .channel_task
