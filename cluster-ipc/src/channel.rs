@@ -13,6 +13,7 @@ use mio::{Interest, Registry, Token};
 
 use crate::error::IpcError;
 use crate::frame::{self, DEFAULT_MAX_FRAME, Decoder, MAX_FDS_PER_FRAME};
+use crate::outq::OutQueue;
 use crate::sys;
 
 /// Limits a channel enforces on what its peer sends.
@@ -68,21 +69,6 @@ struct Poison {
     error: IpcError,
 }
 
-/// Fd-less frames [`Channel::queue`] may pack into one buffer: enough for hundreds of
-/// answers (a `Refused` frame is under 32 bytes), small enough that appending never copies
-/// much.
-const COALESCE_LIMIT: usize = 64 * 1024;
-
-/// One frame waiting for the socket to drain, or several fd-less frames queued together by
-/// [`Channel::queue`]. Its fds are attached only while nothing of it has been written: once
-/// the first byte is out, the fds are out too (hazard A7).
-#[derive(Debug)]
-struct Outgoing {
-    bytes: Vec<u8>,
-    written: usize,
-    fds: Vec<OwnedFd>,
-}
-
 /// One end of a non-blocking `SOCK_STREAM` Unix socketpair carrying framed [`Message`]s with
 /// fds attached.
 ///
@@ -113,15 +99,8 @@ pub struct Channel {
     fd_batches: VecDeque<FdBatch>,
     /// Landing area for one `recvmsg`'s fds, kept to reuse its allocation.
     fds_in: VecDeque<OwnedFd>,
-    outq: VecDeque<Outgoing>,
-    /// Bytes in `outq` not yet written, kept so the caller can bound them in O(1).
-    out_bytes: usize,
-    /// Fds held by `outq` entries, likewise.
-    out_fds: usize,
+    outq: OutQueue,
     scratch: Vec<u8>,
-    /// The buffer of the last fully written queue entry, kept so that [`Channel::queue`] does
-    /// not allocate on every batch.
-    recycled: Vec<u8>,
     cmsg: Box<sys::CmsgBuf>,
     limits: Limits,
     eof: bool,
@@ -153,11 +132,8 @@ impl Channel {
             read_pos: 0,
             fd_batches: VecDeque::new(),
             fds_in: VecDeque::new(),
-            outq: VecDeque::new(),
-            out_bytes: 0,
-            out_fds: 0,
+            outq: OutQueue::new(),
             scratch: Vec::with_capacity(64),
-            recycled: Vec::new(),
             cmsg: Box::new(sys::new_cmsg_buf()),
             limits,
             eof: false,
@@ -228,53 +204,7 @@ impl Channel {
     }
 
     fn send_bytes(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), IpcError> {
-        if self.outq.is_empty() {
-            match sys::send_with_fds(self.sock.as_fd(), bytes, fds) {
-                Ok(n) if n == bytes.len() => return Ok(()),
-                Ok(n) => {
-                    // The fds left with the first chunk; the rest goes without them.
-                    self.outq.push_back(Outgoing {
-                        bytes: bytes.to_vec(),
-                        written: n,
-                        fds: Vec::new(),
-                    });
-                    self.out_bytes += bytes.len() - n;
-                    return Ok(());
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        self.out_bytes += bytes.len();
-        // An fd-less frame joins an fd-less tail (as `queue` does), so a peer that reads
-        // nothing costs one growing buffer, not one queue entry per frame.
-        if fds.is_empty()
-            && let Some(tail) = self.outq.back_mut()
-            && tail.fds.is_empty()
-            && tail.bytes.len() < COALESCE_LIMIT
-        {
-            tail.bytes.extend_from_slice(bytes);
-            return Ok(());
-        }
-        // Nothing of this frame is out: keep our own references to its fds until it is.
-        let owned = match fds
-            .iter()
-            .map(|fd| fd.try_clone_to_owned())
-            .collect::<Result<Vec<_>, _>>()
-        {
-            Ok(owned) => owned,
-            Err(e) => {
-                self.out_bytes -= bytes.len();
-                return Err(e.into());
-            }
-        };
-        self.out_fds += owned.len();
-        self.outq.push_back(Outgoing {
-            bytes: bytes.to_vec(),
-            written: 0,
-            fds: owned,
-        });
-        Ok(())
+        Ok(self.outq.send(self.sock.as_fd(), bytes, fds)?)
     }
 
     /// Queues an fd-less frame behind everything queued, without sending it: a batch of
@@ -294,67 +224,22 @@ impl Channel {
                 given: 0,
             });
         }
-        let reuse_tail = self
-            .outq
-            .back()
-            .is_some_and(|o| o.fds.is_empty() && o.bytes.len() < COALESCE_LIMIT);
-        if !reuse_tail {
-            let mut bytes = std::mem::take(&mut self.recycled);
-            bytes.clear();
-            self.outq.push_back(Outgoing {
-                bytes,
-                written: 0,
-                fds: Vec::new(),
-            });
-        }
         let max = self.limits.max_frame;
-        let Some(tail) = self.outq.back_mut() else {
-            // Unreachable: an entry was pushed above if there was none.
-            return Ok(());
-        };
-        let before = tail.bytes.len();
-        frame::encode_into(msg, 0, &mut tail.bytes);
-        let body = tail.bytes.len() - before - frame::HEADER_LEN;
-        if body > max {
-            tail.bytes.truncate(before);
-            if tail.bytes.is_empty() {
-                self.outq.pop_back();
+        self.outq.append_with(|buf| {
+            let before = buf.len();
+            frame::encode_into(msg, 0, buf);
+            let body = buf.len() - before - frame::HEADER_LEN;
+            if body > max {
+                return Err(IpcError::OutgoingTooLarge { len: body, max });
             }
-            return Err(IpcError::OutgoingTooLarge { len: body, max });
-        }
-        self.out_bytes += tail.bytes.len() - before;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Writes queued frames until done (`Ok(true)`) or the socket is full (`Ok(false)`: wait
     /// for writability).
     pub fn flush(&mut self) -> Result<bool, IpcError> {
-        while let Some(out) = self.outq.front_mut() {
-            let fds: Vec<BorrowedFd<'_>> = if out.written == 0 {
-                out.fds.iter().map(|f| f.as_fd()).collect()
-            } else {
-                Vec::new()
-            };
-            match sys::send_with_fds(self.sock.as_fd(), &out.bytes[out.written..], &fds) {
-                Ok(n) => {
-                    out.written += n;
-                    self.out_bytes -= n;
-                    if n > 0 {
-                        self.out_fds -= out.fds.len();
-                        out.fds.clear();
-                    }
-                    if out.written == out.bytes.len()
-                        && let Some(done) = self.outq.pop_front()
-                        && done.bytes.capacity() <= COALESCE_LIMIT * 2
-                    {
-                        self.recycled = done.bytes;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(true)
+        Ok(self.outq.flush(self.sock.as_fd())?)
     }
 
     /// True while frames wait for the socket to drain.
@@ -372,12 +257,12 @@ impl Channel {
     /// Bytes queued and not yet written: what the peer has not taken off the socket beyond
     /// the kernel's buffer.
     pub fn pending_output_bytes(&self) -> usize {
-        self.out_bytes
+        self.outq.pending_bytes()
     }
 
     /// Fds kept for frames not yet written (each a duplicate the peer has not taken).
     pub fn pending_output_fds(&self) -> usize {
-        self.out_fds
+        self.outq.pending_fds()
     }
 
     /// The next message, `Ok(None)` when the socket has nothing more right now.
@@ -698,7 +583,7 @@ mod queue_tests {
             ch.queue(m).unwrap();
         }
         // Nothing sent yet, and everything in one buffer: one sendmsg on flush.
-        assert_eq!(ch.outq.len(), 1);
+        assert_eq!(ch.outq.entries(), 1);
         assert!(ch.flush().unwrap());
         assert!(!ch.has_pending_output());
 
@@ -743,12 +628,18 @@ mod queue_tests {
                 .unwrap();
             }
         }
-        let queued: usize = a.outq.iter().map(|o| o.bytes.len() - o.written).sum();
-        assert_eq!(a.pending_output_bytes(), queued);
-        let held: usize = a.outq.iter().map(|o| o.fds.len()).sum();
-        assert_eq!(a.pending_output_fds(), held);
-        assert!(held >= 1, "the socket filled up before the first NewConn");
-        assert!(a.outq.len() < 64, "{} queue entries", a.outq.len());
+        // 20,000 answers of 24 bytes, minus what the socket took, and the NewConns queued
+        // after the socket filled up, each holding its fd.
+        assert!(
+            a.pending_output_bytes() > 100_000,
+            "{}",
+            a.pending_output_bytes()
+        );
+        assert!(
+            a.pending_output_fds() >= 1,
+            "the socket filled up before the first NewConn"
+        );
+        assert!(a.outq.entries() < 64, "{} queue entries", a.outq.entries());
         drop(b);
     }
 
@@ -766,10 +657,9 @@ mod queue_tests {
         a.send(&new_conn, &[sock.as_fd()]).unwrap();
         // Not appended to the buffer that carries fds: its fds would come first.
         a.queue(&Message::Accepted { conn: ConnId(3) }).unwrap();
-        assert_eq!(a.outq.len(), 3);
+        assert_eq!(a.outq.entries(), 3);
         assert_eq!(a.pending_output_fds(), 1);
-        let queued: usize = a.outq.iter().map(|o| o.bytes.len() - o.written).sum();
-        assert_eq!(a.pending_output_bytes(), queued);
+        assert!(a.pending_output_bytes() > 0);
         assert!(a.flush().unwrap());
         assert_eq!((a.pending_output_bytes(), a.pending_output_fds()), (0, 0));
         assert_eq!(

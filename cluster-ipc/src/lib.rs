@@ -30,6 +30,7 @@
 mod channel;
 mod error;
 pub mod frame;
+mod outq;
 mod stream;
 mod sys;
 #[cfg(test)]
@@ -38,4 +39,5 @@ mod tests;
 pub use channel::{Channel, Limits, Received, spawn_with_channel};
 pub use error::{DecodeError, IpcError};
 pub use frame::Decoder;
+pub use outq::OutQueue;
 pub use stream::{FdStream, StreamRead, spawn_with_stream};

@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use cluster_core::Message;
-use cluster_ipc::{FdStream, IpcError, Received};
+use cluster_ipc::{FdStream, IpcError, OutQueue, Received};
 use mio::event::Source;
 use mio::{Interest, Registry, Token};
 
@@ -15,17 +15,6 @@ use crate::channel::WorkerChannel;
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 64 * 1024;
-/// Fd-less lines appended to one queued buffer at most, so appending never copies much.
-const COALESCE_LIMIT: usize = 64 * 1024;
-
-/// One `sendmsg`'s worth waiting for the socket: its fds leave with its first byte.
-#[derive(Debug)]
-struct Outgoing {
-    bytes: Vec<u8>,
-    written: usize,
-    fds: Vec<OwnedFd>,
-}
-
 /// The master's end of a Node worker's IPC channel.
 ///
 /// Node pairs a received fd with the first `NODE_HANDLE` line parsed from the read that
@@ -38,7 +27,7 @@ pub(crate) struct NodeChannel {
     codec: NodeCodec,
     lines: LineSplitter,
     fds_in: VecDeque<OwnedFd>,
-    outq: VecDeque<Outgoing>,
+    outq: OutQueue,
     scratch: Vec<u8>,
     replies: Vec<u8>,
     eof: bool,
@@ -61,7 +50,7 @@ impl NodeChannel {
             codec: NodeCodec::new(shared),
             lines: LineSplitter::new(max_line),
             fds_in: VecDeque::new(),
-            outq: VecDeque::new(),
+            outq: OutQueue::new(),
             scratch: Vec::new(),
             replies: Vec::new(),
             eof: false,
@@ -71,40 +60,7 @@ impl NodeChannel {
     }
 
     fn write(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), IpcError> {
-        if self.outq.is_empty() {
-            match self.sock.send(bytes, fds) {
-                Ok(n) if n == bytes.len() => return Ok(()),
-                Ok(n) => {
-                    // The fds left with the first byte.
-                    self.outq.push_back(Outgoing {
-                        bytes: bytes[n..].to_vec(),
-                        written: 0,
-                        fds: Vec::new(),
-                    });
-                    return Ok(());
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if fds.is_empty()
-            && let Some(tail) = self.outq.back_mut()
-            && tail.fds.is_empty()
-            && tail.bytes.len() < COALESCE_LIMIT
-        {
-            tail.bytes.extend_from_slice(bytes);
-            return Ok(());
-        }
-        let fds = fds
-            .iter()
-            .map(|fd| fd.try_clone_to_owned())
-            .collect::<Result<Vec<_>, _>>()?;
-        self.outq.push_back(Outgoing {
-            bytes: bytes.to_vec(),
-            written: 0,
-            fds,
-        });
-        Ok(())
+        Ok(self.outq.send(self.sock.as_fd(), bytes, fds)?)
     }
 
     fn recv_inner(&mut self) -> Result<Option<Received>, IpcError> {
@@ -208,35 +164,15 @@ impl WorkerChannel for NodeChannel {
     }
 
     fn flush(&mut self) -> Result<bool, IpcError> {
-        while let Some(out) = self.outq.front_mut() {
-            let fds: Vec<BorrowedFd<'_>> = if out.written == 0 {
-                out.fds.iter().map(|f| f.as_fd()).collect()
-            } else {
-                Vec::new()
-            };
-            match self.sock.send(&out.bytes[out.written..], &fds) {
-                Ok(n) => {
-                    out.written += n;
-                    if n > 0 {
-                        out.fds.clear();
-                    }
-                    if out.written == out.bytes.len() {
-                        self.outq.pop_front();
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(true)
+        Ok(self.outq.flush(self.sock.as_fd())?)
     }
 
     fn pending_output_bytes(&self) -> usize {
-        self.outq.iter().map(|o| o.bytes.len() - o.written).sum()
+        self.outq.pending_bytes()
     }
 
     fn pending_output_fds(&self) -> usize {
-        self.outq.iter().map(|o| o.fds.len()).sum()
+        self.outq.pending_fds()
     }
 
     fn note_readable(&mut self) {
