@@ -160,41 +160,7 @@ fn node_app_sees_eaddrinuse_for_a_port_held_elsewhere() {
 fn node_sigterm_lets_slow_requests_finish() {
     let mut c = node_cluster(&["-n", "2"], "http_id.js");
     let (port, _) = c.wait_listening(2);
-    let (sent_tx, sent_rx) = mpsc::channel();
-    let clients: Vec<JoinHandle<io::Result<(Response, Duration)>>> = (0..4)
-        .map(|_| {
-            let sent = sent_tx.clone();
-            thread::spawn(move || {
-                let s = connect(port)?;
-                let mut w = s.try_clone()?;
-                let mut r = BufReader::new(s);
-                // The quick answer proves the worker read both requests: the slow one is in
-                // its hands when SIGTERM comes.
-                let t0 = Instant::now();
-                w.write_all(
-                    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\
-                      GET /delay/700 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-                )?;
-                let first = read_response(&mut r)?;
-                assert_eq!(first.status, 200);
-                let _ = sent.send(());
-                let slow = read_response(&mut r)?;
-                Ok((slow, t0.elapsed()))
-            })
-        })
-        .collect();
-    for _ in 0..4 {
-        sent_rx
-            .recv_timeout(LINE_TIMEOUT)
-            .expect("request in flight");
-    }
-    c.signal(Signal::SIGTERM);
-    for t in clients {
-        let (r, took) = t.join().unwrap().expect("slow request answered");
-        assert_eq!(r.status, 200, "{r:?}");
-        assert!(took >= Duration::from_millis(700), "{took:?}");
-    }
-    assert_clean_exit(&mut c);
+    sigterm_with_slow_requests_in_flight(&mut c, port, 700);
 }
 
 #[test]
