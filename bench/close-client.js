@@ -20,7 +20,8 @@ const timeoutMs = Number(process.env.TIMEOUT_MS || 3000);
 const limit = Number(process.env.REQUESTS || 0);
 const request = 'GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n';
 // Node's answer is chunked (`c\r\nhello world\n\r\n0\r\n\r\n`); cluster-rs's has a content-length.
-const okBody = /\r\n\r\n(?:[0-9a-f]+\r\n)?(?:hello world\n|hello from worker \d+\n)/;
+// The bodies of Node's server.js, cluster-cli hello, and the axum/hyper/std examples.
+const okBody = /\r\n\r\n(?:[0-9a-f]+\r\n)?(?:hello world\n|hello from worker \d+\n|Hello, World!)/;
 const workerHeader = /\r\nx-worker-id: *(\d+)\r\n/i;
 
 const outcomes = { ok: 0, reset: 0, eof: 0, timeout: 0, connect: 0, other: 0 };
