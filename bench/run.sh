@@ -22,6 +22,7 @@
 #   and rs-node-wN (the Node anchor's server.js, unmodified, as the 2 workers of
 #   `cluster-cli spawn -- node server.js`, which speaks Node's cluster protocol; -wN sets
 #   --window N). Compare with node-rr: `--variants "rs-node node-rr" --phases "throughput rss"`.
+#   axum-rr-t1: axum-rr with one tokio runtime thread per worker (TOKIO_WORKER_THREADS=1).
 #
 # Usage: bench/run.sh [--smoke] [--no-build] [--no-docs] [--variants "A B"] [--phases "P Q"]
 #   --smoke     CI check: ~7 s of load over rs-standalone, rs-rr and rs-node, 1 repetition, no docs;
@@ -198,6 +199,7 @@ variant_label() {
     node-single) echo "Node single" ;;
     axum-standalone) echo "axum example standalone" ;;
     axum-rr) echo "axum example, cluster-cli rr" ;;
+    axum-rr-t1) echo "axum example, cluster-cli rr, TOKIO_WORKER_THREADS=1" ;;
     *) echo "$1" ;;
   esac
 }
@@ -228,6 +230,7 @@ variant_command() {
       rs-node-w*) CMD+=("$CLI" spawn -n "$workers" --policy rr --window "${variant#rs-node-w}" --env PORT="$PORT" -- node "$SHARED/node/server.js") ;;
       axum-standalone) SERVER_BIN=$AXUM_BIN CMD+=("$AXUM_BIN" "127.0.0.1:$PORT") READY_RE="" READY_COUNT=1 ;;
       axum-rr) CMD+=("$CLI" spawn -n "$workers" --policy rr -- "$AXUM_BIN" "127.0.0.1:$PORT") ;;
+      axum-rr-t1) CMD+=("$CLI" spawn -n "$workers" --policy rr --env TOKIO_WORKER_THREADS=1 -- "$AXUM_BIN" "127.0.0.1:$PORT") ;;
     esac
   else
     READY_RE='^listening [0-9]+ '
