@@ -512,6 +512,10 @@ impl State {
     pub(crate) fn close_inbox(&mut self, server: ServerId) {
         if let Some(inbox) = self.inboxes.remove(&server) {
             self.parked -= inbox.parked.len();
+            if !inbox.parked.is_empty() {
+                // A `disconnected()` waiting for the parked streams to be taken must look again.
+                self.changed = true;
+            }
         }
     }
 

@@ -158,7 +158,10 @@ impl TcpListener {
         let (stream, peer) = taken;
         Poll::Ready(match stream {
             Stream::Tcp(s) => {
-                let peer = peer.or_else(|| s.peer_addr().ok()).unwrap_or(self.addr);
+                // Unknown only if the client is already gone; never report our own address.
+                let peer = peer
+                    .or_else(|| s.peer_addr().ok())
+                    .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
                 s.set_nonblocking(true)
                     .and_then(|()| tnet::TcpStream::from_std(s))
                     .map(|s| (s, peer))
@@ -432,11 +435,21 @@ impl<L> Core<L> {
 /// client that left before its accept is skipped.
 #[cfg(feature = "axum")]
 async fn after_accept_error(e: io::Error, stopped: bool) {
-    if stopped {
+    // Only the stop's own error means nothing more will come; any other (a stream the runtime
+    // could not register, say) is retried, so the streams still parked get taken and
+    // `disconnected()` can resolve.
+    let stop = matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::UnexpectedEof
+    );
+    if stopped && stop {
         return std::future::pending().await;
     }
     if crate::sys::is_resource_exhaustion(&e) {
         ::tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    } else if stopped {
+        // Not a spin while an error repeats during the stop.
+        ::tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
 

@@ -189,8 +189,10 @@ impl Drop for PendingQuery<'_> {
         st.asked.remove(&self.asked.seq);
         st.abandoned.insert(self.asked.seq);
         if let Some(reply) = st.replies.remove(&self.asked.seq) {
-            // Routed as a late reply: a grant is closed at once.
+            // Routed as a late reply: a grant is closed at once, and its `Close` sent now
+            // rather than behind the next frame (the runtime may be going away).
             st.route(reply);
+            st.flush();
         }
         st.release_index(&self.spec.addr, self.asked.index);
     }
