@@ -39,6 +39,9 @@ pub(crate) struct NodeChannel {
     read_drained: bool,
 }
 
+/// Replies (ACKs, NACKs) a Node worker may leave unread before it is dropped.
+const MAX_UNREAD_REPLIES: usize = 4 << 20;
+
 fn violation(e: NodeError) -> IpcError {
     IpcError::Protocol(e.to_string())
 }
@@ -77,6 +80,14 @@ impl NodeChannel {
                     self.replies = replies;
                     self.replies.clear();
                     sent?;
+                    // Replies the worker provokes (ACKs, NACKs) but does not read would grow
+                    // this queue without bound.
+                    let queued = self.outq.pending_bytes();
+                    if queued > MAX_UNREAD_REPLIES {
+                        return Err(IpcError::Protocol(format!(
+                            "does not read its channel ({queued} bytes of replies wait for it)"
+                        )));
+                    }
                 }
                 let fds = match (decoded.took_fd, self.fds_in.pop_front()) {
                     (true, Some(fd)) => vec![fd],
@@ -295,6 +306,37 @@ mod tests {
         // would come with its own readiness edge.
         assert!(ch.recv().unwrap().is_none());
         assert!(ch.recv().unwrap_err().is_closed());
+    }
+
+    /// A worker that provokes replies (a NACK per fd-less handle line) and never reads them
+    /// is dropped once 4 MiB wait, instead of growing the master's queue for ever.
+    #[test]
+    fn replies_a_worker_does_not_read_are_bounded() {
+        let (mut ch, node) = pair();
+        let writer = std::thread::spawn(move || {
+            let mut node = node;
+            let line = b"{\"cmd\":\"NODE_HANDLE\",\"msg\":{}}\n";
+            // 200k lines, 6 MB of NACKs provoked; stops when the master gives up.
+            for _ in 0..200_000 {
+                if node.write_all(line).is_err() {
+                    break;
+                }
+            }
+            node
+        });
+        let mut error = None;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while error.is_none() && std::time::Instant::now() < deadline {
+            match ch.recv() {
+                Ok(_) => std::thread::yield_now(),
+                Err(e) => error = Some(e),
+            }
+        }
+        let e = error.expect("the master gave up on the worker");
+        assert!(e.to_string().contains("does not read its channel"), "{e}");
+        assert!(ch.pending_output_bytes() <= MAX_UNREAD_REPLIES + 64 * 1024);
+        drop(ch);
+        let _ = writer.join();
     }
 
     #[test]
