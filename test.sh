@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test of the workspace: unit, property, and real processes (Rust, Python and Node.js
 # workers). The Node-worker tests run a real `node`, so Debian's nodejs is installed when it
-# is missing; python3 comes with the machine. Extra arguments go to `cargo test`.
+# is missing; python3 comes with the machine. Extra arguments go to `cargo test`; the run is
+# bounded by TEST_TIMEOUT seconds (1500).
 set -euo pipefail
 cd "$(dirname "$0")"
 if ! command -v node >/dev/null; then
@@ -11,4 +12,5 @@ if ! command -v node >/dev/null; then
     timeout 600 $sudo apt-get update
     timeout 600 $sudo apt-get install -y nodejs
 fi
-exec cargo test --workspace --locked "$@"
+# Bounded, so a hung test ends the run instead of the run's budget.
+exec timeout "${TEST_TIMEOUT:-1500}" cargo test --workspace --locked "$@"
