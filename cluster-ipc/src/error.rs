@@ -105,7 +105,7 @@ pub enum IpcError {
 impl IpcError {
     /// The same error again, for a dead channel that reports it to every later call. An
     /// `io::Error` cannot be cloned; its OS error code or kind and message are kept.
-    pub(crate) fn replay(&self) -> IpcError {
+    pub fn replay(&self) -> IpcError {
         match self {
             IpcError::Io(e) => IpcError::Io(match e.raw_os_error() {
                 Some(code) => io::Error::from_raw_os_error(code),

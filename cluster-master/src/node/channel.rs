@@ -164,12 +164,12 @@ impl WorkerChannel for NodeChannel {
 
     fn recv(&mut self) -> Result<Option<Received>, IpcError> {
         if let Some(e) = &self.failed {
-            return Err(replay(e));
+            return Err(e.replay());
         }
         let result = self.recv_inner();
         if let Err(e) = &result {
             self.fds_in.clear();
-            self.failed = Some(replay(e));
+            self.failed = Some(e.replay());
         }
         result
     }
@@ -189,20 +189,6 @@ impl WorkerChannel for NodeChannel {
     fn note_readable(&mut self) {
         // A readiness event may be the only notice of data that came after a short read.
         self.read_drained = false;
-    }
-}
-
-/// The same error again for a dead channel (an `io::Error` keeps its code or kind).
-fn replay(e: &IpcError) -> IpcError {
-    match e {
-        IpcError::Io(io) => IpcError::Io(match io.raw_os_error() {
-            Some(code) => io::Error::from_raw_os_error(code),
-            None => io::Error::new(io.kind(), io.to_string()),
-        }),
-        IpcError::Closed => IpcError::Closed,
-        IpcError::ClosedMidFrame(n) => IpcError::ClosedMidFrame(*n),
-        IpcError::Protocol(s) => IpcError::Protocol(s.clone()),
-        other => IpcError::Protocol(other.to_string()),
     }
 }
 
