@@ -788,6 +788,51 @@ impl Drop for Reap {
     }
 }
 
+/// CPU ticks (1/100 s) the process has used, user and system.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the `(comm)`: utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    rest.split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn hello_alone_sleeps_while_idle() {
+    // Sessions inline (the default on this machine): the serve loop must block in poll when
+    // nothing happens, not spin.
+    let mut child = Reap(
+        Command::new(BIN)
+            .args(["hello", "--port", "0", "--threads", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let out = child.0.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line).unwrap();
+    let port: u16 = line
+        .trim()
+        .strip_prefix("hello worker listening on 127.0.0.1:")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    get_ok(port, "/");
+    let pid = child.0.id();
+    let before = cpu_ticks(pid);
+    // The measurement itself: how much CPU one idle second costs.
+    thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used < 30,
+        "hello used {used} ticks of 100 in an idle second: it spins"
+    );
+}
+
 #[test]
 fn hello_runs_standalone_and_stops_on_sigterm() {
     let mut child = Reap(

@@ -320,7 +320,9 @@ pub(crate) fn run(
     // Whether the channel (or a thread that read it for us, or a disconnect or shutdown) may
     // have something for this pass: with sessions inline most wake-ups are client events, and
     // looking at the channel costs a recvmsg that would only say EAGAIN.
-    let mut chan_event = true;
+    // Only a worker has a channel: alone, a pending "look at the channel" would make every
+    // poll return at once (a busy loop).
+    let mut chan_event = link.is_some();
     loop {
         // The channel: reading it answers the hand-offs (before any client byte is read) and
         // writes the answers; streams whose answers are written go to their handlers.
