@@ -22,5 +22,8 @@ mod policy;
 pub use error::{CoreError, ListenError};
 pub use id::{ConnId, Seq, ServerId, WorkerId};
 pub use listen::{BoundAddr, ListenAddr, ListenKey, ListenSpec};
-pub use message::{MAX_USER_FDS, Message, RefuseReason, ServerGrant, ServerReply};
+pub use message::{
+    HandedConn, MAX_HANDOFF_BATCH, MAX_USER_FDS, Message, Peer, RefuseReason, ServerGrant,
+    ServerReply,
+};
 pub use policy::Policy;

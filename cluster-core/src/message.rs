@@ -1,3 +1,5 @@
+use std::net::SocketAddr;
+
 use crate::{BoundAddr, ConnId, ListenError, ListenSpec, Seq, ServerId};
 
 /// One message of the master/worker protocol, in Node's vocabulary.
@@ -58,12 +60,16 @@ pub enum Message {
         /// The grant or the error.
         reply: ServerReply,
     },
-    /// A connection accepted by the master; its fd travels with this frame.
+    /// Connections accepted by the master for one worker in one pass: one fd per entry of
+    /// `conns`, in the same order, in this frame's one `sendmsg`. Each fd is already
+    /// non-blocking and close-on-exec (the master accepts with `SOCK_NONBLOCK |
+    /// SOCK_CLOEXEC`), and the peer's address comes from that `accept`, so the worker needs
+    /// neither `getpeername` nor `FIONBIO`. The worker answers each entry on its own.
     NewConn {
-        /// The server it was accepted on.
+        /// The server they were accepted on.
         server: ServerId,
-        /// The hand-off id the worker answers with.
-        conn: ConnId,
+        /// At least one, at most [`MAX_HANDOFF_BATCH`].
+        conns: Vec<HandedConn>,
     },
     /// Stop taking connections, finish, and exit (Node's `disconnect`).
     Disconnect,
@@ -77,10 +83,18 @@ pub enum Message {
 }
 
 impl Message {
+    /// A [`Message::NewConn`] handing off one connection.
+    pub fn new_conn(server: ServerId, conn: ConnId, peer: Peer) -> Message {
+        Message::NewConn {
+            server,
+            conns: vec![HandedConn { conn, peer }],
+        }
+    }
+
     /// How many fds a frame of this message must carry, as an inclusive range.
     pub fn fds_allowed(&self) -> std::ops::RangeInclusive<usize> {
         match self {
-            Message::NewConn { .. } => 1..=1,
+            Message::NewConn { conns, .. } => conns.len()..=conns.len(),
             Message::QueryServerReply {
                 reply: ServerReply::Granted { grant, .. },
                 ..
@@ -110,6 +124,28 @@ impl Message {
         }
     }
 }
+
+/// One connection of a [`Message::NewConn`] batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HandedConn {
+    /// The hand-off id the worker answers with.
+    pub conn: ConnId,
+    /// Who connected, as the master's `accept` saw it.
+    pub peer: Peer,
+}
+
+/// The far end of a handed-off connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Peer {
+    /// A TCP connection from this address.
+    Tcp(SocketAddr),
+    /// A Unix-domain stream connection (its peer address is of no use to a server).
+    Unix,
+}
+
+/// The most connections one [`Message::NewConn`] frame carries: a master that accepted more
+/// for one worker in one pass sends several frames.
+pub const MAX_HANDOFF_BATCH: usize = 16;
 
 /// The most fds one user message may carry. Far below `SCM_MAX_FD` (253) so that one receive's
 /// control buffer always has room.

@@ -23,7 +23,7 @@ use std::os::unix::net::UnixStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cluster_core::{ConnId, ListenAddr, ListenSpec, Message, Seq, ServerId};
+use cluster_core::{ConnId, ListenAddr, ListenSpec, Message, Peer, Seq, ServerId};
 use cluster_ipc::frame::{self, DEFAULT_MAX_FRAME};
 use cluster_ipc::{Channel, IpcError};
 
@@ -47,10 +47,7 @@ fn median_ns(iters: u64, mut run: impl FnMut(u64) -> Result<()>) -> Result<f64> 
 }
 
 fn new_conn(c: u64) -> Message {
-    Message::NewConn {
-        server: ServerId(1),
-        conn: ConnId(c),
-    }
+    Message::new_conn(ServerId(1), ConnId(c), Peer::Unix)
 }
 
 fn codec(name: &str, msg: &Message, n_fds: usize) -> Result<()> {
@@ -99,11 +96,13 @@ fn channel_threads(iters: u64) -> Result<f64> {
                 Err(IpcError::Closed) => return Ok(()),
                 Err(e) => return Err(e),
             };
-            let Message::NewConn { conn, .. } = got.msg else {
+            let Message::NewConn { conns, .. } = got.msg else {
                 return Ok(());
             };
             drop(got.fds);
-            worker.send_blocking(&Message::Accepted { conn }, &[], WAIT)?;
+            for c in conns {
+                worker.send_blocking(&Message::Accepted { conn: c.conn }, &[], WAIT)?;
+            }
         }
     });
     let ns = median_ns(iters, |n| {

@@ -549,7 +549,7 @@ mod queue_tests {
     use std::os::unix::net::UnixStream;
     use std::time::Duration;
 
-    use cluster_core::{ConnId, Message, RefuseReason, ServerId};
+    use cluster_core::{ConnId, Message, Peer, RefuseReason, ServerId};
 
     use super::{Channel, Limits};
     use crate::frame;
@@ -599,10 +599,7 @@ mod queue_tests {
         let _g = fd_lock();
         let (mut a, _b) = Channel::pair().unwrap();
         let err = a
-            .queue(&Message::NewConn {
-                server: ServerId(1),
-                conn: ConnId(1),
-            })
+            .queue(&Message::new_conn(ServerId(1), ConnId(1), Peer::Unix))
             .unwrap_err();
         assert!(matches!(err, crate::IpcError::WrongFdCount { .. }), "{err}");
         assert!(!a.has_pending_output());
@@ -619,10 +616,7 @@ mod queue_tests {
             a.send(&Message::Accepted { conn: ConnId(i) }, &[]).unwrap();
             if i % 5000 == 0 {
                 a.send(
-                    &Message::NewConn {
-                        server: ServerId(1),
-                        conn: ConnId(i),
-                    },
+                    &Message::new_conn(ServerId(1), ConnId(i), Peer::Unix),
                     &[sock.as_fd()],
                 )
                 .unwrap();
@@ -650,10 +644,7 @@ mod queue_tests {
         let sock = TcpListener::bind("127.0.0.1:0").unwrap();
         a.queue(&Message::Accepted { conn: ConnId(1) }).unwrap();
         // Something is queued, so the send queues too, in order, in its own buffer.
-        let new_conn = Message::NewConn {
-            server: ServerId(1),
-            conn: ConnId(2),
-        };
+        let new_conn = Message::new_conn(ServerId(1), ConnId(2), Peer::Unix);
         a.send(&new_conn, &[sock.as_fd()]).unwrap();
         // Not appended to the buffer that carries fds: its fds would come first.
         a.queue(&Message::Accepted { conn: ConnId(3) }).unwrap();
@@ -690,10 +681,7 @@ mod queue_tests {
                 a.queue(&m).unwrap();
                 sent.push((m, 0));
             }
-            let nc = Message::NewConn {
-                server: ServerId(1),
-                conn: ConnId(1_000_000 + round),
-            };
+            let nc = Message::new_conn(ServerId(1), ConnId(1_000_000 + round), Peer::Unix);
             a.send(&nc, &[sock.as_fd()]).unwrap();
             sent.push((nc, 1));
             // Partial writes happen here once the peer stops reading.

@@ -13,20 +13,25 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
 use cluster_core::{
-    BoundAddr, ConnId, ListenAddr, ListenError, ListenSpec, Message, RefuseReason, Seq,
-    ServerGrant, ServerId, ServerReply,
+    BoundAddr, ConnId, HandedConn, ListenAddr, ListenError, ListenSpec, MAX_HANDOFF_BATCH, Message,
+    Peer, RefuseReason, Seq, ServerGrant, ServerId, ServerReply,
 };
 
 use crate::error::DecodeError;
 
 /// Protocol version carried in every frame header.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Length of the frame header in bytes.
 pub const HEADER_LEN: usize = 8;
 /// Default cap on a frame's body: 1 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
 /// The most fds one frame may declare.
-pub const MAX_FDS_PER_FRAME: usize = cluster_core::MAX_USER_FDS;
+pub const MAX_FDS_PER_FRAME: usize = if cluster_core::MAX_USER_FDS > cluster_core::MAX_HANDOFF_BATCH
+{
+    cluster_core::MAX_USER_FDS
+} else {
+    cluster_core::MAX_HANDOFF_BATCH
+};
 
 mod tag {
     pub const ONLINE: u8 = 1;
@@ -112,9 +117,16 @@ fn encode_body(msg: &Message, w: &mut Vec<u8>) -> u8 {
             }
             tag::QUERY_SERVER_REPLY
         }
-        Message::NewConn { server, conn } => {
+        Message::NewConn { server, conns } => {
             put_u32(w, server.0);
-            put_u64(w, conn.0);
+            w.push(conns.len().min(usize::from(u8::MAX)) as u8);
+            for c in conns {
+                put_u64(w, c.conn.0);
+                match &c.peer {
+                    Peer::Tcp(addr) => put_sockaddr(w, addr),
+                    Peer::Unix => w.push(0),
+                }
+            }
             tag::NEW_CONN
         }
         Message::Disconnect => tag::DISCONNECT,
@@ -318,10 +330,26 @@ fn decode_body(tag: u8, body: &[u8]) -> Result<Message, DecodeError> {
             };
             Message::QueryServerReply { seq, reply }
         }
-        tag::NEW_CONN => Message::NewConn {
-            server: ServerId(r.u32()?),
-            conn: ConnId(r.u64()?),
-        },
+        tag::NEW_CONN => {
+            let server = ServerId(r.u32()?);
+            let n = r.u8()?;
+            if n == 0 || usize::from(n) > MAX_HANDOFF_BATCH {
+                return Err(DecodeError::BadValue("hand-off batch size", n));
+            }
+            let mut conns = Vec::with_capacity(usize::from(n));
+            for _ in 0..n {
+                let conn = ConnId(r.u64()?);
+                let peer = match r.peek_u8()? {
+                    0 => {
+                        r.u8()?;
+                        Peer::Unix
+                    }
+                    _ => Peer::Tcp(r.sockaddr()?),
+                };
+                conns.push(HandedConn { conn, peer });
+            }
+            Message::NewConn { server, conns }
+        }
         tag::DISCONNECT => Message::Disconnect,
         tag::USER => {
             let payload = r.buf.to_vec();
@@ -358,6 +386,10 @@ impl<'a> Reader<'a> {
 
     fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take(1)?[0])
+    }
+
+    fn peek_u8(&self) -> Result<u8, DecodeError> {
+        self.buf.first().copied().ok_or(DecodeError::Truncated)
     }
 
     fn u16(&mut self) -> Result<u16, DecodeError> {
@@ -634,10 +666,23 @@ pub(crate) mod tests {
             Just(Message::ExitedAfterDisconnect),
             (any::<u64>(), reply)
                 .prop_map(|(s, reply)| Message::QueryServerReply { seq: Seq(s), reply }),
-            (any::<u32>(), any::<u64>()).prop_map(|(s, c)| Message::NewConn {
-                server: ServerId(s),
-                conn: ConnId(c)
-            }),
+            (
+                any::<u32>(),
+                proptest::collection::vec(
+                    (any::<u64>(), proptest::option::of(sockaddr())),
+                    1..=MAX_HANDOFF_BATCH
+                )
+            )
+                .prop_map(|(s, conns)| Message::NewConn {
+                    server: ServerId(s),
+                    conns: conns
+                        .into_iter()
+                        .map(|(c, addr)| HandedConn {
+                            conn: ConnId(c),
+                            peer: addr.map_or(Peer::Unix, Peer::Tcp),
+                        })
+                        .collect(),
+                }),
             Just(Message::Disconnect),
             proptest::collection::vec(any::<u8>(), 0..300)
                 .prop_map(|payload| Message::User { payload }),
@@ -714,13 +759,7 @@ pub(crate) mod tests {
 
     #[test]
     fn fd_count_must_match_the_message() {
-        let bytes = encode(
-            &Message::NewConn {
-                server: ServerId(1),
-                conn: ConnId(2),
-            },
-            0,
-        );
+        let bytes = encode(&Message::new_conn(ServerId(1), ConnId(2), Peer::Unix), 0);
         assert!(matches!(
             decode(&bytes, 1024),
             Err(DecodeError::FdCount { .. })
@@ -729,6 +768,49 @@ pub(crate) mod tests {
         assert!(matches!(
             decode(&bytes, 1024),
             Err(DecodeError::FdCount { .. })
+        ));
+        let two = HandedConn {
+            conn: ConnId(3),
+            peer: Peer::Unix,
+        };
+        let batch = Message::NewConn {
+            server: ServerId(1),
+            conns: vec![two, two],
+        };
+        assert!(matches!(
+            decode(&encode(&batch, 1), 1024),
+            Err(DecodeError::FdCount { .. })
+        ));
+        assert!(decode(&encode(&batch, 2), 1024).is_ok());
+    }
+
+    #[test]
+    fn hand_off_batches_are_bounded() {
+        let one = HandedConn {
+            conn: ConnId(3),
+            peer: Peer::Tcp("127.0.0.1:9".parse().unwrap()),
+        };
+        let empty = Message::NewConn {
+            server: ServerId(1),
+            conns: Vec::new(),
+        };
+        assert!(matches!(
+            decode(&encode(&empty, 0), 1024),
+            Err(DecodeError::BadValue("hand-off batch size", 0))
+        ));
+        let mut bytes = encode(
+            &Message::NewConn {
+                server: ServerId(1),
+                conns: vec![one; MAX_HANDOFF_BATCH],
+            },
+            MAX_HANDOFF_BATCH,
+        );
+        assert!(decode(&bytes, 1024).is_ok());
+        // The count byte follows the 4-byte server id.
+        bytes[HEADER_LEN + 4] = MAX_HANDOFF_BATCH as u8 + 1;
+        assert!(matches!(
+            decode(&bytes, 1024),
+            Err(DecodeError::BadValue("hand-off batch size", _))
         ));
     }
 

@@ -13,13 +13,13 @@
 //! [`Channel`]: fds go only with a frame's first byte, and each frame declares its fd count.
 //!
 //! ```
-//! use cluster_core::{ConnId, Message, ServerId};
+//! use cluster_core::{ConnId, Message, Peer, ServerId};
 //! use cluster_ipc::Channel;
 //! use std::os::fd::AsFd;
 //!
 //! let (mut master, mut worker) = Channel::pair()?;
 //! let conn = std::net::TcpListener::bind("127.0.0.1:0")?; // any socket
-//! master.send(&Message::NewConn { server: ServerId(1), conn: ConnId(7) }, &[conn.as_fd()])?;
+//! master.send(&Message::new_conn(ServerId(1), ConnId(7), Peer::Unix), &[conn.as_fd()])?;
 //! let got = worker.recv_blocking(None)?;
 //! assert_eq!(got.fds.len(), 1);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -41,3 +41,4 @@ pub use error::{DecodeError, IpcError};
 pub use frame::Decoder;
 pub use outq::OutQueue;
 pub use stream::{FdStream, StreamRead, spawn_with_stream};
+pub use sys::accept_nonblocking;

@@ -1,5 +1,5 @@
-//! The crate's only unsafe code: `sendmsg`/`recvmsg` with `SCM_RIGHTS`, and placing a channel
-//! end at a fixed fd in a child process.
+//! The crate's only unsafe code: `sendmsg`/`recvmsg` with `SCM_RIGHTS`, `accept4` for the
+//! connections that travel that way, and placing a channel end at a fixed fd in a child process.
 //!
 //! Received fds become `OwnedFd` before anything else can fail, so an early return can never
 //! leak them (hazard A3: nix's `cmsgs()` errors out on `MSG_CTRUNC` and hands out raw ints).
@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::mem;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
@@ -18,6 +19,57 @@ pub(crate) type CmsgBuf = [u64; 132];
 
 pub(crate) const fn new_cmsg_buf() -> CmsgBuf {
     [0; 132]
+}
+
+/// One `accept4(SOCK_NONBLOCK | SOCK_CLOEXEC)` on `listener`: the connection and, for TCP,
+/// its peer's address, as the kernel reported them in that one call.
+///
+/// The master accepts this way so that a worker it hands the connection to needs neither
+/// `getpeername` nor `FIONBIO` (the non-blocking flag belongs to the open file description,
+/// which `SCM_RIGHTS` passes along); a standalone server saves its `FIONBIO` too.
+pub fn accept_nonblocking(listener: BorrowedFd<'_>) -> io::Result<(OwnedFd, Option<SocketAddr>)> {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: accept4 writes at most `len` bytes into `storage`, which is ours and exactly that
+    // large, updates `len`, and returns a new fd or -1.
+    let rc = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            (&raw mut storage).cast::<libc::sockaddr>(),
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just created `rc` for us and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(rc) };
+    let len = len as usize;
+    let peer = match i32::from(storage.ss_family) {
+        libc::AF_INET if len >= mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the kernel wrote a sockaddr_in (family AF_INET, length checked) at the
+            // start of `storage`, whose alignment suits every sockaddr type.
+            let sin = unsafe { &*(&raw const storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 if len >= mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for a sockaddr_in6 (family AF_INET6, length checked).
+            let sin6 = unsafe { &*(&raw const storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                u32::from_be(sin6.sin6_flowinfo),
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    };
+    Ok((fd, peer))
 }
 
 /// One `sendmsg` of `bytes` with `fds` attached as a single `SCM_RIGHTS` message.

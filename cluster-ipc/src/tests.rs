@@ -6,14 +6,14 @@
 //! threads and share `/proc/self/fd`, so leak checks are only meaningful one at a time.
 
 use std::collections::VecDeque;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use cluster_core::{ConnId, Message, ServerId};
+use cluster_core::{ConnId, Message, Peer, ServerId};
 
 use crate::frame::{self, HEADER_LEN};
 use crate::{Channel, IpcError, Limits, spawn_with_channel, sys};
@@ -32,16 +32,78 @@ pub(crate) fn fd_lock() -> MutexGuard<'static, ()> {
 const WAIT: Option<Duration> = Some(Duration::from_secs(10));
 
 fn new_conn(c: u64) -> Message {
-    Message::NewConn {
-        server: ServerId(1),
-        conn: ConnId(c),
-    }
+    Message::new_conn(ServerId(1), ConnId(c), Peer::Unix)
 }
 
 /// A channel whose peer is a bare socket we can write forged frames to.
 fn raw_pair(limits: Limits) -> (Channel, UnixStream) {
     let (a, b) = UnixStream::pair().unwrap();
     (Channel::from_stream(a, limits).unwrap(), b)
+}
+
+#[test]
+fn a_hand_off_batch_brings_each_connection_its_own_fd_in_order() {
+    let _g = fd_lock();
+    let base = open_fds();
+    {
+        let (mut master, mut worker) = Channel::pair().unwrap();
+        let pairs: Vec<_> = (0..3).map(|_| UnixStream::pair().unwrap()).collect();
+        let conns = (0..3u64)
+            .map(|c| cluster_core::HandedConn {
+                conn: ConnId(c),
+                peer: Peer::Unix,
+            })
+            .collect();
+        let msg = Message::NewConn {
+            server: ServerId(1),
+            conns,
+        };
+        let fds: Vec<_> = pairs.iter().map(|(ours, _)| ours.as_fd()).collect();
+        master.send_blocking(&msg, &fds, WAIT).unwrap();
+        let got = worker.recv_blocking(WAIT).unwrap();
+        assert_eq!(got.msg, msg);
+        assert_eq!(got.fds.len(), 3);
+        // Each fd is the socket its entry names: a byte written to the far end of pair k
+        // arrives on the k-th fd.
+        for (k, ((_, theirs), fd)) in pairs.iter().zip(got.fds).enumerate() {
+            (&*theirs).write_all(&[k as u8]).unwrap();
+            let mut got = [0u8; 1];
+            let mut stream = UnixStream::from(fd);
+            stream.read_exact(&mut got).unwrap();
+            assert_eq!(got[0], k as u8);
+        }
+    }
+    assert_eq!(open_fds(), base);
+}
+
+#[test]
+fn accept_nonblocking_gives_a_non_blocking_stream_and_the_peer() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (fd, peer) = crate::accept_nonblocking(listener.as_fd()).unwrap();
+    assert_eq!(peer, Some(client.local_addr().unwrap()));
+    let mut server_side = std::net::TcpStream::from(fd);
+    let mut buf = [0u8; 1];
+    let err = server_side.read(&mut buf).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
+    // The flags as the kernel reports them (`/proc`), without unsafe code here.
+    let fd_number = std::os::fd::AsRawFd::as_raw_fd(&server_side);
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd_number}")).unwrap();
+    let flags = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+        .unwrap();
+    assert_ne!(
+        flags & libc::O_CLOEXEC as u32,
+        0,
+        "close-on-exec: {flags:o}"
+    );
+    assert_ne!(
+        flags & libc::O_NONBLOCK as u32,
+        0,
+        "non-blocking: {flags:o}"
+    );
 }
 
 #[test]

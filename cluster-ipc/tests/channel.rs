@@ -6,16 +6,13 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use cluster_core::{ConnId, Message, ServerId};
+use cluster_core::{ConnId, Message, Peer, ServerId};
 use cluster_ipc::{Channel, DecodeError, IpcError, Limits, frame};
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(10));
 
 fn new_conn(c: u64) -> Message {
-    Message::NewConn {
-        server: ServerId(1),
-        conn: ConnId(c),
-    }
+    Message::new_conn(ServerId(1), ConnId(c), Peer::Unix)
 }
 
 /// The whole point of the crate: a connection accepted on one side is served on the other,

@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use cluster_core::{ConnId, Message, ServerId};
+use cluster_core::{ConnId, Message, Peer, ServerId};
 use cluster_ipc::{Channel, Received};
 
 mod common;
@@ -56,10 +56,7 @@ fn ten_thousand_fd_frames_each_way_without_leaks() {
             // Both sides write a burst without reading, so both send queues fill (EAGAIN).
             for _ in 0..BURST.min(PER_DIRECTION - sent_ab) {
                 let (conn, _twin) = UnixStream::pair().unwrap();
-                let msg = Message::NewConn {
-                    server: ServerId(1),
-                    conn: ConnId(sent_ab as u64),
-                };
+                let msg = Message::new_conn(ServerId(1), ConnId(sent_ab as u64), Peer::Unix);
                 queued_a += usize::from(send(&mut a, msg, vec![conn.into()], &mut to_b));
                 if sent_ab % 3 == 0 {
                     let ack = Message::Accepted {

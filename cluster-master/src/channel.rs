@@ -25,6 +25,10 @@ pub trait WorkerChannel: Source + Debug + Send {
     /// The socket reported readiness (see [`Channel::note_readable`]): data may have arrived
     /// since a read that found it empty.
     fn note_readable(&mut self) {}
+    /// The most connections one [`Message::NewConn`] sent here may carry (at least 1).
+    fn max_handoff_batch(&self) -> usize {
+        cluster_core::MAX_HANDOFF_BATCH
+    }
 }
 
 impl WorkerChannel for Channel {

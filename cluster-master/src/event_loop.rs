@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use cluster_core::{BoundAddr, ServerId, WorkerId};
+use cluster_core::{BoundAddr, ConnId, ServerId, WorkerId};
 use mio::{Events, Poll, Token, Waker};
 
 use crate::activation::Activation;
@@ -27,7 +27,7 @@ use crate::events::{
 use crate::notify::NotifySocket;
 use crate::orphans::OrphanReaper;
 use crate::round_robin::Action;
-use crate::server::{Server, ServerKind};
+use crate::server::{AcceptedConn, Server, ServerKind};
 use crate::supervision::{Supervision, SupervisionConfig};
 use crate::{MasterBuilder, MasterError, sys};
 
@@ -135,7 +135,9 @@ impl WorkerRec {
 struct Fleet {
     workers: HashMap<WorkerId, WorkerRec>,
     /// Reused for every handle call, so a hand-off allocates nothing.
-    actions: Vec<Action<OwnedFd>>,
+    actions: Vec<Action<AcceptedConn>>,
+    /// The hand-offs of one `run_actions` step, grouped by worker there; reused likewise.
+    handoffs: Vec<(WorkerId, ConnId)>,
     /// Workers to drop after the current step (dropping one re-enters the handles).
     doomed: Vec<(WorkerId, String)>,
     stats: MasterStats,

@@ -301,6 +301,9 @@ pub struct MasterStats {
     pub accepted: u64,
     /// Hand-offs sent.
     pub handed_off: u64,
+    /// `NewConn` frames (one `sendmsg` each) that carried them: a master that accepted several
+    /// connections for one worker in one pass sends them in one frame.
+    pub handoff_frames: u64,
     /// Hand-offs a worker took.
     pub taken: u64,
     /// Hand-offs refused and re-routed.

@@ -8,12 +8,19 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 
 use cluster_core::{
-    BoundAddr, ListenAddr, ListenError, ListenKey, ListenSpec, Policy, ServerGrant, ServerId,
+    BoundAddr, ListenAddr, ListenError, ListenKey, ListenSpec, Peer, Policy, ServerGrant, ServerId,
     WorkerId,
 };
 
 use crate::bind::{self, BoundSocket};
 use crate::round_robin::{RoundRobinConfig, RoundRobinHandle};
+
+/// A connection the master accepted and keeps until a worker answers for it.
+#[derive(Debug)]
+pub(crate) struct AcceptedConn {
+    pub(crate) fd: OwnedFd,
+    pub(crate) peer: Peer,
+}
 
 /// The master's accepting socket of a round-robin server.
 #[derive(Debug)]
@@ -23,12 +30,25 @@ pub(crate) enum AcceptSocket {
 }
 
 impl AcceptSocket {
-    /// One `accept4` (close-on-exec). The fd goes to a worker as it is: the master never reads
-    /// from it, so its blocking mode does not matter here.
-    pub(crate) fn accept_fd(&self) -> io::Result<OwnedFd> {
+    /// One `accept4` (non-blocking, close-on-exec), keeping the peer's address for the
+    /// worker: see [`cluster_ipc::accept_nonblocking`].
+    pub(crate) fn accept_conn(&self) -> io::Result<AcceptedConn> {
         match self {
-            AcceptSocket::Tcp(l) => l.accept().map(|(s, _)| OwnedFd::from(s)),
-            AcceptSocket::Unix(l) => l.accept().map(|(s, _)| OwnedFd::from(s)),
+            AcceptSocket::Tcp(l) => {
+                let (fd, addr) = cluster_ipc::accept_nonblocking(l.as_fd())?;
+                // The kernel always reports an inet peer for a TCP listener; were it ever to
+                // report none, the unspecified address keeps the stream typed as TCP.
+                let unknown = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+                let peer = Peer::Tcp(addr.unwrap_or(unknown));
+                Ok(AcceptedConn { fd, peer })
+            }
+            AcceptSocket::Unix(l) => {
+                let (fd, _) = cluster_ipc::accept_nonblocking(l.as_fd())?;
+                Ok(AcceptedConn {
+                    fd,
+                    peer: Peer::Unix,
+                })
+            }
         }
     }
 
@@ -44,7 +64,7 @@ impl AcceptSocket {
 pub(crate) enum ServerKind {
     RoundRobin {
         socket: AcceptSocket,
-        handle: Box<RoundRobinHandle<OwnedFd>>,
+        handle: Box<RoundRobinHandle<AcceptedConn>>,
         /// Accepting stopped before `WouldBlock` (backpressure or fd exhaustion): the
         /// edge-triggered listener will not report the connections already waiting, so the
         /// loop must try again itself.

@@ -25,6 +25,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
+use std::net::TcpStream;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -33,8 +34,8 @@ use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use cluster_core::{
-    BoundAddr, ConnId, ListenAddr, ListenSpec, Message, RefuseReason, Seq, ServerGrant, ServerId,
-    ServerReply, WorkerId,
+    BoundAddr, HandedConn, ListenAddr, ListenSpec, Message, Peer, RefuseReason, Seq, ServerGrant,
+    ServerId, ServerReply, WorkerId,
 };
 use cluster_ipc::{Channel, Received};
 use mio::{Interest, Registry, Token, Waker};
@@ -198,7 +199,7 @@ impl State {
     }
 
     fn route(&mut self, r: Received) {
-        let Received { msg, mut fds } = r;
+        let Received { msg, fds } = r;
         match msg {
             Message::QueryServerReply { seq, reply } if self.abandoned.remove(&seq) => {
                 // The fds (a shared socket) close here; the master forgets our registration.
@@ -226,7 +227,13 @@ impl State {
                     },
                 );
             }
-            Message::NewConn { server, conn } => self.answer(server, conn, fds.pop()),
+            Message::NewConn { server, conns } => {
+                // The channel checked that one fd came per connection, in the same order.
+                let mut fds = fds.into_iter();
+                for handed in conns {
+                    self.answer(server, handed, fds.next());
+                }
+            }
             Message::Disconnect => {
                 self.disconnect.get_or_insert(DisconnectBy::Master);
             }
@@ -249,8 +256,9 @@ impl State {
     /// The one place a hand-off is answered, when it arrives: taken (parked in its server's
     /// inbox, `Accepted` queued) or refused (the fd closes here; the master kept its copy and
     /// re-routes it).
-    fn answer(&mut self, server: ServerId, conn: ConnId, fd: Option<OwnedFd>) {
-        let msg = match self.admit(server, fd) {
+    fn answer(&mut self, server: ServerId, handed: HandedConn, fd: Option<OwnedFd>) {
+        let HandedConn { conn, peer } = handed;
+        let msg = match self.admit(server, fd, peer) {
             Ok(taken) => {
                 if let Some(inbox) = self.inboxes.get_mut(&server) {
                     inbox.parked.push_back(taken);
@@ -267,6 +275,7 @@ impl State {
         &self,
         server: ServerId,
         fd: Option<OwnedFd>,
+        peer: Peer,
     ) -> Result<(Stream, ConnInfo), RefuseReason> {
         let fd = fd.ok_or(RefuseReason::FdLost)?;
         if self.draining || self.disconnect.is_some() {
@@ -288,7 +297,12 @@ impl State {
         if !(inbox.room)(self.parked) {
             return Err(RefuseReason::MaxConnections);
         }
-        let (stream, peer) = sys::stream_from_fd(fd).map_err(|_| RefuseReason::FdLost)?;
+        // The master says what it accepted, and accepted it non-blocking: no `getpeername`,
+        // no `FIONBIO` here.
+        let (stream, peer) = match peer {
+            Peer::Tcp(addr) => (Stream::Tcp(TcpStream::from(fd)), Some(addr)),
+            Peer::Unix => (Stream::Unix(UnixStream::from(fd)), None),
+        };
         let info = ConnInfo {
             server: Some(server),
             peer,

@@ -1,5 +1,5 @@
 use std::io;
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
@@ -65,22 +65,20 @@ impl Sock {
         }
     }
 
-    /// One `accept(2)` on a real socket.
+    /// One `accept4(2)` on a real socket. The stream is non-blocking, as every stream the
+    /// serve loop runs is (a handed-off one arrives so); blocking callers switch it back.
     pub(crate) fn accept_local(&self, server: Option<ServerId>) -> io::Result<(Stream, ConnInfo)> {
         match self {
             Sock::Tcp(l) => {
-                let (s, peer) = l.accept()?;
-                Ok((
-                    Stream::Tcp(s),
-                    ConnInfo {
-                        server,
-                        peer: Some(peer),
-                    },
-                ))
+                let (fd, peer) = cluster_ipc::accept_nonblocking(l.as_fd())?;
+                Ok((Stream::Tcp(TcpStream::from(fd)), ConnInfo { server, peer }))
             }
             Sock::Unix(l) => {
-                let (s, _) = l.accept()?;
-                Ok((Stream::Unix(s), ConnInfo { server, peer: None }))
+                let (fd, _) = cluster_ipc::accept_nonblocking(l.as_fd())?;
+                Ok((
+                    Stream::Unix(UnixStream::from(fd)),
+                    ConnInfo { server, peer: None },
+                ))
             }
             Sock::RoundRobin { .. } => Err(io::Error::new(
                 io::ErrorKind::Unsupported,

@@ -119,11 +119,10 @@ impl SessionSet {
     /// the connection is taken, so most such connections never cost an `epoll_ctl`. Registering
     /// after the first go loses nothing: `EPOLL_CTL_ADD` reports the readiness the socket
     /// already has.
+    ///
+    /// The stream is non-blocking already: the master hands connections over that way and the
+    /// serve loop accepts that way, so no `FIONBIO` is paid per connection.
     pub(crate) fn add(&mut self, stream: Stream, info: &ConnInfo) {
-        if stream.set_nonblocking(true).is_err() {
-            self.finished();
-            return;
-        }
         let conn = stream;
         let slot = match self.free.pop() {
             Some(s) => s,

@@ -7,9 +7,9 @@
 //! the moment the kernel returns it.
 
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::time::Duration;
 
@@ -120,34 +120,6 @@ pub(crate) fn classify(fd: OwnedFd) -> io::Result<StreamFd> {
         Some(AddressFamily::Unix) => Ok(StreamFd::Unix(fd)),
         other => Err(unsupported("received socket", other)),
     }
-}
-
-/// A handed-off fd as a connected stream, with the client's address for TCP.
-///
-/// One `getpeername` both types the socket and names the peer (a syscall per connection
-/// instead of `getsockname` + `getpeername`). A socket with no peer any more (reset before it
-/// reached us) is typed by `getsockname` as before and served with no address: its session
-/// sees the error, as it would have.
-pub(crate) fn stream_from_fd(fd: OwnedFd) -> io::Result<(crate::Stream, Option<SocketAddr>)> {
-    let peer = socket::getpeername::<SockaddrStorage>(fd.as_raw_fd()).ok();
-    let (family, addr) = match &peer {
-        Some(sa) => (sa.family(), inet_addr(sa)),
-        None => (socket_family(fd.as_fd())?, None),
-    };
-    Ok(match family {
-        Some(AddressFamily::Inet | AddressFamily::Inet6) => {
-            (crate::Stream::Tcp(TcpStream::from(fd)), addr)
-        }
-        Some(AddressFamily::Unix) => (crate::Stream::Unix(UnixStream::from(fd)), None),
-        other => return Err(unsupported("received socket", other)),
-    })
-}
-
-fn inet_addr(sa: &SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = sa.as_sockaddr_in() {
-        return Some(SocketAddr::V4((*v4).into()));
-    }
-    sa.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
 }
 
 /// The soft `RLIMIT_NOFILE`, or `None` when unlimited.

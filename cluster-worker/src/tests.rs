@@ -8,7 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use cluster_core::{
-    BoundAddr, ConnId, ListenError, ListenSpec, Message, RefuseReason, ServerGrant, ServerId,
+    BoundAddr, ConnId, ListenError, ListenSpec, Message, Peer, RefuseReason, ServerGrant, ServerId,
     ServerReply, WorkerId,
 };
 use cluster_ipc::{Channel, Received};
@@ -88,15 +88,19 @@ fn tcp_pair() -> (TcpStream, TcpStream) {
     let l = TcpListener::bind(any_port()).unwrap();
     let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
     let (s, _) = l.accept().unwrap();
+    // The master accepts with SOCK_NONBLOCK, and the worker relies on it.
+    s.set_nonblocking(true).unwrap();
     c.set_read_timeout(Some(T)).unwrap();
     (c, s)
 }
 
+/// What the master's accept reports of the client's side.
+fn tcp_peer(server_side: &TcpStream) -> Peer {
+    Peer::Tcp(server_side.peer_addr().unwrap())
+}
+
 fn hand_off(m: &mut Channel, server: u32, conn: u64, sock: &TcpStream) {
-    let msg = Message::NewConn {
-        server: ServerId(server),
-        conn: ConnId(conn),
-    };
+    let msg = Message::new_conn(ServerId(server), ConnId(conn), tcp_peer(sock));
     m.send_blocking(&msg, &[sock.as_fd()], Some(T)).unwrap();
 }
 
@@ -912,10 +916,7 @@ fn a_burst_of_hand_offs_is_answered_in_order() {
         expect_listening(&mut m, 1);
         let pairs: Vec<_> = (0..40).map(|_| tcp_pair()).collect();
         for (i, (_, s)) in pairs.iter().enumerate() {
-            let msg = Message::NewConn {
-                server: ServerId(1),
-                conn: ConnId(i as u64),
-            };
+            let msg = Message::new_conn(ServerId(1), ConnId(i as u64), tcp_peer(s));
             // Queued back to back, so most arrive in one read on the worker's side.
             m.send(&msg, &[s.as_fd()]).unwrap();
         }

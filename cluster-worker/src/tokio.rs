@@ -162,9 +162,8 @@ impl TcpListener {
                 let peer = peer
                     .or_else(|| s.peer_addr().ok())
                     .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-                s.set_nonblocking(true)
-                    .and_then(|()| tnet::TcpStream::from_std(s))
-                    .map(|s| (s, peer))
+                // Handed-off streams arrive non-blocking (see `Message::NewConn`).
+                tnet::TcpStream::from_std(s).map(|s| (s, peer))
             }
             Stream::Unix(_) => Err(wrong_kind("TCP")),
         })
@@ -213,13 +212,10 @@ impl UnixListener {
             Poll::Pending => return Poll::Pending,
         };
         Poll::Ready(match taken.0 {
-            Stream::Unix(s) => s
-                .set_nonblocking(true)
-                .and_then(|()| tnet::UnixStream::from_std(s))
-                .and_then(|s| {
-                    let peer = s.peer_addr()?;
-                    Ok((s, peer))
-                }),
+            Stream::Unix(s) => tnet::UnixStream::from_std(s).and_then(|s| {
+                let peer = s.peer_addr()?;
+                Ok((s, peer))
+            }),
             Stream::Tcp(_) => Err(wrong_kind("Unix")),
         })
     }

@@ -265,64 +265,68 @@ fn run() -> Result<u8, String> {
             Err(_) => return Ok(0),
         };
         match r.msg {
-            Message::NewConn { conn, .. } => {
-                let answer = match mode.as_str() {
-                    "refuse" => Some(Message::Refused {
-                        conn,
-                        reason: RefuseReason::MaxConnections,
-                    }),
-                    "close-listener" => Some(Message::Refused {
-                        conn,
-                        reason: RefuseReason::ListenerClosed,
-                    }),
-                    "hold" => None,
-                    "withhold-first" if withheld.is_none() => {
-                        withheld = Some(r.fds);
-                        continue;
-                    }
-                    "withhold-first" => Some(Message::Refused {
-                        conn,
-                        reason: RefuseReason::MaxConnections,
-                    }),
-                    "forge" => {
-                        for d in 1..=20u64 {
-                            let around = [conn.0 + d, conn.0.wrapping_sub(d)];
-                            for forged in around.into_iter().filter(|f| *f != conn.0) {
-                                ch.queue(&Message::Accepted {
-                                    conn: cluster_core::ConnId(forged),
-                                })
-                                .map_err(|e| e.to_string())?;
-                            }
-                        }
-                        Some(Message::Refused {
+            Message::NewConn { conns, .. } => {
+                // A frame may carry several connections, one fd each, in order.
+                for (handed, fd) in conns.iter().zip(r.fds) {
+                    let conn = handed.conn;
+                    let answer = match mode.as_str() {
+                        "refuse" => Some(Message::Refused {
                             conn,
                             reason: RefuseReason::MaxConnections,
-                        })
-                    }
-                    _ if limit("crash-after-").is_some_and(|n| served >= n) => {
-                        std::process::abort()
-                    }
-                    "answer-then-fd" => {
-                        let client = r.fds.into_iter().next().ok_or("hand-off without an fd")?;
-                        return answer_then_fd(&mut ch, conn, client, &id);
-                    }
-                    _ if limit("garbage-after-").is_some_and(|n| served >= n) => {
-                        use std::os::fd::AsFd;
-                        let mut raw = UnixStream::from(
-                            ch.as_fd().try_clone_to_owned().map_err(|e| e.to_string())?,
-                        );
-                        let _ = raw.write_all(&[0xff; 64]);
-                        None
-                    }
-                    _ => Some(Message::Accepted { conn }),
-                };
-                let Some(answer) = answer else { continue };
-                let accepted = matches!(answer, Message::Accepted { .. });
-                send(&mut ch, &answer)?;
-                if accepted {
-                    served += 1;
-                    if let Some(fd) = r.fds.into_iter().next() {
+                        }),
+                        "close-listener" => Some(Message::Refused {
+                            conn,
+                            reason: RefuseReason::ListenerClosed,
+                        }),
+                        "hold" => None,
+                        "withhold-first" if withheld.is_none() => {
+                            withheld = Some(vec![fd]);
+                            continue;
+                        }
+                        "withhold-first" => Some(Message::Refused {
+                            conn,
+                            reason: RefuseReason::MaxConnections,
+                        }),
+                        "forge" => {
+                            for d in 1..=20u64 {
+                                let around = [conn.0 + d, conn.0.wrapping_sub(d)];
+                                for forged in around.into_iter().filter(|f| *f != conn.0) {
+                                    ch.queue(&Message::Accepted {
+                                        conn: cluster_core::ConnId(forged),
+                                    })
+                                    .map_err(|e| e.to_string())?;
+                                }
+                            }
+                            Some(Message::Refused {
+                                conn,
+                                reason: RefuseReason::MaxConnections,
+                            })
+                        }
+                        _ if limit("crash-after-").is_some_and(|n| served >= n) => {
+                            std::process::abort()
+                        }
+                        "answer-then-fd" => {
+                            let client = fd;
+                            return answer_then_fd(&mut ch, conn, client, &id);
+                        }
+                        _ if limit("garbage-after-").is_some_and(|n| served >= n) => {
+                            use std::os::fd::AsFd;
+                            let mut raw = UnixStream::from(
+                                ch.as_fd().try_clone_to_owned().map_err(|e| e.to_string())?,
+                            );
+                            let _ = raw.write_all(&[0xff; 64]);
+                            None
+                        }
+                        _ => Some(Message::Accepted { conn }),
+                    };
+                    let Some(answer) = answer else { continue };
+                    let accepted = matches!(answer, Message::Accepted { .. });
+                    send(&mut ch, &answer)?;
+                    if accepted {
+                        served += 1;
+                        // Handed-off streams arrive non-blocking; this server blocks.
                         let stream = std::net::TcpStream::from(fd);
+                        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
                         let id = id.clone();
                         std::thread::spawn(move || serve_stream(stream, &id));
                     }
@@ -370,16 +374,19 @@ fn query_flood(ch: &mut Channel, spec: &ListenSpec, n: usize) -> Result<u8, Stri
                 return Err(format!("unexpected reply {reply:?}"));
             }
             // Hand-offs meanwhile are refused so the master re-routes them.
-            Message::NewConn { conn, .. } => ch
-                .send_blocking(
-                    &Message::Refused {
-                        conn,
-                        reason: RefuseReason::MaxConnections,
-                    },
-                    &[],
-                    Some(Duration::from_secs(10)),
-                )
-                .map_err(|e| e.to_string())?,
+            Message::NewConn { conns, .. } => {
+                for handed in conns {
+                    ch.send_blocking(
+                        &Message::Refused {
+                            conn: handed.conn,
+                            reason: RefuseReason::MaxConnections,
+                        },
+                        &[],
+                        Some(Duration::from_secs(10)),
+                    )
+                    .map_err(|e| e.to_string())?;
+                }
+            }
             _ => {}
         }
     }

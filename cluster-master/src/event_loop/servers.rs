@@ -9,7 +9,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Instant;
 
 use cluster_core::{
-    ConnId, ListenError, ListenSpec, Message, RefuseReason, Seq, ServerId, ServerReply, WorkerId,
+    ConnId, HandedConn, ListenError, ListenSpec, MAX_HANDOFF_BATCH, Message, RefuseReason, Seq,
+    ServerId, ServerReply, WorkerId,
 };
 use cluster_ipc::IpcError;
 use mio::Interest;
@@ -18,7 +19,7 @@ use mio::unix::SourceFd;
 use super::{EventLoop, Fleet, KIND_LISTENER, MAX_QUEUED_FOR_WORKER, token};
 use crate::events::{Event, WorkerState};
 use crate::round_robin::{Action, RoundRobinHandle};
-use crate::server::ServerKind;
+use crate::server::{AcceptedConn, ServerKind};
 
 /// Server ids fit in the top 24 bits of a connection id.
 const MAX_SERVER_ID: u32 = 1 << (64 - ConnId::COUNTER_BITS);
@@ -38,16 +39,17 @@ impl EventLoop {
         else {
             return;
         };
+        // The whole pass is dealt before anything is sent, so that the connections one worker
+        // gets in it leave in one `sendmsg` (see `run_actions`).
         loop {
             if !handle.accepting() {
                 *backlogged = true;
                 break;
             }
-            match socket.accept_fd() {
-                Ok(fd) => {
+            match socket.accept_conn() {
+                Ok(conn) => {
                     self.fleet.stats.accepted += 1;
-                    handle.distribute(fd, self.now, &mut self.fleet.actions);
-                    run_actions(id, handle, &mut self.fleet, self.now);
+                    handle.distribute(conn, self.now, &mut self.fleet.actions);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     *backlogged = false;
@@ -56,8 +58,8 @@ impl EventLoop {
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
                     // Shed one connection with the reserve fd so the backlog keeps moving.
                     self.reserve_fd = None;
-                    if let Ok(fd) = socket.accept_fd() {
-                        drop(fd);
+                    if let Ok(conn) = socket.accept_conn() {
+                        drop(conn);
                         self.fleet.stats.closed_unserved += 1;
                     }
                     self.reserve_fd = File::open("/dev/null").ok();
@@ -78,6 +80,7 @@ impl EventLoop {
                 }
             }
         }
+        run_actions(id, handle, &mut self.fleet, self.now);
     }
 
     pub(super) fn retry_backlogged(&mut self) {
@@ -407,19 +410,25 @@ fn bind_failure(spec: &ListenSpec, errno: i32) -> String {
 /// Carries out a handle's actions: hand-offs go out on the worker's channel with the master's
 /// fd attached (the master keeps its copy until the answer); closes drop the connection.
 ///
+/// The hand-offs to one worker leave together, up to what its channel takes in one frame
+/// ([`crate::WorkerChannel::max_handoff_batch`]): one `sendmsg` and, on the worker's side, one
+/// `recvmsg` for the lot, which is most of what a hand-off costs. Batching never reorders one
+/// worker's connections, and a frame is all or nothing: its fds go with its first byte.
+///
 /// A hand-off that fails for want of fds or memory in the master (the channel must keep a
 /// duplicate of the fd while the worker's socket is full) is no fault of the worker: it counts
 /// as that worker refusing it for a moment ([`RefuseReason::FdLimit`]), so it goes elsewhere.
 /// Any other failure drops the worker.
 pub(super) fn run_actions(
     sid: ServerId,
-    handle: &mut RoundRobinHandle<OwnedFd>,
+    handle: &mut RoundRobinHandle<AcceptedConn>,
     fleet: &mut Fleet,
     now: Instant,
 ) {
     let Fleet {
         workers,
         actions,
+        handoffs,
         doomed,
         stats,
     } = fleet;
@@ -427,38 +436,64 @@ pub(super) fn run_actions(
     // Ends: each bounce spends one of the connection's `max_attempts` hand-offs, after which
     // the handle closes it instead of handing it off again.
     loop {
+        handoffs.clear();
         for action in actions.drain(..) {
             match action {
-                Action::Handoff { worker, conn } => {
-                    let Some(fd) = handle.conn(conn) else {
-                        continue;
-                    };
-                    let sent = match workers.get_mut(&worker).and_then(|w| w.channel.as_mut()) {
-                        Some(ch) => ch.send(&Message::NewConn { server: sid, conn }, &[fd.as_fd()]),
-                        None => Err(IpcError::Closed),
-                    };
-                    match sent {
-                        Ok(()) => stats.handed_off += 1,
-                        Err(IpcError::Io(e))
-                            if matches!(
-                                e.raw_os_error(),
-                                Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
-                            ) =>
-                        {
-                            bounced.push((worker, conn));
-                        }
-                        // The connection stays in flight to this worker in the handle;
-                        // dropping the worker re-queues it.
-                        Err(e) => {
-                            if !doomed.iter().any(|(w, _)| *w == worker) {
-                                doomed.push((worker, format!("hand-off failed: {e}")));
-                            }
-                        }
-                    }
-                }
+                Action::Handoff { worker, conn } => handoffs.push((worker, conn)),
                 Action::Close { conn, .. } => {
                     drop(conn);
                     stats.closed_unserved += 1;
+                }
+            }
+        }
+        // Stable: each worker's connections keep the order the handle dealt them in.
+        handoffs.sort_by_key(|(worker, _)| *worker);
+        for same_worker in handoffs.chunk_by(|a, b| a.0 == b.0) {
+            let Some(&(worker, _)) = same_worker.first() else {
+                continue;
+            };
+            let channel = workers.get_mut(&worker).and_then(|w| w.channel.as_mut());
+            let batch = channel
+                .as_ref()
+                .map_or(1, |ch| ch.max_handoff_batch().clamp(1, MAX_HANDOFF_BATCH));
+            let mut channel = channel;
+            for frame in same_worker.chunks(batch) {
+                let mut conns = Vec::with_capacity(frame.len());
+                let mut fds = Vec::with_capacity(frame.len());
+                for &(_, conn) in frame {
+                    // Every hand-off the handle just asked for is in flight with its fd.
+                    if let Some(c) = handle.conn(conn) {
+                        conns.push(HandedConn { conn, peer: c.peer });
+                        fds.push(c.fd.as_fd());
+                    }
+                }
+                if conns.is_empty() {
+                    continue;
+                }
+                let sent = match channel.as_mut() {
+                    Some(ch) => ch.send(&Message::NewConn { server: sid, conns }, &fds),
+                    None => Err(IpcError::Closed),
+                };
+                match sent {
+                    Ok(()) => {
+                        stats.handed_off += fds.len() as u64;
+                        stats.handoff_frames += 1;
+                    }
+                    Err(IpcError::Io(e))
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+                        ) =>
+                    {
+                        bounced.extend(frame.iter().copied());
+                    }
+                    // The connections stay in flight to this worker in the handle; dropping
+                    // the worker re-queues them.
+                    Err(e) => {
+                        if !doomed.iter().any(|(w, _)| *w == worker) {
+                            doomed.push((worker, format!("hand-off failed: {e}")));
+                        }
+                    }
                 }
             }
         }

@@ -142,6 +142,11 @@ impl NodeChannel {
 }
 
 impl WorkerChannel for NodeChannel {
+    /// Node's receiver attaches at most one handle to each read of its pipe.
+    fn max_handoff_batch(&self) -> usize {
+        1
+    }
+
     fn send(&mut self, msg: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), IpcError> {
         let allowed = msg.fds_allowed();
         if !allowed.contains(&fds.len()) {
@@ -223,7 +228,7 @@ mod tests {
     use std::os::unix::net::UnixStream;
     use std::time::Duration;
 
-    use cluster_core::{ConnId, Message, ServerId};
+    use cluster_core::{ConnId, Message, Peer, ServerId};
 
     use super::*;
 
@@ -266,10 +271,7 @@ mod tests {
         .unwrap();
         let conn = TcpListener::bind("127.0.0.1:0").unwrap();
         ch.send(
-            &Message::NewConn {
-                server: ServerId(1),
-                conn: ConnId(9),
-            },
+            &Message::new_conn(ServerId(1), ConnId(9), Peer::Unix),
             &[conn.as_fd()],
         )
         .unwrap();

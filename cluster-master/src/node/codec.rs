@@ -15,8 +15,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use cluster_core::{
-    BoundAddr, ConnId, ListenAddr, ListenSpec, Message, RefuseReason, Seq, ServerGrant, ServerId,
-    ServerReply,
+    BoundAddr, ConnId, HandedConn, ListenAddr, ListenSpec, Message, RefuseReason, Seq, ServerGrant,
+    ServerId, ServerReply,
 };
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -466,7 +466,15 @@ impl NodeCodec {
         out: &mut Vec<u8>,
     ) -> Result<bool, NodeError> {
         match msg {
-            Message::NewConn { server, conn } => {
+            Message::NewConn { server, conns } => {
+                // Node's receiver takes one handle per read, so each hand-off is a line of its
+                // own (the channel says so through `max_handoff_batch`).
+                let [HandedConn { conn, .. }] = conns.as_slice() else {
+                    return Err(NodeError::Unsupported(format!(
+                        "a batch of {} hand-offs",
+                        conns.len()
+                    )));
+                };
                 let key = self
                     .granted
                     .iter()

@@ -98,6 +98,8 @@ impl Rig {
     fn pair(&self) -> (TcpStream, TcpStream) {
         let c = TcpStream::connect(self.listener.local_addr().unwrap()).unwrap();
         let (s, _) = self.listener.accept().unwrap();
+        // Every stream reaches the sessions non-blocking (see `Sessions::add`).
+        s.set_nonblocking(true).unwrap();
         (c, s)
     }
 

@@ -10,7 +10,7 @@ use std::thread;
 use std::time::Duration;
 
 use cluster_core::{
-    BoundAddr, ConnId, ListenSpec, Message, RefuseReason, ServerGrant, ServerId, ServerReply,
+    BoundAddr, ConnId, ListenSpec, Message, Peer, RefuseReason, ServerGrant, ServerId, ServerReply,
     WorkerId,
 };
 use cluster_ipc::{Channel, Received};
@@ -60,15 +60,18 @@ fn tcp_pair() -> (TcpStream, TcpStream) {
     let l = StdListener::bind("127.0.0.1:0").unwrap();
     let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
     let (s, _) = l.accept().unwrap();
+    // The master accepts with SOCK_NONBLOCK, and the worker relies on it.
+    s.set_nonblocking(true).unwrap();
     (c, s)
 }
 
 /// Hands `sock` over as `conn` and returns the worker's answer.
 fn hand_off(m: &mut Channel, conn: u64, sock: &TcpStream) -> Message {
-    let msg = Message::NewConn {
-        server: ServerId(1),
-        conn: ConnId(conn),
-    };
+    let msg = Message::new_conn(
+        ServerId(1),
+        ConnId(conn),
+        Peer::Tcp(sock.peer_addr().unwrap()),
+    );
     m.send_blocking(&msg, &[sock.as_fd()], Some(T)).unwrap();
     recv(m).msg
 }

@@ -1,6 +1,7 @@
 use proptest::prelude::*;
 
 use super::*;
+use cluster_core::Peer;
 
 fn line(s: &str) -> Vec<u8> {
     s.as_bytes().to_vec()
@@ -140,10 +141,7 @@ fn newconn_answers_map_to_accepted_and_refused() {
         let mut out = Vec::new();
         assert!(
             c.encode(
-                &Message::NewConn {
-                    server: ServerId(1),
-                    conn: ConnId(n),
-                },
+                &Message::new_conn(ServerId(1), ConnId(n), Peer::Unix),
                 1,
                 &mut out,
             )
@@ -350,7 +348,7 @@ proptest! {
         let mut seq_of = Vec::new();
         for n in 0..20u64 {
             let mut out = Vec::new();
-            c.encode(&Message::NewConn { server: ServerId(1), conn: ConnId(n) }, 1, &mut out).unwrap();
+            c.encode(&Message::new_conn(ServerId(1), ConnId(n), Peer::Unix), 1, &mut out).unwrap();
             prop_assert_eq!(out.last(), Some(&b'\n'));
             prop_assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1);
             let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
