@@ -178,6 +178,8 @@ pub(crate) struct EventLoop {
     kept_for_starting: Vec<ServerId>,
     /// Workers that did not leave cleanly (exit 0 after disconnect) during the shutdown.
     unclean_exits: usize,
+    /// [`Event::HandleClosed`] was emitted (once per master).
+    handle_closed_told: bool,
     /// Connections closed unserved before the owner asked to stop: the stop is judged only on
     /// what it closed itself.
     unserved_before_stop: Option<u64>,
@@ -270,6 +272,7 @@ impl EventLoop {
             paused: Vec::new(),
             kept_for_starting: Vec::new(),
             unclean_exits: 0,
+            handle_closed_told: false,
             unserved_before_stop: None,
             notify,
             notify_unread: false,
