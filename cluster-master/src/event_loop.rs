@@ -411,7 +411,7 @@ impl EventLoop {
                 _ => None,
             })
             .min()
-            .map(|sent| sent + self.cfg.ack_timeout)
+            .map(|sent| sent + self.cfg.effective_ack_timeout())
     }
 
     /// Hand-offs sent to `w` and not answered, over all its servers. The handles are the one
@@ -467,7 +467,7 @@ impl EventLoop {
             return;
         }
         self.supervise(Supervision::on_timers);
-        let ack_timeout = self.cfg.ack_timeout;
+        let ack_timeout = self.cfg.effective_ack_timeout();
         let stuck: Vec<WorkerId> = self
             .fleet
             .workers
