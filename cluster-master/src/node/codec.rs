@@ -384,6 +384,17 @@ impl NodeCodec {
         fd_waiting: bool,
         replies: &mut Vec<u8>,
     ) -> Result<Decoded, NodeError> {
+        // The two lines a worker writes per hand-off, as Node's `JSON.stringify` writes them,
+        // skip the general parse; any other spelling takes it.
+        if line == HANDLE_ACK_LINE {
+            return Ok(self.handle_acked());
+        }
+        if let Some((ack, accepted)) = quick_answer(line) {
+            return Ok(Decoded {
+                msg: self.answer(ack, accepted),
+                ..Decoded::default()
+            });
+        }
         // Only an object can be internal; serde would also fill a `Wire` from an array.
         let object = line.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
         let wire: Wire<'_> = match serde_json::from_slice(line) {
@@ -449,6 +460,21 @@ impl NodeCodec {
         }
     }
 
+    /// The worker's answer to our `newconn` with seq `ack`; `None` for a seq that is not one.
+    fn answer(&mut self, ack: u64, accepted: bool) -> Option<Message> {
+        let conn = self.newconns.remove(&ack)?;
+        Some(if accepted {
+            Message::Accepted { conn }
+        } else {
+            // The worker closed that server or is at `maxConnections`; it will say `close`
+            // for the former, so the refusal itself is never permanent.
+            Message::Refused {
+                conn,
+                reason: RefuseReason::MaxConnections,
+            }
+        })
+    }
+
     fn handle_acked(&mut self) -> Decoded {
         Decoded {
             server_handle: match self.handles_unacked.pop_front() {
@@ -500,22 +526,9 @@ impl NodeCodec {
             let Some(ack) = wire.ack else {
                 return Err(bad("NODE_CLUSTER", "act"));
             };
-            let Some(conn) = u64::try_from(ack)
+            return Ok(u64::try_from(ack)
                 .ok()
-                .and_then(|a| self.newconns.remove(&a))
-            else {
-                return Ok(None);
-            };
-            return Ok(Some(if wire.accepted == Some(true) {
-                Message::Accepted { conn }
-            } else {
-                // The worker closed that server or is at `maxConnections`; it will say
-                // `close` for the former, so the refusal itself is never permanent.
-                Message::Refused {
-                    conn,
-                    reason: RefuseReason::MaxConnections,
-                }
-            }));
+                .and_then(|ack| self.answer(ack, wire.accepted == Some(true))));
         };
         match act {
             "online" => Ok(Some(Message::Online)),
@@ -786,6 +799,35 @@ impl Drop for NodeCodec {
             self.shared.release(key);
         }
     }
+}
+
+/// A worker's `NODE_HANDLE_ACK`, as Node writes it.
+const HANDLE_ACK_LINE: &[u8] = b"{\"cmd\":\"NODE_HANDLE_ACK\"}";
+
+/// `(ack, accepted)` of a line that is exactly Node's answer to a `newconn`,
+/// `{"cmd":"NODE_CLUSTER","ack":N,"accepted":B,"seq":M}`; `None` for anything else.
+fn quick_answer(line: &[u8]) -> Option<(u64, bool)> {
+    let rest = line.strip_prefix(b"{\"cmd\":\"NODE_CLUSTER\",\"ack\":")?;
+    let (ack, rest) = leading_decimal(rest)?;
+    let (accepted, rest) = match rest.strip_prefix(b",\"accepted\":true,\"seq\":") {
+        Some(rest) => (true, rest),
+        None => (false, rest.strip_prefix(b",\"accepted\":false,\"seq\":")?),
+    };
+    let (_, rest) = leading_decimal(rest)?;
+    (rest == b"}").then_some((ack, accepted))
+}
+
+/// The decimal number at the start of `bytes` (JSON's spelling: no sign, no leading zero) and
+/// what follows it; `None` if there is none or it overflows.
+fn leading_decimal(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let digits = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || (digits > 1 && bytes[0] == b'0') {
+        return None;
+    }
+    let n = bytes[..digits].iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })?;
+    Some((n, &bytes[digits..]))
 }
 
 /// `n` in decimal, without going through `fmt` (this is on every hand-off).

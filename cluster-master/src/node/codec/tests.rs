@@ -383,6 +383,23 @@ proptest! {
         prop_assert_eq!(c.unanswered(), 0);
     }
 
+    /// The quick reading of a `newconn` answer agrees with the general parse, and takes only
+    /// Node's exact spelling.
+    #[test]
+    fn quick_answers_agree_with_the_parse(ack in 0..=i64::MAX as u64, seq in any::<u64>(), accepted in any::<bool>(), space in any::<bool>()) {
+        let sp = if space { " " } else { "" };
+        let text = format!("{{\"cmd\":\"NODE_CLUSTER\",\"ack\":{sp}{ack},\"accepted\":{accepted},\"seq\":{seq}}}");
+        let wire: Wire<'_> = serde_json::from_str(&text).unwrap();
+        let parsed = (u64::try_from(wire.ack.unwrap_or(-1)).ok(), wire.accepted);
+        match quick_answer(text.as_bytes()) {
+            Some((a, ok)) => {
+                prop_assert!(!space);
+                prop_assert_eq!((Some(a), Some(ok)), parsed);
+            }
+            None => prop_assert!(space),
+        }
+    }
+
     /// User payloads the master sends come out as one line that parses back to the same value.
     #[test]
     fn user_payload_round_trip(s in ".{0,40}", n in any::<i64>()) {
