@@ -1,7 +1,10 @@
 //! The library API with an unmodified Node worker (tests/node/messages.js): `process.send`
 //! reaches [`Event::Message`] as JSON, and [`cluster_master::MasterControl::send`] with JSON
-//! reaches `process.on('message')`. Needs a real `node` (CI installs it; never skipped).
+//! reaches `process.on('message')`; a handle sent with a message is closed
+//! (tests/node/send_handle.js). Needs a real `node` (CI installs it; never skipped).
 
+use std::io::Read;
+use std::net::TcpStream;
 use std::path::PathBuf;
 
 use cluster_core::WorkerId;
@@ -10,9 +13,11 @@ use cluster_master::{Event, MasterBuilder, MasterError, Protocol};
 use crate::util::{Cluster, WAIT};
 
 fn script() -> PathBuf {
-    [env!("CARGO_MANIFEST_DIR"), "node", "messages.js"]
-        .iter()
-        .collect()
+    node_script("messages.js")
+}
+
+fn node_script(name: &str) -> PathBuf {
+    [env!("CARGO_MANIFEST_DIR"), "node", name].iter().collect()
 }
 
 fn json(bytes: &[u8]) -> String {
@@ -77,5 +82,51 @@ fn process_send_both_ways_with_node_workers() {
     c.wait_for(WAIT, |e| {
         matches!(e, Event::Message { payload, .. } if payload.as_slice() == b"{\"echo\":[1,2],\"id\":1}")
     });
+    c.stop();
+}
+
+/// `process.send(msg, socket)`: the message arrives, the socket is ACKed and closed (said
+/// once, by [`Event::HandleClosed`]), and the worker's server, whose close waits until the
+/// primary says it holds none of the sockets it was sent, still closes.
+#[test]
+fn a_socket_a_node_worker_sends_is_closed_and_its_server_still_closes() {
+    let _fds = crate::util::shared_fds();
+    let builder = MasterBuilder::new("node")
+        .arg(node_script("send_handle.js"))
+        .protocol(Protocol::Node)
+        .workers(1);
+    let mut c = Cluster::start(builder);
+    let Event::Message { payload, .. } = c.wait_for(WAIT, |e| matches!(e, Event::Message { .. }))
+    else {
+        unreachable!()
+    };
+    let port: u16 = json(&payload)
+        .trim_start_matches("{\"port\":")
+        .trim_end_matches('}')
+        .parse()
+        .unwrap();
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.wait_for(
+        WAIT,
+        |e| matches!(e, Event::HandleClosed { worker } if worker.0 == 1),
+    );
+    c.wait_for(
+        WAIT,
+        |e| matches!(e, Event::Message { payload, .. } if payload.as_slice() == b"{\"sending\":1}"),
+    );
+    c.wait_for(
+        WAIT,
+        |e| matches!(e, Event::Message { payload, .. } if payload.as_slice() == b"{\"closed\":1}"),
+    );
+    // Neither side kept the connection.
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    let end = client.read(&mut [0u8; 16]);
+    assert!(
+        matches!(&end, Ok(0))
+            || end
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{end:?}"
+    );
     c.stop();
 }

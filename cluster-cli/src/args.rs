@@ -151,9 +151,10 @@ pub struct SpawnArgs {
     /// stuck: it is killed, restarted, and its connections go to the others. Each hand-off has
     /// its own deadline. Lower detects a hung worker sooner but kills one that is merely slow
     /// (a stop-the-world pause, swapping); until then up to --window clients wait on it.
-    #[arg(long, value_name = "MS", default_value_t = 10_000,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub ack_timeout: u64,
+    /// Default 10000, and 60000 for Node workers, whose event loop answers only between
+    /// handlers (a long synchronous one delays every answer; Node's own primary never kills).
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub ack_timeout: Option<u64>,
 
     /// Servers (listen calls) one worker may hold at once; a listen past it fails in the
     /// worker with EMFILE.

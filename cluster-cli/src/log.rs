@@ -151,6 +151,11 @@ impl EventLog {
             Event::Message { worker, payload } => {
                 self.message(*worker, payload.len(), Instant::now())?
             }
+            Event::HandleClosed { worker } => format!(
+                "{} sent a handle with a message: the master closes handles from workers \
+                 (events carry no fds; logged once)",
+                self.who(*worker)
+            ),
             Event::Disconnect { worker } => format!("{} channel closed", self.who(*worker)),
             Event::Dropped { worker, reason } => {
                 format!("{} dropped: {reason}", self.who(*worker))

@@ -69,12 +69,14 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
         .window(a.window)
         .restart_policy(restart)
         .shutdown_timeout(shutdown_timeout)
-        .ack_timeout(Duration::from_millis(a.ack_timeout))
         .max_servers_per_worker(a.max_servers_per_worker)
         .stop_signal(a.stop_signal)
         .notify_systemd(true)
         .ready_timeout(Duration::from_millis(a.ready_timeout))
         .capture_output(true);
+    if let Some(ms) = a.ack_timeout {
+        builder = builder.ack_timeout(Duration::from_millis(ms));
+    }
     // The ready delay is for programs that may not speak the channel: the hello worker and
     // Node programs do, and would be taken for ready before they listen.
     if a.program().is_some() && protocol != Protocol::Node {

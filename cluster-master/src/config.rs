@@ -11,6 +11,13 @@ use crate::{Master, MasterError};
 /// Servers one worker may hold unless [`MasterBuilder::max_servers_per_worker`] says otherwise.
 pub const DEFAULT_MAX_SERVERS_PER_WORKER: usize = 32;
 
+/// The ack timeout of native workers unless [`MasterBuilder::ack_timeout`] says otherwise.
+const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// The ack timeout of Node workers unless [`MasterBuilder::ack_timeout`] says otherwise: long
+/// enough for a healthy event loop blocked by a long synchronous handler, short enough that a
+/// worker stuck in a loop for good does not hold its in-flight clients for ever.
+const DEFAULT_NODE_ACK_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A ready delay that suits most programs which neither speak the channel nor send `READY=1`
 /// (the CLI's default for them); see [`MasterBuilder::ready_delay`].
 pub const DEFAULT_READY_DELAY: Duration = Duration::from_secs(1);
@@ -34,7 +41,8 @@ pub struct MasterBuilder {
     pub(crate) round_robin: RoundRobinConfig,
     pub(crate) restart: RestartPolicy,
     pub(crate) shutdown_timeout: Duration,
-    pub(crate) ack_timeout: Duration,
+    /// `None`: the default for the protocol ([`MasterBuilder::effective_ack_timeout`]).
+    pub(crate) ack_timeout: Option<Duration>,
     pub(crate) ready_timeout: Duration,
     pub(crate) capture_output: bool,
     pub(crate) max_frame: usize,
@@ -70,7 +78,7 @@ impl MasterBuilder {
             round_robin: RoundRobinConfig::default(),
             restart: RestartPolicy::default(),
             shutdown_timeout: Duration::from_secs(30),
-            ack_timeout: Duration::from_secs(10),
+            ack_timeout: None,
             ready_timeout: Duration::from_secs(30),
             capture_output: false,
             max_frame: cluster_ipc::frame::DEFAULT_MAX_FRAME,
@@ -155,10 +163,23 @@ impl MasterBuilder {
 
     /// How long a worker may leave a hand-off unanswered before it is considered stuck and
     /// killed (its connections go to the others). Each hand-off has its own deadline: answering
-    /// others does not extend it. Default 10 s.
+    /// others does not extend it.
+    ///
+    /// Default 10 s for native workers and 60 s for Node workers ([`crate::Protocol::Node`]):
+    /// a Node worker answers only between handlers, so a long synchronous one (a big
+    /// `JSON.parse`, a `*Sync` call) delays every answer while the worker is healthy; Node's
+    /// own primary never kills a worker for it, it just stops handing it connections.
     pub fn ack_timeout(mut self, timeout: Duration) -> Self {
-        self.ack_timeout = timeout;
+        self.ack_timeout = Some(timeout);
         self
+    }
+
+    /// The ack timeout in force: the one set, or the default for the workers' protocol.
+    pub(crate) fn effective_ack_timeout(&self) -> Duration {
+        self.ack_timeout.unwrap_or(match self.protocol {
+            crate::Protocol::Native => DEFAULT_ACK_TIMEOUT,
+            crate::Protocol::Node => DEFAULT_NODE_ACK_TIMEOUT,
+        })
     }
 
     /// How long a new worker in a rolling reload may take to become ready (listening, or
@@ -277,5 +298,20 @@ impl MasterBuilder {
     /// Binds the pre-bound sockets, spawns the workers and starts the event loop thread.
     pub fn start(self) -> Result<Master, MasterError> {
         Master::start(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_workers_get_a_longer_ack_timeout_unless_one_is_set() {
+        let native = MasterBuilder::new("w");
+        assert_eq!(native.effective_ack_timeout(), Duration::from_secs(10));
+        let node = MasterBuilder::new("node").protocol(crate::Protocol::Node);
+        assert_eq!(node.effective_ack_timeout(), Duration::from_secs(60));
+        let set = node.ack_timeout(Duration::from_millis(300));
+        assert_eq!(set.effective_ack_timeout(), Duration::from_millis(300));
     }
 }

@@ -180,6 +180,8 @@ pub(crate) struct EventLoop {
     kept_for_starting: Vec<ServerId>,
     /// Workers that did not leave cleanly (exit 0 after disconnect) during the shutdown.
     unclean_exits: usize,
+    /// [`Event::HandleClosed`] was emitted (once per master).
+    handle_closed_told: bool,
     /// Connections closed unserved before the owner asked to stop: the stop is judged only on
     /// what it closed itself.
     unserved_before_stop: Option<u64>,
@@ -272,6 +274,7 @@ impl EventLoop {
             paused: Vec::new(),
             kept_for_starting: Vec::new(),
             unclean_exits: 0,
+            handle_closed_told: false,
             unserved_before_stop: None,
             notify,
             notify_unread: false,
@@ -410,7 +413,7 @@ impl EventLoop {
                 _ => None,
             })
             .min()
-            .map(|sent| sent + self.cfg.ack_timeout)
+            .map(|sent| sent + self.cfg.effective_ack_timeout())
     }
 
     /// Hand-offs sent to `w` and not answered, over all its servers. The handles are the one
@@ -466,7 +469,7 @@ impl EventLoop {
             return;
         }
         self.supervise(Supervision::on_timers);
-        let ack_timeout = self.cfg.ack_timeout;
+        let ack_timeout = self.cfg.effective_ack_timeout();
         let stuck: Vec<WorkerId> = self
             .fleet
             .workers

@@ -192,6 +192,14 @@ pub enum Event {
         /// The bytes.
         payload: Vec<u8>,
     },
+    /// A Node worker sent a handle with a message (`process.send(msg, handle)`). The message
+    /// is delivered as [`Event::Message`]; the handle is acknowledged to the worker and closed,
+    /// since events carry no fds (a sent socket's client sees the connection close). Emitted
+    /// once per master, for the first such handle.
+    HandleClosed {
+        /// The worker that sent the first one.
+        worker: WorkerId,
+    },
     /// The worker's channel closed.
     Disconnect {
         /// The worker.

@@ -123,7 +123,16 @@ impl EventLoop {
                 return;
             };
             match ch.recv() {
-                Ok(Some(r)) => {
+                Ok(Some(mut r)) => {
+                    if !r.fds.is_empty() && matches!(r.msg, Message::User { .. }) {
+                        // A Node worker's `process.send(msg, handle)`: events carry no fds, so
+                        // the handle (ACKed by the channel) is closed here and the message
+                        // delivered alone.
+                        r.fds.clear();
+                        if !std::mem::replace(&mut self.handle_closed_told, true) {
+                            self.emit(Event::HandleClosed { worker: id });
+                        }
+                    }
                     if let Message::User { payload } = r.msg {
                         let ev = Event::Message {
                             worker: id,

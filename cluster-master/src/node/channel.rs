@@ -10,7 +10,7 @@ use cluster_ipc::{FdStream, IpcError, OutQueue, Received};
 use mio::event::Source;
 use mio::{Interest, Registry, Token};
 
-use super::codec::{LineSplitter, NodeCodec, NodeError, SharedServerData};
+use super::codec::{HandleFate, LineSplitter, NodeCodec, NodeError, SharedServerData};
 use crate::channel::WorkerChannel;
 
 /// Bytes asked of the socket per read.
@@ -37,7 +37,25 @@ pub(crate) struct NodeChannel {
     /// reports anything that arrives later). A read that brings fds may stop short after
     /// them with more queued, so it never takes this shortcut.
     read_drained: bool,
+    /// Server handles sent and not yet acknowledged, oldest first, kept to send again when the
+    /// worker NACKs one.
+    server_handles: VecDeque<SentServerHandle>,
+    /// Makes the next write fail with this errno (tests of send failures).
+    #[cfg(test)]
+    fail_next_write: Option<i32>,
 }
+
+/// A server handle line as sent, with our own copy of its fd.
+#[derive(Debug)]
+struct SentServerHandle {
+    line: Vec<u8>,
+    fd: OwnedFd,
+    retransmissions: u32,
+}
+
+/// Times a NACKed server handle is sent again before the worker is given up on: Node's own
+/// sender's bound (`MAX_HANDLE_RETRANSMISSIONS` in `lib/internal/child_process.js`).
+const MAX_HANDLE_RETRANSMISSIONS: u32 = 3;
 
 /// Replies (ACKs, NACKs) a Node worker may leave unread before it is dropped.
 const MAX_UNREAD_REPLIES: usize = 4 << 20;
@@ -59,11 +77,40 @@ impl NodeChannel {
             eof: false,
             failed: None,
             read_drained: false,
+            server_handles: VecDeque::new(),
+            #[cfg(test)]
+            fail_next_write: None,
         }
     }
 
     fn write(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), IpcError> {
+        #[cfg(test)]
+        if let Some(errno) = self.fail_next_write.take() {
+            return Err(io::Error::from_raw_os_error(errno).into());
+        }
         Ok(self.outq.send(self.sock.as_fd(), bytes, fds)?)
+    }
+
+    /// The worker answered the oldest server handle still unacknowledged: forget it, or send
+    /// it again as Node's sender does (the worker dropped the whole line with the NACK, so
+    /// its `queryServer` is still waiting for a reply).
+    fn server_handle_answered(&mut self, fate: HandleFate) -> Result<(), IpcError> {
+        let Some(mut sent) = self.server_handles.pop_front() else {
+            return Ok(());
+        };
+        if fate == HandleFate::Acked {
+            return Ok(());
+        }
+        if sent.retransmissions == MAX_HANDLE_RETRANSMISSIONS {
+            return Err(violation(NodeError::ServerHandleLost(
+                sent.retransmissions + 1,
+            )));
+        }
+        sent.retransmissions += 1;
+        self.write(&sent.line, &[sent.fd.as_fd()])?;
+        self.codec.server_handle_resent();
+        self.server_handles.push_back(sent);
+        Ok(())
     }
 
     fn recv_inner(&mut self) -> Result<Option<Received>, IpcError> {
@@ -88,6 +135,9 @@ impl NodeChannel {
                             "does not read its channel ({queued} bytes of replies wait for it)"
                         )));
                     }
+                }
+                if let Some(fate) = decoded.server_handle {
+                    self.server_handle_answered(fate)?;
                 }
                 let fds = match (decoded.took_fd, self.fds_in.pop_front()) {
                     (true, Some(fd)) => vec![fd],
@@ -141,6 +191,34 @@ impl NodeChannel {
     }
 }
 
+impl NodeChannel {
+    fn send_line(
+        &mut self,
+        msg: &Message,
+        fds: &[BorrowedFd<'_>],
+        line: &mut Vec<u8>,
+    ) -> Result<(), IpcError> {
+        let pending = self.codec.encode(msg, fds.len(), line).map_err(violation)?;
+        // Copied before the write, so that a handle that went out can always be sent again.
+        let keep = match fds.first() {
+            Some(fd) if pending.is_server_handle() => Some(fd.try_clone_to_owned()?),
+            _ => None,
+        };
+        // On failure nothing is committed: the codec expects no answer for a line that never
+        // left (a hand-off bounced elsewhere would otherwise take the next one's ACK).
+        self.write(line, fds)?;
+        if let Some(fd) = keep {
+            self.server_handles.push_back(SentServerHandle {
+                line: line.clone(),
+                fd,
+                retransmissions: 0,
+            });
+        }
+        self.codec.commit(pending);
+        Ok(())
+    }
+}
+
 impl WorkerChannel for NodeChannel {
     /// Node's receiver attaches at most one handle to each read of its pipe.
     fn max_handoff_batch(&self) -> usize {
@@ -158,11 +236,7 @@ impl WorkerChannel for NodeChannel {
         }
         let mut line = std::mem::take(&mut self.scratch);
         line.clear();
-        let result = self
-            .codec
-            .encode(msg, fds.len(), &mut line)
-            .map_err(violation)
-            .and_then(|_| self.write(&line, fds));
+        let result = self.send_line(msg, fds, &mut line);
         self.scratch = line;
         result
     }
@@ -242,7 +316,9 @@ mod tests {
     }
 
     fn recv_now(ch: &mut NodeChannel) -> Result<Option<Received>, IpcError> {
-        // The peer's writes are complete before we read; one call sees them.
+        // The peer's writes are complete before we read; one call sees them (after the
+        // readiness event the event loop would have had).
+        ch.note_readable();
         ch.recv()
     }
 
@@ -386,6 +462,167 @@ mod tests {
         assert_eq!(ch.recv().unwrap().unwrap().msg, Message::Online);
         let e = ch.recv().unwrap_err();
         assert!(e.to_string().contains("without a NODE_HANDLE"), "{e}");
+    }
+
+    /// A channel whose worker was granted round-robin server 1 (127.0.0.1:8000), with the
+    /// reply read off the worker's end.
+    fn granted_pair() -> (NodeChannel, UnixStream) {
+        let (mut ch, mut node) = pair();
+        node.write_all(b"{\"cmd\":\"NODE_CLUSTER\",\"act\":\"queryServer\",\"index\":0,\"data\":null,\"address\":\"127.0.0.1\",\"port\":8000,\"addressType\":4,\"flags\":0,\"backlog\":0,\"seq\":1}\n").unwrap();
+        let Message::QueryServer { seq, .. } = recv_now(&mut ch).unwrap().unwrap().msg else {
+            panic!("not a query")
+        };
+        ch.send(
+            &Message::QueryServerReply {
+                seq,
+                reply: cluster_core::ServerReply::Granted {
+                    server: ServerId(1),
+                    addr: cluster_core::BoundAddr::Inet("127.0.0.1:8000".parse().unwrap()),
+                    grant: cluster_core::ServerGrant::RoundRobin,
+                },
+            },
+            &[],
+        )
+        .unwrap();
+        read_lines(&mut node, 1);
+        (ch, node)
+    }
+
+    /// Reads `n` lines (and whatever fds came with them) off the worker's end.
+    fn read_lines(node: &mut UnixStream, n: usize) -> (String, usize) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut peer = FdStream::new(node.try_clone().unwrap()).unwrap();
+        let mut fds = VecDeque::new();
+        let mut text = String::new();
+        let mut buf = vec![0u8; 4096];
+        while text.matches('\n').count() < n {
+            let mut want = [PollFd::new(node.as_fd(), PollFlags::POLLIN)];
+            assert_eq!(poll(&mut want, PollTimeout::from(10_000u16)).unwrap(), 1);
+            let r = peer.recv(&mut buf, &mut fds).unwrap();
+            assert!(r.bytes > 0, "the master closed the channel");
+            text.push_str(std::str::from_utf8(&buf[..r.bytes]).unwrap());
+        }
+        (text, fds.len())
+    }
+
+    /// A hand-off whose send failed (the master out of fds or memory: the event loop sends it
+    /// elsewhere) is not waited for: the worker's next ACK, NACK and answer belong to the
+    /// next hand-off.
+    #[test]
+    fn a_hand_off_that_was_not_sent_expects_no_answer() {
+        let (mut ch, mut node) = granted_pair();
+        let conn = TcpListener::bind("127.0.0.1:0").unwrap();
+        let newconn = |c| Message::new_conn(ServerId(1), ConnId(c), Peer::Unix);
+        ch.fail_next_write = Some(libc::EMFILE);
+        let e = ch.send(&newconn(9), &[conn.as_fd()]).unwrap_err();
+        assert!(
+            matches!(&e, IpcError::Io(io) if io.raw_os_error() == Some(libc::EMFILE)),
+            "{e}"
+        );
+        assert_eq!(ch.codec.unanswered(), 0);
+        ch.send(&newconn(10), &[conn.as_fd()]).unwrap();
+        ch.send(&newconn(11), &[conn.as_fd()]).unwrap();
+        let (text, fds) = read_lines(&mut node, 2);
+        assert_eq!(fds, 2);
+        let seq_of_11: u64 = text
+            .lines()
+            .nth(1)
+            .and_then(|l| l.rsplit("\"seq\":").next())
+            .and_then(|s| s.trim_end_matches('}').parse().ok())
+            .unwrap();
+        // The first handle the worker got is conn 10's: its fd was lost on the way.
+        node.write_all(b"{\"cmd\":\"NODE_HANDLE_NACK\"}\n{\"cmd\":\"NODE_HANDLE_ACK\"}\n")
+            .unwrap();
+        node.write_all(
+            format!(
+                "{{\"cmd\":\"NODE_CLUSTER\",\"ack\":{seq_of_11},\"accepted\":true,\"seq\":4}}\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            recv_now(&mut ch).unwrap().unwrap().msg,
+            Message::Refused {
+                conn: ConnId(10),
+                reason: cluster_core::RefuseReason::FdLost
+            }
+        );
+        assert_eq!(
+            recv_now(&mut ch).unwrap().unwrap().msg,
+            Message::Accepted { conn: ConnId(11) }
+        );
+        assert_eq!(ch.codec.unanswered(), 0);
+    }
+
+    /// A server handle the worker NACKs is sent again, the same line with the same socket,
+    /// as Node's sender does; after Node's bound of retransmissions the worker is dropped
+    /// (its `listen` would wait for ever).
+    #[test]
+    fn a_nacked_server_handle_is_sent_again_up_to_nodes_bound() {
+        let (mut ch, mut node) = pair();
+        node.write_all(b"{\"cmd\":\"NODE_CLUSTER\",\"act\":\"queryServer\",\"index\":0,\"data\":null,\"address\":\"127.0.0.1\",\"port\":8000,\"addressType\":4,\"flags\":0,\"backlog\":0,\"seq\":1}\n").unwrap();
+        let Message::QueryServer { seq, .. } = recv_now(&mut ch).unwrap().unwrap().msg else {
+            panic!("not a query")
+        };
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        ch.send(
+            &Message::QueryServerReply {
+                seq,
+                reply: cluster_core::ServerReply::Granted {
+                    server: ServerId(1),
+                    addr: cluster_core::BoundAddr::Inet("127.0.0.1:8000".parse().unwrap()),
+                    grant: cluster_core::ServerGrant::Shared,
+                },
+            },
+            &[server.as_fd()],
+        )
+        .unwrap();
+        drop(server);
+        let (first, fds) = read_lines(&mut node, 1);
+        assert_eq!(fds, 1);
+        for _ in 0..MAX_HANDLE_RETRANSMISSIONS {
+            node.write_all(b"{\"cmd\":\"NODE_HANDLE_NACK\"}\n").unwrap();
+            assert!(recv_now(&mut ch).unwrap().is_none());
+            let (again, fds) = read_lines(&mut node, 1);
+            assert_eq!((again.as_str(), fds), (first.as_str(), 1));
+        }
+        node.write_all(b"{\"cmd\":\"NODE_HANDLE_NACK\"}\n").unwrap();
+        let e = ch.recv().unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("did not receive a server handle (sent 4 times)"),
+            "{e}"
+        );
+    }
+
+    /// An ACK after a retransmission settles it: the kept copy is closed.
+    #[test]
+    fn an_acked_server_handle_is_forgotten() {
+        let (mut ch, mut node) = pair();
+        node.write_all(b"{\"cmd\":\"NODE_CLUSTER\",\"act\":\"queryServer\",\"index\":0,\"data\":null,\"address\":\"127.0.0.1\",\"port\":41234,\"addressType\":\"udp4\",\"fd\":-1,\"flags\":0,\"seq\":1}\n").unwrap();
+        let Message::QueryServer { seq, .. } = recv_now(&mut ch).unwrap().unwrap().msg else {
+            panic!("not a query")
+        };
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        ch.send(
+            &Message::QueryServerReply {
+                seq,
+                reply: cluster_core::ServerReply::Granted {
+                    server: ServerId(1),
+                    addr: cluster_core::BoundAddr::Inet("127.0.0.1:41234".parse().unwrap()),
+                    grant: cluster_core::ServerGrant::Shared,
+                },
+            },
+            &[sock.as_fd()],
+        )
+        .unwrap();
+        read_lines(&mut node, 1);
+        node.write_all(b"{\"cmd\":\"NODE_HANDLE_NACK\"}\n").unwrap();
+        assert!(recv_now(&mut ch).unwrap().is_none());
+        read_lines(&mut node, 1);
+        node.write_all(b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n").unwrap();
+        assert!(recv_now(&mut ch).unwrap().is_none());
+        assert!(ch.server_handles.is_empty());
     }
 
     #[test]

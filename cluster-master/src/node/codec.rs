@@ -56,9 +56,10 @@ pub(crate) enum NodeError {
     /// The kernel dropped fds on their way (`MSG_CTRUNC`).
     #[error("fds truncated in transit")]
     FdsTruncated,
-    /// The worker lost a server handle we sent (NACK): it will wait for it forever.
-    #[error("the worker did not receive a server handle")]
-    ServerHandleLost,
+    /// The worker lost a server handle we sent (NACK) every time it was sent: it would wait
+    /// for it forever.
+    #[error("the worker did not receive a server handle (sent {0} times)")]
+    ServerHandleLost(u32),
     /// Something the master asked us to send has no Node encoding.
     #[error("cannot send {0} to a Node worker")]
     Unsupported(String),
@@ -124,13 +125,19 @@ struct PendingQuery {
     key: String,
     /// Echoed verbatim (`tls.Server` keeps its ticket keys there).
     data: String,
+    /// This query holds a reference on the key's entry in [`SharedServerData`].
+    shared_ref: bool,
     ident: ListenIdent,
 }
 
 #[derive(Debug)]
 struct Granted {
     key: String,
+    /// The start of every `newconn` line for this server, up to its `seq` value: built once,
+    /// since the key is escaped the same way for every hand-off.
+    newconn_head: Vec<u8>,
     server: ServerId,
+    shared_ref: bool,
     ident: ListenIdent,
     bound: BoundAddr,
     listening: bool,
@@ -139,29 +146,87 @@ struct Granted {
 /// The `data` of each `queryServer` key, shared by every Node worker of one master: as Node's
 /// primary does, the first worker's (non-null) data is what every worker gets back for that key,
 /// so that `tls.Server`s in different workers share their session-ticket keys.
+///
+/// As in Node's primary, where the data lives on the server handle, an entry lasts while some
+/// worker holds or asks for its key: each pending query and each granted server holds a
+/// reference, released by the reply's failure, the worker's `close`, or the end of its channel.
+/// Keys and bytes are capped: past the caps a worker gets its own data back, unshared.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct SharedServerData(Arc<Mutex<HashMap<String, String>>>);
+pub(crate) struct SharedServerData(Arc<Mutex<SharedEntries>>);
 
-/// Keys remembered at most; past it a worker gets its own data back.
+#[derive(Debug, Default)]
+struct SharedEntries {
+    by_key: HashMap<String, SharedEntry>,
+    /// Key and data bytes held.
+    bytes: usize,
+}
+
+#[derive(Debug)]
+struct SharedEntry {
+    data: String,
+    refs: usize,
+}
+
+/// Keys remembered at most.
 const MAX_SHARED_KEYS: usize = 1024;
+/// Key and data bytes remembered at most (a worker's `data` is bounded only by the line cap).
+const MAX_SHARED_BYTES: usize = 4 << 20;
 
 impl SharedServerData {
-    /// The data to echo for `key` when a worker sent `data`.
-    fn settle(&self, key: &str, data: &str) -> String {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get_mut(key) {
-            Some(kept) if kept != "null" => kept.clone(),
-            Some(kept) => {
-                data.clone_into(kept);
-                data.to_string()
-            }
-            None => {
-                if map.len() < MAX_SHARED_KEYS {
-                    map.insert(key.to_string(), data.to_string());
+    fn entries(&self) -> std::sync::MutexGuard<'_, SharedEntries> {
+        // The map stays consistent across a panic elsewhere: every update is one statement.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The data to echo for `key` when a worker sent `data`, and whether the caller now holds
+    /// a reference on the key (to [`SharedServerData::release`] later).
+    fn settle(&self, key: &str, data: &str) -> (String, bool) {
+        let mut entries = self.entries();
+        let SharedEntries { by_key, bytes } = &mut *entries;
+        if let Some(kept) = by_key.get_mut(key) {
+            kept.refs += 1;
+            if kept.data == "null" && data != "null" {
+                if *bytes + data.len() > MAX_SHARED_BYTES {
+                    // Never `null` for a worker that sent data: `tls.Server` needs its keys.
+                    return (data.to_string(), true);
                 }
-                data.to_string()
+                *bytes = *bytes + data.len() - kept.data.len();
+                data.clone_into(&mut kept.data);
+            }
+            return (kept.data.clone(), true);
+        }
+        let size = key.len() + data.len();
+        if by_key.len() >= MAX_SHARED_KEYS || *bytes + size > MAX_SHARED_BYTES {
+            return (data.to_string(), false);
+        }
+        *bytes += size;
+        by_key.insert(
+            key.to_string(),
+            SharedEntry {
+                data: data.to_string(),
+                refs: 1,
+            },
+        );
+        (data.to_string(), true)
+    }
+
+    /// Drops one reference on `key`; the entry goes with the last.
+    fn release(&self, key: &str) {
+        let mut entries = self.entries();
+        let SharedEntries { by_key, bytes } = &mut *entries;
+        if let Some(kept) = by_key.get_mut(key) {
+            kept.refs = kept.refs.saturating_sub(1);
+            if kept.refs == 0 {
+                *bytes -= key.len() + kept.data.len();
+                by_key.remove(key);
             }
         }
+    }
+
+    /// Keys remembered now (for tests).
+    #[cfg(test)]
+    pub(crate) fn keys(&self) -> usize {
+        self.entries().by_key.len()
     }
 }
 
@@ -173,11 +238,49 @@ pub(crate) struct Decoded {
     /// The line's `NODE_HANDLE` took the fd that arrived for it (the channel passes it on with
     /// the message or closes it).
     pub took_fd: bool,
+    /// The line acknowledged one of our server handles (the channel keeps a copy of each to
+    /// send again on a NACK).
+    pub server_handle: Option<HandleFate>,
+}
+
+/// What the worker said of a server handle we sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HandleFate {
+    /// `NODE_HANDLE_ACK`: it has the handle.
+    Acked,
+    /// `NODE_HANDLE_NACK`: the line came without its fd, and the worker dropped the line too.
+    Nacked,
+}
+
+/// What an encoded line commits the codec to once it is really written or queued
+/// ([`NodeCodec::commit`]): a line that never left must not be waited for, or a later
+/// answer would be matched to it.
+#[derive(Debug)]
+#[must_use]
+pub(crate) enum Pending {
+    /// Nothing to remember.
+    Nothing,
+    /// A `newconn`: the worker ACKs its handle, then answers `{ack: seq, accepted}`.
+    NewConn { seq: u64, conn: ConnId },
+    /// The reply to the worker's query `query`, granting `server` at `bound` or not.
+    Reply {
+        query: u64,
+        granted: Option<(ServerId, BoundAddr)>,
+        /// The reply is a `NODE_HANDLE` with the server's fd.
+        handle: bool,
+    },
+}
+
+impl Pending {
+    /// The line is a `NODE_HANDLE` carrying a server's fd (which the worker may NACK).
+    pub(crate) fn is_server_handle(&self) -> bool {
+        matches!(self, Pending::Reply { handle: true, .. })
+    }
 }
 
 /// One worker's protocol state. Both directions go through it because they correlate:
 /// replies carry the worker's `seq`, answers carry ours.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct NodeCodec {
     next_seq: u64,
     queries: HashMap<u64, PendingQuery>,
@@ -203,8 +306,12 @@ fn is_internal_cmd(cmd: &str) -> bool {
 impl NodeCodec {
     pub(crate) fn new(shared: SharedServerData) -> Self {
         Self {
+            next_seq: 0,
+            queries: HashMap::new(),
+            granted: Vec::new(),
+            newconns: HashMap::new(),
+            handles_unacked: VecDeque::new(),
             shared,
-            ..Self::default()
         }
     }
 
@@ -212,6 +319,54 @@ impl NodeCodec {
         let s = self.next_seq;
         self.next_seq += 1;
         s
+    }
+
+    /// Records what a line encoded by [`NodeCodec::encode`] expects back, now that it is sent.
+    pub(crate) fn commit(&mut self, pending: Pending) {
+        match pending {
+            Pending::Nothing => {}
+            Pending::NewConn { seq, conn } => {
+                self.newconns.insert(seq, conn);
+                self.handles_unacked.push_back(Some(conn));
+            }
+            Pending::Reply {
+                query,
+                granted,
+                handle,
+            } => {
+                let Some(q) = self.queries.remove(&query) else {
+                    return;
+                };
+                let Some((server, bound)) = granted else {
+                    // Node's primary forgets a key whose bind failed.
+                    if q.shared_ref {
+                        self.shared.release(&q.key);
+                    }
+                    return;
+                };
+                if handle {
+                    self.handles_unacked.push_back(None);
+                }
+                let mut newconn_head = b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":{\"cmd\":\"NODE_CLUSTER\",\"act\":\"newconn\",\"key\":".to_vec();
+                json_string(&mut newconn_head, &q.key);
+                newconn_head.extend_from_slice(b",\"seq\":");
+                self.granted.push(Granted {
+                    key: q.key,
+                    newconn_head,
+                    server,
+                    shared_ref: q.shared_ref,
+                    ident: q.ident,
+                    bound,
+                    listening: false,
+                });
+            }
+        }
+    }
+
+    /// A server handle the worker NACKed went out again: its ACK or NACK comes after those of
+    /// the handles already sent.
+    pub(crate) fn server_handle_resent(&mut self) {
+        self.handles_unacked.push_back(None);
     }
 
     /// Hand-offs sent and not answered (for tests and sanity checks).
@@ -229,6 +384,17 @@ impl NodeCodec {
         fd_waiting: bool,
         replies: &mut Vec<u8>,
     ) -> Result<Decoded, NodeError> {
+        // The two lines a worker writes per hand-off, as Node's `JSON.stringify` writes them,
+        // skip the general parse; any other spelling takes it.
+        if line == HANDLE_ACK_LINE {
+            return Ok(self.handle_acked());
+        }
+        if let Some((ack, accepted)) = quick_answer(line) {
+            return Ok(Decoded {
+                msg: self.answer(ack, accepted),
+                ..Decoded::default()
+            });
+        }
         // Only an object can be internal; serde would also fill a `Wire` from an array.
         let object = line.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
         let wire: Wire<'_> = match serde_json::from_slice(line) {
@@ -242,19 +408,16 @@ impl NodeCodec {
                 msg: Some(Message::User {
                     payload: line.to_vec(),
                 }),
-                took_fd: false,
+                ..Decoded::default()
             });
         };
         match cmd {
             "NODE_CLUSTER" => Ok(Decoded {
                 msg: self.decode_cluster(&wire, replies)?,
-                took_fd: false,
+                ..Decoded::default()
             }),
             "NODE_HANDLE" => self.decode_handle(&wire, fd_waiting, replies),
-            "NODE_HANDLE_ACK" => {
-                self.handles_unacked.pop_front();
-                Ok(Decoded::default())
-            }
+            "NODE_HANDLE_ACK" => Ok(self.handle_acked()),
             "NODE_HANDLE_NACK" => match self.handles_unacked.pop_front() {
                 Some(Some(conn)) => {
                     self.newconns.retain(|_, c| *c != conn);
@@ -263,15 +426,62 @@ impl NodeCodec {
                             conn,
                             reason: RefuseReason::FdLost,
                         }),
-                        took_fd: false,
+                        ..Decoded::default()
                     })
                 }
-                Some(None) => Err(NodeError::ServerHandleLost),
+                Some(None) => Ok(Decoded {
+                    server_handle: Some(HandleFate::Nacked),
+                    ..Decoded::default()
+                }),
                 None => Ok(Decoded::default()),
             },
-            // The socket-list and debugger messages: Node's primary has nothing to do for a
-            // worker that does not send it sockets, and neither have we.
+            // A worker that sent us sockets of one of its servers (`process.send(msg,
+            // socket)`) asks, when that server closes or counts its connections, how many of
+            // them we still hold: none, as the master closes handles it is sent.
+            "NODE_SOCKET_NOTIFY_CLOSE" | "NODE_SOCKET_GET_COUNT" => {
+                if let Some(key) = &wire.key {
+                    let all_closed = cmd == "NODE_SOCKET_NOTIFY_CLOSE";
+                    replies.extend_from_slice(if all_closed {
+                        b"{\"cmd\":\"NODE_SOCKET_ALL_CLOSED\",\"key\":"
+                    } else {
+                        b"{\"cmd\":\"NODE_SOCKET_COUNT\",\"key\":"
+                    });
+                    json_string(replies, key);
+                    replies.extend_from_slice(if all_closed {
+                        b"}\n"
+                    } else {
+                        b",\"count\":0}\n"
+                    });
+                }
+                Ok(Decoded::default())
+            }
+            // The debugger's messages: nothing to do, as in Node's primary for a worker.
             _ => Ok(Decoded::default()),
+        }
+    }
+
+    /// The worker's answer to our `newconn` with seq `ack`; `None` for a seq that is not one.
+    fn answer(&mut self, ack: u64, accepted: bool) -> Option<Message> {
+        let conn = self.newconns.remove(&ack)?;
+        Some(if accepted {
+            Message::Accepted { conn }
+        } else {
+            // The worker closed that server or is at `maxConnections`; it will say `close`
+            // for the former, so the refusal itself is never permanent.
+            Message::Refused {
+                conn,
+                reason: RefuseReason::MaxConnections,
+            }
+        })
+    }
+
+    fn handle_acked(&mut self) -> Decoded {
+        Decoded {
+            server_handle: match self.handles_unacked.pop_front() {
+                Some(None) => Some(HandleFate::Acked),
+                _ => None,
+            },
+            ..Decoded::default()
         }
     }
 
@@ -301,6 +511,7 @@ impl NodeCodec {
                 payload: inner_text.as_bytes().to_vec(),
             }),
             took_fd: true,
+            server_handle: None,
         })
     }
 
@@ -315,22 +526,9 @@ impl NodeCodec {
             let Some(ack) = wire.ack else {
                 return Err(bad("NODE_CLUSTER", "act"));
             };
-            let Some(conn) = u64::try_from(ack)
+            return Ok(u64::try_from(ack)
                 .ok()
-                .and_then(|a| self.newconns.remove(&a))
-            else {
-                return Ok(None);
-            };
-            return Ok(Some(if wire.accepted == Some(true) {
-                Message::Accepted { conn }
-            } else {
-                // The worker closed that server or is at `maxConnections`; it will say
-                // `close` for the former, so the refusal itself is never permanent.
-                Message::Refused {
-                    conn,
-                    reason: RefuseReason::MaxConnections,
-                }
-            }));
+                .and_then(|ack| self.answer(ack, wire.accepted == Some(true))));
         };
         match act {
             "online" => Ok(Some(Message::Online)),
@@ -343,6 +541,9 @@ impl NodeCodec {
                     return Ok(None);
                 };
                 let g = self.granted.swap_remove(pos);
+                if g.shared_ref {
+                    self.shared.release(&g.key);
+                }
                 Ok(Some(Message::Close { server: g.server }))
             }
             "exitedAfterDisconnect" => {
@@ -423,10 +624,21 @@ impl NodeCodec {
             index,
             port,
         };
-        let data = self
+        let (data, shared_ref) = self
             .shared
             .settle(&key, wire.data.map_or("null", |d| d.get()));
-        self.queries.insert(seq, PendingQuery { key, data, ident });
+        let query = PendingQuery {
+            key,
+            data,
+            shared_ref,
+            ident,
+        };
+        if let Some(old) = self.queries.insert(seq, query)
+            && old.shared_ref
+        {
+            // The worker reused a seq: the query it replaces will never be answered.
+            self.shared.release(&old.key);
+        }
         Ok(Message::QueryServer {
             seq: Seq(seq),
             spec,
@@ -457,14 +669,14 @@ impl NodeCodec {
         })
     }
 
-    /// Encodes `msg` (to be sent with `n_fds` fds) as one line appended to `out`. Returns
-    /// whether the line is a `NODE_HANDLE`, which must go in a `sendmsg` of its own with its fd.
+    /// Encodes `msg` (to be sent with `n_fds` fds) as one line appended to `out`. What the
+    /// line expects back is returned, for [`NodeCodec::commit`] once the line is sent.
     pub(crate) fn encode(
         &mut self,
         msg: &Message,
         n_fds: usize,
         out: &mut Vec<u8>,
-    ) -> Result<bool, NodeError> {
+    ) -> Result<Pending, NodeError> {
         match msg {
             Message::NewConn { server, conns } => {
                 // Node's receiver takes one handle per read, so each hand-off is a line of its
@@ -475,22 +687,18 @@ impl NodeCodec {
                         conns.len()
                     )));
                 };
-                let key = self
+                let head = self
                     .granted
                     .iter()
                     .find(|g| g.server == *server)
-                    .map(|g| g.key.as_str())
+                    .map(|g| g.newconn_head.as_slice())
                     .ok_or_else(|| NodeError::Unsupported(format!("newconn on {server}")))?;
+                out.extend_from_slice(head);
                 let seq = self.next_seq;
-                out.extend_from_slice(
-                    b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":{\"cmd\":\"NODE_CLUSTER\",\"act\":\"newconn\",\"key\":",
-                );
-                json_string(out, key);
-                let _ = writeln!(Utf8Sink(out), ",\"seq\":{seq}}}}}");
+                push_decimal(out, seq);
+                out.extend_from_slice(b"}}\n");
                 self.next_seq += 1;
-                self.newconns.insert(seq, *conn);
-                self.handles_unacked.push_back(Some(*conn));
-                Ok(true)
+                Ok(Pending::NewConn { seq, conn: *conn })
             }
             Message::QueryServerReply { seq, reply } => self.encode_reply(*seq, reply, out),
             Message::Disconnect => {
@@ -499,14 +707,14 @@ impl NodeCodec {
                     Utf8Sink(out),
                     "{{\"cmd\":\"NODE_CLUSTER\",\"act\":\"disconnect\",\"seq\":{seq}}}"
                 );
-                Ok(false)
+                Ok(Pending::Nothing)
             }
             Message::User { payload } => {
                 if n_fds > 0 {
                     return Err(NodeError::Unsupported("fds with a user message".into()));
                 }
                 encode_user(payload, out)?;
-                Ok(false)
+                Ok(Pending::Nothing)
             }
             other => Err(NodeError::Unsupported(other.name().to_string())),
         }
@@ -517,12 +725,12 @@ impl NodeCodec {
         seq: Seq,
         reply: &ServerReply,
         out: &mut Vec<u8>,
-    ) -> Result<bool, NodeError> {
+    ) -> Result<Pending, NodeError> {
+        let ours = self.next_seq;
         let q = self
             .queries
-            .remove(&seq.0)
+            .get(&seq.0)
             .ok_or_else(|| NodeError::Unsupported(format!("reply to unknown query {seq}")))?;
-        let ours = self.seq();
         let head = |out: &mut Vec<u8>, errno: &str| {
             let _ = write!(
                 Utf8Sink(out),
@@ -531,12 +739,16 @@ impl NodeCodec {
             json_string(out, &q.key);
             let _ = write!(Utf8Sink(out), ",\"ack\":{},\"data\":{}", seq.0, q.data);
         };
-        match reply {
+        let pending = match reply {
             ServerReply::Failed(e) => {
                 // libuv's errors are the negated errno on Linux.
                 head(out, &(-e.errno.abs()).to_string());
                 let _ = writeln!(Utf8Sink(out), ",\"seq\":{ours}}}");
-                Ok(false)
+                Pending::Reply {
+                    query: seq.0,
+                    granted: None,
+                    handle: false,
+                }
             }
             ServerReply::Granted {
                 server,
@@ -571,21 +783,74 @@ impl NodeCodec {
                         );
                         head(out, "0");
                         let _ = writeln!(Utf8Sink(out), ",\"seq\":{ours}}}}}");
-                        self.handles_unacked.push_back(None);
                         true
                     }
                 };
-                self.granted.push(Granted {
-                    key: q.key,
-                    server: *server,
-                    ident: q.ident,
-                    bound: addr.clone(),
-                    listening: false,
-                });
-                Ok(handle)
+                Pending::Reply {
+                    query: seq.0,
+                    granted: Some((*server, addr.clone())),
+                    handle,
+                }
             }
+        };
+        self.next_seq += 1;
+        Ok(pending)
+    }
+}
+
+impl Drop for NodeCodec {
+    /// The worker is gone: what it held or asked for in the shared `data` is released.
+    fn drop(&mut self) {
+        let held = self.queries.values().map(|q| (q.shared_ref, &q.key));
+        let held = held.chain(self.granted.iter().map(|g| (g.shared_ref, &g.key)));
+        for (_, key) in held.filter(|(shared_ref, _)| *shared_ref) {
+            self.shared.release(key);
         }
     }
+}
+
+/// A worker's `NODE_HANDLE_ACK`, as Node writes it.
+const HANDLE_ACK_LINE: &[u8] = b"{\"cmd\":\"NODE_HANDLE_ACK\"}";
+
+/// `(ack, accepted)` of a line that is exactly Node's answer to a `newconn`,
+/// `{"cmd":"NODE_CLUSTER","ack":N,"accepted":B,"seq":M}`; `None` for anything else.
+fn quick_answer(line: &[u8]) -> Option<(u64, bool)> {
+    let rest = line.strip_prefix(b"{\"cmd\":\"NODE_CLUSTER\",\"ack\":")?;
+    let (ack, rest) = leading_decimal(rest)?;
+    let (accepted, rest) = match rest.strip_prefix(b",\"accepted\":true,\"seq\":") {
+        Some(rest) => (true, rest),
+        None => (false, rest.strip_prefix(b",\"accepted\":false,\"seq\":")?),
+    };
+    let (_, rest) = leading_decimal(rest)?;
+    (rest == b"}").then_some((ack, accepted))
+}
+
+/// The decimal number at the start of `bytes` (JSON's spelling: no sign, no leading zero) and
+/// what follows it; `None` if there is none or it overflows.
+fn leading_decimal(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let digits = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || (digits > 1 && bytes[0] == b'0') {
+        return None;
+    }
+    let n = bytes[..digits].iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })?;
+    Some((n, &bytes[digits..]))
+}
+
+/// `n` in decimal, without going through `fmt` (this is on every hand-off).
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 fn bound_port(b: &BoundAddr) -> Option<i64> {
@@ -610,7 +875,7 @@ fn user_or_malformed(line: &[u8], e: Option<serde_json::Error>) -> Result<Decode
         msg: Some(Message::User {
             payload: line.to_vec(),
         }),
-        took_fd: false,
+        ..Decoded::default()
     })
 }
 

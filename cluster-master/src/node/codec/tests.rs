@@ -11,6 +11,19 @@ fn decode(c: &mut NodeCodec, s: &str) -> Result<Decoded, NodeError> {
     c.decode(&line(s), false, &mut Vec::new())
 }
 
+/// Encodes and commits, as the channel does once the line is written; true for a handle line.
+fn sent(
+    c: &mut NodeCodec,
+    msg: &Message,
+    n_fds: usize,
+    out: &mut Vec<u8>,
+) -> Result<bool, NodeError> {
+    let pending = c.encode(msg, n_fds, out)?;
+    let handle = matches!(pending, Pending::NewConn { .. }) || pending.is_server_handle();
+    c.commit(pending);
+    Ok(handle)
+}
+
 fn query(c: &mut NodeCodec, seq: u64, port: u16, index: u32) -> Message {
     let q = format!(
         "{{\"cmd\":\"NODE_CLUSTER\",\"act\":\"queryServer\",\"index\":{index},\"data\":{{\"t\":\"k\"}},\"address\":\"127.0.0.1\",\"port\":{port},\"addressType\":4,\"flags\":0,\"backlog\":0,\"seq\":{seq}}}"
@@ -20,20 +33,20 @@ fn query(c: &mut NodeCodec, seq: u64, port: u16, index: u32) -> Message {
 
 fn grant_rr(c: &mut NodeCodec, seq: u64, server: u32, port: u16) -> String {
     let mut out = Vec::new();
-    let handle = c
-        .encode(
-            &Message::QueryServerReply {
-                seq: Seq(seq),
-                reply: ServerReply::Granted {
-                    server: ServerId(server),
-                    addr: BoundAddr::Inet(SocketAddr::from(([127, 0, 0, 1], port))),
-                    grant: ServerGrant::RoundRobin,
-                },
+    let handle = sent(
+        c,
+        &Message::QueryServerReply {
+            seq: Seq(seq),
+            reply: ServerReply::Granted {
+                server: ServerId(server),
+                addr: BoundAddr::Inet(SocketAddr::from(([127, 0, 0, 1], port))),
+                grant: ServerGrant::RoundRobin,
             },
-            0,
-            &mut out,
-        )
-        .unwrap();
+        },
+        0,
+        &mut out,
+    )
+    .unwrap();
     assert!(!handle);
     String::from_utf8(out).unwrap()
 }
@@ -82,7 +95,8 @@ fn a_failed_bind_travels_as_a_negative_errno() {
     let mut c = NodeCodec::new(SharedServerData::default());
     query(&mut c, 5, 8000, 0);
     let mut out = Vec::new();
-    c.encode(
+    sent(
+        &mut c,
         &Message::QueryServerReply {
             seq: Seq(5),
             reply: ServerReply::Failed(cluster_core::ListenError {
@@ -107,28 +121,29 @@ fn udp_and_shared_grants_go_in_a_handle() {
         "{m:?}"
     );
     let mut out = Vec::new();
-    let handle = c
-        .encode(
-            &Message::QueryServerReply {
-                seq: Seq(1),
-                reply: ServerReply::Granted {
-                    server: ServerId(1),
-                    addr: BoundAddr::Inet(SocketAddr::from(([127, 0, 0, 1], 41234))),
-                    grant: ServerGrant::Shared,
-                },
+    let handle = sent(
+        &mut c,
+        &Message::QueryServerReply {
+            seq: Seq(1),
+            reply: ServerReply::Granted {
+                server: ServerId(1),
+                addr: BoundAddr::Inet(SocketAddr::from(([127, 0, 0, 1], 41234))),
+                grant: ServerGrant::Shared,
             },
-            1,
-            &mut out,
-        )
-        .unwrap();
+        },
+        1,
+        &mut out,
+    )
+    .unwrap();
     assert!(handle);
     let text = String::from_utf8(out).unwrap();
     assert!(text.starts_with("{\"cmd\":\"NODE_HANDLE\",\"type\":\"dgram.Native\",\"msg\":{\"cmd\":\"NODE_CLUSTER\",\"errno\":0,"), "{text}");
-    // A NACK of a server handle leaves the worker waiting forever: a violation.
-    assert_eq!(
-        decode(&mut c, "{\"cmd\":\"NODE_HANDLE_NACK\"}"),
-        Err(NodeError::ServerHandleLost)
-    );
+    // The channel sends a NACKed server handle again; the codec says which handle it was.
+    let nack = decode(&mut c, "{\"cmd\":\"NODE_HANDLE_NACK\"}").unwrap();
+    assert_eq!(nack.server_handle, Some(HandleFate::Nacked));
+    c.server_handle_resent();
+    let ack = decode(&mut c, "{\"cmd\":\"NODE_HANDLE_ACK\"}").unwrap();
+    assert_eq!(ack.server_handle, Some(HandleFate::Acked));
 }
 
 #[test]
@@ -140,7 +155,8 @@ fn newconn_answers_map_to_accepted_and_refused() {
     for n in 0..3u64 {
         let mut out = Vec::new();
         assert!(
-            c.encode(
+            sent(
+                &mut c,
                 &Message::new_conn(ServerId(1), ConnId(n), Peer::Unix),
                 1,
                 &mut out,
@@ -225,7 +241,8 @@ fn user_messages_pass_as_json_both_ways() {
         );
     }
     let mut out = Vec::new();
-    c.encode(
+    sent(
+        &mut c,
         &Message::User {
             payload: b"{\n \"a\": [1, 2]\n}".to_vec(),
         },
@@ -238,7 +255,8 @@ fn user_messages_pass_as_json_both_ways() {
         &b"not json"[..],
         b"{\"cmd\":\"NODE_CLUSTER\",\"act\":\"online\"}",
     ] {
-        let e = c.encode(
+        let e = sent(
+            &mut c,
             &Message::User {
                 payload: bad.to_vec(),
             },
@@ -348,7 +366,7 @@ proptest! {
         let mut seq_of = Vec::new();
         for n in 0..20u64 {
             let mut out = Vec::new();
-            c.encode(&Message::new_conn(ServerId(1), ConnId(n), Peer::Unix), 1, &mut out).unwrap();
+            sent(&mut c, &Message::new_conn(ServerId(1), ConnId(n), Peer::Unix), 1, &mut out).unwrap();
             prop_assert_eq!(out.last(), Some(&b'\n'));
             prop_assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1);
             let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
@@ -363,6 +381,23 @@ proptest! {
         prop_assert_eq!(c.unanswered(), 0);
     }
 
+    /// The quick reading of a `newconn` answer agrees with the general parse, and takes only
+    /// Node's exact spelling.
+    #[test]
+    fn quick_answers_agree_with_the_parse(ack in 0..=i64::MAX as u64, seq in any::<u64>(), accepted in any::<bool>(), space in any::<bool>()) {
+        let sp = if space { " " } else { "" };
+        let text = format!("{{\"cmd\":\"NODE_CLUSTER\",\"ack\":{sp}{ack},\"accepted\":{accepted},\"seq\":{seq}}}");
+        let wire: Wire<'_> = serde_json::from_str(&text).unwrap();
+        let parsed = (u64::try_from(wire.ack.unwrap_or(-1)).ok(), wire.accepted);
+        match quick_answer(text.as_bytes()) {
+            Some((a, ok)) => {
+                prop_assert!(!space);
+                prop_assert_eq!((Some(a), Some(ok)), parsed);
+            }
+            None => prop_assert!(space),
+        }
+    }
+
     /// User payloads the master sends come out as one line that parses back to the same value.
     #[test]
     fn user_payload_round_trip(s in ".{0,40}", n in any::<i64>()) {
@@ -370,7 +405,7 @@ proptest! {
         let payload = serde_json::to_vec_pretty(&value).unwrap();
         let mut c = NodeCodec::new(SharedServerData::default());
         let mut out = Vec::new();
-        c.encode(&Message::User { payload }, 0, &mut out).unwrap();
+        sent(&mut c, &Message::User { payload }, 0, &mut out).unwrap();
         prop_assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1);
         let back = decode(&mut c, std::str::from_utf8(&out[..out.len() - 1]).unwrap()).unwrap();
         let Some(Message::User { payload }) = back.msg else { panic!("not a user message") };
@@ -379,24 +414,136 @@ proptest! {
     }
 }
 
+fn tls_query(data: &str, port: u16) -> String {
+    format!(
+        "{{\"cmd\":\"NODE_CLUSTER\",\"act\":\"queryServer\",\"index\":0,\"data\":{data},\"address\":\"127.0.0.1\",\"port\":{port},\"addressType\":4,\"seq\":1}}"
+    )
+}
+
 #[test]
 fn every_worker_gets_the_first_workers_data_for_a_key() {
     let shared = SharedServerData::default();
-    let q = |data: &str| {
-        format!(
-            "{{\"cmd\":\"NODE_CLUSTER\",\"act\":\"queryServer\",\"index\":0,\"data\":{data},\"address\":\"127.0.0.1\",\"port\":8443,\"addressType\":4,\"seq\":1}}"
-        )
-    };
-    let mut replies = Vec::new();
+    let mut workers = Vec::new();
     for (sent, echoed) in [
         ("null", "null"),
         ("{\"ticketKeys\":\"aa\"}", "{\"ticketKeys\":\"aa\"}"),
         ("{\"ticketKeys\":\"bb\"}", "{\"ticketKeys\":\"aa\"}"),
     ] {
         let mut c = NodeCodec::new(shared.clone());
-        decode(&mut c, &q(sent)).unwrap();
+        decode(&mut c, &tls_query(sent, 8443)).unwrap();
         let reply = grant_rr(&mut c, 1, 1, 8443);
         assert!(reply.contains(&format!(",\"data\":{echoed},")), "{reply}");
-        replies.push(reply);
+        workers.push(c);
     }
+}
+
+/// The data of a key lives while a worker holds or asks for it, as on Node's primary, where
+/// it lives on the server handle: released by `close`, a failed bind and the worker's end.
+#[test]
+fn shared_data_goes_with_the_last_holder_of_its_key() {
+    let shared = SharedServerData::default();
+    let close = "{\"cmd\":\"NODE_CLUSTER\",\"act\":\"close\",\"key\":\"127.0.0.1:8443:4:undefined:0\",\"seq\":3}";
+    let mut a = NodeCodec::new(shared.clone());
+    let mut b = NodeCodec::new(shared.clone());
+    decode(&mut a, &tls_query("{\"k\":\"aa\"}", 8443)).unwrap();
+    grant_rr(&mut a, 1, 1, 8443);
+    decode(&mut b, &tls_query("{\"k\":\"bb\"}", 8443)).unwrap();
+    grant_rr(&mut b, 1, 1, 8443);
+    assert_eq!(shared.keys(), 1);
+    decode(&mut a, close).unwrap();
+    assert_eq!(shared.keys(), 1, "b still holds the key");
+    drop(b);
+    assert_eq!(shared.keys(), 0);
+    // A new holder's data is the key's data now.
+    decode(&mut a, &tls_query("{\"k\":\"cc\"}", 8443)).unwrap();
+    assert!(grant_rr(&mut a, 1, 1, 8443).contains("\"data\":{\"k\":\"cc\"}"));
+    // A failed bind releases the query's reference; so does a query the worker never got
+    // an answer to, when the worker goes.
+    let mut c = NodeCodec::new(shared.clone());
+    decode(&mut c, &tls_query("null", 9000)).unwrap();
+    assert_eq!(shared.keys(), 2);
+    sent(
+        &mut c,
+        &Message::QueryServerReply {
+            seq: Seq(1),
+            reply: ServerReply::Failed(cluster_core::ListenError {
+                errno: 98,
+                context: String::new(),
+            }),
+        },
+        0,
+        &mut Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(shared.keys(), 1);
+    decode(&mut c, &tls_query("null", 9001)).unwrap();
+    assert_eq!(shared.keys(), 2);
+    drop(c);
+    drop(a);
+    assert_eq!(shared.keys(), 0);
+}
+
+/// Workers cannot make the master keep `data` without bound: past the caps on keys and bytes
+/// a worker gets its own data back and nothing is stored.
+#[test]
+fn shared_data_is_bounded() {
+    let shared = SharedServerData::default();
+    let mut c = NodeCodec::new(shared.clone());
+    let big = format!("\"{}\"", "x".repeat(600 * 1024));
+    for port in 1..=(MAX_SHARED_KEYS as u16 + 10) {
+        let data = if port <= 10 { big.as_str() } else { "null" };
+        decode(&mut c, &tls_query(data, port)).unwrap();
+    }
+    let entries = shared.entries();
+    assert!(entries.by_key.len() <= MAX_SHARED_KEYS);
+    assert!(entries.bytes <= MAX_SHARED_BYTES);
+    let big_kept = entries
+        .by_key
+        .values()
+        .filter(|e| e.data.len() > 1000)
+        .count();
+    assert!(big_kept < 10, "{big_kept} large entries kept");
+    drop(entries);
+    // Past the byte cap the worker's own data is echoed, unshared.
+    decode(&mut c, &tls_query(&big, 9)).unwrap();
+    let mut out = Vec::new();
+    sent(
+        &mut c,
+        &Message::QueryServerReply {
+            seq: Seq(1),
+            reply: ServerReply::Granted {
+                server: ServerId(1),
+                addr: BoundAddr::Inet(SocketAddr::from(([127, 0, 0, 1], 9))),
+                grant: ServerGrant::RoundRobin,
+            },
+        },
+        0,
+        &mut out,
+    )
+    .unwrap();
+    assert!(String::from_utf8(out).unwrap().contains(&big));
+    drop(c);
+    assert_eq!(shared.keys(), 0);
+}
+
+/// A worker that sent us sockets of its server asks, when that server closes, whether we
+/// closed them all; it waits for the answer (and its disconnect waits for that close).
+#[test]
+fn socket_list_questions_are_answered_with_none_held() {
+    let mut c = NodeCodec::new(SharedServerData::default());
+    let mut replies = Vec::new();
+    for line in [
+        "{\"cmd\":\"NODE_SOCKET_NOTIFY_CLOSE\",\"key\":\"4:127.0.0.1:8000\"}",
+        "{\"cmd\":\"NODE_SOCKET_GET_COUNT\",\"key\":\"4:127.0.0.1:8000\"}",
+        "{\"cmd\":\"NODE_SOCKET_GET_COUNT\"}",
+    ] {
+        assert_eq!(
+            c.decode(line.as_bytes(), false, &mut replies).unwrap(),
+            Decoded::default()
+        );
+    }
+    assert_eq!(
+        String::from_utf8(replies).unwrap(),
+        "{\"cmd\":\"NODE_SOCKET_ALL_CLOSED\",\"key\":\"4:127.0.0.1:8000\"}\n{\"cmd\":\"NODE_SOCKET_COUNT\",\"key\":\"4:127.0.0.1:8000\",\"count\":0}\n"
+    );
 }
