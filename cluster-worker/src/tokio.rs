@@ -29,8 +29,8 @@
 //! are refused from then on, `accept` returns what was already answered and then fails with
 //! [`io::ErrorKind::ConnectionAborted`], and [`disconnected`] resolves once nothing answered is
 //! left to accept (and, under axum, once axum has read from every connection it was given: see
-//! [`ServedStream`]): pass it to `with_graceful_shutdown`, let in-flight requests finish, and
-//! return from `main` (exit 0).
+//! `ServedStream`, feature `axum`): pass it to `with_graceful_shutdown`, let in-flight requests
+//! finish, and return from `main` (exit 0).
 //!
 //! The runtime needs its IO and time drivers (`#[tokio::main]` has both); without them `bind`
 //! fails with [`io::ErrorKind::Unsupported`]. A listener may outlive the runtime it was bound
@@ -159,7 +159,7 @@ impl TcpListener {
     }
 
     /// [`TcpListener::poll_accept`]; with `mark`, under a master, the stream comes with its
-    /// [`FirstRead`] (see [`ServedStream`]).
+    /// [`FirstRead`] (see `ServedStream`).
     fn poll_accept_marked(
         &self,
         cx: &mut Context<'_>,
@@ -277,8 +277,8 @@ impl UnixListener {
 /// or the master is gone), once every connection already answered for a tokio listener has
 /// been accepted and, for the axum listeners, read from by axum (its graceful shutdown would
 /// otherwise close unserved a connection whose request it has not read yet; see
-/// [`ServedStream`]): give it to `with_graceful_shutdown`. Standalone it never resolves: combine
-/// it with your own signal handling.
+/// `ServedStream`, feature `axum`): give it to `with_graceful_shutdown`. Standalone it never
+/// resolves: combine it with your own signal handling.
 ///
 /// ```no_run
 /// # async fn run(listener: cluster_worker::tokio::TcpListener, app: axum::Router) -> std::io::Result<()> {
