@@ -43,10 +43,22 @@ fn granted(m: &mut Channel, w: &Worker, grant: ServerGrant, fd: Option<&TcpListe
     h.join().unwrap().unwrap()
 }
 
+/// Accepts as a worker must on a socket it may share: it stays non-blocking; wait, then
+/// accept, and `WouldBlock` means someone else took the connection.
+fn accept_shared(listener: &TcpListener) -> std::io::Result<TcpStream> {
+    loop {
+        crate::sys::wait_readable(listener.as_fd(), T)?;
+        match listener.accept() {
+            Ok((s, _)) => return Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn serves(listener: &TcpListener) {
     let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    listener.set_nonblocking(false).unwrap();
-    let (mut server_side, _) = listener.accept().unwrap();
+    let mut server_side = accept_shared(listener).unwrap();
     server_side.write_all(b"ok").unwrap();
     let mut got = [0u8; 2];
     client.read_exact(&mut got).unwrap();
@@ -56,9 +68,10 @@ fn serves(listener: &TcpListener) {
 #[test]
 fn a_standalone_listener_is_its_socket() {
     let l = Listener::bind_standalone(&ListenSpec::tcp("127.0.0.1:0".parse().unwrap())).unwrap();
-    let fd = l.as_fd().as_raw_fd();
+    let fd = l.as_socket_fd().expect("a socket").as_raw_fd();
     let std_listener = TcpListener::try_from(l).unwrap();
     assert_eq!(std_listener.as_raw_fd(), fd);
+    std_listener.set_nonblocking(true).unwrap();
     serves(&std_listener);
 }
 
@@ -68,16 +81,14 @@ fn a_shared_grant_converts_and_stays_registered_with_the_master() {
     let masters = TcpListener::bind("127.0.0.1:0").unwrap();
     masters.set_nonblocking(true).unwrap();
     let l = granted(&mut m, &w, ServerGrant::Shared, Some(&masters));
+    assert!(l.as_socket_fd().is_some());
     let std_listener = TcpListener::try_from(l).unwrap();
     // Counted as listening, and never closed: the conversion sends Listening and no Close.
     assert!(matches!(
         m.recv_blocking(Some(T)).unwrap().msg,
         Message::Listening { .. }
     ));
-    let accepting = thread::spawn(move || {
-        std_listener.set_nonblocking(false).unwrap();
-        std_listener.accept().map(|_| ())
-    });
+    let accepting = thread::spawn(move || accept_shared(&std_listener).map(|_| ()));
     let _client = TcpStream::connect(masters.local_addr().unwrap()).unwrap();
     accepting.join().unwrap().unwrap();
     drop(w);
@@ -89,8 +100,8 @@ fn a_shared_grant_converts_and_stays_registered_with_the_master() {
 fn a_round_robin_grant_has_no_socket_to_give() {
     let (mut m, w) = setup();
     let l = granted(&mut m, &w, ServerGrant::RoundRobin, None);
-    // Its fd is the channel's, readable when the master writes.
-    assert!(l.as_fd().as_raw_fd() >= 0);
+    // No socket: never the channel to the master, which an event loop must not poll or close.
+    assert!(l.as_socket_fd().is_none());
     let e = TcpListener::try_from(l).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
 }

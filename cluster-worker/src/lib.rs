@@ -97,9 +97,10 @@
 //!
 //! **Async.** With the `tokio` feature, [`tokio`] has listeners on the runtime's reactor
 //! (`cluster_worker::tokio::TcpListener::bind(addr).await`), `disconnected()` for graceful
-//! shutdown and async user messages; with `axum` they implement `axum::serve::Listener`. The
-//! blocking [`Listener`] is also an `AsFd` and, for shared and reuse-port grants, converts
-//! into a `std::net::TcpListener` for any other runtime.
+//! shutdown and async user messages; with `axum` they implement `axum::serve::Listener`. For
+//! any other runtime the blocking [`Listener`] of a shared or reuse-port grant gives its
+//! socket ([`Listener::as_socket_fd`]) or converts into a `std::net::TcpListener`; a
+//! round-robin grant has no socket.
 //!
 //! **Modules.** Dependencies point one way: `lib` (the free functions) → `worker`
 //! ([`Worker`]) → `serve` (the loop) → `listener` ([`Listener`]) → `link` (the shared channel

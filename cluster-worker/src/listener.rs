@@ -469,26 +469,30 @@ impl Iterator for Incoming<'_> {
     }
 }
 
-impl AsFd for Listener {
-    /// The listening socket (standalone, exclusive, shared and reuse-port grants). A
-    /// round-robin grant has none: then it is the socket registered with mio's `Poll` if there
-    /// is one, else the channel to the master, readable when the master has written (call
-    /// [`Listener::try_accept`], which reads and answers, and expect spurious wake-ups).
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        match (self.sock.fd(), &self.link) {
-            (Some(fd), _) => fd,
-            (None, Some(link)) => link.poll_fd(),
-            // Only `Listener::granted` makes round-robin listeners, always with a link.
-            (None, None) => unreachable!("a round-robin listener has a link to its master"),
+impl Listener {
+    /// The listening socket, for another event loop to watch: `Some` when bound here
+    /// (standalone, `exclusive`) or granted shared or reuse-port, `None` for a round-robin
+    /// grant, which has no socket in the worker (its connections come over the channel to the
+    /// master; watch them by registering the listener in a mio `Poll`, or call
+    /// [`accept`](Self::accept)).
+    ///
+    /// A granted socket is the master's open file, shared with the other workers, and so is
+    /// its `O_NONBLOCK` flag: leave it non-blocking, wait for readability, then accept, and
+    /// take `WouldBlock` to mean that another worker took the connection.
+    pub fn as_socket_fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.sock {
+            Sock::Tcp(l) => Some(l.as_fd()),
+            Sock::Unix(l) => Some(l.as_fd()),
+            Sock::RoundRobin { .. } => None,
         }
     }
-}
 
-impl Listener {
     /// The real socket, for another runtime or framework; the master's server stays open for
     /// the life of the worker (as for [`crate::bind_udp`]), counted as listening. A granted
     /// socket is the master's open file, shared with the other workers, and stays
-    /// non-blocking: keep it so. Fails for a round-robin grant, which has no socket.
+    /// non-blocking: keep it so (see [`Listener::as_socket_fd`]); a blocking one would make
+    /// every event loop sharing it block in `accept` whenever another worker won the race.
+    /// Fails for a round-robin grant, which has no socket.
     fn into_socket(mut self) -> io::Result<Sock> {
         if matches!(self.sock, Sock::RoundRobin { .. }) {
             return Err(io::Error::new(
@@ -510,8 +514,9 @@ impl Listener {
 impl TryFrom<Listener> for TcpListener {
     type Error = io::Error;
 
-    /// The listening socket of a TCP listener bound here or granted shared or reuse-port;
-    /// see the `AsFd` impl for round-robin grants.
+    /// The listening socket of a TCP listener bound here or granted shared or reuse-port
+    /// (a round-robin grant has none). A granted one is non-blocking and must stay so: poll,
+    /// then accept, and treat `WouldBlock` as another worker having taken the connection.
     ///
     /// ```no_run
     /// use cluster_worker::ListenSpec;

@@ -190,6 +190,15 @@ pub(crate) fn shutdown_both(fd: BorrowedFd<'_>) {
     let _ = socket::shutdown(fd.as_raw_fd(), socket::Shutdown::Both);
 }
 
+/// True when a connected stream socket holds bytes nobody has read yet (a peek, never
+/// blocking). End of stream, an error or nothing yet are all false.
+#[cfg(feature = "axum")]
+pub(crate) fn has_unread_input(fd: BorrowedFd<'_>) -> bool {
+    let mut byte = [0u8; 1];
+    let flags = socket::MsgFlags::MSG_PEEK | socket::MsgFlags::MSG_DONTWAIT;
+    matches!(socket::recv(fd.as_raw_fd(), &mut byte, flags), Ok(n) if n > 0)
+}
+
 /// `fd` on the current tokio runtime's reactor, watched for `interest`. Panics outside a
 /// runtime with IO enabled, as tokio's own sockets do.
 #[cfg(feature = "tokio")]

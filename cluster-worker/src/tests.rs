@@ -268,6 +268,69 @@ fn blocking_accept_on_a_shared_grant_waits_without_touching_the_shared_flag() {
     drop(l);
 }
 
+/// Mixed use of one shared socket: this worker's blocking accept and another worker's event
+/// loop on the same open file (as a tokio or Node worker would be). Every connection goes
+/// to one of them; losing a race is never an error here, and nobody blocks in `accept`.
+#[test]
+fn blocking_accept_on_a_shared_grant_loses_races_to_another_worker_quietly() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    const CLIENTS: usize = 40;
+    let (mut m, w) = setup();
+    let (l, sock) = shared_listener(&mut m, &w, 9);
+    let addr = sock.local_addr().unwrap();
+    let taken = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let other = {
+        let (taken, stop) = (taken.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut won = 0;
+            while !stop.load(Ordering::SeqCst) {
+                crate::sys::wait_readable(sock.as_fd(), Duration::from_millis(10)).unwrap();
+                match sock.accept() {
+                    Ok(_) => {
+                        won += 1;
+                        taken.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("the other worker's accept: {e}"),
+                }
+            }
+            won
+        })
+    };
+    let ours = {
+        let taken = taken.clone();
+        thread::spawn(move || {
+            let mut won = 0;
+            loop {
+                match l.accept() {
+                    Ok(_) => {
+                        won += 1;
+                        taken.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => return won,
+                    Err(e) => panic!("a lost race surfaced as {e}"),
+                }
+            }
+        })
+    };
+    let clients: Vec<TcpStream> = (0..CLIENTS)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    let deadline = Instant::now() + T;
+    while taken.load(Ordering::SeqCst) < CLIENTS {
+        assert!(Instant::now() < deadline, "only {taken:?} accepted");
+        thread::sleep(Duration::from_millis(2));
+    }
+    m.send_blocking(&Message::Disconnect, &[], Some(T)).unwrap();
+    let ours = ours.join().unwrap();
+    stop.store(true, Ordering::SeqCst);
+    let theirs = other.join().unwrap();
+    assert_eq!(ours + theirs, CLIENTS);
+    drop(clients);
+}
+
 #[test]
 fn blocking_accept_on_a_shared_grant_ends_on_disconnect() {
     let (mut m, w) = setup();

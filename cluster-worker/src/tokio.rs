@@ -28,14 +28,19 @@
 //! **Stopping.** When the master asks the worker to stop (its SIGTERM, a reload), hand-offs
 //! are refused from then on, `accept` returns what was already answered and then fails with
 //! [`io::ErrorKind::ConnectionAborted`], and [`disconnected`] resolves once nothing answered is
-//! left to accept: pass it to `with_graceful_shutdown`, let in-flight requests finish, and
-//! return from `main` (exit 0).
+//! left to accept (and, under axum, once axum has read from every connection it was given: see
+//! `ServedStream`, feature `axum`): pass it to `with_graceful_shutdown`, let in-flight requests
+//! finish, and return from `main` (exit 0).
 //!
-//! The runtime needs its IO and time drivers (`#[tokio::main]` has both).
+//! The runtime needs its IO and time drivers (`#[tokio::main]` has both); without them `bind`
+//! fails with [`io::ErrorKind::Unsupported`]. A listener may outlive the runtime it was bound
+//! on: its next accept on another runtime reads the channel there.
 
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
+#[cfg(feature = "axum")]
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,7 +49,7 @@ use std::task::{Context, Poll};
 use ::tokio::net::{self as tnet, ToSocketAddrs};
 use cluster_core::{BoundAddr, ListenAddr, ListenSpec};
 
-use crate::link::{Link, Room, Taker};
+use crate::link::{Link, Room, State, Taker, reactor};
 use crate::listener::{Listener, Sock};
 use crate::stream::Stream;
 use crate::worker::Worker;
@@ -149,14 +154,27 @@ impl TcpListener {
         &self,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<(tnet::TcpStream, SocketAddr)>> {
-        let taken = match self.core.poll_source(cx) {
-            Poll::Ready(Ok(Source::Socket(io))) => return io.poll_accept(cx),
-            Poll::Ready(Ok(Source::Taken(taken))) => taken,
+        self.poll_accept_marked(cx, false)
+            .map_ok(|(accepted, _unmarked)| accepted)
+    }
+
+    /// [`TcpListener::poll_accept`]; with `mark`, under a master, the stream comes with its
+    /// [`FirstRead`] (see `ServedStream`).
+    fn poll_accept_marked(
+        &self,
+        cx: &mut Context<'_>,
+        mark: bool,
+    ) -> Marked<(tnet::TcpStream, SocketAddr)> {
+        let (taken, first_read) = match self.core.poll_source(cx, mark) {
+            Poll::Ready(Ok((Source::Socket(io), first_read))) => {
+                return io.poll_accept(cx).map_ok(|accepted| (accepted, first_read));
+            }
+            Poll::Ready(Ok((Source::Taken(taken), first_read))) => (taken, first_read),
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => return Poll::Pending,
         };
         let (stream, peer) = taken;
-        Poll::Ready(match stream {
+        let accepted = match stream {
             Stream::Tcp(s) => {
                 // Unknown only if the client is already gone; never report our own address.
                 let peer = peer
@@ -166,7 +184,8 @@ impl TcpListener {
                 tnet::TcpStream::from_std(s).map(|s| (s, peer))
             }
             Stream::Unix(_) => Err(wrong_kind("TCP")),
-        })
+        };
+        Poll::Ready(accepted.map(|accepted| (accepted, first_read)))
     }
 
     /// The address the server is bound to (the real port for port 0).
@@ -205,19 +224,32 @@ impl UnixListener {
         &self,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<(tnet::UnixStream, tnet::unix::SocketAddr)>> {
-        let taken = match self.core.poll_source(cx) {
-            Poll::Ready(Ok(Source::Socket(io))) => return io.poll_accept(cx),
-            Poll::Ready(Ok(Source::Taken(taken))) => taken,
+        self.poll_accept_marked(cx, false)
+            .map_ok(|(accepted, _unmarked)| accepted)
+    }
+
+    /// As [`TcpListener::poll_accept_marked`].
+    fn poll_accept_marked(
+        &self,
+        cx: &mut Context<'_>,
+        mark: bool,
+    ) -> Marked<(tnet::UnixStream, tnet::unix::SocketAddr)> {
+        let (taken, first_read) = match self.core.poll_source(cx, mark) {
+            Poll::Ready(Ok((Source::Socket(io), first_read))) => {
+                return io.poll_accept(cx).map_ok(|accepted| (accepted, first_read));
+            }
+            Poll::Ready(Ok((Source::Taken(taken), first_read))) => (taken, first_read),
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => return Poll::Pending,
         };
-        Poll::Ready(match taken.0 {
+        let accepted = match taken.0 {
             Stream::Unix(s) => tnet::UnixStream::from_std(s).and_then(|s| {
                 let peer = s.peer_addr()?;
                 Ok((s, peer))
             }),
             Stream::Tcp(_) => Err(wrong_kind("Unix")),
-        })
+        };
+        Poll::Ready(accepted.map(|accepted| (accepted, first_read)))
     }
 
     /// The address the server is bound to.
@@ -239,8 +271,10 @@ impl UnixListener {
 
 /// A future that resolves when the master asks this worker to stop (or the worker asked,
 /// or the master is gone), once every connection already answered for a tokio listener has
-/// been accepted: give it to `with_graceful_shutdown`. Standalone it never resolves: combine
-/// it with your own signal handling.
+/// been accepted and, for the axum listeners, read from by axum (its graceful shutdown would
+/// otherwise close unserved a connection whose request it has not read yet; see
+/// `ServedStream`, feature `axum`): give it to `with_graceful_shutdown`. Standalone it never
+/// resolves: combine it with your own signal handling.
 ///
 /// ```no_run
 /// # async fn run(listener: cluster_worker::tokio::TcpListener, app: axum::Router) -> std::io::Result<()> {
@@ -331,6 +365,7 @@ async fn listen_through_master(worker: Option<Worker>, spec: ListenSpec) -> io::
     if matches!(spec.addr, ListenAddr::Udp(_)) {
         return Err(wrong_kind("stream"));
     }
+    reactor::check_time_driver()?;
     match worker {
         Some(w) if !spec.exclusive => {
             let granted = w.link().query_async(&spec).await?;
@@ -363,7 +398,7 @@ impl<L> Core<L> {
         let link = grant.link().cloned();
         let io = match &grant.sock {
             Sock::RoundRobin { .. } => None,
-            sock => Some(on_runtime(sock)?),
+            sock => Some(reactor::with_drivers(|| on_runtime(sock))?),
         };
         if let Some(link) = &link {
             // Reads the channel from now on: a disconnect must reach accept and
@@ -379,11 +414,13 @@ impl<L> Core<L> {
     }
 
     /// Where the next connection comes from: the real socket, or (round-robin) a stream
-    /// taken from the inbox, answered and written.
-    fn poll_source(&self, cx: &Context<'_>) -> Poll<io::Result<Source<'_, L>>> {
+    /// taken from the inbox, answered and written. With `mark`, under a master, a
+    /// [`FirstRead`] for it, counted under the lock that took it (for the socket, before its
+    /// accept: dropped unused if nothing is accepted).
+    fn poll_source(&self, cx: &Context<'_>, mark: bool) -> Marked<Source<'_, L>> {
         let (Some(link), Some(server)) = (&self.link, self.grant.server()) else {
             return match &self.io {
-                Some(io) => Poll::Ready(Ok(Source::Socket(io))),
+                Some(io) => Poll::Ready(Ok((Source::Socket(io), None))),
                 None => Poll::Ready(Err(wrong_kind("listening"))),
             };
         };
@@ -394,18 +431,28 @@ impl<L> Core<L> {
             self.started.store(true, Ordering::Release);
         }
         let mut st = link.lock();
+        if !st.channel_task_running() && !st.channel_closed() {
+            // The runtime that ran it was dropped with its tasks: nobody answers hand-offs
+            // (the master would drop the worker) until a task reads on this one.
+            drop(st);
+            link.ensure_channel_task()?;
+            st = link.lock();
+        }
+        let first_read = |st: &mut State| mark.then(|| FirstRead::new(st, link));
         if let Some(io) = &self.io {
             // Once the worker stops, other workers take what waits in the shared backlog.
             if let Err(e) = st.still_taking() {
                 return Poll::Ready(Err(e));
             }
             st.wake_on_stop(cx);
-            return Poll::Ready(Ok(Source::Socket(io)));
+            let first_read = first_read(&mut st);
+            return Poll::Ready(Ok((Source::Socket(io), first_read)));
         }
         match st.take_answered(server) {
             Ok(Some((stream, info))) => {
                 st.note_taken();
-                Poll::Ready(Ok(Source::Taken((stream, info.peer))))
+                let first_read = first_read(&mut st);
+                Poll::Ready(Ok((Source::Taken((stream, info.peer)), first_read)))
             }
             Ok(None) => {
                 st.wake_on_change(cx);
@@ -451,15 +498,17 @@ async fn after_accept_error(e: io::Error, stopped: bool) {
 
 #[cfg(feature = "axum")]
 impl axum::serve::Listener for TcpListener {
-    type Io = tnet::TcpStream;
+    type Io = ServedStream<tnet::TcpStream>;
     type Addr = SocketAddr;
 
     /// Retries what can be retried; once the worker stops it never resolves, so the serve
     /// ends through `with_graceful_shutdown(disconnected())`.
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
-            match TcpListener::accept(self).await {
-                Ok(conn) => return conn,
+            match poll_fn(|cx| self.poll_accept_marked(cx, true)).await {
+                Ok(((stream, peer), first_read)) => {
+                    return (ServedStream { stream, first_read }, peer);
+                }
                 Err(e) => after_accept_error(e, self.core.stopped()).await,
             }
         }
@@ -472,14 +521,16 @@ impl axum::serve::Listener for TcpListener {
 
 #[cfg(feature = "axum")]
 impl axum::serve::Listener for UnixListener {
-    type Io = tnet::UnixStream;
+    type Io = ServedStream<tnet::UnixStream>;
     type Addr = tnet::unix::SocketAddr;
 
     /// As for [`TcpListener`].
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
-            match UnixListener::accept(self).await {
-                Ok(conn) => return conn,
+            match poll_fn(|cx| self.poll_accept_marked(cx, true)).await {
+                Ok(((stream, peer), first_read)) => {
+                    return (ServedStream { stream, first_read }, peer);
+                }
                 Err(e) => after_accept_error(e, self.core.stopped()).await,
             }
         }
@@ -487,6 +538,118 @@ impl axum::serve::Listener for UnixListener {
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         UnixListener::local_addr(self)
+    }
+}
+
+/// What an accept polled with a mark returns.
+type Marked<T> = Poll<io::Result<(T, Option<FirstRead>)>>;
+
+/// A stream counted in the state (see [`State::hand_to_server`]) until the server it was
+/// handed to reads from it or drops it.
+#[derive(Debug)]
+struct FirstRead(Arc<Link>);
+
+impl FirstRead {
+    fn new(st: &mut State, link: &Arc<Link>) -> FirstRead {
+        st.hand_to_server();
+        FirstRead(link.clone())
+    }
+}
+
+impl Drop for FirstRead {
+    fn drop(&mut self) {
+        self.0.lock().first_read();
+    }
+}
+
+/// A connection as the `axum::serve::Listener` impls give it to axum: the tokio stream
+/// (reads and writes go straight to it), which tells [`disconnected`] when axum first reads
+/// from it.
+///
+/// axum's graceful shutdown cancels every connection whose HTTP version hyper has not read
+/// yet, even when its request is there: a connection handed over just before (or, answered
+/// earlier, taken after) the master's stop would be closed unserved if `disconnected`
+/// resolved at once. It resolves only once axum has read from every connection it was given,
+/// so every request that had arrived is served. (One that arrives after axum first looked
+/// is cancelled, as on an idle keep-alive connection, standalone or not.)
+#[cfg(feature = "axum")]
+#[derive(Debug)]
+pub struct ServedStream<S> {
+    stream: S,
+    first_read: Option<FirstRead>,
+}
+
+#[cfg(feature = "axum")]
+impl<S> ServedStream<S> {
+    /// The tokio stream.
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
+    /// The tokio stream.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
+
+    /// The tokio stream, no longer watched for `disconnected`.
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+}
+
+#[cfg(feature = "axum")]
+impl<S: ::tokio::io::AsyncRead + AsFd + Unpin> ::tokio::io::AsyncRead for ServedStream<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ::tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let read = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        // Pending on a new stream often means only that the reactor has not reported it yet:
+        // if the request is there, it is read when it does, and counted then.
+        if self.first_read.is_some()
+            && (read.is_ready() || !crate::sys::has_unread_input(self.stream.as_fd()))
+        {
+            self.first_read = None;
+        }
+        read
+    }
+}
+
+#[cfg(feature = "axum")]
+impl<S: ::tokio::io::AsyncWrite + Unpin> ::tokio::io::AsyncWrite for ServedStream<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
     }
 }
 

@@ -436,6 +436,28 @@ fn answer_then_fd(ch: &mut Channel, conn: ConnId, client: OwnedFd, id: &str) -> 
     Ok(0)
 }
 
+/// One call on a socket shared with the other workers, as a worker must make it: the socket is
+/// their open file too, so it stays non-blocking (a blocking one would stall every event loop
+/// that shares it); wait until it is readable, and take `WouldBlock` as another worker having
+/// won it (`None`).
+fn when_ready<T>(
+    sock: &impl std::os::fd::AsFd,
+    mut call: impl FnMut() -> std::io::Result<T>,
+) -> Result<Option<T>, String> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::NONE) {
+        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    match call() {
+        Ok(got) => Ok(Some(got)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn serve_shared(
     socket: OwnedFd,
     spec: &ListenSpec,
@@ -455,10 +477,11 @@ fn serve_shared(
     match &spec.addr {
         cluster_core::ListenAddr::Udp(_) => {
             let sock = UdpSocket::from(socket);
-            sock.set_nonblocking(false).map_err(|e| e.to_string())?;
             let mut buf = [0u8; 1500];
             loop {
-                let (n, from) = sock.recv_from(&mut buf).map_err(|e| e.to_string())?;
+                let Some((n, from)) = when_ready(&sock, || sock.recv_from(&mut buf))? else {
+                    continue;
+                };
                 let mut reply = identity(id).into_bytes();
                 reply.extend_from_slice(&buf[..n]);
                 let _ = sock.send_to(&reply, from);
@@ -466,18 +489,20 @@ fn serve_shared(
         }
         cluster_core::ListenAddr::Unix(_) => {
             let l = UnixListener::from(socket);
-            l.set_nonblocking(false).map_err(|e| e.to_string())?;
             loop {
-                let (s, _) = l.accept().map_err(|e| e.to_string())?;
+                let Some((s, _)) = when_ready(&l, || l.accept())? else {
+                    continue;
+                };
                 let id = id.to_owned();
                 std::thread::spawn(move || serve_stream(s, &id));
             }
         }
         _ => {
             let l = TcpListener::from(socket);
-            l.set_nonblocking(false).map_err(|e| e.to_string())?;
             loop {
-                let (s, _) = l.accept().map_err(|e| e.to_string())?;
+                let Some((s, _)) = when_ready(&l, || l.accept())? else {
+                    continue;
+                };
                 let id = id.to_owned();
                 std::thread::spawn(move || serve_stream(s, &id));
             }

@@ -21,8 +21,10 @@
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use cluster_core::ListenSpec;
 use tokio::io::Interest;
@@ -40,6 +42,8 @@ pub(crate) struct Wakers {
     /// The channel task's waker, while it runs.
     channel_task: Option<Waker>,
     task_running: bool,
+    /// Streams handed to axum that it has not read from yet (see [`State::hand_to_server`]).
+    unread_handed: usize,
 }
 
 impl Wakers {
@@ -84,14 +88,39 @@ impl State {
         self.stop().is_some() || self.draining
     }
 
-    /// True once the worker stops taking and every stream answered for a tokio listener has
-    /// been taken: then nothing the master counts on is left for the application to serve.
+    /// True once the worker stops taking, every stream answered for a tokio listener has
+    /// been taken, and the server each was handed to has read from it: then nothing the
+    /// master counts on is left for the application to serve, and a graceful shutdown cancels
+    /// no request that had arrived.
     pub(crate) fn stopped_and_emptied(&self) -> bool {
         self.stopping()
+            && self.reactor.unread_handed == 0
             && !self
                 .inboxes
                 .values()
                 .any(|i| i.taker == Taker::Reactor && !i.parked.is_empty())
+    }
+
+    /// Counts a stream about to be handed to a server that cancels the connections it has not
+    /// read from when its graceful shutdown starts (hyper's auto connection, under axum):
+    /// `disconnected` waits for [`State::first_read`] of each. Called under the same lock as
+    /// the take, so no `disconnected` can resolve between them.
+    pub(crate) fn hand_to_server(&mut self) {
+        self.reactor.unread_handed += 1;
+    }
+
+    /// The server read from (or dropped) a stream counted by [`State::hand_to_server`].
+    pub(crate) fn first_read(&mut self) {
+        self.reactor.unread_handed = self.reactor.unread_handed.saturating_sub(1);
+        if self.stopping() {
+            self.changed = true;
+        }
+    }
+
+    /// False when no channel task runs: none was started yet, or the runtime that ran it was
+    /// dropped (and its tasks with it).
+    pub(crate) fn channel_task_running(&self) -> bool {
+        self.reactor.task_running
     }
 
     /// After a tokio listener took a stream: once the worker stops, each take may be the
@@ -126,7 +155,7 @@ impl Link {
         let channel = {
             // AsyncFd registers with the runtime that is current.
             let _entered = runtime.enter();
-            crate::sys::on_reactor(fd, Interest::READABLE | Interest::WRITABLE)?
+            with_drivers(|| crate::sys::on_reactor(fd, Interest::READABLE | Interest::WRITABLE))?
         };
         st.reactor.task_running = true;
         drop(st);
@@ -169,6 +198,40 @@ impl Link {
         pending.settled = true;
         self.finish_query(spec, &asked, got)
     }
+}
+
+/// Runs `register`, which needs the current runtime's IO and time drivers. Tokio panics when
+/// the runtime was built without one (`Builder::new_current_thread().build()` without
+/// `enable_all()`), and tokio has no way to ask first: the panic becomes an error here, so a
+/// `bind` reports it rather than taking the application's thread down. (The panic hook still
+/// prints tokio's message; with `panic = "abort"` the process aborts, as it would in tokio.)
+pub(crate) fn with_drivers<T>(register: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    match std::panic::catch_unwind(AssertUnwindSafe(register)) {
+        Ok(registered) => registered,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "the runtime refused".to_owned());
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "cluster_worker::tokio needs the runtime's IO and time drivers \
+                     (Builder::enable_all(); #[tokio::main] has both): {why}"
+                ),
+            ))
+        }
+    }
+}
+
+/// Fails unless the current runtime has the time driver (listen timeouts, accept back-offs);
+/// see [`with_drivers`].
+pub(crate) fn check_time_driver() -> io::Result<()> {
+    with_drivers(|| {
+        drop(tokio::time::sleep(Duration::ZERO));
+        Ok(())
+    })
 }
 
 /// A listen whose future may be dropped before the reply: the late grant is then closed,
