@@ -101,6 +101,37 @@ fn a_failed_bind_is_not_kept_so_a_later_listen_binds_afresh() {
 }
 
 #[test]
+fn the_connections_that_refill_a_window_leave_in_one_frame() {
+    let _fds = shared_fds();
+    // One worker with a window of 4 that answers four at a time in one write: after its first
+    // four, each refill of its window is one frame of four connections.
+    let mut c = Cluster::start(rr(1, "answer-in-fours"));
+    let addr = inet(&c.wait_listening(1));
+    // All connected before any is served: they wait in the backlog, then in the master's queue.
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            s
+        })
+        .collect();
+    for mut s in clients {
+        let mut greeting = [0u8; 16];
+        let n = std::io::Read::read(&mut s, &mut greeting).expect("every client is served");
+        assert!(n > 0, "every client is served");
+    }
+    let stats = c.master().stats().expect("stats");
+    assert_eq!(stats.handed_off, 16, "{stats:?}");
+    // Four refills of four at most, plus however the first four were accepted (one to four
+    // accept passes).
+    assert!(stats.handoff_frames <= 7, "{stats:?}");
+    assert_eq!(stats.closed_unserved, 0, "{stats:?}");
+    c.stop();
+}
+
+#[test]
 fn a_refusing_worker_loses_no_connection() {
     let _fds = shared_fds();
     let mut c = Cluster::start(rr(2, "refuse@0"));

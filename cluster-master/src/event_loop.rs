@@ -171,6 +171,9 @@ pub(crate) struct EventLoop {
     timer_due: Option<Instant>,
     /// Workers whose channel still had frames when their drain hit its bound.
     unread: Vec<Source>,
+    /// Servers with hand-offs waiting for the current channel read to end (see
+    /// [`EventLoop::carry_out_after_answers`]).
+    answered_servers: Vec<ServerId>,
     /// Sources not read for want of room in the embedder's event queue, read again once it has
     /// room (edge-triggered readiness will not report what is already waiting).
     paused: Vec<Source>,
@@ -271,6 +274,7 @@ impl EventLoop {
             now: Instant::now(),
             timer_due: None,
             unread: Vec::new(),
+            answered_servers: Vec::new(),
             paused: Vec::new(),
             kept_for_starting: Vec::new(),
             unclean_exits: 0,

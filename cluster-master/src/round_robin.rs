@@ -466,6 +466,16 @@ impl<C> RoundRobinHandle<C> {
         self.conns.get(&conn).map(|e| &e.conn)
     }
 
+    /// The connection of an [`Action::Handoff`] of `conn` to `worker`, while that hand-off still
+    /// stands: `None` once something else happened to the connection (the worker left and it
+    /// was re-queued, say), so that a hand-off carried out late never sends it twice.
+    pub fn in_flight(&self, conn: ConnId, worker: WorkerId) -> Option<&C> {
+        self.conns
+            .get(&conn)
+            .filter(|e| e.place == Place::InFlight(worker))
+            .map(|e| &e.conn)
+    }
+
     /// When the oldest hand-off to `worker` that it has not answered was sent; `None` when it
     /// has nothing in flight (or is unknown).
     pub fn oldest_unanswered(&self, worker: WorkerId) -> Option<Instant> {

@@ -13,7 +13,7 @@ use cluster_core::{
 };
 
 use crate::bind::{self, BoundSocket};
-use crate::round_robin::{RoundRobinConfig, RoundRobinHandle};
+use crate::round_robin::{Action, RoundRobinConfig, RoundRobinHandle};
 
 /// A connection the master accepted and keeps until a worker answers for it.
 #[derive(Debug)]
@@ -69,6 +69,10 @@ pub(crate) enum ServerKind {
         /// edge-triggered listener will not report the connections already waiting, so the
         /// loop must try again itself.
         backlogged: bool,
+        /// What the handle asked for while a worker's answers were being read (the
+        /// hand-offs their freed windows allow), carried out once that read ends so that the
+        /// connections one worker gets leave in one frame.
+        after_answers: Vec<Action<AcceptedConn>>,
     },
     Shared {
         socket: OwnedFd,
@@ -167,6 +171,7 @@ impl Server {
                     socket,
                     handle: Box::new(RoundRobinHandle::new(id, *rr)),
                     backlogged: false,
+                    after_answers: Vec::new(),
                 }
             }
         };

@@ -259,6 +259,7 @@ fn run() -> Result<u8, String> {
     }
     let mut served = 0usize;
     let mut withheld: Option<Vec<OwnedFd>> = None;
+    let mut in_fours: Vec<(cluster_core::ConnId, OwnedFd)> = Vec::new();
     loop {
         let r = match ch.recv_blocking(None) {
             Ok(r) => r,
@@ -269,6 +270,26 @@ fn run() -> Result<u8, String> {
                 // A frame may carry several connections, one fd each, in order.
                 for (handed, fd) in conns.iter().zip(r.fds) {
                     let conn = handed.conn;
+                    if mode == "answer-in-fours" {
+                        // Answers only once four wait, all in one write: the master reads the
+                        // four answers in one go and refills the window in one frame.
+                        in_fours.push((conn, fd));
+                        if in_fours.len() == 4 {
+                            for (conn, _) in &in_fours {
+                                ch.queue(&Message::Accepted { conn: *conn })
+                                    .map_err(|e| e.to_string())?;
+                            }
+                            ch.flush_blocking(Some(Duration::from_secs(10)))
+                                .map_err(|e| e.to_string())?;
+                            for (_, fd) in in_fours.drain(..) {
+                                let stream = std::net::TcpStream::from(fd);
+                                stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+                                let id = id.clone();
+                                std::thread::spawn(move || serve_stream(stream, &id));
+                            }
+                        }
+                        continue;
+                    }
                     let answer = match mode.as_str() {
                         "refuse" => Some(Message::Refused {
                             conn,

@@ -99,6 +99,11 @@ impl EventLoop {
     }
 
     pub(super) fn drain_channel_up_to(&mut self, id: WorkerId, max_frames: usize) {
+        self.read_frames(id, max_frames);
+        self.carry_out_after_answers();
+    }
+
+    fn read_frames(&mut self, id: WorkerId, max_frames: usize) {
         // Bounded so one chatty worker cannot starve the others. Edge-triggered readiness
         // will not report frames already queued, so a drain cut short is resumed on the next
         // pass (with a zero poll timeout) rather than left for the ack timeout to find.

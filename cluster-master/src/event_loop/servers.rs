@@ -35,6 +35,7 @@ impl EventLoop {
             socket,
             handle,
             backlogged,
+            ..
         } = &mut server.kind
         else {
             return;
@@ -359,20 +360,25 @@ impl EventLoop {
         });
     }
 
+    /// A worker answered a hand-off. The hand-offs this makes possible (its window has room
+    /// again) wait in the server's `after_answers` until the read of the worker's channel ends
+    /// ([`EventLoop::carry_out_after_answers`]): a worker answers a batch in one write, and
+    /// the connections that refill its window then leave in one frame.
     pub(super) fn on_answer(&mut self, id: WorkerId, conn: ConnId, refused: Option<RefuseReason>) {
         let sid = conn.server();
-        let Some(ServerKind::RoundRobin { handle, .. }) =
-            self.servers.get_mut(&sid).map(|s| &mut s.kind)
+        let Some(ServerKind::RoundRobin {
+            handle,
+            after_answers,
+            ..
+        }) = self.servers.get_mut(&sid).map(|s| &mut s.kind)
         else {
             // The server closed while the answer was on its way.
             self.fleet.stats.stray_answers += 1;
             return;
         };
         let result = match refused {
-            None => handle
-                .accepted(id, conn, self.now, &mut self.fleet.actions)
-                .map(drop),
-            Some(reason) => handle.refused(id, conn, reason, self.now, &mut self.fleet.actions),
+            None => handle.accepted(id, conn, self.now, after_answers).map(drop),
+            Some(reason) => handle.refused(id, conn, reason, self.now, after_answers),
         };
         if result.is_err() {
             // An answer for a hand-off this worker no longer holds: it closed that server (the
@@ -386,7 +392,29 @@ impl EventLoop {
         } else {
             self.fleet.stats.taken += 1;
         }
-        run_actions(sid, handle, &mut self.fleet, self.now);
+        if !self.answered_servers.contains(&sid) {
+            self.answered_servers.push(sid);
+        }
+    }
+
+    /// Carries out what answers made the handles ask for (see [`EventLoop::on_answer`]).
+    /// A hand-off that no longer stands by then (its worker left meanwhile) is skipped by
+    /// `run_actions`: the handle has already re-queued that connection.
+    pub(super) fn carry_out_after_answers(&mut self) {
+        let mut sids = std::mem::take(&mut self.answered_servers);
+        for sid in sids.drain(..) {
+            if let Some(ServerKind::RoundRobin {
+                handle,
+                after_answers,
+                ..
+            }) = self.servers.get_mut(&sid).map(|s| &mut s.kind)
+            {
+                self.fleet.actions.append(after_answers);
+                run_actions(sid, handle, &mut self.fleet, self.now);
+            }
+        }
+        // Keeps the allocation for the next read.
+        self.answered_servers = sids;
     }
 }
 
@@ -461,8 +489,8 @@ pub(super) fn run_actions(
                 let mut conns = Vec::with_capacity(frame.len());
                 let mut fds = Vec::with_capacity(frame.len());
                 for &(_, conn) in frame {
-                    // Every hand-off the handle just asked for is in flight with its fd.
-                    if let Some(c) = handle.conn(conn) {
+                    // Skipped when it no longer stands (see `carry_out_after_answers`).
+                    if let Some(c) = handle.in_flight(conn, worker) {
                         conns.push(HandedConn { conn, peer: c.peer });
                         fds.push(c.fd.as_fd());
                     }

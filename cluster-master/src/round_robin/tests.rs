@@ -1034,3 +1034,23 @@ proptest! {
 fn h_conn_value(conn: ConnId) -> u64 {
     conn.0 & ((1 << ConnId::COUNTER_BITS) - 1)
 }
+
+#[test]
+fn a_hand_off_stands_only_while_its_worker_holds_the_connection() {
+    let t = Instant::now();
+    let mut h = handle(cfg(1, 100, 8, 1000), &[1, 2]);
+    let mut out = Vec::new();
+    let (a, wa) = dist(&mut h, 10, t);
+    assert_eq!(wa, Some(w(1)));
+    assert_eq!(h.in_flight(a, w(1)), Some(&10));
+    assert_eq!(h.in_flight(a, w(2)), None, "not to another worker");
+    // Worker 1 leaves before the hand-off was carried out: the connection is re-queued and
+    // dealt to worker 2, and the late hand-off to worker 1 no longer stands.
+    h.remove(w(1), t, &mut out);
+    assert_eq!(out, vec![handoff(2, a)]);
+    assert_eq!(h.in_flight(a, w(1)), None);
+    assert_eq!(h.in_flight(a, w(2)), Some(&10));
+    out.clear();
+    assert_eq!(h.accepted(w(2), a, t, &mut out), Ok(10));
+    assert_eq!(h.in_flight(a, w(2)), None, "answered: gone");
+}
