@@ -32,8 +32,11 @@
 //! `ServedStream`, feature `axum`): pass it to `with_graceful_shutdown`, let in-flight requests
 //! finish, and return from `main` (exit 0).
 //!
-//! The runtime needs its IO and time drivers (`#[tokio::main]` has both); without them `bind`
-//! fails with [`io::ErrorKind::Unsupported`]. A listener may outlive the runtime it was bound
+//! **Which runtime.** Any runtime with its IO and time drivers works (`#[tokio::main]` has
+//! both; without them `bind` fails with [`io::ErrorKind::Unsupported`]). Under a master the
+//! parallelism is the worker processes (one per core by default), so one runtime thread per
+//! process is the fastest shape: [`runtime`] builds that under a master and tokio's
+//! multi-thread runtime standalone. A listener may outlive the runtime it was bound
 //! on: its next accept on another runtime reads the channel there.
 
 use std::future::poll_fn;
@@ -53,6 +56,36 @@ use crate::link::{Link, Room, State, Taker, reactor};
 use crate::listener::{Listener, Sock};
 use crate::stream::Stream;
 use crate::worker::Worker;
+
+/// A runtime with every driver, shaped for where the process runs: under a master a
+/// current-thread runtime, standalone tokio's multi-thread one. Setting
+/// `TOKIO_WORKER_THREADS` asks for the multi-thread runtime in both cases.
+///
+/// Under a master the cluster supplies the parallelism (a process per core), and a second
+/// runtime thread per process only adds wake-ups between threads on a core that another
+/// worker needs: on 2 cores the axum example under `cluster-cli spawn -n 2` served about 10 %
+/// more keep-alive and 20 % more `Connection: close` requests per second this way than with
+/// `#[tokio::main]`, at two thirds of the CPU per connection (docs/benchmarks.md). As on any
+/// current-thread runtime, `tokio::task::block_in_place` is not available; `spawn_blocking` is.
+///
+/// ```no_run
+/// fn main() -> std::io::Result<()> {
+///     cluster_worker::tokio::runtime()?.block_on(async {
+///         let listener = cluster_worker::tokio::TcpListener::bind("127.0.0.1:3000").await?;
+///         # drop(listener);
+///         Ok(())
+///     })
+/// }
+/// ```
+pub fn runtime() -> io::Result<::tokio::runtime::Runtime> {
+    let one_thread = crate::is_worker() && std::env::var_os("TOKIO_WORKER_THREADS").is_none();
+    let mut builder = if one_thread {
+        ::tokio::runtime::Builder::new_current_thread()
+    } else {
+        ::tokio::runtime::Builder::new_multi_thread()
+    };
+    builder.enable_all().build()
+}
 
 /// Connections a worker holds answered (`Accepted` sent) for its tokio listeners until they
 /// are accepted, counted over all its listeners; beyond it hand-offs are refused and the master

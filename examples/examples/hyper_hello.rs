@@ -17,8 +17,13 @@ async fn hello(_: Request<Incoming>) -> Result<Response<String>, Infallible> {
     Ok(Response::new("Hello, World!".to_owned()))
 }
 
-#[tokio::main]
-async fn main() -> std::io::Result<()> {
+fn main() -> std::io::Result<()> {
+    // Optional (`#[tokio::main]` works too): one runtime thread per worker process under a
+    // master, where the processes are the parallelism; multi-thread standalone.
+    cluster_worker::tokio::runtime()?.block_on(serve())
+}
+
+async fn serve() -> std::io::Result<()> {
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:3000".to_owned());

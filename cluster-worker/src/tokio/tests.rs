@@ -437,3 +437,21 @@ fn axum_serves_every_connection_answered_before_the_stop() {
         });
     }
 }
+
+#[test]
+fn standalone_the_runtime_is_tokio_s_multi_thread_one_with_every_driver() {
+    // Not a worker here (no master's environment), so the standalone shape.
+    assert!(!crate::is_worker());
+    let rt = crate::tokio::runtime().unwrap();
+    assert_eq!(
+        rt.handle().runtime_flavor(),
+        ::tokio::runtime::RuntimeFlavor::MultiThread
+    );
+    rt.block_on(async {
+        let listener = crate::tokio::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap();
+        assert!(listener.local_addr().unwrap().port() > 0);
+        ::tokio::time::sleep(Duration::from_millis(1)).await;
+    });
+}
