@@ -498,8 +498,9 @@ pub(super) fn run_actions(
                 if conns.is_empty() {
                     continue;
                 }
+                let msg = Message::NewConn { server: sid, conns };
                 let sent = match channel.as_mut() {
-                    Some(ch) => ch.send(&Message::NewConn { server: sid, conns }, &fds),
+                    Some(ch) => ch.send(&msg, &fds),
                     None => Err(IpcError::Closed),
                 };
                 match sent {
@@ -513,7 +514,9 @@ pub(super) fn run_actions(
                             Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
                         ) =>
                     {
-                        bounced.extend(frame.iter().copied());
+                        if let Message::NewConn { conns, .. } = &msg {
+                            bounced.extend(conns.iter().map(|c| (worker, c.conn)));
+                        }
                     }
                     // The connections stay in flight to this worker in the handle; dropping
                     // the worker re-queues them.
