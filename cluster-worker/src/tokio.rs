@@ -1,5 +1,5 @@
 //! Async servers as workers, on the tokio runtime (feature `tokio`; `axum` adds
-//! [`axum::serve::Listener`] impls).
+//! `axum::serve::Listener` impls).
 //!
 //! [`TcpListener::bind`] replaces `tokio::net::TcpListener::bind`: in a worker it asks the
 //! master for the server without blocking the runtime, standalone it binds for real, so one
