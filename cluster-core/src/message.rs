@@ -61,9 +61,9 @@ pub enum Message {
         reply: ServerReply,
     },
     /// Connections accepted by the master for one worker in one pass: one fd per entry of
-    /// `conns`, in the same order, in this frame's one `sendmsg`. Each fd is already
-    /// non-blocking and close-on-exec (the master accepts with `SOCK_NONBLOCK |
-    /// SOCK_CLOEXEC`), and the peer's address comes from that `accept`, so the worker needs
+    /// `conns`, in the same order, in this frame's one `sendmsg`. Each fd is non-blocking (the
+    /// master accepts with `SOCK_NONBLOCK`, and sets it again before handing a connection to
+    /// another worker), and the peer's address comes from that `accept`, so the worker needs
     /// neither `getpeername` nor `FIONBIO`. The worker answers each entry on its own.
     NewConn {
         /// The server they were accepted on.
@@ -94,7 +94,11 @@ impl Message {
     /// How many fds a frame of this message must carry, as an inclusive range.
     pub fn fds_allowed(&self) -> std::ops::RangeInclusive<usize> {
         match self {
-            Message::NewConn { conns, .. } => conns.len()..=conns.len(),
+            // A batch outside 1..=MAX_HANDOFF_BATCH allows no count at all: it cannot be sent.
+            Message::NewConn { conns, .. } if (1..=MAX_HANDOFF_BATCH).contains(&conns.len()) => {
+                conns.len()..=conns.len()
+            }
+            Message::NewConn { .. } => std::ops::RangeInclusive::new(1, 0),
             Message::QueryServerReply {
                 reply: ServerReply::Granted { grant, .. },
                 ..

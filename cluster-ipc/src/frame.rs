@@ -785,6 +785,30 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_batch_outside_its_bounds_cannot_be_sent() {
+        let one = HandedConn {
+            conn: ConnId(3),
+            peer: Peer::Unix,
+        };
+        for n in [0, MAX_HANDOFF_BATCH + 1] {
+            let msg = Message::NewConn {
+                server: ServerId(1),
+                conns: vec![one; n],
+            };
+            assert!(msg.fds_allowed().is_empty(), "{n} connections");
+        }
+        let (mut a, _b) = crate::Channel::pair().unwrap();
+        let empty = Message::NewConn {
+            server: ServerId(1),
+            conns: Vec::new(),
+        };
+        assert!(matches!(
+            a.send(&empty, &[]),
+            Err(crate::IpcError::WrongFdCount { .. })
+        ));
+    }
+
+    #[test]
     fn hand_off_batches_are_bounded() {
         let one = HandedConn {
             conn: ConnId(3),

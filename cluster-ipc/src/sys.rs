@@ -63,7 +63,8 @@ pub fn accept_nonblocking(listener: BorrowedFd<'_>) -> io::Result<(OwnedFd, Opti
             Some(SocketAddr::V6(SocketAddrV6::new(
                 Ipv6Addr::from(sin6.sin6_addr.s6_addr),
                 u16::from_be(sin6.sin6_port),
-                u32::from_be(sin6.sin6_flowinfo),
+                // Passed through as the kernel stores it, as std's `peer_addr` does.
+                sin6.sin6_flowinfo,
                 sin6.sin6_scope_id,
             )))
         }

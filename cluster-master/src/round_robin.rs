@@ -476,6 +476,12 @@ impl<C> RoundRobinHandle<C> {
             .map(|e| &e.conn)
     }
 
+    /// How many times `conn` has been handed off, this hand-off included (0 while it never
+    /// left the queue, or once it is gone).
+    pub fn handoffs(&self, conn: ConnId) -> u32 {
+        self.conns.get(&conn).map_or(0, |e| e.attempts)
+    }
+
     /// When the oldest hand-off to `worker` that it has not answered was sent; `None` when it
     /// has nothing in flight (or is unknown).
     pub fn oldest_unanswered(&self, worker: WorkerId) -> Option<Instant> {

@@ -41,6 +41,18 @@ pub(crate) fn pidfd_signal(pidfd: std::os::fd::BorrowedFd<'_>, signal: i32) -> i
     Ok(())
 }
 
+/// Sets `O_NONBLOCK` on `fd`'s open file (`FIONBIO`).
+pub(crate) fn set_nonblocking(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: FIONBIO reads one c_int through the pointer, which points at `on`, alive for the
+    // call; the fd is borrowed, so it is open.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONBIO, &on) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Whether child `pid` has not been reaped yet (running, or a zombie): only then is its pid
 /// (and so the id of the process group it leads) still its own.
 pub(crate) fn unreaped(pid: u32) -> bool {

@@ -54,8 +54,11 @@ pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// what a thread that reads the channel for it did not wake it for.
 pub(crate) const WAIT_SLICE: Duration = Duration::from_millis(50);
 /// Fds kept free below `RLIMIT_NOFILE` for the worker's own needs (files, pipes, the accept
-/// of a session's upstream...): a hand-off whose fd lands above the mark is refused.
-const FD_RESERVE: u64 = 32;
+/// of a session's upstream...): a hand-off whose fd lands above the mark is refused. One read
+/// installs a whole batch's fds before any is looked at, so the reserve also holds a full
+/// batch: the kernel must never run out of numbers mid-batch (that truncates the fds and
+/// drops the channel instead of refusing).
+const FD_RESERVE: u64 = 32 + cluster_core::MAX_HANDOFF_BATCH as u64;
 /// User messages kept for [`crate::Worker::take_messages`]; beyond it the oldest are dropped,
 /// so a master that sends faster than the application takes cannot grow the worker without
 /// bound.

@@ -375,8 +375,8 @@ impl Listener {
     pub fn close(self) {}
 }
 
-/// A handed-off socket may have been accepted non-blocking by the master, and one accepted
-/// here inherits the shared listener's flag; blocking callers expect std's default.
+/// Handed-off sockets arrive non-blocking, and `accept_local` accepts non-blocking too;
+/// blocking callers expect std's default.
 fn in_blocking_mode((stream, info): (Stream, ConnInfo)) -> io::Result<(Stream, ConnInfo)> {
     stream.set_nonblocking(false)?;
     Ok((stream, info))

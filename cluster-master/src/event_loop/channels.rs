@@ -266,6 +266,13 @@ impl EventLoop {
         {
             return;
         }
+        if !matches!(r.msg, Message::Accepted { .. } | Message::Refused { .. }) {
+            // Hand-offs held back for the end of this read go out before anything else the
+            // worker says is acted on: a `Close`, a grant or a `Listening` may re-queue or
+            // re-deal those very connections, and a late hand-off must never find one dealt
+            // again (sent twice) or gone with a closed server (closed uncounted).
+            self.carry_out_after_answers();
+        }
         match r.msg {
             Message::Online => {
                 if let Some(w) = self.fleet.workers.get_mut(&id) {

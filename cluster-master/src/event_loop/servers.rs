@@ -20,6 +20,7 @@ use super::{EventLoop, Fleet, KIND_LISTENER, MAX_QUEUED_FOR_WORKER, token};
 use crate::events::{Event, WorkerState};
 use crate::round_robin::{Action, RoundRobinHandle};
 use crate::server::{AcceptedConn, ServerKind};
+use crate::sys;
 
 /// Server ids fit in the top 24 bits of a connection id.
 const MAX_SERVER_ID: u32 = 1 << (64 - ConnId::COUNTER_BITS);
@@ -376,6 +377,15 @@ impl EventLoop {
             self.fleet.stats.stray_answers += 1;
             return;
         };
+        let not_sent_yet = after_answers
+            .iter()
+            .any(|a| matches!(a, Action::Handoff { conn: c, .. } if *c == conn));
+        if not_sent_yet {
+            // Only a worker guessing ids answers a hand-off that has not left the master yet;
+            // honouring it could deal the connection again while the first hand-off waits.
+            self.fleet.stats.stray_answers += 1;
+            return;
+        }
         let result = match refused {
             None => handle.accepted(id, conn, self.now, after_answers).map(drop),
             Some(reason) => handle.refused(id, conn, reason, self.now, after_answers),
@@ -491,6 +501,12 @@ pub(super) fn run_actions(
                 for &(_, conn) in frame {
                     // Skipped when it no longer stands (see `carry_out_after_answers`).
                     if let Some(c) = handle.in_flight(conn, worker) {
+                        if handle.handoffs(conn) > 1 {
+                            // `O_NONBLOCK` lives in the open file, which the workers it went
+                            // to before share: one of them may have cleared it before handing
+                            // it back, and the next worker relies on it being set.
+                            let _ = sys::set_nonblocking(c.fd.as_fd());
+                        }
                         conns.push(HandedConn { conn, peer: c.peer });
                         fds.push(c.fd.as_fd());
                     }

@@ -1054,3 +1054,20 @@ fn a_hand_off_stands_only_while_its_worker_holds_the_connection() {
     assert_eq!(h.accepted(w(2), a, t, &mut out), Ok(10));
     assert_eq!(h.in_flight(a, w(2)), None, "answered: gone");
 }
+
+#[test]
+fn handoffs_counts_every_hand_off_of_a_connection() {
+    let t = Instant::now();
+    let mut h = handle(cfg(1, 100, 8, 1000), &[1, 2]);
+    let mut out = Vec::new();
+    let (a, wa) = dist(&mut h, 10, t);
+    assert_eq!(wa, Some(w(1)));
+    assert_eq!(h.handoffs(a), 1);
+    h.refused(w(1), a, RefuseReason::MaxConnections, t, &mut out)
+        .unwrap();
+    assert_eq!(out, vec![handoff(2, a)]);
+    assert_eq!(h.handoffs(a), 2, "a re-delivery");
+    out.clear();
+    h.accepted(w(2), a, t, &mut out).unwrap();
+    assert_eq!(h.handoffs(a), 0, "gone");
+}
