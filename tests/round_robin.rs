@@ -132,6 +132,21 @@ fn the_connections_that_refill_a_window_leave_in_one_frame() {
 }
 
 #[test]
+fn a_connection_a_worker_made_blocking_reaches_the_next_one_non_blocking() {
+    let _fds = shared_fds();
+    // Slot 0 clears O_NONBLOCK (shared by every holder of the open file) and refuses; the
+    // master must set it again before the next worker, which relies on it.
+    let mut c = Cluster::start(rr(2, "unblock-and-refuse@0"));
+    let addr = inet(&c.wait_listening(2));
+    for _ in 0..20 {
+        ask_worker(addr).expect("served by the other worker, non-blocking on arrival");
+    }
+    let stats = c.master().stats().expect("stats");
+    assert!(stats.refused >= 1, "{stats:?}");
+    c.stop();
+}
+
+#[test]
 fn a_refusing_worker_loses_no_connection() {
     let _fds = shared_fds();
     let mut c = Cluster::start(rr(2, "refuse@0"));

@@ -300,6 +300,20 @@ fn run() -> Result<u8, String> {
                             reason: RefuseReason::ListenerClosed,
                         }),
                         "hold" => None,
+                        "unblock-and-refuse" => {
+                            // Clears O_NONBLOCK on the open file every holder shares, then
+                            // gives the connection back.
+                            let stream = std::net::TcpStream::from(fd);
+                            stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+                            send(
+                                &mut ch,
+                                &Message::Refused {
+                                    conn,
+                                    reason: RefuseReason::MaxConnections,
+                                },
+                            )?;
+                            continue;
+                        }
                         "withhold-first" if withheld.is_none() => {
                             withheld = Some(vec![fd]);
                             continue;
@@ -345,9 +359,20 @@ fn run() -> Result<u8, String> {
                     send(&mut ch, &answer)?;
                     if accepted {
                         served += 1;
-                        // Handed-off streams arrive non-blocking; this server blocks.
-                        let stream = std::net::TcpStream::from(fd);
+                        // Handed-off streams must arrive non-blocking (the protocol says so);
+                        // a client of one that did not is told, so that the test sees it.
+                        let arrived_nonblocking =
+                            nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).is_ok_and(|f| {
+                                nix::fcntl::OFlag::from_bits_truncate(f)
+                                    .contains(nix::fcntl::OFlag::O_NONBLOCK)
+                            });
+                        // This server blocks.
+                        let mut stream = std::net::TcpStream::from(fd);
                         stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+                        if !arrived_nonblocking {
+                            let _ = stream.write_all(b"arrived blocking\n");
+                            continue;
+                        }
                         let id = id.clone();
                         std::thread::spawn(move || serve_stream(stream, &id));
                     }
