@@ -100,15 +100,16 @@ fn a_failed_bind_is_not_kept_so_a_later_listen_binds_afresh() {
     c.stop();
 }
 
-#[test]
-fn the_connections_that_refill_a_window_leave_in_one_frame() {
-    let _fds = shared_fds();
-    // One worker with a window of 4 that answers four at a time in one write: after its first
-    // four, each refill of its window is one frame of four connections.
-    let mut c = Cluster::start(rr(1, "answer-in-fours"));
-    let addr = inet(&c.wait_listening(1));
-    // All connected before any is served: they wait in the backlog, then in the master's queue.
-    let clients: Vec<_> = (0..16)
+/// Connects `n` clients to a single "answer-in-fours" worker whose first answers wait for
+/// `gate` to go, and removes it once the master holds all of them (four in flight, the rest
+/// queued), so that every refill finds four connections waiting.
+fn connect_all_then_open(
+    c: &mut Cluster,
+    addr: std::net::SocketAddr,
+    n: usize,
+    gate: &std::path::Path,
+) -> Vec<std::net::TcpStream> {
+    let clients: Vec<_> = (0..n)
         .map(|_| {
             let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
                 .expect("connect");
@@ -117,6 +118,38 @@ fn the_connections_that_refill_a_window_leave_in_one_frame() {
             s
         })
         .collect();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let s = c.master().stats().expect("stats");
+        if s.accepted as usize == n {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never all accepted: {s:?}"
+        );
+        std::thread::yield_now();
+    }
+    std::fs::remove_file(gate).expect("open the gate");
+    clients
+}
+
+fn gate_file(name: &str) -> std::path::PathBuf {
+    let gate = std::env::temp_dir().join(format!("cluster-rs-{name}-{}", std::process::id()));
+    std::fs::write(&gate, b"").expect("gate");
+    gate
+}
+
+#[test]
+fn the_connections_that_refill_a_window_leave_in_one_frame() {
+    let _fds = shared_fds();
+    // One worker with a window of 4 that answers four at a time in one write: after its first
+    // four, each refill of its window is one frame of four connections.
+    let gate = gate_file("fours");
+    let mode = format!("answer-in-fours:{}", gate.display());
+    let mut c = Cluster::start(rr(1, &mode));
+    let addr = inet(&c.wait_listening(1));
+    let clients = connect_all_then_open(&mut c, addr, 16, &gate);
     for mut s in clients {
         let mut greeting = [0u8; 16];
         let n = std::io::Read::read(&mut s, &mut greeting).expect("every client is served");
@@ -143,6 +176,31 @@ fn a_connection_a_worker_made_blocking_reaches_the_next_one_non_blocking() {
     }
     let stats = c.master().stats().expect("stats");
     assert!(stats.refused >= 1, "{stats:?}");
+    c.stop();
+}
+
+#[test]
+fn an_answer_for_a_hand_off_not_sent_yet_loses_nothing() {
+    let _fds = shared_fds();
+    // The worker answers its first four and, in the same write, forges an answer for the
+    // connection those answers make the master deal it next (not sent yet). Honouring it would
+    // close the master's only copy before the hand-off goes out.
+    let gate = gate_file("forging");
+    let mode = format!("answer-in-fours-forging:{}", gate.display());
+    let mut c = Cluster::start(rr(1, &mode));
+    let addr = inet(&c.wait_listening(1));
+    let clients = connect_all_then_open(&mut c, addr, 16, &gate);
+    for mut s in clients {
+        let mut greeting = [0u8; 16];
+        let n = std::io::Read::read(&mut s, &mut greeting).expect("every client is served");
+        assert!(n > 0, "every client is served");
+    }
+    let stats = c.master().stats().expect("stats");
+    assert_eq!(stats.closed_unserved, 0, "{stats:?}");
+    assert!(
+        stats.stray_answers >= 1,
+        "the forged answer is ignored: {stats:?}"
+    );
     c.stop();
 }
 

@@ -260,6 +260,7 @@ fn run() -> Result<u8, String> {
     let mut served = 0usize;
     let mut withheld: Option<Vec<OwnedFd>> = None;
     let mut in_fours: Vec<(cluster_core::ConnId, OwnedFd)> = Vec::new();
+    let mut forged = false;
     loop {
         let r = match ch.recv_blocking(None) {
             Ok(r) => r,
@@ -270,14 +271,30 @@ fn run() -> Result<u8, String> {
                 // A frame may carry several connections, one fd each, in order.
                 for (handed, fd) in conns.iter().zip(r.fds) {
                     let conn = handed.conn;
-                    if mode == "answer-in-fours" {
+                    // `answer-in-fours[-forging]:GATE`: the first answers wait until GATE is
+                    // gone, so that the test has every client queued in the master first.
+                    if let Some(rest) = mode
+                        .strip_prefix("answer-in-fours-forging:")
+                        .or_else(|| mode.strip_prefix("answer-in-fours:"))
+                    {
+                        let forging = mode.starts_with("answer-in-fours-forging:");
                         // Answers only once four wait, all in one write: the master reads the
                         // four answers in one go and refills the window in one frame.
                         in_fours.push((conn, fd));
                         if in_fours.len() == 4 {
+                            wait_while_exists(rest);
                             for (conn, _) in &in_fours {
                                 ch.queue(&Message::Accepted { conn: *conn })
                                     .map_err(|e| e.to_string())?;
+                            }
+                            if forging && !forged {
+                                // In the same write, an answer for the next connection, which
+                                // the master has only just dealt to us and not sent yet.
+                                forged = true;
+                                ch.queue(&Message::Accepted {
+                                    conn: cluster_core::ConnId(conn.0 + 1),
+                                })
+                                .map_err(|e| e.to_string())?;
                             }
                             ch.flush_blocking(Some(Duration::from_secs(10)))
                                 .map_err(|e| e.to_string())?;
