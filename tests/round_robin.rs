@@ -100,16 +100,16 @@ fn a_failed_bind_is_not_kept_so_a_later_listen_binds_afresh() {
     c.stop();
 }
 
-/// Connects `n` clients to a single "answer-in-fours" worker whose first answers wait for
-/// `gate` to go, and removes it once the master holds all of them (four in flight, the rest
-/// queued), so that every refill finds four connections waiting.
-fn connect_all_then_open(
-    c: &mut Cluster,
-    addr: std::net::SocketAddr,
-    n: usize,
-    gate: &std::path::Path,
-) -> Vec<std::net::TcpStream> {
-    let clients: Vec<_> = (0..n)
+/// Runs one worker in `mode` (an "answer-in-fours" mode: four answers in one write, the first
+/// ones held until a gate file goes), connects 16 clients, opens the gate once the master holds
+/// all of them (four in flight, the rest queued, so every refill finds four waiting), and
+/// checks that every client is served.
+fn sixteen_served_in_fours(mode: &str) -> Cluster {
+    let gate = std::env::temp_dir().join(format!("cluster-rs-{mode}-{}", std::process::id()));
+    std::fs::write(&gate, b"").expect("gate");
+    let mut c = Cluster::start(rr(1, &format!("{mode}:{}", gate.display())));
+    let addr = inet(&c.wait_listening(1));
+    let clients: Vec<_> = (0..16)
         .map(|_| {
             let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
                 .expect("connect");
@@ -121,7 +121,7 @@ fn connect_all_then_open(
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let s = c.master().stats().expect("stats");
-        if s.accepted as usize == n {
+        if s.accepted == 16 {
             break;
         }
         assert!(
@@ -130,14 +130,13 @@ fn connect_all_then_open(
         );
         std::thread::yield_now();
     }
-    std::fs::remove_file(gate).expect("open the gate");
-    clients
-}
-
-fn gate_file(name: &str) -> std::path::PathBuf {
-    let gate = std::env::temp_dir().join(format!("cluster-rs-{name}-{}", std::process::id()));
-    std::fs::write(&gate, b"").expect("gate");
-    gate
+    std::fs::remove_file(&gate).expect("open the gate");
+    for mut s in clients {
+        let mut greeting = [0u8; 16];
+        let n = std::io::Read::read(&mut s, &mut greeting).expect("every client is served");
+        assert!(n > 0, "every client is served");
+    }
+    c
 }
 
 #[test]
@@ -145,16 +144,7 @@ fn the_connections_that_refill_a_window_leave_in_one_frame() {
     let _fds = shared_fds();
     // One worker with a window of 4 that answers four at a time in one write: after its first
     // four, each refill of its window is one frame of four connections.
-    let gate = gate_file("fours");
-    let mode = format!("answer-in-fours:{}", gate.display());
-    let mut c = Cluster::start(rr(1, &mode));
-    let addr = inet(&c.wait_listening(1));
-    let clients = connect_all_then_open(&mut c, addr, 16, &gate);
-    for mut s in clients {
-        let mut greeting = [0u8; 16];
-        let n = std::io::Read::read(&mut s, &mut greeting).expect("every client is served");
-        assert!(n > 0, "every client is served");
-    }
+    let c = sixteen_served_in_fours("answer-in-fours");
     let stats = c.master().stats().expect("stats");
     assert_eq!(stats.handed_off, 16, "{stats:?}");
     // Four refills of four at most, plus however the first four were accepted (one to four
@@ -185,16 +175,7 @@ fn an_answer_for_a_hand_off_not_sent_yet_loses_nothing() {
     // The worker answers its first four and, in the same write, forges an answer for the
     // connection those answers make the master deal it next (not sent yet). Honouring it would
     // close the master's only copy before the hand-off goes out.
-    let gate = gate_file("forging");
-    let mode = format!("answer-in-fours-forging:{}", gate.display());
-    let mut c = Cluster::start(rr(1, &mode));
-    let addr = inet(&c.wait_listening(1));
-    let clients = connect_all_then_open(&mut c, addr, 16, &gate);
-    for mut s in clients {
-        let mut greeting = [0u8; 16];
-        let n = std::io::Read::read(&mut s, &mut greeting).expect("every client is served");
-        assert!(n > 0, "every client is served");
-    }
+    let c = sixteen_served_in_fours("answer-in-fours-forging");
     let stats = c.master().stats().expect("stats");
     assert_eq!(stats.closed_unserved, 0, "{stats:?}");
     assert!(
