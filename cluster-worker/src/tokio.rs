@@ -209,10 +209,8 @@ impl TcpListener {
         let (stream, peer) = taken;
         let accepted = match stream {
             Stream::Tcp(s) => {
-                // Unknown only if the client is already gone; never report our own address.
-                let peer = peer
-                    .or_else(|| s.peer_addr().ok())
-                    .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+                // The master sends every TCP peer's address with the hand-off.
+                let peer = peer.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
                 // Handed-off streams arrive non-blocking (see `Message::NewConn`).
                 tnet::TcpStream::from_std(s).map(|s| (s, peer))
             }

@@ -488,6 +488,20 @@ mod tests {
         (ch, node)
     }
 
+    /// Reads the worker's query and grants it `addr` as a shared server with `fd`.
+    fn grant_shared(ch: &mut NodeChannel, addr: &str, fd: std::os::fd::BorrowedFd<'_>) {
+        let Message::QueryServer { seq, .. } = recv_now(ch).unwrap().unwrap().msg else {
+            panic!("not a query")
+        };
+        let reply = cluster_core::ServerReply::Granted {
+            server: ServerId(1),
+            addr: cluster_core::BoundAddr::Inet(addr.parse().unwrap()),
+            grant: cluster_core::ServerGrant::Shared,
+        };
+        ch.send(&Message::QueryServerReply { seq, reply }, &[fd])
+            .unwrap();
+    }
+
     /// Reads `n` lines (and whatever fds came with them) off the worker's end.
     fn read_lines(node: &mut UnixStream, n: usize) -> (String, usize) {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -561,22 +575,8 @@ mod tests {
     fn a_nacked_server_handle_is_sent_again_up_to_nodes_bound() {
         let (mut ch, mut node) = pair();
         node.write_all(b"{\"cmd\":\"NODE_CLUSTER\",\"act\":\"queryServer\",\"index\":0,\"data\":null,\"address\":\"127.0.0.1\",\"port\":8000,\"addressType\":4,\"flags\":0,\"backlog\":0,\"seq\":1}\n").unwrap();
-        let Message::QueryServer { seq, .. } = recv_now(&mut ch).unwrap().unwrap().msg else {
-            panic!("not a query")
-        };
         let server = TcpListener::bind("127.0.0.1:0").unwrap();
-        ch.send(
-            &Message::QueryServerReply {
-                seq,
-                reply: cluster_core::ServerReply::Granted {
-                    server: ServerId(1),
-                    addr: cluster_core::BoundAddr::Inet("127.0.0.1:8000".parse().unwrap()),
-                    grant: cluster_core::ServerGrant::Shared,
-                },
-            },
-            &[server.as_fd()],
-        )
-        .unwrap();
+        grant_shared(&mut ch, "127.0.0.1:8000", server.as_fd());
         drop(server);
         let (first, fds) = read_lines(&mut node, 1);
         assert_eq!(fds, 1);
@@ -600,22 +600,8 @@ mod tests {
     fn an_acked_server_handle_is_forgotten() {
         let (mut ch, mut node) = pair();
         node.write_all(b"{\"cmd\":\"NODE_CLUSTER\",\"act\":\"queryServer\",\"index\":0,\"data\":null,\"address\":\"127.0.0.1\",\"port\":41234,\"addressType\":\"udp4\",\"fd\":-1,\"flags\":0,\"seq\":1}\n").unwrap();
-        let Message::QueryServer { seq, .. } = recv_now(&mut ch).unwrap().unwrap().msg else {
-            panic!("not a query")
-        };
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        ch.send(
-            &Message::QueryServerReply {
-                seq,
-                reply: cluster_core::ServerReply::Granted {
-                    server: ServerId(1),
-                    addr: cluster_core::BoundAddr::Inet("127.0.0.1:41234".parse().unwrap()),
-                    grant: cluster_core::ServerGrant::Shared,
-                },
-            },
-            &[sock.as_fd()],
-        )
-        .unwrap();
+        grant_shared(&mut ch, "127.0.0.1:41234", sock.as_fd());
         read_lines(&mut node, 1);
         node.write_all(b"{\"cmd\":\"NODE_HANDLE_NACK\"}\n").unwrap();
         assert!(recv_now(&mut ch).unwrap().is_none());

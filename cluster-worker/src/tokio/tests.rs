@@ -42,16 +42,7 @@ const GRANTED: &str = "127.0.0.1:4321";
 
 /// The master's side of a round-robin listen: the query, the grant, then `Listening`.
 fn grant_rr(m: &mut Channel) {
-    let Message::QueryServer { seq, .. } = recv(m).msg else {
-        panic!("expected QueryServer");
-    };
-    let reply = ServerReply::Granted {
-        server: ServerId(1),
-        addr: BoundAddr::Inet(GRANTED.parse().unwrap()),
-        grant: ServerGrant::RoundRobin,
-    };
-    m.send_blocking(&Message::QueryServerReply { seq, reply }, &[], Some(T))
-        .unwrap();
+    grant_rr_only(m);
     assert!(matches!(recv(m).msg, Message::Listening { .. }));
 }
 
