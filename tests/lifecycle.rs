@@ -381,3 +381,40 @@ fn a_burst_larger_than_one_drain_is_read_to_the_end() {
     }
     c.stop();
 }
+
+/// More messages for one worker than its socket holds, sent while it reads nothing: the master
+/// keeps the rest queued and writes it as the worker reads (it watches the channel for room
+/// only while output waits), so every byte arrives.
+#[test]
+fn messages_beyond_the_socket_buffer_reach_a_worker_that_reads_late() {
+    let _fds = shared_fds();
+    let gate = std::env::temp_dir().join(format!("cluster-rs-late-reader-{}", std::process::id()));
+    std::fs::write(&gate, b"").expect("gate");
+    let mut c = Cluster::start(
+        MasterBuilder::new(raw_worker())
+            .args([
+                "tcp:127.0.0.1:0".to_owned(),
+                format!("hold-then-echo:{}", gate.display()),
+            ])
+            .workers(1),
+    );
+    c.wait_listening(1);
+    // 3 MiB: many times a Unix socket's buffer, within the master's per-worker queue cap.
+    const MESSAGES: usize = 48;
+    const SIZE: usize = 64 * 1024;
+    for i in 0..MESSAGES {
+        c.master()
+            .send(WorkerId(1), vec![b'a' + (i % 26) as u8; SIZE])
+            .expect("queued for the worker");
+    }
+    std::fs::remove_file(&gate).expect("open the gate");
+    for _ in 0..MESSAGES {
+        let Event::Message { payload, .. } = c.wait_for(Duration::from_secs(10), |e| {
+            matches!(e, Event::Message { .. })
+        }) else {
+            unreachable!()
+        };
+        assert_eq!(payload, SIZE.to_string().into_bytes());
+    }
+    c.stop();
+}

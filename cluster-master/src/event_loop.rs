@@ -105,6 +105,9 @@ struct WorkerRec {
     spoke_channel: bool,
     /// Its last `STATUS=` line, so that a repeated one is not logged again.
     last_status: Option<String>,
+    /// Its channel is watched for writability too: only while output waits for room (see
+    /// [`EventLoop::watch_writability_where_output_waits`]).
+    watching_writable: bool,
 }
 
 impl WorkerRec {
@@ -328,10 +331,47 @@ impl EventLoop {
         self.events.emit(e);
     }
 
+    /// Watches a worker's channel for writability only while output waits for room in its
+    /// socket. A channel always watched would wake this loop each time the worker reads a
+    /// frame (the kernel reports room again), and the worker each time we read its answers:
+    /// a context switch per read on each side for nothing. Called before each wait, after
+    /// every send of the pass; the re-registration reports current readiness, so no edge is
+    /// lost by registering late.
+    fn watch_writability_where_output_waits(&mut self) {
+        let registry = self.poll.registry();
+        let mut failed = Vec::new();
+        for (id, w) in &mut self.fleet.workers {
+            let Some(ch) = w.channel.as_mut() else {
+                continue;
+            };
+            let wants = ch.pending_output_bytes() > 0;
+            if wants == w.watching_writable {
+                continue;
+            }
+            let interest = if wants {
+                mio::Interest::READABLE | mio::Interest::WRITABLE
+            } else {
+                mio::Interest::READABLE
+            };
+            match registry.reregister(ch, token(KIND_CHANNEL, id.0), interest) {
+                Ok(()) => w.watching_writable = wants,
+                Err(e) => failed.push((*id, e)),
+            }
+        }
+        if failed.is_empty() {
+            return;
+        }
+        for (id, e) in failed {
+            self.channel_failed(id, cluster_ipc::IpcError::Io(e));
+        }
+        self.drop_doomed();
+    }
+
     pub(crate) fn run(mut self) -> Result<(), MasterError> {
         self.supervise(Supervision::start);
         let mut events = Events::with_capacity(256);
         let result = loop {
+            self.watch_writability_where_output_waits();
             self.timer_due = self.next_deadline();
             let resumable = !self.paused.is_empty() && self.events.room_to_resume();
             let timeout = if self.unread.is_empty() && !resumable && !self.notify_unread {

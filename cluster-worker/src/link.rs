@@ -146,8 +146,8 @@ pub(crate) struct State {
     peer_closed: bool,
     /// Set by a serve loop that drains: refuse every hand-off with `Draining`.
     draining: bool,
-    /// The serve loop's waker and thread while a serve runs.
-    serve_loop: Option<(Arc<Waker>, ThreadId)>,
+    /// The serve loop that reads the channel, while a serve runs.
+    serve_loop: Option<ServeLoop>,
     answerer_running: bool,
     /// Hand-offs whose fd number reaches this are refused with `FdLimit`.
     fd_mark: Option<u64>,
@@ -162,6 +162,15 @@ pub(crate) struct State {
     /// Stops the answerer thread as a failed wait would.
     #[cfg(test)]
     pub(crate) answerer_fails: bool,
+}
+
+/// The serve loop that reads the channel (see [`State::attach_serve_loop`]).
+#[derive(Debug)]
+struct ServeLoop {
+    waker: Arc<Waker>,
+    thread: ThreadId,
+    token: Token,
+    watching_writable: bool,
 }
 
 impl State {
@@ -590,10 +599,50 @@ impl State {
         token: Token,
         waker: Arc<Waker>,
     ) -> io::Result<()> {
-        self.serve_loop = Some((waker, thread::current().id()));
+        self.serve_loop = Some(ServeLoop {
+            waker,
+            thread: thread::current().id(),
+            token,
+            watching_writable: false,
+        });
         match self.chan.as_mut() {
-            Some(chan) => registry.register(chan, token, Interest::READABLE | Interest::WRITABLE),
+            Some(chan) => registry.register(chan, token, Interest::READABLE),
             None => Ok(()),
+        }
+    }
+
+    /// Has the serve loop watch the channel for writability only while answers wait for
+    /// room. Always watched, it would wake the loop each time the master reads our answers
+    /// (the kernel reports room again): a context switch for nothing, once per read. Called
+    /// before each wait; the re-registration reports current readiness, so no edge is lost.
+    /// False when the channel could not be watched (and is given up).
+    pub(crate) fn watch_writability_while_output_waits(&mut self, registry: &Registry) -> bool {
+        let wants = self.has_pending_output();
+        let (Some(serve_loop), Some(chan)) = (self.serve_loop.as_mut(), self.chan.as_mut()) else {
+            return true;
+        };
+        if wants == serve_loop.watching_writable {
+            return true;
+        }
+        let interest = if wants {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        match registry.reregister(chan, serve_loop.token, interest) {
+            Ok(()) => {
+                serve_loop.watching_writable = wants;
+                true
+            }
+            Err(e) => {
+                // Answers could wait forever for an edge that never comes: as any other
+                // channel failure, the master is gone for us.
+                eprintln!("cluster-worker: cannot watch the channel to the master: {e}");
+                self.gone = true;
+                self.changed = true;
+                self.flush();
+                false
+            }
         }
     }
 
@@ -625,10 +674,10 @@ impl State {
 
     /// Wakes whoever may be waiting for what changed (see the module docs).
     fn wake_others(&mut self) {
-        if let Some((waker, loop_thread)) = &self.serve_loop
-            && *loop_thread != thread::current().id()
+        if let Some(serve_loop) = &self.serve_loop
+            && serve_loop.thread != thread::current().id()
         {
-            let _ = waker.wake();
+            let _ = serve_loop.waker.wake();
         }
         for inbox in self.inboxes.values_mut() {
             if let Some(s) = &mut inbox.signal {

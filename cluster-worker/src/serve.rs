@@ -432,6 +432,14 @@ pub(crate) fn run(
             }
         }
 
+        if let Some(link) = link
+            && !link
+                .lock()
+                .watch_writability_while_output_waits(poll.registry())
+        {
+            // The channel failed: the next pass finds the master gone.
+            chan_event = true;
+        }
         let wake_at = [pause_until, drain_deadline, pool.next_wake()]
             .into_iter()
             .flatten()

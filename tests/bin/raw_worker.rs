@@ -254,7 +254,13 @@ fn run() -> Result<u8, String> {
         let socket: OwnedFd = fds.pop().ok_or("shared grant without a socket")?;
         return serve_shared(socket, &spec, &id, &mut ch);
     }
-    if let Some(path) = mode.strip_prefix("hold-while-exists:") {
+    // `hold-then-echo`: reads nothing until the gate goes, then answers each user message
+    // with its length (the test checks that all of it came through).
+    let echo = mode.starts_with("hold-then-echo:");
+    if let Some(path) = mode
+        .strip_prefix("hold-while-exists:")
+        .or_else(|| mode.strip_prefix("hold-then-echo:"))
+    {
         wait_while_exists(path);
     }
     let mut served = 0usize;
@@ -395,6 +401,12 @@ fn run() -> Result<u8, String> {
                     }
                 }
             }
+            Message::User { payload } if echo => send(
+                &mut ch,
+                &Message::User {
+                    payload: payload.len().to_string().into_bytes(),
+                },
+            )?,
             Message::Disconnect => return Ok(0),
             _ => {}
         }

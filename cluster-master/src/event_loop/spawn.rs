@@ -127,11 +127,7 @@ impl EventLoop {
         };
         let reg = self.poll.registry();
         let registered = reg
-            .register(
-                &mut channel,
-                token(KIND_CHANNEL, id.0),
-                Interest::READABLE | Interest::WRITABLE,
-            )
+            .register(&mut channel, token(KIND_CHANNEL, id.0), Interest::READABLE)
             .and_then(|_| {
                 reg.register(
                     &mut SourceFd(&pidfd.as_raw_fd()),
@@ -172,6 +168,7 @@ impl EventLoop {
                 stop_signal_sent: None,
                 spoke_channel: false,
                 last_status: None,
+                watching_writable: false,
             },
         );
         self.emit(Event::Fork {

@@ -1,8 +1,8 @@
 //! The channel on a tokio runtime's reactor (feature `tokio`).
 //!
 //! **Who reads.** One task spawned on the runtime, the *channel task*, holds an [`AsyncFd`]
-//! over a dup of the channel socket and, whenever the reactor reports it readable (or
-//! writable while answers wait to go out), calls [`State::pump`] under the lock: every
+//! over a dup of the channel socket and, whenever the reactor reports it readable (or, through
+//! a second dup registered only while answers wait to go out, writable), calls [`State::pump`] under the lock: every
 //! hand-off is answered there, by the crate's one answering function, as it arrives. Tokio
 //! listeners take streams only from their inboxes ([`State::take_answered`]), so nothing
 //! reaches the application before its `Accepted` is written, and a slow handler or a slow
@@ -155,7 +155,7 @@ impl Link {
         let channel = {
             // AsyncFd registers with the runtime that is current.
             let _entered = runtime.enter();
-            with_drivers(|| crate::sys::on_reactor(fd, Interest::READABLE | Interest::WRITABLE))?
+            with_drivers(|| crate::sys::on_reactor(fd, Interest::READABLE))?
         };
         st.reactor.task_running = true;
         drop(st);
@@ -279,6 +279,10 @@ impl Drop for TaskMark {
 /// channel ready, until the channel closes or the link is dropped.
 async fn channel_task(link: Weak<Link>, channel: AsyncFd<OwnedFd>) {
     let _mark = TaskMark(link.clone());
+    // Writability is watched through a second registration (of another dup) that lives only
+    // while answers wait for room: `channel` watches readability alone, so the master reading
+    // our answers does not wake the runtime each time (the kernel reports room again).
+    let mut writer: Option<AsyncFd<OwnedFd>> = None;
     let failed = poll_fn(|cx| {
         let Some(link) = link.upgrade() else {
             return Poll::Ready(None);
@@ -294,8 +298,19 @@ async fn channel_task(link: Weak<Link>, channel: AsyncFd<OwnedFd>) {
             Poll::Pending => false,
         };
         let mut st = link.lock();
-        let writable = st.has_pending_output()
-            && match channel.poll_write_ready(cx) {
+        let writable = if st.has_pending_output() {
+            let watched = match writer.take() {
+                Some(w) => w,
+                None => match link
+                    .poll_fd
+                    .try_clone()
+                    .and_then(|fd| crate::sys::on_reactor(fd, Interest::WRITABLE))
+                {
+                    Ok(w) => w,
+                    Err(e) => return Poll::Ready(Some(e)),
+                },
+            };
+            let ready = match watched.poll_write_ready(cx) {
                 Poll::Ready(Ok(mut ready)) => {
                     ready.clear_ready();
                     true
@@ -303,6 +318,14 @@ async fn channel_task(link: Weak<Link>, channel: AsyncFd<OwnedFd>) {
                 Poll::Ready(Err(e)) => return Poll::Ready(Some(e)),
                 Poll::Pending => false,
             };
+            writer = Some(watched);
+            ready
+        } else {
+            // Nothing waits for room: stop watching, or every read of the master's would
+            // wake the runtime.
+            writer = None;
+            false
+        };
         // A pump capped at PUMP_FRAMES leaves frames no new readiness edge will announce.
         if !readable && !writable && !st.has_unread() {
             if !st

@@ -111,6 +111,61 @@ fn hand_offs_are_answered_on_the_runtime_while_nobody_accepts() {
     clients[0].write_all(b"x").unwrap();
 }
 
+/// An answer queued behind output the socket did not take goes out once the master reads:
+/// the channel task watches for room while output waits (and only then).
+#[test]
+fn an_answer_queued_behind_a_full_socket_goes_out_once_the_master_reads() {
+    let (mut m, w) = setup();
+    let (listening_tx, listening_rx) = mpsc::channel();
+    let (clogged_tx, clogged_rx) = mpsc::channel();
+    let master = thread::spawn(move || {
+        grant_rr(&mut m);
+        listening_tx.send(()).unwrap();
+        clogged_rx
+            .recv_timeout(T)
+            .expect("the worker clogged its channel");
+        let (client, server_side) = tcp_pair();
+        let msg = Message::new_conn(
+            ServerId(1),
+            ConnId(1),
+            Peer::Tcp(server_side.peer_addr().unwrap()),
+        );
+        m.send_blocking(&msg, &[server_side.as_fd()], Some(T))
+            .unwrap();
+        // Nothing tells when the answer is queued; reading at once would only make this test
+        // pass without a full socket, never fail.
+        thread::sleep(Duration::from_millis(100));
+        match recv(&mut m).msg {
+            Message::User { payload } => assert_eq!(payload.len(), 900_000),
+            other => panic!("expected the clogging message, got {other:?}"),
+        }
+        assert_eq!(recv(&mut m).msg, accepted(1));
+        (m, client)
+    });
+    let rt = runtime();
+    rt.block_on(async {
+        let spec = ListenSpec::tcp("127.0.0.1:0".parse().unwrap());
+        let listener = TcpListener::listen_on(Some(w.clone()), spec).await.unwrap();
+        // The first accept says Listening.
+        let accepting =
+            tokio::spawn(async move { tokio::time::timeout(T, listener.accept()).await });
+        tokio::task::spawn_blocking(move || listening_rx.recv_timeout(T))
+            .await
+            .unwrap()
+            .expect("the master saw Listening");
+        // Far more than the socket holds: the rest waits in the worker's queue, and the
+        // answer behind it.
+        w.send(vec![b'x'; 900_000]).unwrap();
+        clogged_tx.send(()).unwrap();
+        let accepted = accepting.await.unwrap();
+        assert!(
+            matches!(accepted, Ok(Ok(_))),
+            "the stream comes once its answer is written: {accepted:?}"
+        );
+    });
+    let (_m, _client) = master.join().unwrap();
+}
+
 #[test]
 fn a_stop_serves_what_was_answered_then_ends_accept_and_resolves_disconnected() {
     let (mut m, w) = setup();
