@@ -22,7 +22,7 @@ use signal_hook::iterator::Signals;
 
 use crate::args::{DEFAULT_HELLO_PORT, ListenArg, ProtocolChoice, SpawnArgs, WorkerCount};
 use crate::cpus;
-use crate::log::{self, EventLog, Line};
+use crate::log::{self, EventLog};
 
 pub fn run(a: SpawnArgs) -> Result<(), String> {
     let workers = match a.workers {
@@ -159,7 +159,7 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
         .spawn(move || {
             let mut signals = signals;
             for sig in signals.forever() {
-                policy.on_signal(sig).print();
+                policy.on_signal(sig);
             }
         })
         .map_err(|e| format!("cannot start the signal thread: {e}"))?;
@@ -208,11 +208,23 @@ struct SignalPolicy {
     shutdown_timeout: Duration,
 }
 
+/// What a signal asks of the master.
+#[derive(Debug, Clone, Copy)]
+enum SignalAct {
+    Shutdown,
+    ForceShutdown,
+    Reload,
+    Fork,
+    RemoveOne,
+    Nothing,
+}
+
 impl SignalPolicy {
-    fn on_signal(&mut self, sig: i32) -> Line {
-        let master = &self.control;
+    /// Says what `sig` does, then does it. Said afterwards, the line could come after the
+    /// events the act causes, which the main thread prints as they come.
+    fn on_signal(&mut self, sig: i32) {
         let name = log::signal_name(sig);
-        let (text, sent) = match sig {
+        let (text, act) = match sig {
             SIGTERM | SIGINT | SIGQUIT => match Stop::load(&self.stop) {
                 Stop::Running => {
                     self.stop.store(Stop::Graceful as u8, Ordering::Release);
@@ -221,42 +233,57 @@ impl SignalPolicy {
                             "{name}: graceful shutdown (SIGKILL after {}ms; send again to force)",
                             self.shutdown_timeout.as_millis()
                         ),
-                        master.shutdown(),
+                        SignalAct::Shutdown,
                     )
                 }
                 Stop::Graceful => {
                     self.stop.store(Stop::Forced as u8, Ordering::Release);
                     (
                         format!("{name} again: forced shutdown (SIGKILL now)"),
-                        master.force_shutdown(),
+                        SignalAct::ForceShutdown,
                     )
                 }
-                Stop::Forced => (format!("{name}: already stopping by force"), Ok(())),
+                Stop::Forced => (
+                    format!("{name}: already stopping by force"),
+                    SignalAct::Nothing,
+                ),
             },
             _ if Stop::load(&self.stop) != Stop::Running => {
-                (format!("{name} ignored: stopping"), Ok(()))
+                (format!("{name} ignored: stopping"), SignalAct::Nothing)
             }
-            SIGHUP => (format!("{name}: rolling reload"), master.reload()),
+            SIGHUP => (format!("{name}: rolling reload"), SignalAct::Reload),
             SIGTTIN => {
                 self.slots += 1;
                 (
                     format!("{name}: adding a worker (now {})", self.slots),
-                    master.fork(),
+                    SignalAct::Fork,
                 )
             }
-            SIGTTOU if self.slots <= 1 => (format!("{name} ignored: one worker left"), Ok(())),
+            SIGTTOU if self.slots <= 1 => (
+                format!("{name} ignored: one worker left"),
+                SignalAct::Nothing,
+            ),
             SIGTTOU => {
                 self.slots -= 1;
                 (
                     format!("{name}: removing a worker (now {})", self.slots),
-                    master.remove_one(),
+                    SignalAct::RemoveOne,
                 )
             }
-            _ => (format!("{name} ignored"), Ok(())),
+            _ => (format!("{name} ignored"), SignalAct::Nothing),
         };
-        match sent {
-            Ok(()) => log::master(text),
-            Err(e) => log::master(format!("{text} (not done: {e})")),
+        log::master(text).print();
+        let master = &self.control;
+        let done = match act {
+            SignalAct::Shutdown => master.shutdown(),
+            SignalAct::ForceShutdown => master.force_shutdown(),
+            SignalAct::Reload => master.reload(),
+            SignalAct::Fork => master.fork(),
+            SignalAct::RemoveOne => master.remove_one(),
+            SignalAct::Nothing => Ok(()),
+        };
+        if let Err(e) = done {
+            log::master(format!("{name}: not done: {e}")).print();
         }
     }
 }
