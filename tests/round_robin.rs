@@ -287,35 +287,3 @@ fn a_worker_that_closed_its_listener_gets_nothing_and_loses_nothing() {
     assert_eq!(stats.closed_unserved, 0, "{stats:?}");
     c.stop();
 }
-
-/// A worker that closes a server and listens again (the same server id, as another worker
-/// still holds it) before it reads a hand-off sent before its `Close` takes that hand-off
-/// on its new listener: the master must have kept it in flight to that worker, not given it
-/// to another one as well.
-#[test]
-fn a_hand_off_read_after_the_worker_listened_again_is_delivered_once() {
-    let _fds = shared_fds();
-    let mut c = Cluster::start(rr(2, "relisten-before-answering@0"));
-    let addr = inet(&c.wait_listening(2));
-    let mut served_by = Vec::new();
-    for _ in 0..6 {
-        served_by.push(ask_worker(addr).expect("answered"));
-    }
-    assert!(served_by.contains(&WorkerId(1)), "{served_by:?}");
-    // Every answer read (bounded wait), nothing re-queued and no answer ignored: the
-    // connection the worker took after listening again went nowhere else.
-    let mut stats = c.master().stats().expect("stats");
-    for _ in 0..500 {
-        if stats.taken >= 6 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-        stats = c.master().stats().expect("stats");
-    }
-    assert_eq!(
-        (stats.taken, stats.requeued, stats.stray_answers),
-        (6, 0, 0),
-        "{stats:?}"
-    );
-    c.stop();
-}

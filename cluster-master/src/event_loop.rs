@@ -86,11 +86,6 @@ struct WorkerRec {
     exited_after_disconnect: bool,
     /// Servers granted to it and not closed.
     servers: Vec<ServerId>,
-    /// Round-robin servers it closed while hand-offs to it were in flight. It still answers
-    /// those (and takes one that reaches a listener it reopened meanwhile: a worker cannot
-    /// tell a hand-off sent before its `Close` from one sent after its new `Listening`), so
-    /// they stay in flight to it: counted for its ack deadline, re-queued only if it dies.
-    owing: Vec<ServerId>,
     stdout: Option<OutputPipe>,
     stderr: Option<OutputPipe>,
     /// SIGKILLed for a protocol violation or an ack timeout: only its answers still count, and
@@ -116,11 +111,6 @@ struct WorkerRec {
 }
 
 impl WorkerRec {
-    /// Every server whose hand-offs it may still answer: those it holds and those it owes.
-    fn answering_for(&self) -> impl Iterator<Item = &ServerId> {
-        self.servers.iter().chain(&self.owing)
-    }
-
     /// Signals the worker through its pidfd, never a pid somebody else may own by now.
     fn signal(&self, signal: i32) {
         let _ = sys::pidfd_signal(self.pidfd.as_fd(), signal);
@@ -460,7 +450,8 @@ impl EventLoop {
         if w.dropping || w.held_message.is_some() {
             return None;
         }
-        w.answering_for()
+        w.servers
+            .iter()
             .filter_map(|sid| match &self.servers.get(sid)?.kind {
                 ServerKind::RoundRobin { handle, .. } => handle.oldest_unanswered(w.id),
                 _ => None,
@@ -472,7 +463,8 @@ impl EventLoop {
     /// Hand-offs sent to `w` and not answered, over all its servers. The handles are the one
     /// record of them.
     fn in_flight_to(&self, w: &WorkerRec) -> usize {
-        w.answering_for()
+        w.servers
+            .iter()
             .filter_map(|sid| match &self.servers.get(sid)?.kind {
                 ServerKind::RoundRobin { handle, .. } => Some(handle.in_flight_to(w.id)),
                 _ => None,

@@ -320,8 +320,7 @@ pub struct MasterStats {
     pub requeued: u64,
     /// Connections closed by the master without a worker taking them.
     pub closed_unserved: u64,
-    /// Answers for hand-offs not in flight to that worker (forged or repeated ones, or ones
-    /// for a server closed meanwhile); ignored.
+    /// Answers for hand-offs the worker no longer held (it had closed that server); ignored.
     pub stray_answers: u64,
     /// Connections waiting in the master.
     pub pending: usize,

@@ -267,7 +267,6 @@ fn run() -> Result<u8, String> {
     let mut withheld: Option<Vec<OwnedFd>> = None;
     let mut in_fours: Vec<(cluster_core::ConnId, OwnedFd)> = Vec::new();
     let mut forged = false;
-    let mut relistened = false;
     loop {
         let r = match ch.recv_blocking(None) {
             Ok(r) => r,
@@ -312,20 +311,6 @@ fn run() -> Result<u8, String> {
                                 std::thread::spawn(move || serve_stream(stream, &id));
                             }
                         }
-                        continue;
-                    }
-                    if mode == "relisten-before-answering" && !relistened {
-                        // Closes the server and listens again (the same key, so the same
-                        // server id while the other worker holds it) before answering this
-                        // hand-off, sent before the `Close`: the master must wait for our
-                        // answer rather than give the connection to someone else.
-                        relistened = true;
-                        relisten(&mut ch, server, &spec)?;
-                        send(&mut ch, &Message::Accepted { conn })?;
-                        let stream = std::net::TcpStream::from(fd);
-                        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-                        let id = id.clone();
-                        std::thread::spawn(move || serve_stream(stream, &id));
                         continue;
                     }
                     let answer = match mode.as_str() {
@@ -423,65 +408,6 @@ fn run() -> Result<u8, String> {
                 },
             )?,
             Message::Disconnect => return Ok(0),
-            _ => {}
-        }
-    }
-}
-
-/// Sends `Close` for `server`, asks for `spec` again and says `Listening` on what is granted,
-/// which must be `server` again. Hand-offs read meanwhile are refused (none should come: the
-/// master stops offering on `Close`).
-fn relisten(
-    ch: &mut Channel,
-    server: cluster_core::ServerId,
-    spec: &ListenSpec,
-) -> Result<(), String> {
-    let t = Some(Duration::from_secs(10));
-    ch.send_blocking(&Message::Close { server }, &[], t)
-        .map_err(|e| e.to_string())?;
-    ch.send_blocking(
-        &Message::QueryServer {
-            seq: Seq(1000),
-            spec: spec.clone(),
-            index: 0,
-        },
-        &[],
-        t,
-    )
-    .map_err(|e| e.to_string())?;
-    loop {
-        let r = ch.recv_blocking(t).map_err(|e| e.to_string())?;
-        match r.msg {
-            Message::QueryServerReply {
-                reply:
-                    ServerReply::Granted {
-                        server: again,
-                        addr,
-                        ..
-                    },
-                ..
-            } => {
-                if again != server {
-                    return Err(format!("listened again on {again}, not {server}"));
-                }
-                return ch
-                    .send_blocking(&Message::Listening { server, addr }, &[], t)
-                    .map_err(|e| e.to_string());
-            }
-            Message::QueryServerReply { reply, .. } => return Err(format!("relisten: {reply:?}")),
-            Message::NewConn { conns, .. } => {
-                for handed in conns {
-                    ch.send_blocking(
-                        &Message::Refused {
-                            conn: handed.conn,
-                            reason: RefuseReason::ListenerClosed,
-                        },
-                        &[],
-                        t,
-                    )
-                    .map_err(|e| e.to_string())?;
-                }
-            }
             _ => {}
         }
     }

@@ -55,7 +55,7 @@ impl EventLoop {
         let Some(w) = self.fleet.workers.get(&id) else {
             return;
         };
-        for sid in w.answering_for().copied().collect::<Vec<_>>() {
+        for sid in w.servers.clone() {
             if let Some(ServerKind::RoundRobin { handle, .. }) =
                 self.servers.get_mut(&sid).map(|s| &mut s.kind)
             {
@@ -248,13 +248,8 @@ impl EventLoop {
         // A worker without a channel cannot be told to stop; do not let it linger.
         self.sup.channel_closed(id, self.now);
         let servers = std::mem::take(&mut w.servers);
-        let owing = std::mem::take(&mut w.owing);
         for sid in servers {
             self.release_server(sid, id, false);
-        }
-        // It will answer nothing more: what it owed goes to the others now.
-        for sid in owing {
-            self.forget_answers_owed(sid, id);
         }
         self.emit(Event::Disconnect { worker: id });
     }

@@ -97,11 +97,8 @@ impl EventLoop {
         }
     }
 
-    /// `id` no longer holds `sid`; the server closes when its last holder closed it
-    /// explicitly or no worker will come back for it. A worker that died has its in-flight
-    /// connections re-queued. One that closed the server explicitly keeps them in flight
-    /// until it answers them (see `WorkerRec::owing`): it may have reopened the listener by
-    /// the time it reads them, and re-queuing them now would deliver them twice.
+    /// `id` no longer holds `sid`. Its in-flight connections are re-queued; the server closes
+    /// when its last holder closed it explicitly or no worker will come back for it.
     pub(super) fn release_server(&mut self, sid: ServerId, id: WorkerId, explicit_close: bool) {
         let replacement_coming = self.sup.replacement_possible();
         let Some(server) = self.servers.get_mut(&sid) else {
@@ -109,18 +106,9 @@ impl EventLoop {
         };
         server.holders.remove(&id);
         if let ServerKind::RoundRobin { handle, .. } = &mut server.kind {
-            if explicit_close && handle.in_flight_to(id) > 0 {
-                handle.retire(id, self.now, &mut self.fleet.actions);
-                if let Some(w) = self.fleet.workers.get_mut(&id)
-                    && !w.owing.contains(&sid)
-                {
-                    w.owing.push(sid);
-                }
-            } else {
-                let requeued_before = handle.stats().requeued_on_remove;
-                handle.remove(id, self.now, &mut self.fleet.actions);
-                self.fleet.stats.requeued += handle.stats().requeued_on_remove - requeued_before;
-            }
+            let requeued_before = handle.stats().requeued_on_remove;
+            handle.remove(id, self.now, &mut self.fleet.actions);
+            self.fleet.stats.requeued += handle.stats().requeued_on_remove - requeued_before;
             run_actions(sid, handle, &mut self.fleet, self.now);
         }
         if !server.holders.is_empty() {
@@ -134,22 +122,6 @@ impl EventLoop {
             }
         } else if explicit_close || !replacement_coming {
             self.close_server(sid);
-        }
-    }
-
-    /// `id` will not answer what it still owes for `sid` (it died, or it answered the last
-    /// of it): whatever is left in flight to it is re-queued, and it leaves the handle.
-    pub(super) fn forget_answers_owed(&mut self, sid: ServerId, id: WorkerId) {
-        if let Some(w) = self.fleet.workers.get_mut(&id) {
-            w.owing.retain(|s| *s != sid);
-        }
-        if let Some(ServerKind::RoundRobin { handle, .. }) =
-            self.servers.get_mut(&sid).map(|s| &mut s.kind)
-        {
-            let requeued_before = handle.stats().requeued_on_remove;
-            handle.remove(id, self.now, &mut self.fleet.actions);
-            self.fleet.stats.requeued += handle.stats().requeued_on_remove - requeued_before;
-            run_actions(sid, handle, &mut self.fleet, self.now);
         }
     }
 
@@ -181,7 +153,6 @@ impl EventLoop {
         }
         for w in self.fleet.workers.values_mut() {
             w.servers.retain(|s| *s != sid);
-            w.owing.retain(|s| *s != sid);
         }
     }
 
@@ -337,8 +308,6 @@ impl EventLoop {
             Ok(fd) => {
                 server.holders.insert(id);
                 if let Some(w) = self.fleet.workers.get_mut(&id) {
-                    // Holding it again, it answers what it owed as a holder does.
-                    w.owing.retain(|s| *s != sid);
                     w.servers.push(sid);
                     w.listen_failure = None;
                 }
@@ -422,21 +391,11 @@ impl EventLoop {
             Some(reason) => handle.refused(id, conn, reason, self.now, after_answers),
         };
         if result.is_err() {
-            // An answer for a hand-off this worker does not hold (the handle ignored it, so it
-            // cannot cause a double delivery): a forged or repeated one, or one that came
-            // after the master gave up on the hand-off. Counting it is enough.
+            // An answer for a hand-off this worker no longer holds: it closed that server (the
+            // connection was re-queued then). The handle ignored it, so it cannot cause a
+            // double delivery; counting it is enough.
             self.fleet.stats.stray_answers += 1;
             return;
-        }
-        if handle.in_flight_to(id) == 0
-            && self
-                .fleet
-                .workers
-                .get(&id)
-                .is_some_and(|w| w.owing.contains(&sid))
-        {
-            // The last answer it owed for a server it closed.
-            self.forget_answers_owed(sid, id);
         }
         if refused.is_some() {
             self.fleet.stats.refused += 1;

@@ -160,7 +160,6 @@ impl EventLoop {
                 state: WorkerState::Spawned,
                 exited_after_disconnect: false,
                 servers: Vec::new(),
-                owing: Vec::new(),
                 stdout,
                 stderr,
                 held_message: None,
