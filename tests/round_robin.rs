@@ -287,3 +287,23 @@ fn a_worker_that_closed_its_listener_gets_nothing_and_loses_nothing() {
     assert_eq!(stats.closed_unserved, 0, "{stats:?}");
     c.stop();
 }
+
+/// A worker that closes a server and then reads nothing more (an application dropping its last
+/// blocking listener: the answerer thread stops with it) leaves the connection in flight to it
+/// unanswered; the master re-queues it at the `Close`, so another worker serves it at once
+/// rather than after the ack timeout.
+#[test]
+fn a_connection_in_flight_to_a_worker_that_closes_its_server_goes_to_another_at_once() {
+    let _fds = shared_fds();
+    let mut c = Cluster::start(rr(2, "close-and-go-quiet@0").ack_timeout(Duration::from_secs(120)));
+    let addr = inet(&c.wait_listening(2));
+    for _ in 0..4 {
+        // ask_worker gives up after 10 s, far below the ack timeout.
+        assert_eq!(ask_worker(addr).expect("served"), WorkerId(2));
+    }
+    let stats = c.master().stats().expect("stats");
+    assert_eq!(stats.requeued, 1, "{stats:?}");
+    // It would sleep on for 30 s, holding up the graceful stop.
+    c.master().kill(WorkerId(1), libc::SIGKILL).expect("kill");
+    c.stop();
+}

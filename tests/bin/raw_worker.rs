@@ -313,6 +313,13 @@ fn run() -> Result<u8, String> {
                         }
                         continue;
                     }
+                    if mode == "close-and-go-quiet" {
+                        // Closes the server instead of answering, then reads nothing more, as
+                        // an application that drops its last blocking listener does.
+                        send(&mut ch, &Message::Close { server })?;
+                        std::thread::sleep(Duration::from_secs(30));
+                        return Ok(0);
+                    }
                     let answer = match mode.as_str() {
                         "refuse" => Some(Message::Refused {
                             conn,
