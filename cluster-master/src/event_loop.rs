@@ -338,33 +338,39 @@ impl EventLoop {
     /// every send of the pass; the re-registration reports current readiness, so no edge is
     /// lost by registering late.
     fn watch_writability_where_output_waits(&mut self) {
-        let registry = self.poll.registry();
-        let mut failed = Vec::new();
-        for (id, w) in &mut self.fleet.workers {
-            let Some(ch) = w.channel.as_mut() else {
-                continue;
-            };
-            let wants = ch.pending_output_bytes() > 0;
-            if wants == w.watching_writable {
-                continue;
+        // Dropping a worker whose channel cannot be watched re-routes what it held, which may
+        // queue output for another: scan again until a scan changes nothing.
+        let mut given_up: Vec<WorkerId> = Vec::new();
+        loop {
+            let registry = self.poll.registry();
+            let mut failed = Vec::new();
+            for (id, w) in &mut self.fleet.workers {
+                let Some(ch) = w.channel.as_mut() else {
+                    continue;
+                };
+                let wants = ch.pending_output_bytes() > 0;
+                if wants == w.watching_writable || given_up.contains(id) {
+                    continue;
+                }
+                let interest = if wants {
+                    mio::Interest::READABLE | mio::Interest::WRITABLE
+                } else {
+                    mio::Interest::READABLE
+                };
+                match registry.reregister(ch, token(KIND_CHANNEL, id.0), interest) {
+                    Ok(()) => w.watching_writable = wants,
+                    Err(e) => failed.push((*id, e)),
+                }
             }
-            let interest = if wants {
-                mio::Interest::READABLE | mio::Interest::WRITABLE
-            } else {
-                mio::Interest::READABLE
-            };
-            match registry.reregister(ch, token(KIND_CHANNEL, id.0), interest) {
-                Ok(()) => w.watching_writable = wants,
-                Err(e) => failed.push((*id, e)),
+            if failed.is_empty() {
+                return;
             }
+            for (id, e) in failed {
+                given_up.push(id);
+                self.channel_failed(id, cluster_ipc::IpcError::Io(e));
+            }
+            self.drop_doomed();
         }
-        if failed.is_empty() {
-            return;
-        }
-        for (id, e) in failed {
-            self.channel_failed(id, cluster_ipc::IpcError::Io(e));
-        }
-        self.drop_doomed();
     }
 
     pub(crate) fn run(mut self) -> Result<(), MasterError> {

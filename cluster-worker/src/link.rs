@@ -407,6 +407,15 @@ impl State {
         }
     }
 
+    /// Marks the state changed when output waits for room, so that its release wakes the
+    /// reader, which then watches for room: for output queued outside `send` and `pump`,
+    /// which see to it themselves.
+    pub(crate) fn note_output_waiting(&mut self) {
+        if self.has_pending_output() {
+            self.changed = true;
+        }
+    }
+
     /// Drops (closes) the parked streams whose `Accepted` was not written: the channel will
     /// never write it, so the master gives those connections to another worker.
     fn drop_unanswered(&mut self) {

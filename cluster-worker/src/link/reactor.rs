@@ -152,6 +152,9 @@ impl Link {
         }
         let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
         let fd = self.poll_fd.try_clone()?;
+        // Dup'd now, while it costs nothing to fail: the task must not need a new fd later,
+        // when output waits and the process may be out of them.
+        let writer = Writer::Idle(self.poll_fd.try_clone()?);
         let channel = {
             // AsyncFd registers with the runtime that is current.
             let _entered = runtime.enter();
@@ -159,7 +162,7 @@ impl Link {
         };
         st.reactor.task_running = true;
         drop(st);
-        runtime.spawn(channel_task(Arc::downgrade(self), channel));
+        runtime.spawn(channel_task(Arc::downgrade(self), channel, writer));
         Ok(())
     }
 
@@ -256,8 +259,32 @@ impl Drop for PendingQuery<'_> {
             // rather than behind the next frame (the runtime may be going away).
             st.route(reply);
             st.flush();
+            // The `Close` may wait for room, and whoever watches for room must hear of it.
+            st.note_output_waiting();
         }
         st.release_index(&self.spec.addr, self.asked.index);
+    }
+}
+
+/// The channel task's watch on writability: a second dup of the channel, on the reactor only
+/// while answers wait for room. The first one watches readability alone, so the master reading
+/// our answers does not wake the runtime each time (the kernel reports room after every read).
+enum Writer {
+    Idle(OwnedFd),
+    Watching(AsyncFd<OwnedFd>),
+}
+
+impl Writer {
+    /// The watch `output_waits` calls for: registered while output waits, deregistered (the
+    /// fd kept for next time) once it is written.
+    fn watching(self, output_waits: bool) -> io::Result<Writer> {
+        Ok(match (self, output_waits) {
+            (Writer::Idle(fd), true) => {
+                Writer::Watching(crate::sys::on_reactor(fd, Interest::WRITABLE)?)
+            }
+            (Writer::Watching(fd), false) => Writer::Idle(fd.into_inner()),
+            (same, _) => same,
+        })
     }
 }
 
@@ -277,12 +304,9 @@ impl Drop for TaskMark {
 
 /// The channel task (see the module docs): reads and answers as the reactor reports the
 /// channel ready, until the channel closes or the link is dropped.
-async fn channel_task(link: Weak<Link>, channel: AsyncFd<OwnedFd>) {
+async fn channel_task(link: Weak<Link>, channel: AsyncFd<OwnedFd>, writer: Writer) {
     let _mark = TaskMark(link.clone());
-    // Writability is watched through a second registration (of another dup) that lives only
-    // while answers wait for room: `channel` watches readability alone, so the master reading
-    // our answers does not wake the runtime each time (the kernel reports room again).
-    let mut writer: Option<AsyncFd<OwnedFd>> = None;
+    let mut writer = Some(writer);
     let failed = poll_fn(|cx| {
         let Some(link) = link.upgrade() else {
             return Poll::Ready(None);
@@ -298,34 +322,23 @@ async fn channel_task(link: Weak<Link>, channel: AsyncFd<OwnedFd>) {
             Poll::Pending => false,
         };
         let mut st = link.lock();
-        let writable = if st.has_pending_output() {
-            let watched = match writer.take() {
-                Some(w) => w,
-                None => match link
-                    .poll_fd
-                    .try_clone()
-                    .and_then(|fd| crate::sys::on_reactor(fd, Interest::WRITABLE))
-                {
-                    Ok(w) => w,
-                    Err(e) => return Poll::Ready(Some(e)),
-                },
-            };
-            let ready = match watched.poll_write_ready(cx) {
+        let watched = match writer.take().map(|w| w.watching(st.has_pending_output())) {
+            Some(Ok(w)) => w,
+            Some(Err(e)) => return Poll::Ready(Some(e)),
+            None => return Poll::Ready(None),
+        };
+        let writable = match &watched {
+            Writer::Watching(fd) => match fd.poll_write_ready(cx) {
                 Poll::Ready(Ok(mut ready)) => {
                     ready.clear_ready();
                     true
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Some(e)),
                 Poll::Pending => false,
-            };
-            writer = Some(watched);
-            ready
-        } else {
-            // Nothing waits for room: stop watching, or every read of the master's would
-            // wake the runtime.
-            writer = None;
-            false
+            },
+            Writer::Idle(_) => false,
         };
+        writer = Some(watched);
         // A pump capped at PUMP_FRAMES leaves frames no new readiness edge will announce.
         if !readable && !writable && !st.has_unread() {
             if !st
