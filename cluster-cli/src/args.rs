@@ -156,6 +156,14 @@ pub struct SpawnArgs {
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub ack_timeout: Option<u64>,
 
+    /// TCP_DEFER_ACCEPT on every TCP listener: a connection is accepted and handed to a
+    /// worker only once its client has sent data, saving a wake-up of the master and of the
+    /// worker per connection. For protocols where the client speaks first (HTTP; the built-in
+    /// hello worker asks for it itself); never for ones where the server does (SMTP, SSH),
+    /// whose clients would wait about a second.
+    #[arg(long)]
+    pub defer_accept: bool,
+
     /// Servers (listen calls) one worker may hold at once; a listen past it fails in the
     /// worker with EMFILE.
     #[arg(long, value_name = "N", default_value_t = cluster_master::DEFAULT_MAX_SERVERS_PER_WORKER,

@@ -18,7 +18,9 @@ pub fn run(a: HelloArgs) -> Result<(), String> {
     let under_master = cluster_worker::is_worker();
     let id = cluster_worker::worker_id().map_or(0, |w| w.0);
     let addr = SocketAddr::new(a.host, a.port);
-    let listener = cluster_worker::listen(ListenSpec::tcp(addr))
+    // HTTP clients speak first: with TCP_DEFER_ACCEPT a connection is accepted (or handed
+    // to us) with its request already there, one wake-up instead of two.
+    let listener = cluster_worker::listen(ListenSpec::tcp(addr).defer_accept(true))
         .map_err(|e| format!("hello: cannot listen on {addr}: {e}"))?;
     if !under_master {
         // Standalone, this line is the only way to learn the port of `--port 0`. Under a

@@ -73,6 +73,7 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
         .stop_signal(a.stop_signal)
         .notify_systemd(true)
         .ready_timeout(Duration::from_millis(a.ready_timeout))
+        .defer_accept(a.defer_accept)
         .capture_output(true);
     if let Some(ms) = a.ack_timeout {
         builder = builder.ack_timeout(Duration::from_millis(ms));

@@ -51,6 +51,13 @@ pub struct ListenSpec {
     pub backlog: Option<u32>,
     /// Bind in the worker itself and never share (Node's `exclusive: true`).
     pub exclusive: bool,
+    /// TCP only: `TCP_DEFER_ACCEPT`, so a connection is accepted (and handed to a worker) only
+    /// once its client has sent data. For protocols where the client speaks first (HTTP):
+    /// the accept, the hand-off and the first read then happen in one go instead of a
+    /// wake-up for the connection and another for its request. Never for protocols where the
+    /// server speaks first (SMTP, SSH, ...): their clients would wait seconds. Not part of the
+    /// key: the master sets it on the shared socket once any worker asks for it.
+    pub defer_accept: bool,
 }
 
 impl ListenSpec {
@@ -76,7 +83,14 @@ impl ListenSpec {
             ipv6_only: false,
             backlog: None,
             exclusive: false,
+            defer_accept: false,
         }
+    }
+
+    /// This spec with [`defer_accept`](Self::defer_accept) set as given.
+    pub fn defer_accept(mut self, on: bool) -> Self {
+        self.defer_accept = on;
+        self
     }
 
     /// The key under which the master shares this listen. `index` is the worker's count of its

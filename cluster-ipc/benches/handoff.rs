@@ -230,6 +230,7 @@ fn main() -> Result<()> {
             ipv6_only: false,
             backlog: Some(511),
             exclusive: false,
+            defer_accept: false,
         },
         index: 0,
     };

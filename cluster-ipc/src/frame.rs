@@ -196,7 +196,8 @@ fn put_spec(w: &mut Vec<u8>, spec: &ListenSpec) {
             put_u32(w, *fd as u32);
         }
     }
-    let flags = u8::from(spec.ipv6_only) | u8::from(spec.exclusive) << 1;
+    let flags =
+        u8::from(spec.ipv6_only) | u8::from(spec.exclusive) << 1 | u8::from(spec.defer_accept) << 2;
     w.push(flags);
     match spec.backlog {
         Some(b) => {
@@ -443,7 +444,7 @@ impl<'a> Reader<'a> {
             other => return Err(DecodeError::BadValue("listen address", other)),
         };
         let flags = self.u8()?;
-        if flags & !0b11 != 0 {
+        if flags & !0b111 != 0 {
             return Err(DecodeError::BadValue("listen flags", flags));
         }
         let backlog = match self.u8()? {
@@ -456,6 +457,7 @@ impl<'a> Reader<'a> {
             ipv6_only: flags & 1 != 0,
             backlog,
             exclusive: flags & 2 != 0,
+            defer_accept: flags & 4 != 0,
         })
     }
 
@@ -596,14 +598,22 @@ pub(crate) mod tests {
             path().prop_map(ListenAddr::Unix),
             any::<i32>().prop_map(ListenAddr::Fd),
         ];
-        (addr, any::<bool>(), any::<Option<u32>>(), any::<bool>()).prop_map(
-            |(addr, ipv6_only, backlog, exclusive)| ListenSpec {
-                addr,
-                ipv6_only,
-                backlog,
-                exclusive,
-            },
+        (
+            addr,
+            any::<bool>(),
+            any::<Option<u32>>(),
+            any::<bool>(),
+            any::<bool>(),
         )
+            .prop_map(
+                |(addr, ipv6_only, backlog, exclusive, defer_accept)| ListenSpec {
+                    addr,
+                    ipv6_only,
+                    backlog,
+                    exclusive,
+                    defer_accept,
+                },
+            )
     }
 
     fn bound() -> impl Strategy<Value = BoundAddr> {

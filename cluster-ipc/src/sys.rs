@@ -282,6 +282,48 @@ pub(crate) fn poll_one(
 
 pub(crate) use libc::{POLLIN, POLLOUT};
 
+/// Sets `TCP_DEFER_ACCEPT` on a listening TCP socket: connections reach the accept queue only
+/// once the client has sent data, or after about `seconds` (the kernel counts it in SYN-ACK
+/// retransmissions) if it sends nothing. 0 turns it off.
+pub fn set_tcp_defer_accept(listener: BorrowedFd<'_>, seconds: u32) -> io::Result<()> {
+    let value = libc::c_int::try_from(seconds).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the option value is a live c_int and its size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&value as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The `TCP_DEFER_ACCEPT` value of a listening TCP socket, as the kernel reports it (0: off).
+pub fn tcp_defer_accept(listener: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut value: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: value and len are live locals; len tells the kernel how much value holds.
+    let rc = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u32::try_from(value).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
 /// Sets `SO_SNDBUF` (the kernel doubles it and applies its minimum), so tests can force partial
 /// writes and `EAGAIN` with small volumes.
 #[cfg(test)]

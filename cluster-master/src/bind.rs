@@ -42,13 +42,19 @@ pub(crate) struct BoundSocket {
 pub(crate) fn bind_spec(spec: &ListenSpec, reuse_port: bool) -> Result<BoundSocket, ListenError> {
     let backlog = spec.backlog.unwrap_or(DEFAULT_BACKLOG);
     match &spec.addr {
-        ListenAddr::Tcp(addr) => bind_inet(
-            *addr,
-            SockType::Stream,
-            spec.ipv6_only,
-            reuse_port,
-            Some(backlog),
-        ),
+        ListenAddr::Tcp(addr) => {
+            let bound = bind_inet(
+                *addr,
+                SockType::Stream,
+                spec.ipv6_only,
+                reuse_port,
+                Some(backlog),
+            )?;
+            if spec.defer_accept {
+                set_defer_accept(bound.fd.as_fd())?;
+            }
+            Ok(bound)
+        }
         ListenAddr::Udp(addr) => {
             bind_inet(*addr, SockType::Datagram, spec.ipv6_only, reuse_port, None)
         }
@@ -127,6 +133,16 @@ fn bind_inet(
 
 /// `listen(2)` again with a larger backlog: Linux applies the new value to a listening socket,
 /// so the master can honour the largest backlog any worker asks for (Node keeps the first).
+/// How long a connection whose client sends nothing waits under `TCP_DEFER_ACCEPT` before it
+/// is accepted anyway: short, so that a server-speaks-first client that meets it by mistake
+/// is slowed, not stranded.
+const DEFER_ACCEPT_SECONDS: u32 = 1;
+
+pub(crate) fn set_defer_accept(fd: BorrowedFd<'_>) -> Result<(), ListenError> {
+    cluster_ipc::set_tcp_defer_accept(fd, DEFER_ACCEPT_SECONDS)
+        .map_err(|e| io_errno(&e, "TCP_DEFER_ACCEPT"))
+}
+
 pub(crate) fn set_backlog(fd: BorrowedFd<'_>, backlog: u32) -> Result<(), ListenError> {
     let clamped = i32::try_from(backlog)
         .unwrap_or(i32::MAX)
@@ -157,6 +173,15 @@ mod tests {
         let again = bind_spec(&ListenSpec::tcp(addr), false).unwrap_err();
         assert_eq!(again.errno, libc::EADDRINUSE);
         assert!(again.context.contains(&addr.to_string()));
+    }
+
+    #[test]
+    fn defer_accept_is_set_when_the_spec_asks() {
+        let any = "127.0.0.1:0".parse().unwrap();
+        let plain = bind_spec(&ListenSpec::tcp(any), false).unwrap();
+        assert_eq!(cluster_ipc::tcp_defer_accept(plain.fd.as_fd()).unwrap(), 0);
+        let deferred = bind_spec(&ListenSpec::tcp(any).defer_accept(true), false).unwrap();
+        assert!(cluster_ipc::tcp_defer_accept(deferred.fd.as_fd()).unwrap() > 0);
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub struct MasterBuilder {
     pub(crate) shutdown_timeout: Duration,
     /// `None`: the default for the protocol ([`MasterBuilder::effective_ack_timeout`]).
     pub(crate) ack_timeout: Option<Duration>,
+    pub(crate) defer_accept: bool,
     pub(crate) ready_timeout: Duration,
     pub(crate) capture_output: bool,
     pub(crate) max_frame: usize,
@@ -79,6 +80,7 @@ impl MasterBuilder {
             restart: RestartPolicy::default(),
             shutdown_timeout: Duration::from_secs(30),
             ack_timeout: None,
+            defer_accept: false,
             ready_timeout: Duration::from_secs(30),
             capture_output: false,
             max_frame: cluster_ipc::frame::DEFAULT_MAX_FRAME,
@@ -171,6 +173,17 @@ impl MasterBuilder {
     /// own primary never kills a worker for it, it just stops handing it connections.
     pub fn ack_timeout(mut self, timeout: Duration) -> Self {
         self.ack_timeout = Some(timeout);
+        self
+    }
+
+    /// `TCP_DEFER_ACCEPT` on every TCP listener the master binds, whatever the workers ask
+    /// (see [`ListenSpec::defer_accept`](cluster_core::ListenSpec::defer_accept)): a connection
+    /// is accepted and handed off only once its client has sent data. For workers whose
+    /// clients speak first (HTTP, as Node `http` apps): one wake-up of the master and of the
+    /// worker per connection instead of one for the connection and one for its request.
+    /// Never for protocols where the server speaks first. Off by default.
+    pub fn defer_accept(mut self, on: bool) -> Self {
+        self.defer_accept = on;
         self
     }
 

@@ -91,6 +91,8 @@ pub(crate) struct Server {
     pub key: ListenKey,
     pub addr: BoundAddr,
     pub backlog: u32,
+    /// `TCP_DEFER_ACCEPT` is on (see [`Server::defer_accepts`]).
+    pub defer_accept: bool,
     /// Workers granted this server that have not closed it.
     pub holders: HashSet<WorkerId>,
     pub kind: ServerKind,
@@ -180,6 +182,7 @@ impl Server {
             key,
             addr,
             backlog: spec.backlog.unwrap_or(bind::DEFAULT_BACKLOG),
+            defer_accept: spec.defer_accept,
             holders: HashSet::new(),
             kind,
             unix_path,
@@ -213,6 +216,25 @@ impl Server {
         }
     }
 
+    /// Turns `TCP_DEFER_ACCEPT` on for this server's TCP sockets (and those bound for it later)
+    /// once a worker asks for it or the master is set to; it is never turned off again.
+    pub(crate) fn defer_accepts(&mut self) -> Result<(), ListenError> {
+        if self.defer_accept || !matches!(self.key.addr, ListenAddr::Tcp(_)) {
+            return Ok(());
+        }
+        self.defer_accept = true;
+        match &mut self.kind {
+            ServerKind::RoundRobin { socket, .. } => bind::set_defer_accept(socket.as_fd()),
+            ServerKind::Shared { socket } => bind::set_defer_accept(socket.as_fd()),
+            ServerKind::ReusePort { spec, sockets } => {
+                spec.defer_accept = true;
+                sockets
+                    .values()
+                    .try_for_each(|s| bind::set_defer_accept(s.as_fd()))
+            }
+        }
+    }
+
     /// Applies a larger backlog asked for by a later worker (Node keeps only the first).
     pub(crate) fn raise_backlog(&mut self, wanted: Option<u32>) -> Result<(), ListenError> {
         let Some(wanted) = wanted else { return Ok(()) };
@@ -236,5 +258,50 @@ impl Drop for Server {
         if let Some(p) = &self.unix_path {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deferred(fd: BorrowedFd<'_>) -> bool {
+        cluster_ipc::tcp_defer_accept(fd).unwrap() > 0
+    }
+
+    fn server(policy: Policy) -> Server {
+        let spec = ListenSpec::tcp("127.0.0.1:0".parse().unwrap());
+        Server::bind(
+            ServerId(1),
+            spec.key(0),
+            &spec,
+            policy,
+            0,
+            &RoundRobinConfig::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn defer_accept_asked_later_reaches_the_round_robin_socket() {
+        let mut s = server(Policy::RoundRobin);
+        let ServerKind::RoundRobin { socket, .. } = &s.kind else {
+            panic!("round-robin")
+        };
+        assert!(!deferred(socket.as_fd()));
+        s.defer_accepts().unwrap();
+        let ServerKind::RoundRobin { socket, .. } = &s.kind else {
+            panic!("round-robin")
+        };
+        assert!(deferred(socket.as_fd()));
+    }
+
+    #[test]
+    fn defer_accept_reaches_every_reuse_port_socket_bound_before_and_after() {
+        let mut s = server(Policy::ReusePort);
+        s.defer_accepts().unwrap();
+        let later = s.socket_for(1).unwrap().map(deferred);
+        assert_eq!(later, Some(true));
+        assert_eq!(s.socket_for(0).unwrap().map(deferred), Some(true));
     }
 }

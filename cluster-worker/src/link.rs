@@ -410,6 +410,7 @@ impl State {
     /// Marks the state changed when output waits for room, so that its release wakes the
     /// reader, which then watches for room: for output queued outside `send` and `pump`,
     /// which see to it themselves.
+    #[cfg(feature = "tokio")]
     pub(crate) fn note_output_waiting(&mut self) {
         if self.has_pending_output() {
             self.changed = true;

@@ -106,7 +106,15 @@ impl Listener {
     /// Binds for real in this process (no master, or `exclusive`).
     pub(crate) fn bind_standalone(spec: &ListenSpec) -> io::Result<Listener> {
         let sock = match &spec.addr {
-            ListenAddr::Tcp(a) => Sock::Tcp(sys::bind_tcp(a, spec.ipv6_only, spec.backlog)?),
+            ListenAddr::Tcp(a) => {
+                let listener = sys::bind_tcp(a, spec.ipv6_only, spec.backlog)?;
+                if spec.defer_accept {
+                    // As the master does (1 s: a client that sends nothing is slowed, not
+                    // stranded).
+                    cluster_ipc::set_tcp_defer_accept(listener.as_fd(), 1)?;
+                }
+                Sock::Tcp(listener)
+            }
             ListenAddr::Unix(p) => Sock::Unix(sys::bind_unix(p, spec.backlog)?),
             ListenAddr::Udp(_) => {
                 return Err(io::Error::new(

@@ -880,6 +880,15 @@ fn standalone_listen_and_serve_with(threads: usize) {
 }
 
 #[test]
+fn standalone_listen_sets_defer_accept_when_asked() {
+    let plain = crate::listen(ListenSpec::tcp(any_port())).unwrap();
+    let deferred = crate::listen(ListenSpec::tcp(any_port()).defer_accept(true)).unwrap();
+    let value = |l: &Listener| cluster_ipc::tcp_defer_accept(l.as_socket_fd().unwrap()).unwrap();
+    assert_eq!(value(&plain), 0);
+    assert!(value(&deferred) > 0);
+}
+
+#[test]
 fn exclusive_and_ipv6_bind_in_the_worker() {
     let (_m, w) = setup();
     let mut spec = ListenSpec::tcp(any_port());

@@ -293,8 +293,16 @@ impl EventLoop {
             };
             return self.reply(id, seq, Err(e));
         }
+        let defer = spec.defer_accept || self.cfg.defer_accept;
         let granted = server
             .raise_backlog(spec.backlog)
+            .and_then(|_| {
+                if defer {
+                    server.defer_accepts()
+                } else {
+                    Ok(())
+                }
+            })
             .and_then(|_| server.socket_for(slot))
             .and_then(|fd| {
                 fd.map(|f| f.try_clone_to_owned())

@@ -606,6 +606,8 @@ impl NodeCodec {
                 .filter(|b| *b > 0)
                 .map(|b| u32::try_from(b).unwrap_or(u32::MAX)),
             exclusive: false,
+            // Node has no such option; the master's own (`--defer-accept`) applies.
+            defer_accept: false,
         };
         // Node's own key, `address:port:addressType:fd:index`, as JS template strings render
         // it; the worker treats it as opaque and names the server by it.
