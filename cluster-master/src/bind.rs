@@ -131,8 +131,6 @@ fn bind_inet(
     })
 }
 
-/// `listen(2)` again with a larger backlog: Linux applies the new value to a listening socket,
-/// so the master can honour the largest backlog any worker asks for (Node keeps the first).
 /// How long a connection whose client sends nothing waits under `TCP_DEFER_ACCEPT` before it
 /// is accepted anyway: short, so that a server-speaks-first client that meets it by mistake
 /// is slowed, not stranded.
@@ -143,6 +141,8 @@ pub(crate) fn set_defer_accept(fd: BorrowedFd<'_>) -> Result<(), ListenError> {
         .map_err(|e| io_errno(&e, "TCP_DEFER_ACCEPT"))
 }
 
+/// `listen(2)` again with a larger backlog: Linux applies the new value to a listening socket,
+/// so the master can honour the largest backlog any worker asks for (Node keeps the first).
 pub(crate) fn set_backlog(fd: BorrowedFd<'_>, backlog: u32) -> Result<(), ListenError> {
     let clamped = i32::try_from(backlog)
         .unwrap_or(i32::MAX)

@@ -182,7 +182,8 @@ impl Server {
             key,
             addr,
             backlog: spec.backlog.unwrap_or(bind::DEFAULT_BACKLOG),
-            defer_accept: spec.defer_accept,
+            // Set by the grant (`defer_accepts`), which also covers an inherited socket.
+            defer_accept: false,
             holders: HashSet::new(),
             kind,
             unix_path,
