@@ -55,8 +55,9 @@ pub struct ListenSpec {
     /// once its client has sent data. For protocols where the client speaks first (HTTP):
     /// the accept, the hand-off and the first read then happen in one go instead of a
     /// wake-up for the connection and another for its request. Never for protocols where the
-    /// server speaks first (SMTP, SSH, ...): their clients would wait seconds. Not part of the
-    /// key: the master sets it on the shared socket once any worker asks for it.
+    /// server speaks first (SMTP, SSH, ...): their clients would wait out the deferral (about
+    /// a second). Not part of the key: the master sets it on the shared socket once any
+    /// worker asks for it.
     pub defer_accept: bool,
 }
 

@@ -1,22 +1,23 @@
 //! The channel on a tokio runtime's reactor (feature `tokio`).
 //!
 //! **Who reads.** One task spawned on the runtime, the *channel task*, holds an [`AsyncFd`]
-//! over a dup of the channel socket and, whenever the reactor reports it readable (or, through
-//! a second dup registered only while answers wait to go out, writable), calls [`State::pump`] under the lock: every
-//! hand-off is answered there, by the crate's one answering function, as it arrives. Tokio
-//! listeners take streams only from their inboxes ([`State::take_answered`]), so nothing
-//! reaches the application before its `Accepted` is written, and a slow handler or a slow
-//! accept loop delays no answer: the task runs whenever the runtime has a moment, never
-//! waiting on the application. Their inboxes are [`Taker::Reactor`], so no answerer thread
-//! starts for them. Other readers (a blocking call, an answerer started for a blocking
-//! listener) may still pump: the lock makes every read exclusive, and the release wakes the
-//! futures registered here, so whoever reads, the waiting futures hear of it.
+//! over a dup of the channel socket and, whenever the reactor reports it readable (or,
+//! through a second dup registered only while answers wait to go out, writable), calls
+//! [`State::pump`] under the lock: every hand-off is answered there, by the crate's one
+//! answering function, as it arrives. Tokio listeners take streams only from their inboxes
+//! ([`State::take_answered`]), so nothing reaches the application before its `Accepted` is
+//! written, and a slow handler or a slow accept loop delays no answer: the task runs whenever
+//! the runtime has a moment, never waiting on the application. Their inboxes are
+//! [`Taker::Reactor`], so no answerer thread starts for them. Other readers (a blocking call,
+//! an answerer started for a blocking listener) may still pump: the lock makes every read
+//! exclusive, and the release wakes the futures registered here, so whoever reads, the
+//! waiting futures hear of it.
 //!
 //! **Waking.** Futures waiting on the state (an accept, a listen's reply, `disconnected`, a
-//! user message) register their waker in [`Wakers`] under the lock; [`Locked`](super::Locked)'s release wakes
-//! them all when something changed, and they look again. The channel task is woken the same
-//! way when output is left queued (a `send` from the application met a full socket), so it
-//! starts watching for writability.
+//! user message) register their waker in [`Wakers`] under the lock;
+//! [`Locked`](super::Locked)'s release wakes them all when something changed, and they look
+//! again. The channel task is woken the same way when output is left queued (a `send` from
+//! the application met a full socket), so it starts watching for writability.
 
 use std::future::poll_fn;
 use std::io;
