@@ -102,3 +102,29 @@ fn reuseport_socket_of_a_removed_slot_is_closed_so_no_client_waits_on_it() {
     assert_eq!(seen.len(), 1, "{seen:?}");
     c.stop();
 }
+
+/// The master's `defer_accept` setting (`spawn --defer-accept`, the only way for workers that
+/// cannot ask, such as Node apps) reaches the socket it shares; without it the socket has none.
+#[test]
+fn the_masters_defer_accept_reaches_the_shared_socket() {
+    let _fds = shared_fds();
+    for on in [true, false] {
+        let mut c = Cluster::start(
+            MasterBuilder::new(raw_worker())
+                .args(["tcp:127.0.0.1:0", "report-defer"])
+                .policy(Policy::Shared)
+                .defer_accept(on)
+                .capture_output(true)
+                .workers(1),
+        );
+        let Event::Output { line, .. } = c.wait_for(
+            Duration::from_secs(10),
+            |e| matches!(e, Event::Output { line, .. } if line.starts_with("DEFER_ACCEPT ")),
+        ) else {
+            unreachable!()
+        };
+        let secs: u32 = line["DEFER_ACCEPT ".len()..].parse().expect("a number");
+        assert_eq!(secs > 0, on, "{line}");
+        c.stop();
+    }
+}

@@ -156,11 +156,12 @@ pub struct SpawnArgs {
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub ack_timeout: Option<u64>,
 
-    /// TCP_DEFER_ACCEPT on every TCP listener: a connection is accepted and handed to a
-    /// worker only once its client has sent data, saving a wake-up of the master and of the
-    /// worker per connection. For protocols where the client speaks first (HTTP; the built-in
-    /// hello worker asks for it itself); never for ones where the server does (SMTP, SSH),
-    /// whose clients would wait about a second.
+    /// TCP_DEFER_ACCEPT on every TCP listener the master holds (`--listen` ones too, but not
+    /// a socket systemd passes by name, nor an `exclusive` listen a worker binds itself): a
+    /// connection is accepted and handed to a worker only once its client has sent data,
+    /// saving a wake-up of the master and of the worker per connection. For protocols where
+    /// the client speaks first (HTTP; the built-in hello worker asks for it itself); never for
+    /// ones where the server does (SMTP, SSH), whose clients would wait about a second.
     #[arg(long)]
     pub defer_accept: bool,
 

@@ -41,4 +41,4 @@ pub use error::{DecodeError, IpcError};
 pub use frame::Decoder;
 pub use outq::OutQueue;
 pub use stream::{FdStream, StreamRead, spawn_with_stream};
-pub use sys::{accept_nonblocking, set_tcp_defer_accept, tcp_defer_accept};
+pub use sys::{DEFER_ACCEPT_SECONDS, accept_nonblocking, set_tcp_defer_accept, tcp_defer_accept};

@@ -282,6 +282,10 @@ pub(crate) fn poll_one(
 
 pub(crate) use libc::{POLLIN, POLLOUT};
 
+/// The deferral cluster-rs sets with `TCP_DEFER_ACCEPT`: short, so that a client of a
+/// server-speaks-first protocol that meets it by mistake is slowed, not stranded.
+pub const DEFER_ACCEPT_SECONDS: u32 = 1;
+
 /// Sets `TCP_DEFER_ACCEPT` on a listening TCP socket: connections reach the accept queue only
 /// once the client has sent data, or after about `seconds` (the kernel counts it in SYN-ACK
 /// retransmissions) if it sends nothing. 0 turns it off.

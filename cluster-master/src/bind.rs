@@ -131,13 +131,13 @@ fn bind_inet(
     })
 }
 
-/// How long a connection whose client sends nothing waits under `TCP_DEFER_ACCEPT` before it
-/// is accepted anyway: short, so that a server-speaks-first client that meets it by mistake
-/// is slowed, not stranded.
-const DEFER_ACCEPT_SECONDS: u32 = 1;
-
+/// `TCP_DEFER_ACCEPT` on a listening TCP socket, unless it has a deferral already (a systemd
+/// unit's `DeferAcceptSec=` on a socket it passed us), which is kept.
 pub(crate) fn set_defer_accept(fd: BorrowedFd<'_>) -> Result<(), ListenError> {
-    cluster_ipc::set_tcp_defer_accept(fd, DEFER_ACCEPT_SECONDS)
+    if cluster_ipc::tcp_defer_accept(fd).is_ok_and(|secs| secs > 0) {
+        return Ok(());
+    }
+    cluster_ipc::set_tcp_defer_accept(fd, cluster_ipc::DEFER_ACCEPT_SECONDS)
         .map_err(|e| io_errno(&e, "TCP_DEFER_ACCEPT"))
 }
 
@@ -182,6 +182,18 @@ mod tests {
         assert_eq!(cluster_ipc::tcp_defer_accept(plain.fd.as_fd()).unwrap(), 0);
         let deferred = bind_spec(&ListenSpec::tcp(any).defer_accept(true), false).unwrap();
         assert!(cluster_ipc::tcp_defer_accept(deferred.fd.as_fd()).unwrap() > 0);
+    }
+
+    #[test]
+    fn a_deferral_already_set_is_kept() {
+        let bound = bind_spec(&ListenSpec::tcp("127.0.0.1:0".parse().unwrap()), false).unwrap();
+        cluster_ipc::set_tcp_defer_accept(bound.fd.as_fd(), 30).unwrap();
+        let unit = cluster_ipc::tcp_defer_accept(bound.fd.as_fd()).unwrap();
+        set_defer_accept(bound.fd.as_fd()).unwrap();
+        assert_eq!(
+            cluster_ipc::tcp_defer_accept(bound.fd.as_fd()).unwrap(),
+            unit
+        );
     }
 
     #[test]

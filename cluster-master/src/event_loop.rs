@@ -238,7 +238,7 @@ impl EventLoop {
         };
         let mut prebound = Vec::new();
         for (name, source) in &cfg.listen_fds {
-            let bound = inherited::prebind(&activation, source)?;
+            let bound = inherited::prebind(&activation, source, cfg.defer_accept)?;
             prebound.push((name.clone(), bound.fd, bound.addr));
         }
         // Jitter only has to differ between masters started together.

@@ -218,22 +218,24 @@ impl Server {
     }
 
     /// Turns `TCP_DEFER_ACCEPT` on for this server's TCP sockets (and those bound for it later)
-    /// once a worker asks for it or the master is set to; it is never turned off again.
+    /// once any worker asks for it or the master is set to; it stays on while the server
+    /// lives. A failure leaves it to be tried again at the next grant.
     pub(crate) fn defer_accepts(&mut self) -> Result<(), ListenError> {
         if self.defer_accept || !matches!(self.key.addr, ListenAddr::Tcp(_)) {
             return Ok(());
         }
-        self.defer_accept = true;
         match &mut self.kind {
-            ServerKind::RoundRobin { socket, .. } => bind::set_defer_accept(socket.as_fd()),
-            ServerKind::Shared { socket } => bind::set_defer_accept(socket.as_fd()),
+            ServerKind::RoundRobin { socket, .. } => bind::set_defer_accept(socket.as_fd())?,
+            ServerKind::Shared { socket } => bind::set_defer_accept(socket.as_fd())?,
             ServerKind::ReusePort { spec, sockets } => {
-                spec.defer_accept = true;
                 sockets
                     .values()
-                    .try_for_each(|s| bind::set_defer_accept(s.as_fd()))
+                    .try_for_each(|s| bind::set_defer_accept(s.as_fd()))?;
+                spec.defer_accept = true;
             }
         }
+        self.defer_accept = true;
+        Ok(())
     }
 
     /// Applies a larger backlog asked for by a later worker (Node keeps only the first).
@@ -295,6 +297,28 @@ mod tests {
             panic!("round-robin")
         };
         assert!(deferred(socket.as_fd()));
+    }
+
+    #[test]
+    fn defer_accept_is_never_tried_on_udp_or_unix_sockets() {
+        // TCP_DEFER_ACCEPT on either fails; the listen must not.
+        let dir = std::env::temp_dir().join(format!("cluster-rs-defer-{}", std::process::id()));
+        let specs = [
+            ListenSpec::udp("127.0.0.1:0".parse().unwrap()),
+            ListenSpec::unix(&dir),
+        ];
+        for spec in specs {
+            let mut s = Server::bind(
+                ServerId(1),
+                spec.key(0),
+                &spec,
+                Policy::RoundRobin,
+                0,
+                &RoundRobinConfig::default(),
+            )
+            .unwrap();
+            s.defer_accepts().unwrap();
+        }
     }
 
     #[test]

@@ -109,9 +109,11 @@ impl Listener {
             ListenAddr::Tcp(a) => {
                 let listener = sys::bind_tcp(a, spec.ipv6_only, spec.backlog)?;
                 if spec.defer_accept {
-                    // As the master does (1 s: a client that sends nothing is slowed, not
-                    // stranded).
-                    cluster_ipc::set_tcp_defer_accept(listener.as_fd(), 1)?;
+                    cluster_ipc::set_tcp_defer_accept(
+                        listener.as_fd(),
+                        cluster_ipc::DEFER_ACCEPT_SECONDS,
+                    )
+                    .map_err(|e| io::Error::new(e.kind(), format!("TCP_DEFER_ACCEPT: {e}")))?;
                 }
                 Sock::Tcp(listener)
             }

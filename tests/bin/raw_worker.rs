@@ -252,6 +252,11 @@ fn run() -> Result<u8, String> {
     }
     if grant != ServerGrant::RoundRobin {
         let socket: OwnedFd = fds.pop().ok_or("shared grant without a socket")?;
+        if mode == "report-defer" {
+            use std::os::fd::AsFd;
+            let secs = cluster_ipc::tcp_defer_accept(socket.as_fd()).map_err(|e| e.to_string())?;
+            println!("DEFER_ACCEPT {secs}");
+        }
         return serve_shared(socket, &spec, &id, &mut ch);
     }
     // `hold-then-echo`: reads nothing until the gate goes, then answers each user message

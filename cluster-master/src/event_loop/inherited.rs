@@ -16,16 +16,25 @@ fn dup_failed(e: std::io::Error) -> ListenError {
     }
 }
 
-/// The socket a `listen_fd` / `listen_inherited` entry passes to the workers.
+/// The socket a `listen_fd` / `listen_inherited` entry passes to the workers. `defer_accept`
+/// (the master's setting) applies to a TCP address, bound or adopted; a socket inherited by
+/// name keeps what its unit set.
 pub(super) fn prebind(
     activation: &Activation,
     source: &ListenSource,
+    defer_accept: bool,
 ) -> Result<BoundSocket, ListenError> {
     match source {
-        ListenSource::Bind(spec) => match activation.for_addr(&spec.addr) {
-            Some(inherited) => inherited.map_err(dup_failed),
-            None => bind::bind_spec(spec, false),
-        },
+        ListenSource::Bind(spec) => {
+            let bound = match activation.for_addr(&spec.addr) {
+                Some(inherited) => inherited.map_err(dup_failed)?,
+                None => bind::bind_spec(spec, false)?,
+            };
+            if defer_accept && matches!(spec.addr, cluster_core::ListenAddr::Tcp(_)) {
+                bind::set_defer_accept(std::os::fd::AsFd::as_fd(&bound.fd))?;
+            }
+            Ok(bound)
+        }
         ListenSource::Inherited(name) => match activation.for_name(name) {
             Some(inherited) => inherited.map_err(dup_failed),
             None => Err(ListenError {
