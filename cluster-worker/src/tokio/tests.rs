@@ -118,6 +118,7 @@ fn an_answer_queued_behind_a_full_socket_goes_out_once_the_master_reads() {
     let (mut m, w) = setup();
     let (listening_tx, listening_rx) = mpsc::channel();
     let (clogged_tx, clogged_rx) = mpsc::channel();
+    let worker = w.clone();
     let master = thread::spawn(move || {
         grant_rr(&mut m);
         listening_tx.send(()).unwrap();
@@ -132,9 +133,19 @@ fn an_answer_queued_behind_a_full_socket_goes_out_once_the_master_reads() {
         );
         m.send_blocking(&msg, &[server_side.as_fd()], Some(T))
             .unwrap();
-        // Nothing tells when the answer is queued; reading at once would only make this test
-        // pass without a full socket, never fail.
-        thread::sleep(Duration::from_millis(100));
+        // Read only once the channel task has answered (the stream parked, its answer queued
+        // behind the clog): reading earlier could let the answer go out without a full socket.
+        let deadline = std::time::Instant::now() + T;
+        let mut st = worker.link().lock();
+        while !st.has_parked(ServerId(1)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the hand-off was never answered"
+            );
+            st.wait(Duration::from_millis(50));
+        }
+        assert!(st.has_pending_output(), "the answer waits behind the clog");
+        drop(st);
         match recv(&mut m).msg {
             Message::User { payload } => assert_eq!(payload.len(), 900_000),
             other => panic!("expected the clogging message, got {other:?}"),
