@@ -291,21 +291,7 @@ pub const DEFER_ACCEPT_SECONDS: u32 = 1;
 /// retransmissions) if it sends nothing. 0 turns it off.
 pub fn set_tcp_defer_accept(listener: BorrowedFd<'_>, seconds: u32) -> io::Result<()> {
     let value = libc::c_int::try_from(seconds).unwrap_or(libc::c_int::MAX);
-    // SAFETY: the option value is a live c_int and its size is passed with it.
-    let rc = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&value as *const libc::c_int).cast(),
-            mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    set_int_option(listener, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, value)
 }
 
 /// The `TCP_DEFER_ACCEPT` value of a listening TCP socket, as the kernel reports it (0: off).
@@ -332,13 +318,23 @@ pub fn tcp_defer_accept(listener: BorrowedFd<'_>) -> io::Result<u32> {
 /// writes and `EAGAIN` with small volumes.
 #[cfg(test)]
 pub(crate) fn set_sndbuf(sock: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
+    set_int_option(sock, libc::SOL_SOCKET, libc::SO_SNDBUF, bytes)
+}
+
+/// `setsockopt` of an `int` option.
+fn set_int_option(
+    sock: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: the option value is a live c_int and its size is passed with it.
     let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&bytes as *const libc::c_int).cast(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
