@@ -198,25 +198,20 @@ impl TcpListener {
         cx: &mut Context<'_>,
         mark: bool,
     ) -> Marked<(tnet::TcpStream, SocketAddr)> {
-        let (taken, first_read) = match self.core.poll_source(cx, mark) {
-            Poll::Ready(Ok((Source::Socket(io), first_read))) => {
-                return io.poll_accept(cx).map_ok(|accepted| (accepted, first_read));
-            }
-            Poll::Ready(Ok((Source::Taken(taken), first_read))) => (taken, first_read),
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => return Poll::Pending,
-        };
-        let (stream, peer) = taken;
-        let accepted = match stream {
-            Stream::Tcp(s) => {
-                // The master sends every TCP peer's address with the hand-off.
-                let peer = peer.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-                // Handed-off streams arrive non-blocking (see `Message::NewConn`).
-                tnet::TcpStream::from_std(s).map(|s| (s, peer))
-            }
-            Stream::Unix(_) => Err(wrong_kind("TCP")),
-        };
-        Poll::Ready(accepted.map(|accepted| (accepted, first_read)))
+        self.core.poll_accept_with(
+            cx,
+            mark,
+            |io, cx| io.poll_accept(cx),
+            |(stream, peer)| match stream {
+                Stream::Tcp(s) => {
+                    // The master sends every TCP peer's address with the hand-off.
+                    let peer = peer.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+                    // Handed-off streams arrive non-blocking (see `Message::NewConn`).
+                    tnet::TcpStream::from_std(s).map(|s| (s, peer))
+                }
+                Stream::Unix(_) => Err(wrong_kind("TCP")),
+            },
+        )
     }
 
     /// The address the server is bound to (the real port for port 0).
@@ -265,22 +260,18 @@ impl UnixListener {
         cx: &mut Context<'_>,
         mark: bool,
     ) -> Marked<(tnet::UnixStream, tnet::unix::SocketAddr)> {
-        let (taken, first_read) = match self.core.poll_source(cx, mark) {
-            Poll::Ready(Ok((Source::Socket(io), first_read))) => {
-                return io.poll_accept(cx).map_ok(|accepted| (accepted, first_read));
-            }
-            Poll::Ready(Ok((Source::Taken(taken), first_read))) => (taken, first_read),
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => return Poll::Pending,
-        };
-        let accepted = match taken.0 {
-            Stream::Unix(s) => tnet::UnixStream::from_std(s).and_then(|s| {
-                let peer = s.peer_addr()?;
-                Ok((s, peer))
-            }),
-            Stream::Tcp(_) => Err(wrong_kind("Unix")),
-        };
-        Poll::Ready(accepted.map(|accepted| (accepted, first_read)))
+        self.core.poll_accept_with(
+            cx,
+            mark,
+            |io, cx| io.poll_accept(cx),
+            |(stream, _)| match stream {
+                Stream::Unix(s) => tnet::UnixStream::from_std(s).and_then(|s| {
+                    let peer = s.peer_addr()?;
+                    Ok((s, peer))
+                }),
+                Stream::Tcp(_) => Err(wrong_kind("Unix")),
+            },
+        )
     }
 
     /// The address the server is bound to.
@@ -448,6 +439,27 @@ impl<L> Core<L> {
     /// taken from the inbox, answered and written. With `mark`, under a master, a
     /// [`FirstRead`] for it, counted under the lock that took it (for the socket, before its
     /// accept: dropped unused if nothing is accepted).
+    /// The next connection: accepted on the real socket with `accept`, or taken from the
+    /// inbox and made the runtime's with `convert`.
+    fn poll_accept_with<T>(
+        &self,
+        cx: &mut Context<'_>,
+        mark: bool,
+        accept: impl FnOnce(&L, &mut Context<'_>) -> Poll<io::Result<T>>,
+        convert: impl FnOnce((Stream, Option<SocketAddr>)) -> io::Result<T>,
+    ) -> Marked<T> {
+        match self.poll_source(cx, mark) {
+            Poll::Ready(Ok((Source::Socket(io), first_read))) => {
+                accept(io, cx).map_ok(|accepted| (accepted, first_read))
+            }
+            Poll::Ready(Ok((Source::Taken(taken), first_read))) => {
+                Poll::Ready(convert(taken).map(|accepted| (accepted, first_read)))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
     fn poll_source(&self, cx: &Context<'_>, mark: bool) -> Marked<Source<'_, L>> {
         let (Some(link), Some(server)) = (&self.link, self.grant.server()) else {
             return match &self.io {
