@@ -140,10 +140,20 @@ struct Fleet {
     /// Reused for every handle call, so a hand-off allocates nothing.
     actions: Vec<Action<AcceptedConn>>,
     /// The hand-offs of one `run_actions` step, grouped by worker there; reused likewise.
-    handoffs: Vec<(WorkerId, ConnId)>,
+    handoffs: Vec<Dealt>,
     /// Workers to drop after the current step (dropping one re-enters the handles).
     doomed: Vec<(WorkerId, String)>,
     stats: MasterStats,
+}
+
+/// One hand-off of a `run_actions` step, with its place in the order the handle dealt it.
+#[derive(Debug, Clone, Copy)]
+struct Dealt {
+    worker: WorkerId,
+    conn: ConnId,
+    /// Where its worker's first hand-off of the step was dealt: the step sends its workers'
+    /// frames in that order.
+    order: usize,
 }
 
 impl Fleet {

@@ -16,7 +16,7 @@ use cluster_ipc::IpcError;
 use mio::Interest;
 use mio::unix::SourceFd;
 
-use super::{EventLoop, Fleet, KIND_LISTENER, MAX_QUEUED_FOR_WORKER, token};
+use super::{Dealt, EventLoop, Fleet, KIND_LISTENER, MAX_QUEUED_FOR_WORKER, token};
 use crate::events::{Event, WorkerState};
 use crate::round_robin::{Action, RoundRobinHandle};
 use crate::server::{AcceptedConn, ServerKind};
@@ -485,17 +485,20 @@ pub(super) fn run_actions(
         handoffs.clear();
         for action in actions.drain(..) {
             match action {
-                Action::Handoff { worker, conn } => handoffs.push((worker, conn)),
+                Action::Handoff { worker, conn } => handoffs.push(Dealt {
+                    worker,
+                    conn,
+                    order: handoffs.len(),
+                }),
                 Action::Close { conn, .. } => {
                     drop(conn);
                     stats.closed_unserved += 1;
                 }
             }
         }
-        // Stable: each worker's connections keep the order the handle dealt them in.
-        handoffs.sort_by_key(|(worker, _)| *worker);
-        for same_worker in handoffs.chunk_by(|a, b| a.0 == b.0) {
-            let Some(&(worker, _)) = same_worker.first() else {
+        group_by_worker_in_dealing_order(handoffs);
+        for same_worker in handoffs.chunk_by(|a, b| a.worker == b.worker) {
+            let Some(&Dealt { worker, .. }) = same_worker.first() else {
                 continue;
             };
             let channel = workers.get_mut(&worker).and_then(|w| w.channel.as_mut());
@@ -506,7 +509,7 @@ pub(super) fn run_actions(
             for frame in same_worker.chunks(batch) {
                 let mut conns = Vec::with_capacity(frame.len());
                 let mut fds = Vec::with_capacity(frame.len());
-                for &(_, conn) in frame {
+                for &Dealt { conn, .. } in frame {
                     // Skipped when it no longer stands (see `carry_out_after_answers`).
                     if let Some(c) = handle.in_flight(conn, worker) {
                         if handle.handoffs(conn) > 1 {
@@ -558,6 +561,81 @@ pub(super) fn run_actions(
         for (worker, conn) in bounced.drain(..) {
             // Cannot fail: the connection is in flight to that worker.
             let _ = handle.refused(worker, conn, RefuseReason::FdLimit, now, actions);
+        }
+    }
+}
+
+/// Groups one step's hand-offs by worker, each worker's in the order the handle dealt them,
+/// and orders the groups by where each worker's first hand-off was dealt. The handle deals in
+/// ring order, which rotates; sending the frames in worker-id order instead woke the same
+/// workers first in every step, and under saturation (each answer refills the worker that
+/// gave it) the split followed: with 4 workers the first got 8-9 % more than an even share
+/// and the last 4-6 % less (0.4-1.6 % off even once sent in dealing order).
+fn group_by_worker_in_dealing_order(handoffs: &mut [Dealt]) {
+    // Both sorts are stable, so each worker's hand-offs keep their dealing order.
+    handoffs.sort_by_key(|d| d.worker);
+    for same_worker in handoffs.chunk_by_mut(|a, b| a.worker == b.worker) {
+        let first = same_worker.first().map_or(0, |d| d.order);
+        for d in same_worker {
+            d.order = first;
+        }
+    }
+    handoffs.sort_by_key(|d| d.order);
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn dealt(workers: &[u32]) -> Vec<Dealt> {
+        workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| Dealt {
+                worker: WorkerId(*w),
+                conn: ConnId(i as u64),
+                order: i,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_worker_dealt_first_is_sent_first_whatever_its_id() {
+        let mut d = dealt(&[3, 1, 2, 3, 1, 2, 3]);
+        group_by_worker_in_dealing_order(&mut d);
+        let sent: Vec<(u32, u64)> = d.iter().map(|d| (d.worker.0, d.conn.0)).collect();
+        assert_eq!(
+            sent,
+            [(3, 0), (3, 3), (3, 6), (1, 1), (1, 4), (2, 2), (2, 5)]
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn grouping_keeps_every_hand_off_and_each_workers_order(
+            workers in proptest::collection::vec(0u32..6, 0..40)
+        ) {
+            let mut d = dealt(&workers);
+            group_by_worker_in_dealing_order(&mut d);
+            // Nothing lost or repeated.
+            let mut conns: Vec<u64> = d.iter().map(|d| d.conn.0).collect();
+            conns.sort_unstable();
+            prop_assert_eq!(conns, (0..workers.len() as u64).collect::<Vec<_>>());
+            // One group per worker, groups in order of first appearance, each in dealing order.
+            let mut first_seen: Vec<u32> = Vec::new();
+            for w in &workers {
+                if !first_seen.contains(w) {
+                    first_seen.push(*w);
+                }
+            }
+            let groups: Vec<&[Dealt]> = d.chunk_by(|a, b| a.worker == b.worker).collect();
+            prop_assert_eq!(groups.len(), first_seen.len());
+            for (group, w) in groups.iter().zip(&first_seen) {
+                prop_assert!(group.iter().all(|d| d.worker.0 == *w));
+                prop_assert!(group.windows(2).all(|p| p[0].conn.0 < p[1].conn.0));
+            }
         }
     }
 }
