@@ -24,6 +24,25 @@ fn json(bytes: &[u8]) -> String {
     String::from_utf8(bytes.to_vec()).unwrap()
 }
 
+/// One Node worker running `script`, whose first message is `{"port":N}`.
+fn one_worker_saying_its_port(script: &str) -> (Cluster, u16) {
+    let builder = MasterBuilder::new("node")
+        .arg(node_script(script))
+        .protocol(Protocol::Node)
+        .workers(1);
+    let mut c = Cluster::start(builder);
+    let Event::Message { payload, .. } = c.wait_for(WAIT, |e| matches!(e, Event::Message { .. }))
+    else {
+        unreachable!()
+    };
+    let port = json(&payload)
+        .trim_start_matches("{\"port\":")
+        .trim_end_matches('}')
+        .parse()
+        .unwrap();
+    (c, port)
+}
+
 #[test]
 fn process_send_both_ways_with_node_workers() {
     let _fds = crate::util::shared_fds();
@@ -85,26 +104,37 @@ fn process_send_both_ways_with_node_workers() {
     c.stop();
 }
 
+/// A Node worker's lines are read while the master accepts connections without being woken
+/// by each of them (`answers_one_by_one`), so they must still be read once the connections
+/// stop coming: here one connection, then nothing that would wake the master but the
+/// worker's own writes (its answer, then a message).
+#[test]
+fn what_a_node_worker_writes_after_the_last_connection_is_read() {
+    let _fds = crate::util::shared_fds();
+    let (mut c, port) = one_worker_saying_its_port("conn_note.js");
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert_eq!(reply, "bye\n");
+    // Closed on our side too, or the worker's server would not close at the stop.
+    drop(s);
+    // No command to the master before this: one would wake it and read the channel anyway.
+    c.wait_for(WAIT, |e| {
+        matches!(e, Event::Message { payload, .. } if payload.as_slice() == b"{\"served\":1,\"id\":1}")
+    });
+    let stats = c.master().stats().unwrap();
+    assert_eq!((stats.accepted, stats.taken), (1, 1), "{stats:?}");
+    c.stop();
+}
+
 /// `process.send(msg, socket)`: the message arrives, the socket is ACKed and closed (said
 /// once, by [`Event::HandleClosed`]), and the worker's server, whose close waits until the
 /// primary says it holds none of the sockets it was sent, still closes.
 #[test]
 fn a_socket_a_node_worker_sends_is_closed_and_its_server_still_closes() {
     let _fds = crate::util::shared_fds();
-    let builder = MasterBuilder::new("node")
-        .arg(node_script("send_handle.js"))
-        .protocol(Protocol::Node)
-        .workers(1);
-    let mut c = Cluster::start(builder);
-    let Event::Message { payload, .. } = c.wait_for(WAIT, |e| matches!(e, Event::Message { .. }))
-    else {
-        unreachable!()
-    };
-    let port: u16 = json(&payload)
-        .trim_start_matches("{\"port\":")
-        .trim_end_matches('}')
-        .parse()
-        .unwrap();
+    let (mut c, port) = one_worker_saying_its_port("send_handle.js");
     let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     c.wait_for(
         WAIT,

@@ -1,6 +1,6 @@
-//! The master's view of a worker channel. Node's own IPC (JSON lines plus `SCM_RIGHTS`, for
-//! unmodified Node.js workers) will be a second implementation; the handles and the event loop
-//! only speak [`cluster_core::Message`].
+//! The master's view of a worker channel: the native framing ([`Channel`]) or Node's own IPC
+//! (JSON lines plus `SCM_RIGHTS`, for unmodified Node.js workers); the handles and the event
+//! loop only speak [`cluster_core::Message`].
 
 use std::fmt::Debug;
 use std::os::fd::BorrowedFd;
@@ -28,6 +28,13 @@ pub trait WorkerChannel: Source + Debug + Send {
     /// The most connections one [`Message::NewConn`] sent here may carry (at least 1).
     fn max_handoff_batch(&self) -> usize {
         cluster_core::MAX_HANDOFF_BATCH
+    }
+    /// Whether the worker writes what it answers one hand-off at a time, in more than one
+    /// write each (a Node worker: the handle's ACK, then the answer line). Watched, such a
+    /// channel wakes the master about once per write, so the master reads it on each pass
+    /// instead while it is accepting connections.
+    fn answers_one_by_one(&self) -> bool {
+        false
     }
 }
 

@@ -31,6 +31,7 @@ use crate::server::{AcceptedConn, Server, ServerKind};
 use crate::supervision::{Supervision, SupervisionConfig};
 use crate::{MasterBuilder, MasterError, sys};
 
+mod channel_set;
 mod channels;
 mod commands;
 mod inherited;
@@ -52,6 +53,23 @@ const KIND_PIDFD: usize = 3;
 const KIND_STDOUT: usize = 4;
 const KIND_STDERR: usize = 5;
 const KIND_NOTIFY: usize = 6;
+/// The epoll set of the channels of workers that answer one by one (see [`channel_set`]),
+/// whose own events carry `KIND_CHANNEL`.
+const KIND_CHANNELS: usize = 7;
+
+/// Takes a channel out of whichever set [`EventLoop::register_channel`] put it in (borrowing
+/// only those, so that a caller may hold its worker's record).
+fn deregister_channel(
+    channels: &mut channel_set::ChannelSet,
+    poll: &Poll,
+    ch: &mut Box<dyn WorkerChannel>,
+) {
+    if ch.answers_one_by_one() {
+        channels.deregister(ch);
+    } else {
+        let _ = poll.registry().deregister(ch);
+    }
+}
 
 fn token(kind: usize, id: u32) -> Token {
     Token(((id as usize) << KIND_BITS) | kind)
@@ -165,6 +183,14 @@ impl Fleet {
 
 pub(crate) struct EventLoop {
     poll: Poll,
+    /// The channels of workers that answer hand-offs one by one, watched from `poll` only
+    /// while no connection is being accepted.
+    channels: channel_set::ChannelSet,
+    /// Reused by every read of `channels`.
+    channels_ready: Vec<channel_set::ChannelReady>,
+    /// [`MasterStats::accepted`] when the loop last went to wait: a pass that accepted
+    /// something leaves the channels to be read on the next pass rather than watched.
+    accepted_before_pass: u64,
     waker: Arc<Waker>,
     cfg: MasterBuilder,
     commands: Receiver<Command>,
@@ -232,6 +258,8 @@ impl EventLoop {
             Waker::new(poll.registry(), token(KIND_WAKER, 0))
                 .map_err(|e| MasterError::io("eventfd", e))?,
         );
+        let channels = channel_set::ChannelSet::new(poll.registry(), token(KIND_CHANNELS, 0))
+            .map_err(|e| MasterError::io("epoll_create (channels)", e))?;
         let (events, receiver) = event_queue(Arc::clone(&waker));
         let notify = NotifySocket::bind().map_err(|e| MasterError::io("bind NOTIFY_SOCKET", e))?;
         poll.registry()
@@ -269,6 +297,9 @@ impl EventLoop {
         );
         let mut event_loop = EventLoop {
             poll,
+            channels,
+            channels_ready: Vec::new(),
+            accepted_before_pass: 0,
             waker,
             cfg,
             commands,
@@ -352,7 +383,6 @@ impl EventLoop {
         // queue output for another: scan again until a scan changes nothing.
         let mut given_up: Vec<WorkerId> = Vec::new();
         loop {
-            let registry = self.poll.registry();
             let mut failed = Vec::new();
             for (id, w) in &mut self.fleet.workers {
                 let Some(ch) = w.channel.as_mut() else {
@@ -366,6 +396,11 @@ impl EventLoop {
                     mio::Interest::READABLE | mio::Interest::WRITABLE
                 } else {
                     mio::Interest::READABLE
+                };
+                let registry = if ch.answers_one_by_one() {
+                    self.channels.registry()
+                } else {
+                    self.poll.registry()
                 };
                 match registry.reregister(ch, token(KIND_CHANNEL, id.0), interest) {
                     Ok(()) => w.watching_writable = wants,
@@ -383,25 +418,79 @@ impl EventLoop {
         }
     }
 
+    /// Stops watching the channels while connections are being accepted, and watches them again
+    /// once a pass accepts nothing (see [`channel_set`]). A switch that fails leaves things as
+    /// they were: unwatched, the channels are still read on every pass, at most
+    /// [`channel_set::LAZY_READ_DELAY`] apart.
+    fn watch_channels_unless_accepting(&mut self) {
+        let accepted = self.fleet.stats.accepted;
+        let accepting = accepted != std::mem::replace(&mut self.accepted_before_pass, accepted);
+        let _ = self
+            .channels
+            .watch(self.poll.registry(), !accepting || self.channels.is_empty());
+    }
+
+    /// Registers a worker's channel: in the loop's own set, or in the channel set if the
+    /// worker answers hand-offs one by one (see [`channel_set`]).
+    fn register_channel(
+        &mut self,
+        ch: &mut Box<dyn WorkerChannel>,
+        id: WorkerId,
+    ) -> io::Result<()> {
+        let t = token(KIND_CHANNEL, id.0);
+        if ch.answers_one_by_one() {
+            self.channels.register(ch, t)
+        } else {
+            self.poll
+                .registry()
+                .register(ch, t, mio::Interest::READABLE)
+        }
+    }
+
+    /// Reads every channel the channel set reports ready.
+    fn read_ready_channels(&mut self) {
+        let mut ready = std::mem::take(&mut self.channels_ready);
+        ready.clear();
+        if let Err(e) = self.channels.read_ready(&mut ready) {
+            // Nothing is lost: each channel's readiness stays queued in the set for a later read.
+            eprintln!("cluster-master: reading the channels' epoll set failed: {e}");
+        }
+        for &(id, readable, writable) in &ready {
+            self.channel_ready(id, readable, writable);
+            self.drop_doomed();
+        }
+        self.channels_ready = ready;
+    }
+
     pub(crate) fn run(mut self) -> Result<(), MasterError> {
         self.supervise(Supervision::start);
         let mut events = Events::with_capacity(256);
         let result = loop {
             self.watch_writability_where_output_waits();
+            self.watch_channels_unless_accepting();
             self.timer_due = self.next_deadline();
             let resumable = !self.paused.is_empty() && self.events.room_to_resume();
-            let timeout = if self.unread.is_empty() && !resumable && !self.notify_unread {
+            let mut timeout = if self.unread.is_empty()
+                && !resumable
+                && !self.notify_unread
+                && !self.channels.has_more()
+            {
                 self.timer_due
                     .map(|t| t.saturating_duration_since(Instant::now()))
             } else {
                 Some(Duration::ZERO)
             };
+            if !self.channels.watched() {
+                let cap = channel_set::LAZY_READ_DELAY;
+                timeout = Some(timeout.map_or(cap, |t| t.min(cap)));
+            }
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
             {
                 break Err(MasterError::io("epoll_wait", e));
             }
             self.now = Instant::now();
+            let mut read_channels = self.channels.must_read();
             for ev in events.iter() {
                 let (kind, id) = split_token(ev.token());
                 match kind {
@@ -409,6 +498,7 @@ impl EventLoop {
                     KIND_CHANNEL => {
                         self.channel_ready(WorkerId(id), ev.is_readable(), ev.is_writable())
                     }
+                    KIND_CHANNELS => read_channels = true,
                     KIND_PIDFD => self.reap(WorkerId(id)),
                     KIND_STDOUT => self.output_ready(WorkerId(id), false),
                     KIND_STDERR => self.output_ready(WorkerId(id), true),
@@ -416,6 +506,9 @@ impl EventLoop {
                     _ => {}
                 }
                 self.drop_doomed();
+            }
+            if read_channels {
+                self.read_ready_channels();
             }
             if self.notify_unread {
                 self.notify_ready();

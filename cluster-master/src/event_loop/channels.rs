@@ -5,7 +5,7 @@
 use cluster_core::{Message, WorkerId};
 use cluster_ipc::{IpcError, Received};
 
-use super::{EventLoop, MAX_FRAMES_FINAL_DRAIN, MAX_FRAMES_PER_DRAIN, Source};
+use super::{EventLoop, MAX_FRAMES_FINAL_DRAIN, MAX_FRAMES_PER_DRAIN, Source, deregister_channel};
 use crate::events::{Event, WorkerState};
 use crate::server::ServerKind;
 
@@ -242,7 +242,7 @@ impl EventLoop {
         let Some(mut ch) = w.channel.take() else {
             return;
         };
-        let _ = self.poll.registry().deregister(&mut ch);
+        deregister_channel(&mut self.channels, &self.poll, &mut ch);
         drop(ch);
         w.state = WorkerState::Disconnected;
         // A worker without a channel cannot be told to stop; do not let it linger.

@@ -12,7 +12,7 @@ use mio::unix::SourceFd;
 use mio::{Interest, Token};
 
 use super::{
-    EventLoop, KIND_CHANNEL, KIND_PIDFD, KIND_STDERR, KIND_STDOUT, Source, WorkerRec, token,
+    EventLoop, KIND_PIDFD, KIND_STDERR, KIND_STDOUT, Source, WorkerRec, deregister_channel, token,
 };
 use crate::channel::WorkerChannel;
 use crate::events::{Event, WorkerState};
@@ -125,17 +125,19 @@ impl EventLoop {
                 return Err(MasterError::io("pidfd_open", e));
             }
         };
-        let reg = self.poll.registry();
-        let registered = reg
-            .register(&mut channel, token(KIND_CHANNEL, id.0), Interest::READABLE)
-            .and_then(|_| {
-                reg.register(
-                    &mut SourceFd(&pidfd.as_raw_fd()),
-                    token(KIND_PIDFD, id.0),
-                    Interest::READABLE,
-                )
-            });
+        self.register_channel(&mut channel, id)
+            .map_err(|e| MasterError::io("register worker", e))
+            .inspect_err(|_| {
+                let _ = child.kill();
+                let _ = child.wait();
+            })?;
+        let registered = self.poll.registry().register(
+            &mut SourceFd(&pidfd.as_raw_fd()),
+            token(KIND_PIDFD, id.0),
+            Interest::READABLE,
+        );
         if let Err(e) = registered {
+            deregister_channel(&mut self.channels, &self.poll, &mut channel);
             let _ = child.kill();
             let _ = child.wait();
             return Err(MasterError::io("register worker", e));

@@ -225,6 +225,10 @@ impl WorkerChannel for NodeChannel {
         1
     }
 
+    fn answers_one_by_one(&self) -> bool {
+        true
+    }
+
     fn send(&mut self, msg: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), IpcError> {
         let allowed = msg.fds_allowed();
         if !allowed.contains(&fds.len()) {
