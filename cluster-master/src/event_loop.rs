@@ -44,7 +44,7 @@ mod spawn;
 use servers::run_actions;
 use spawn::OutputPipe;
 
-/// Tokens carry a kind in the low bits and an id above them.
+/// Tokens carry a kind in the low bits and an id above them (3 bits: kinds 0-7, all taken).
 const KIND_BITS: usize = 3;
 const KIND_WAKER: usize = 0;
 const KIND_LISTENER: usize = 1;
@@ -55,7 +55,7 @@ const KIND_STDERR: usize = 5;
 const KIND_NOTIFY: usize = 6;
 /// The epoll set of the channels of workers that answer one by one (see [`channel_set`]),
 /// whose own events carry `KIND_CHANNEL`.
-const KIND_CHANNELS: usize = 7;
+const KIND_CHANNEL_SET: usize = 7;
 
 /// Takes a channel out of whichever set [`EventLoop::register_channel`] put it in (borrowing
 /// only those, so that a caller may hold its worker's record).
@@ -169,8 +169,8 @@ struct Fleet {
 struct Dealt {
     worker: WorkerId,
     conn: ConnId,
-    /// Where its worker's first hand-off of the step was dealt: the step sends its workers'
-    /// frames in that order.
+    /// Where it was dealt; `servers::group_by_worker_in_dealing_order` then sets it to where
+    /// its worker's first hand-off of the step was dealt, the order the frames go out in.
     order: usize,
 }
 
@@ -258,7 +258,7 @@ impl EventLoop {
             Waker::new(poll.registry(), token(KIND_WAKER, 0))
                 .map_err(|e| MasterError::io("eventfd", e))?,
         );
-        let channels = channel_set::ChannelSet::new(poll.registry(), token(KIND_CHANNELS, 0))
+        let channels = channel_set::ChannelSet::new(poll.registry(), token(KIND_CHANNEL_SET, 0))
             .map_err(|e| MasterError::io("epoll_create (channels)", e))?;
         let (events, receiver) = event_queue(Arc::clone(&waker));
         let notify = NotifySocket::bind().map_err(|e| MasterError::io("bind NOTIFY_SOCKET", e))?;
@@ -425,9 +425,7 @@ impl EventLoop {
     fn watch_channels_unless_accepting(&mut self) {
         let accepted = self.fleet.stats.accepted;
         let accepting = accepted != std::mem::replace(&mut self.accepted_before_pass, accepted);
-        let _ = self
-            .channels
-            .watch(self.poll.registry(), !accepting || self.channels.is_empty());
+        let _ = self.channels.after_pass(self.poll.registry(), accepting);
     }
 
     /// Registers a worker's channel: in the loop's own set, or in the channel set if the
@@ -451,10 +449,9 @@ impl EventLoop {
     fn read_ready_channels(&mut self) {
         let mut ready = std::mem::take(&mut self.channels_ready);
         ready.clear();
-        if let Err(e) = self.channels.read_ready(&mut ready) {
-            // Nothing is lost: each channel's readiness stays queued in the set for a later read.
-            eprintln!("cluster-master: reading the channels' epoll set failed: {e}");
-        }
+        // A failed read (never seen: the set's fd is ours and valid) leaves each channel's
+        // readiness queued in the set, and the next pass re-registers the set, which reports it.
+        let _ = self.channels.read_ready(&mut ready);
         for &(id, readable, writable) in &ready {
             self.channel_ready(id, readable, writable);
             self.drop_doomed();
@@ -498,7 +495,7 @@ impl EventLoop {
                     KIND_CHANNEL => {
                         self.channel_ready(WorkerId(id), ev.is_readable(), ev.is_writable())
                     }
-                    KIND_CHANNELS => read_channels = true,
+                    KIND_CHANNEL_SET => read_channels = true,
                     KIND_PIDFD => self.reap(WorkerId(id)),
                     KIND_STDOUT => self.output_ready(WorkerId(id), false),
                     KIND_STDERR => self.output_ready(WorkerId(id), true),

@@ -6,8 +6,8 @@
 //! write to a sleeping master is a wake-up, the dearest thing the master does here: under
 //! `wrk -c64` close load three passes in five were for such lines alone. While connections
 //! are being accepted the loop wakes for them anyway, so it stops watching this set and reads
-//! whatever the set reports on every pass instead (one `epoll_wait` with no timeout says which
-//! channels); once a pass accepts nothing, the set is watched again. Unwatched, the loop
+//! whatever the set reports on every pass instead (one `epoll_wait` with a zero timeout says
+//! which channels); once a pass accepts nothing, the set is watched again. Unwatched, the loop
 //! sleeps at most [`LAZY_READ_DELAY`], so nothing a worker sends waits longer than that.
 //! Native workers answer a whole batch in one frame and stay in the loop's own set: for them
 //! reading lazily raised the master's CPU per connection from 11.8 to 13.7-14.1 µs (13.0-13.1
@@ -43,6 +43,10 @@ pub(super) struct ChannelSet {
     more: bool,
     /// Channels registered here.
     members: usize,
+    /// A read failed after the outer set had reported this one: its edge is spent, so the
+    /// next [`ChannelSet::watch`] re-registers even if nothing changed, which reports again
+    /// what is ready.
+    rearm: bool,
 }
 
 impl std::fmt::Debug for ChannelSet {
@@ -66,6 +70,7 @@ impl ChannelSet {
             token,
             more: false,
             members: 0,
+            rearm: false,
         })
     }
 
@@ -88,10 +93,6 @@ impl ChannelSet {
         self.members = self.members.saturating_sub(1);
     }
 
-    pub(super) fn is_empty(&self) -> bool {
-        self.members == 0
-    }
-
     /// Whether the loop must read the set on this pass although it did not report: it is not
     /// watched, or its last read left readiness behind.
     pub(super) fn must_read(&self) -> bool {
@@ -108,14 +109,22 @@ impl ChannelSet {
         self.watched
     }
 
+    /// Decides, before the loop waits, whether the set is watched: not while passes accept
+    /// connections (`accepting`: the one that just ended did), since the next connection brings
+    /// the next pass soon, which reads the set anyway; and always while it holds no channel,
+    /// so that nothing caps the loop's sleep for nothing.
+    pub(super) fn after_pass(&mut self, outer: &Registry, accepting: bool) -> io::Result<()> {
+        self.watch(outer, !accepting || self.members == 0)
+    }
+
     /// Watches the set from `outer` or stops. Watching again reports readiness already
     /// there (`EPOLL_CTL_MOD` re-evaluates it), so nothing that arrived meanwhile goes unseen.
-    pub(super) fn watch(&mut self, outer: &Registry, watch: bool) -> io::Result<()> {
-        if watch == self.watched {
+    fn watch(&mut self, outer: &Registry, watch: bool) -> io::Result<()> {
+        if watch == self.watched && !self.rearm {
             return Ok(());
         }
-        // Unwatched it keeps a registration that never fires (a Unix socket's epoll set raises
-        // no `EPOLLPRI`), rather than paying a deregistration and a registration per switch.
+        // Unwatched it keeps a registration that never fires (an epoll fd only ever reports
+        // `EPOLLIN`), rather than paying a deregistration and a registration per switch.
         let interest = if watch {
             Interest::READABLE
         } else {
@@ -123,6 +132,7 @@ impl ChannelSet {
         };
         outer.reregister(&mut SourceFd(&self.poll.as_raw_fd()), self.token, interest)?;
         self.watched = watch;
+        self.rearm = false;
         Ok(())
     }
 
@@ -134,7 +144,10 @@ impl ChannelSet {
                 self.more = true;
                 return Ok(());
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                self.rearm = true;
+                return Err(e);
+            }
         }
         let mut count = 0;
         for ev in self.events.iter() {
@@ -157,7 +170,7 @@ mod tests {
     use mio::net::UnixStream as MioStream;
 
     use super::*;
-    use crate::event_loop::{KIND_CHANNELS, token};
+    use crate::event_loop::{KIND_CHANNEL_SET, token};
 
     struct Setup {
         outer: Poll,
@@ -168,7 +181,7 @@ mod tests {
 
     fn setup() -> Setup {
         let outer = Poll::new().unwrap();
-        let mut set = ChannelSet::new(outer.registry(), token(KIND_CHANNELS, 0)).unwrap();
+        let mut set = ChannelSet::new(outer.registry(), token(KIND_CHANNEL_SET, 0)).unwrap();
         let (a, worker) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         let mut ours = MioStream::from_std(a);
@@ -193,7 +206,7 @@ mod tests {
         let mut s = setup();
         assert!(outer_ready(&mut s.outer).is_empty());
         s.worker.write_all(b"answer").unwrap();
-        assert_eq!(outer_ready(&mut s.outer), [token(KIND_CHANNELS, 0)]);
+        assert_eq!(outer_ready(&mut s.outer), [token(KIND_CHANNEL_SET, 0)]);
         let mut ready = Vec::new();
         s.set.read_ready(&mut ready).unwrap();
         assert_eq!(ready, [(WorkerId(7), true, false)]);
@@ -216,10 +229,30 @@ mod tests {
         // Readiness that arrived unwatched and was not read is reported on watching again:
         // the edge is not lost.
         s.set.watch(s.outer.registry(), true).unwrap();
-        assert_eq!(outer_ready(&mut s.outer), [token(KIND_CHANNELS, 0)]);
+        assert_eq!(outer_ready(&mut s.outer), [token(KIND_CHANNEL_SET, 0)]);
         let mut ready = Vec::new();
         s.set.read_ready(&mut ready).unwrap();
         assert_eq!(ready, [(WorkerId(7), true, false)]);
+    }
+
+    #[test]
+    fn the_set_is_left_unwatched_only_while_passes_accept_and_it_has_channels() {
+        let mut s = setup();
+        s.set.after_pass(s.outer.registry(), true).unwrap();
+        assert!(!s.set.watched() && s.set.must_read());
+        s.set.after_pass(s.outer.registry(), true).unwrap();
+        assert!(!s.set.watched(), "still accepting");
+        s.set.after_pass(s.outer.registry(), false).unwrap();
+        assert!(
+            s.set.watched() && !s.set.must_read(),
+            "a pass that accepted nothing"
+        );
+        s.set.deregister(&mut s.ours);
+        s.set.after_pass(s.outer.registry(), true).unwrap();
+        assert!(
+            s.set.watched(),
+            "no channel: no reason to cap the loop's sleep"
+        );
     }
 
     #[test]
@@ -230,8 +263,13 @@ mod tests {
         let mut ready = Vec::new();
         s.set.read_ready(&mut ready).unwrap();
         assert_eq!(ready.len(), 1);
-        assert_eq!(ready[0].0, WorkerId(7));
+        let (worker, readable, _) = ready[0];
+        assert_eq!(worker, WorkerId(7));
+        assert!(
+            readable,
+            "the end of the stream reads as readable: the drain finds the EOF"
+        );
         s.set.deregister(&mut s.ours);
-        assert!(s.set.is_empty());
+        assert_eq!(s.set.members, 0);
     }
 }

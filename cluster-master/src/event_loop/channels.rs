@@ -120,6 +120,12 @@ impl EventLoop {
             } else {
                 self.release_held_message(id, true);
             }
+            // Its last readiness may not have been reported yet: a Node worker's channel is in
+            // the channel set, read after the pass's pidfd events. Read to the end regardless
+            // of what the last short read said.
+            if let Some(ch) = self.fleet.channel(id) {
+                ch.note_readable();
+            }
         } else if !self.release_held_message(id, false) {
             return;
         }
