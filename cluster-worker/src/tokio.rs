@@ -68,6 +68,16 @@ use crate::worker::Worker;
 /// `#[tokio::main]`, at two thirds of the CPU per connection (docs/benchmarks.md). As on any
 /// current-thread runtime, `tokio::task::block_in_place` is not available; `spawn_blocking` is.
 ///
+/// That thread yields its core before it goes to sleep for want of work. A worker shares its
+/// core with the other workers, the master, and whatever feeds it on the same host (a proxy,
+/// a load generator); what runs in the yield often writes the very requests this thread would
+/// otherwise sleep for, and then it finds them without a sleep and a wake-up (the dearest part
+/// of a request on a virtualized host). With nothing else to run the yield costs one system
+/// call. Measured on 2 cores with wrk on the same host: the axum example under
+/// `cluster-cli spawn -n 2` went from 0.85x to about 1.15x the keep-alive requests per second
+/// of the same app standalone, at 7.6 instead of 9.2 µs of CPU per request; with the server
+/// and wrk on separate cores it changed nothing (docs/benchmarks.md).
+///
 /// ```no_run
 /// fn main() -> std::io::Result<()> {
 ///     cluster_worker::tokio::runtime()?.block_on(async {
@@ -84,6 +94,9 @@ pub fn runtime() -> io::Result<::tokio::runtime::Runtime> {
     } else {
         ::tokio::runtime::Builder::new_multi_thread()
     };
+    if one_thread {
+        builder.on_thread_park(std::thread::yield_now);
+    }
     builder.enable_all().build()
 }
 
