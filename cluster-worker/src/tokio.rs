@@ -74,9 +74,9 @@ use crate::worker::Worker;
 /// otherwise sleep for, and then it finds them without a sleep and a wake-up (the dearest part
 /// of a request on a virtualized host). With nothing else to run the yield costs one system
 /// call. Measured on 2 cores with wrk on the same host: the axum example under
-/// `cluster-cli spawn -n 2` went from 0.85x to about 1.15x the keep-alive requests per second
-/// of the same app standalone, at 7.6 instead of 9.2 µs of CPU per request; with the server
-/// and wrk on separate cores it changed nothing (docs/benchmarks.md).
+/// `cluster-cli spawn -n 2` went from 0.85x to 1.16-1.23x (two runs) the keep-alive requests
+/// per second of the same app standalone, at 7.4-7.6 instead of 9.2 µs of CPU per request;
+/// with the server and wrk on separate cores it changed nothing (docs/benchmarks.md).
 ///
 /// ```no_run
 /// fn main() -> std::io::Result<()> {
