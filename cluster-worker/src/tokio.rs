@@ -448,10 +448,6 @@ impl<L> Core<L> {
         })
     }
 
-    /// Where the next connection comes from: the real socket, or (round-robin) a stream
-    /// taken from the inbox, answered and written. With `mark`, under a master, a
-    /// [`FirstRead`] for it, counted under the lock that took it (for the socket, before its
-    /// accept: dropped unused if nothing is accepted).
     /// The next connection: accepted on the real socket with `accept`, or taken from the
     /// inbox and made the runtime's with `convert`.
     fn poll_accept_with<T>(
@@ -473,6 +469,10 @@ impl<L> Core<L> {
         }
     }
 
+    /// Where the next connection comes from: the real socket, or (round-robin) a stream
+    /// taken from the inbox, answered and written. With `mark`, under a master, a
+    /// [`FirstRead`] for it, counted under the lock that took it (for the socket, before its
+    /// accept: dropped unused if nothing is accepted).
     fn poll_source(&self, cx: &Context<'_>, mark: bool) -> Marked<Source<'_, L>> {
         let (Some(link), Some(server)) = (&self.link, self.grant.server()) else {
             return match &self.io {

@@ -33,6 +33,7 @@ const EVENTS_PER_READ: usize = 256;
 /// One channel's readiness: the worker, readable, writable.
 pub(super) type ChannelReady = (WorkerId, bool, bool);
 
+#[derive(Debug)]
 pub(super) struct ChannelSet {
     poll: Poll,
     events: Events,
@@ -47,15 +48,6 @@ pub(super) struct ChannelSet {
     /// next [`ChannelSet::watch`] re-registers even if nothing changed, which reports again
     /// what is ready.
     rearm: bool,
-}
-
-impl std::fmt::Debug for ChannelSet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChannelSet")
-            .field("watched", &self.watched)
-            .field("more", &self.more)
-            .finish_non_exhaustive()
-    }
 }
 
 impl ChannelSet {
