@@ -7,6 +7,7 @@
 //! worker processes and reads their output, `lifecycle` feeds supervision and does what it
 //! asks, `commands` takes the owner's commands.
 
+use rustc_hash::FxHashMap;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
@@ -154,7 +155,8 @@ impl WorkerRec {
 /// handle (borrowed from a server) and these can be borrowed at once.
 #[derive(Debug, Default)]
 struct Fleet {
-    workers: HashMap<WorkerId, WorkerRec>,
+    /// Fx: ids the master issues (see [`RoundRobinHandle`](crate::RoundRobinHandle)'s maps).
+    workers: FxHashMap<WorkerId, WorkerRec>,
     /// Reused for every handle call, so a hand-off allocates nothing.
     actions: Vec<Action<AcceptedConn>>,
     /// The hand-offs of one `run_actions` step, grouped by worker there; reused likewise.
@@ -195,7 +197,7 @@ pub(crate) struct EventLoop {
     cfg: MasterBuilder,
     commands: Receiver<Command>,
     events: EventSender,
-    servers: HashMap<ServerId, Server>,
+    servers: FxHashMap<ServerId, Server>,
     by_key: HashMap<cluster_core::ListenKey, ServerId>,
     next_server: u32,
     fleet: Fleet,
@@ -304,7 +306,7 @@ impl EventLoop {
             cfg,
             commands,
             events,
-            servers: HashMap::new(),
+            servers: FxHashMap::default(),
             by_key: HashMap::new(),
             next_server: 1,
             fleet: Fleet::default(),

@@ -86,7 +86,9 @@
 //! O(`window`); retiring a worker is O(workers); `close_all` is O(connections). A non-empty
 //! retry queue adds at most `SCAN_LIMIT × workers` cheap comparisons to a hand-off.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
 use cluster_core::{ConnId, RefuseReason, ServerId, WorkerId};
@@ -278,13 +280,15 @@ pub struct RoundRobinHandle<C> {
     cfg: RoundRobinConfig,
     next_conn: u64,
     latest: Option<Instant>,
-    workers: HashMap<WorkerId, Slot>,
+    // Fx, not SipHash: the keys are ids the master issues, and a worker naming any id in an
+    // answer only looks one up, so it cannot build a collision chain.
+    workers: FxHashMap<WorkerId, Slot>,
     offering: usize,
     /// Workers with room for another hand-off, each at most once, next in line at the front.
     free: VecDeque<WorkerId>,
     retry: VecDeque<Waiting>,
     fresh: VecDeque<Waiting>,
-    conns: HashMap<ConnId, Entry<C>>,
+    conns: FxHashMap<ConnId, Entry<C>>,
     in_flight: usize,
     accepting: bool,
     stats: RoundRobinStats,
@@ -305,12 +309,12 @@ impl<C> RoundRobinHandle<C> {
             cfg,
             next_conn: 0,
             latest: None,
-            workers: HashMap::new(),
+            workers: FxHashMap::default(),
             offering: 0,
             free: VecDeque::new(),
             retry: VecDeque::new(),
             fresh: VecDeque::new(),
-            conns: HashMap::new(),
+            conns: FxHashMap::default(),
             in_flight: 0,
             accepting: true,
             stats: RoundRobinStats::default(),

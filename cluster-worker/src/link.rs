@@ -23,6 +23,7 @@
 //! of the answerer thread, woken by the reactor; futures waiting on the state register their
 //! wakers, which [`Locked`] wakes on release like the others.
 
+use rustc_hash::FxHashMap;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -122,7 +123,8 @@ pub(crate) struct State {
     /// `None` once closed at the end of serve.
     chan: Option<Channel>,
     next_seq: u64,
-    servers: HashMap<ServerId, ServerEntry>,
+    /// Fx: looked up per hand-off, with ids the master issues.
+    servers: FxHashMap<ServerId, ServerEntry>,
     /// Indexes in use per address (open servers and queries in flight).
     indexes: HashMap<ListenAddr, BTreeSet<u32>>,
     replies: HashMap<Seq, Received>,
@@ -132,7 +134,7 @@ pub(crate) struct State {
     /// worker nor the master keeps a server nobody listens on.
     abandoned: HashSet<Seq>,
     query_timeout: Duration,
-    inboxes: HashMap<ServerId, Inbox>,
+    inboxes: FxHashMap<ServerId, Inbox>,
     /// Streams in all inboxes.
     parked: usize,
     user: VecDeque<Vec<u8>>,
@@ -788,13 +790,13 @@ impl Link {
         let state = State {
             chan: Some(channel),
             next_seq: 1,
-            servers: HashMap::new(),
+            servers: FxHashMap::default(),
             indexes: HashMap::new(),
             replies: HashMap::new(),
             asked: HashSet::new(),
             abandoned: HashSet::new(),
             query_timeout: QUERY_TIMEOUT,
-            inboxes: HashMap::new(),
+            inboxes: FxHashMap::default(),
             parked: 0,
             user: VecDeque::new(),
             user_dropped: 0,

@@ -1,6 +1,6 @@
 use super::*;
 use proptest::prelude::*;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 const S: ServerId = ServerId(7);
 
