@@ -535,10 +535,13 @@ pub(super) fn run_actions(
                         stats.handed_off += fds.len() as u64;
                         stats.handoff_frames += 1;
                     }
+                    // The master's limits, not the worker's fault (ETOOMANYREFS: this user's fds
+                    // in flight in Unix sockets passed its RLIMIT_NOFILE, hazard A6): the
+                    // connections come back as refused for want of fds and go elsewhere or wait.
                     Err(IpcError::Io(e))
                         if matches!(
                             e.raw_os_error(),
-                            Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+                            Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ETOOMANYREFS)
                         ) =>
                     {
                         if let Message::NewConn { conns, .. } = &msg {
