@@ -34,12 +34,14 @@ fn clients(
 #[test]
 fn sigkill_with_handoffs_in_flight_loses_no_connection() {
     let _fds = shared_fds();
-    // Slot 0 takes hand-offs and never answers; slot 1 serves.
+    // Slot 0 takes hand-offs and never answers; slot 1 serves. No stall rule: the test needs
+    // its whole window filled however slowly the clients come.
     let mut c = Cluster::start(
         MasterBuilder::new(raw_worker())
             .args(["tcp:127.0.0.1:0", "hold@0"])
             .workers(2)
-            .window(4),
+            .window(4)
+            .stall_after(None),
     );
     let addr = inet(&c.wait_listening(2));
     let stuck = WorkerId(1);

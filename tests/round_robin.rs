@@ -36,7 +36,7 @@ fn four_workers_share_one_port_and_split_evenly() {
     }
     assert_eq!(split.len(), 4, "{split:?}");
     // Sequential clients are dealt one at a time around the ring of free workers, whatever
-    // the window (4 here, the default): a strict rotation, 250 each.
+    // the window (the default here): a strict rotation, 250 each.
     let cycle = &order[..4];
     for (i, w) in order.iter().enumerate() {
         assert_eq!(*w, cycle[i % 4], "request {i} broke the rotation {cycle:?}");
@@ -107,7 +107,14 @@ fn a_failed_bind_is_not_kept_so_a_later_listen_binds_afresh() {
 fn sixteen_served_in_fours(mode: &str) -> Cluster {
     let gate = std::env::temp_dir().join(format!("cluster-rs-{mode}-{}", std::process::id()));
     std::fs::write(&gate, b"").expect("gate");
-    let mut c = Cluster::start(rr(1, &format!("{mode}:{}", gate.display())));
+    // A window of four, and no stall rule: a worker that holds its answers until it has four
+    // is what that rule stops dealing to, and clients connecting over more than its 2 ms
+    // would leave this one waiting for a fourth that never comes.
+    let mut c = Cluster::start(
+        rr(1, &format!("{mode}:{}", gate.display()))
+            .window(4)
+            .stall_after(None),
+    );
     let addr = inet(&c.wait_listening(1));
     let clients: Vec<_> = (0..16)
         .map(|_| {
@@ -305,5 +312,41 @@ fn a_connection_in_flight_to_a_worker_that_closes_its_server_goes_to_another_at_
     assert_eq!(stats.requeued, 1, "{stats:?}");
     // It would sleep on for 30 s, holding up the graceful stop.
     c.master().kill(WorkerId(1), libc::SIGKILL).expect("kill");
+    c.stop();
+}
+
+/// The stall rule, with the default window (16) and `stall_after` (2 ms): a worker that takes
+/// hand-offs and never answers holds the one client dealt to it, not a window's worth, when
+/// clients come one at a time. Each client waits up to 2 s for its greeting, far beyond the 2 ms.
+#[test]
+fn a_worker_that_stops_answering_holds_one_client_not_a_window() {
+    let _fds = shared_fds();
+    let mut c = Cluster::start(rr(2, "hold@0").ack_timeout(Duration::from_secs(120)));
+    let addr = inet(&c.wait_listening(2));
+    let stuck = WorkerId(1);
+    let mut unanswered = 0;
+    for _ in 0..12 {
+        let mut s =
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let mut greeting = [0u8; 64];
+        match std::io::Read::read(&mut s, &mut greeting) {
+            Ok(n) if n > 0 => {}
+            _ => unanswered += 1,
+        }
+    }
+    // The ring deals one at a time, so the stuck worker's turn comes at the first or the
+    // second client; after that its one hand-off is older than 2 ms.
+    assert_eq!(unanswered, 1, "clients held by the stuck worker");
+    let held = c
+        .master()
+        .workers()
+        .expect("workers")
+        .into_iter()
+        .find(|w| w.id == stuck)
+        .map(|w| w.in_flight);
+    assert_eq!(held, Some(1));
+    c.master().kill(stuck, libc::SIGKILL).expect("kill");
     c.stop();
 }

@@ -105,10 +105,17 @@ pub struct SpawnArgs {
     #[arg(long, value_name = "native|node|auto", default_value = "auto", value_parser = parse_protocol)]
     pub protocol: ProtocolChoice,
 
-    /// Round-robin hand-offs in flight per worker (Node's is 1).
+    /// Round-robin hand-offs in flight per worker (Node's is 1): room for batches, which a
+    /// worker fills only while it answers (see --stall-after).
     #[arg(long, value_name = "N", default_value_t = RoundRobinConfig::default().window,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub window: usize,
+
+    /// A worker that has left a round-robin hand-off unanswered this long (ms) is dealt no
+    /// more until it answers, whatever room its window has, so a worker whose event loop is
+    /// blocked takes in what arrives meanwhile, not a whole window. 0: only --window limits.
+    #[arg(long, value_name = "MS", default_value_t = millis(cluster_master::DEFAULT_STALL_AFTER))]
+    pub stall_after: u64,
 
     /// Delay before restarting a crashed worker, in ms (doubles per fast crash).
     #[arg(long, value_name = "MS", default_value_t = millis(RestartPolicy::default().initial_delay))]
@@ -150,7 +157,8 @@ pub struct SpawnArgs {
     /// How long (ms) a worker may leave a round-robin hand-off unanswered before it counts as
     /// stuck: it is killed, restarted, and its connections go to the others. Each hand-off has
     /// its own deadline. Lower detects a hung worker sooner but kills one that is merely slow
-    /// (a stop-the-world pause, swapping); until then up to --window clients wait on it.
+    /// (a stop-the-world pause, swapping); until then the clients dealt to it before it
+    /// stalled (see --stall-after) wait on it.
     /// Default 10000, and 60000 for Node workers, whose event loop answers only between
     /// handlers (a long synchronous one delays every answer; Node's own primary never kills).
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]

@@ -67,6 +67,7 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
         .workers(workers)
         .policy(a.policy)
         .window(a.window)
+        .stall_after((a.stall_after > 0).then(|| Duration::from_millis(a.stall_after)))
         .restart_policy(restart)
         .shutdown_timeout(shutdown_timeout)
         .max_servers_per_worker(a.max_servers_per_worker)

@@ -151,6 +151,13 @@ impl MasterBuilder {
         self
     }
 
+    /// How long a worker may leave a hand-off unanswered and still be dealt more (see
+    /// [`RoundRobinConfig::stall_after`]); `None`: only the window limits it.
+    pub fn stall_after(mut self, stall_after: Option<Duration>) -> Self {
+        self.round_robin.stall_after = stall_after;
+        self
+    }
+
     /// Restart and give-up rules for crashed workers.
     pub fn restart_policy(mut self, policy: RestartPolicy) -> Self {
         self.restart = policy;

@@ -52,6 +52,7 @@ pub use events::{Event, MasterStats, WorkerInfo, WorkerState};
 pub use master::{Master, MasterControl};
 pub use node::Protocol;
 pub use round_robin::{
-    Action, CloseReason, HandleError, RoundRobinConfig, RoundRobinHandle, RoundRobinStats,
+    Action, CloseReason, DEFAULT_STALL_AFTER, DEFAULT_WINDOW, HandleError, RoundRobinConfig,
+    RoundRobinHandle, RoundRobinStats,
 };
 pub use supervisor::{RestartDecision, RestartPolicy, SlotHistory};

@@ -29,6 +29,16 @@
 //! exactly Node's `free` list ("oldest idle first"). A worker that is slow to answer fills its
 //! window and leaves the ring, which is how Node avoids overloading a busy worker.
 //!
+//! **Stalled workers.** A window is room for batches, not a promise to fill it: a worker whose
+//! oldest unanswered hand-off went out [`RoundRobinConfig::stall_after`] ago or earlier is
+//! skipped (it keeps its place in the ring) until it answers. A worker answers from its I/O
+//! loop as soon as that loop runs, so under load its hand-offs stay young and the whole window
+//! is used, a frame of several connections per wake-up; a worker that stops answering (an
+//! event loop blocked by a long request, a stopped process) takes in only what is dealt in
+//! `stall_after`, one connection at low rates, as Node's one-at-a-time rule would give it,
+//! instead of a window's worth of clients that then wait for it. Nothing needs a timer: time
+//! only deepens a stall, and the answer that ends one deals at once.
+//!
 //! **Answer deadlines.** Each worker's unanswered hand-offs are kept in the order they were
 //! sent, with the instant of sending, so [`RoundRobinHandle::oldest_unanswered`] tells the
 //! master when the oldest one went out. An ack timeout built on it measures every hand-off: a
@@ -96,6 +106,12 @@ use cluster_core::{ConnId, RefuseReason, ServerId, WorkerId};
 /// How many retried connections a hand-off examines before serving a fresh one.
 const SCAN_LIMIT: usize = 16;
 
+/// [`RoundRobinConfig::window`] by default.
+pub const DEFAULT_WINDOW: usize = 16;
+
+/// [`RoundRobinConfig::stall_after`] by default.
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_millis(2);
+
 /// Tuning for one [`RoundRobinHandle`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RoundRobinConfig {
@@ -111,15 +127,21 @@ pub struct RoundRobinConfig {
     /// How long a connection may stay queued (since it last entered the queue) before it is
     /// closed with [`CloseReason::QueueTimeout`].
     pub pending_timeout: Duration,
+    /// A worker that has left a hand-off unanswered this long is dealt nothing more until it
+    /// answers, whatever room its window has: a worker that stops answering (a blocked event
+    /// loop, a stopped process) takes in what arrives meanwhile, not a whole window. `None`:
+    /// only the window limits it.
+    pub stall_after: Option<Duration>,
 }
 
 impl Default for RoundRobinConfig {
     fn default() -> Self {
         RoundRobinConfig {
-            window: 4,
+            window: DEFAULT_WINDOW,
             max_pending: 1024,
             max_attempts: 8,
             pending_timeout: Duration::from_secs(5),
+            stall_after: Some(DEFAULT_STALL_AFTER),
         }
     }
 }
@@ -227,6 +249,13 @@ impl Slot {
     fn has_room(&self, window: usize) -> bool {
         self.offering && self.unanswered.len() < window
     }
+
+    /// Whether its oldest unanswered hand-off went out `stall_after` or longer before `now`.
+    fn stalled(&self, now: Instant, stall_after: Duration) -> bool {
+        self.unanswered
+            .first()
+            .is_some_and(|(_, sent)| now.saturating_duration_since(*sent) >= stall_after)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -303,6 +332,7 @@ impl<C> RoundRobinHandle<C> {
             max_pending: cfg.max_pending.max(1),
             max_attempts: cfg.max_attempts.max(1),
             pending_timeout: cfg.pending_timeout,
+            stall_after: cfg.stall_after,
         };
         RoundRobinHandle {
             server,
@@ -692,7 +722,9 @@ impl<C> RoundRobinHandle<C> {
     /// Node's `handoff`: deals queued connections to the free ring while both have someone.
     fn handoff(&mut self, now: Instant, out: &mut Vec<Action<C>>) {
         let window = self.cfg.window;
-        while let Some(pick) = self.pick() {
+        // Read, not clamped: a stall is judged against the newest time seen.
+        let seen = self.latest.map_or(now, |latest| latest.max(now));
+        while let Some(pick) = self.pick(seen) {
             // Clamped only when something is sent: registering a worker says nothing about
             // time, and a test's (or caller's) `now` from before must still count.
             let now = self.clamp(now);
@@ -730,13 +762,14 @@ impl<C> RoundRobinHandle<C> {
     }
 
     /// The next hand-off: the oldest retried connection among the first `SCAN_LIMIT` that has an
-    /// eligible worker in the ring, else the oldest fresh one with the front of the ring.
-    fn pick(&self) -> Option<Pick> {
+    /// eligible worker in the ring, else the oldest fresh one with the first worker of the ring
+    /// that is not stalled (the front, unless it stopped answering).
+    fn pick(&self, now: Instant) -> Option<Pick> {
         if self.free.is_empty() {
             return None;
         }
         for (queued_at, waiting) in self.retry.iter().take(SCAN_LIMIT).enumerate() {
-            if let Some(free_at) = self.eligible_worker(waiting.id) {
+            if let Some(free_at) = self.eligible_worker(waiting.id, now) {
                 return Some(Pick {
                     tier: Tier::Retry,
                     queued_at,
@@ -744,20 +777,37 @@ impl<C> RoundRobinHandle<C> {
                 });
             }
         }
-        (!self.fresh.is_empty()).then_some(Pick {
+        if self.fresh.is_empty() {
+            return None;
+        }
+        let free_at = self.free.iter().position(|w| self.answering(*w, now))?;
+        Some(Pick {
             tier: Tier::Fresh,
             queued_at: 0,
-            free_at: 0,
+            free_at,
         })
     }
 
     /// Position in the ring of the first worker that may take the retried connection `id`.
-    fn eligible_worker(&self, id: ConnId) -> Option<usize> {
+    fn eligible_worker(&self, id: ConnId, now: Instant) -> Option<usize> {
         let entry = self.conns.get(&id)?;
-        if entry.refused_by.is_empty() || self.refused_by_all(entry) {
-            return (!self.free.is_empty()).then_some(0);
+        let anyone = entry.refused_by.is_empty() || self.refused_by_all(entry);
+        self.free
+            .iter()
+            .position(|w| (anyone || !entry.refused_by.contains(w)) && self.answering(*w, now))
+    }
+
+    /// Whether `worker` may be dealt a connection at `now` as far as the stall rule goes
+    /// ([`RoundRobinConfig::stall_after`]). A stalled worker keeps its place in the ring: the
+    /// answer that ends the stall finds it there, next in line.
+    fn answering(&self, worker: WorkerId, now: Instant) -> bool {
+        match self.cfg.stall_after {
+            None => true,
+            Some(limit) => self
+                .workers
+                .get(&worker)
+                .is_none_or(|slot| !slot.stalled(now, limit)),
         }
-        self.free.iter().position(|w| !entry.refused_by.contains(w))
     }
 
     /// Whether every worker still offered connections has refused this one, so that going back

@@ -14,6 +14,7 @@ fn cfg(window: usize, max_pending: usize, max_attempts: u32, timeout_ms: u64) ->
         max_pending,
         max_attempts,
         pending_timeout: Duration::from_millis(timeout_ms),
+        stall_after: None,
     }
 }
 
@@ -589,6 +590,8 @@ enum St {
 struct MConn {
     id: ConnId,
     st: St,
+    /// When its latest hand-off went out.
+    sent: Instant,
     attempts: u32,
     refused_by: Vec<WorkerId>,
     deadline: Instant,
@@ -620,15 +623,27 @@ impl Model {
         self.offering.contains(&worker) && self.in_flight_of(worker).len() < self.cfg.window
     }
 
-    /// The worker the ring rules pick for conn `i`: the front, or for a conn that some offered
-    /// worker has not refused yet, the first such worker in the ring.
+    /// The worker the ring rules pick for conn `i`: the first in the ring that is not stalled,
+    /// and for a conn that some offered worker has not refused yet, not a refuser either.
     fn expected_worker(&self, i: usize) -> Option<WorkerId> {
         let refused_by = &self.conns[i].refused_by;
-        if refused_by.is_empty() || self.offering.iter().all(|o| refused_by.contains(o)) {
-            self.ring.front().copied()
-        } else {
-            self.ring.iter().copied().find(|w| !refused_by.contains(w))
-        }
+        let anyone = refused_by.is_empty() || self.offering.iter().all(|o| refused_by.contains(o));
+        self.ring
+            .iter()
+            .copied()
+            .find(|w| (anyone || !refused_by.contains(w)) && !self.stalled(*w))
+    }
+
+    /// Whether `worker`'s oldest unanswered hand-off went out `stall_after` ago or earlier.
+    fn stalled(&self, worker: WorkerId) -> bool {
+        let Some(limit) = self.cfg.stall_after else {
+            return false;
+        };
+        self.in_flight_of(worker)
+            .into_iter()
+            .map(|i| self.conns[i].sent)
+            .min()
+            .is_some_and(|sent| self.now.saturating_duration_since(sent) >= limit)
     }
 
     fn in_flight_of(&self, worker: WorkerId) -> Vec<usize> {
@@ -666,6 +681,7 @@ impl Model {
                     m.attempts += 1;
                     assert!(m.attempts <= self.cfg.max_attempts);
                     m.st = St::InFlight(worker);
+                    m.sent = self.now;
                     if self.has_room(worker) {
                         self.ring.push_back(worker);
                     }
@@ -740,11 +756,13 @@ impl Model {
         assert_eq!(h.accepting(), self.accepting);
 
         // Work conservation: a queued conn may wait beside a free slot only when that
-        // worker refused it and some other offered worker has not.
+        // worker stalled, or refused it and some other offered worker has not.
         if pending <= SCAN_LIMIT {
             for m in self.conns.iter().filter(|m| m.st == St::Queued) {
                 for &worker in &self.offering {
-                    if per_worker.get(&worker).copied().unwrap_or(0) < self.cfg.window {
+                    if per_worker.get(&worker).copied().unwrap_or(0) < self.cfg.window
+                        && !self.stalled(worker)
+                    {
                         assert!(m.refused_by.contains(&worker), "idle worker beside a conn");
                         assert!(!self.offering.iter().all(|o| m.refused_by.contains(o)));
                     }
@@ -857,6 +875,7 @@ fn run_model(c: RoundRobinConfig, ops: &[Op]) {
                 m.conns.push(MConn {
                     id,
                     st: St::Queued,
+                    sent: m.now,
                     attempts: 0,
                     refused_by: Vec::new(),
                     deadline: m.now + m.cfg.pending_timeout,
@@ -993,9 +1012,14 @@ proptest! {
         max_pending in 1usize..10,
         max_attempts in 1u32..5,
         timeout_ms in 1u64..100,
+        stall_ms in prop::option::of(1u64..80),
         ops in prop::collection::vec(op(), 0..200),
     ) {
-        run_model(cfg(window, max_pending, max_attempts, timeout_ms), &ops);
+        let c = RoundRobinConfig {
+            stall_after: stall_ms.map(Duration::from_millis),
+            ..cfg(window, max_pending, max_attempts, timeout_ms)
+        };
+        run_model(c, &ops);
     }
 
     #[test]
@@ -1070,4 +1094,86 @@ fn handoffs_counts_every_hand_off_of_a_connection() {
     out.clear();
     h.accepted(w(2), a, t, &mut out).unwrap();
     assert_eq!(h.handoffs(a), 0, "gone");
+}
+
+fn stalling(window: usize, stall_ms: u64) -> RoundRobinConfig {
+    RoundRobinConfig {
+        stall_after: Some(Duration::from_millis(stall_ms)),
+        ..cfg(window, 1024, 8, 10_000)
+    }
+}
+
+#[test]
+fn a_worker_that_stops_answering_is_skipped_until_it_answers() {
+    let t = Instant::now();
+    let ms = Duration::from_millis;
+    let mut h = handle(stalling(16, 2), &[1, 2]);
+    let (silent, to) = dist(&mut h, 0, t);
+    assert_eq!(to, Some(w(1)));
+    let (c1, to) = dist(&mut h, 1, t);
+    assert_eq!(to, Some(w(2)));
+    let mut out = Vec::new();
+    assert_eq!(h.accepted(w(2), c1, t, &mut out), Ok(1));
+    // Still young: worker 1 has its turn, window room to spare.
+    assert_eq!(dist(&mut h, 2, t + ms(1)).1, Some(w(1)));
+    // Its oldest hand-off is 2 ms old now: worker 2 gets everything, in turn or not.
+    for c in 3..10 {
+        let (id, to) = dist(&mut h, c, t + ms(2));
+        assert_eq!(to, Some(w(2)), "conn {c}");
+        assert_eq!(h.accepted(w(2), id, t + ms(2), &mut out), Ok(c));
+    }
+    assert_eq!(h.in_flight_to(w(1)), 2);
+    // The answer to the oldest leaves one sent at 1 ms: still stalled at 4 ms.
+    assert_eq!(h.accepted(w(1), silent, t + ms(4), &mut out), Ok(0));
+    assert!(out.is_empty());
+    let (id, to) = dist(&mut h, 10, t + ms(4));
+    assert_eq!(to, Some(w(2)));
+    assert_eq!(h.accepted(w(2), id, t + ms(4), &mut out), Ok(10));
+    // Answered up to date, it is back where it was in the ring: next in line.
+    let (_, second) = h
+        .workers
+        .get(&w(1))
+        .and_then(|s| s.unanswered.first().copied())
+        .expect("one left");
+    assert_eq!(second, t + ms(1));
+    let left = ConnId::new(S, 2);
+    assert_eq!(h.accepted(w(1), left, t + ms(4), &mut out), Ok(2));
+    assert_eq!(dist(&mut h, 11, t + ms(4)).1, Some(w(1)));
+}
+
+#[test]
+fn connections_wait_while_every_worker_is_stalled_and_go_with_the_first_answer() {
+    let t = Instant::now();
+    let ms = Duration::from_millis;
+    let mut h = handle(stalling(16, 2), &[1]);
+    let (first, _) = dist(&mut h, 0, t);
+    assert_eq!(dist(&mut h, 1, t + ms(3)).1, None, "queued beside room");
+    assert_eq!(dist(&mut h, 2, t + ms(3)).1, None);
+    assert_eq!(h.pending_len(), 2);
+    // No timer is needed: time alone never ends a stall, and the answer that does deals.
+    let mut out = Vec::new();
+    h.expire(t + ms(50), &mut out);
+    assert!(out.is_empty());
+    assert_eq!(h.accepted(w(1), first, t + ms(50), &mut out), Ok(0));
+    assert_eq!(
+        out,
+        vec![handoff(1, ConnId::new(S, 1)), handoff(1, ConnId::new(S, 2)),]
+    );
+}
+
+#[test]
+fn a_retried_connection_skips_a_stalled_worker_too() {
+    let t = Instant::now();
+    let ms = Duration::from_millis;
+    let mut h = handle(stalling(16, 2), &[1, 2, 3]);
+    let (_, to) = dist(&mut h, 0, t);
+    assert_eq!(to, Some(w(1)));
+    let (c1, to) = dist(&mut h, 1, t);
+    assert_eq!(to, Some(w(2)));
+    // Worker 1 stalls; worker 2 refuses conn 1 at 3 ms: it goes to worker 3, not to the
+    // stalled worker 1 ahead of it in the ring.
+    let mut out = Vec::new();
+    h.refused(w(2), c1, RefuseReason::MaxConnections, t + ms(3), &mut out)
+        .expect("in flight");
+    assert_eq!(out, vec![handoff(3, c1)]);
 }
