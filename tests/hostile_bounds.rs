@@ -21,6 +21,9 @@ fn a_hand_off_held_back_while_others_flow_times_out() {
         MasterBuilder::new(raw_worker())
             .args(["tcp:127.0.0.1:0", "withhold-first@0"])
             .workers(2)
+            // No stall rule: with it, the worker holding one back gets nothing more 2 ms
+            // later, and answers would no longer flow from it while it holds that one.
+            .stall_after(None)
             .ack_timeout(Duration::from_millis(700)),
     );
     let addr = inet(&c.wait_listening(2));

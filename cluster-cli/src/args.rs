@@ -112,8 +112,9 @@ pub struct SpawnArgs {
     pub window: usize,
 
     /// A worker that has left a round-robin hand-off unanswered this long (ms) is dealt no
-    /// more until it answers, whatever room its window has, so a worker whose event loop is
-    /// blocked takes in what arrives meanwhile, not a whole window. 0: only --window limits.
+    /// more while another worker answers, whatever room its window has, so a worker whose
+    /// event loop is blocked takes in what arrives meanwhile, not a whole window (when all are
+    /// stalled, the windows bound it). 0: off, only --window limits.
     #[arg(long, value_name = "MS", default_value_t = millis(cluster_master::DEFAULT_STALL_AFTER))]
     pub stall_after: u64,
 

@@ -31,13 +31,16 @@
 //!
 //! **Stalled workers.** A window is room for batches, not a promise to fill it: a worker whose
 //! oldest unanswered hand-off went out [`RoundRobinConfig::stall_after`] ago or earlier is
-//! skipped (it keeps its place in the ring) until it answers. A worker answers from its I/O
-//! loop as soon as that loop runs, so under load its hand-offs stay young and the whole window
-//! is used, a frame of several connections per wake-up; a worker that stops answering (an
-//! event loop blocked by a long request, a stopped process) takes in only what is dealt in
-//! `stall_after`, one connection at low rates, as Node's one-at-a-time rule would give it,
-//! instead of a window's worth of clients that then wait for it. Nothing needs a timer: time
-//! only deepens a stall, and the answer that ends one deals at once.
+//! skipped (it keeps its place in the ring) while another worker that may take the connection
+//! is not stalled. A worker answers from its I/O loop as soon as that loop runs, so under load
+//! its hand-offs stay young and the whole window is used, a frame of several connections per
+//! wake-up; a worker that stops answering (an event loop blocked by a long request, a stopped
+//! process) beside others that answer takes in only what is dealt in `stall_after`, one
+//! connection at low rates, as Node's one-at-a-time rule would give it, instead of a window's
+//! worth of clients that then wait for it. When every candidate is stalled (one worker, all of
+//! them blocked, a host too loaded to run them) the rule steps aside and the windows bound
+//! what goes out, as without it: queued clients would otherwise wait out `pending_timeout` and
+//! be closed where a recovering worker could serve them. So nothing needs a timer.
 //!
 //! **Answer deadlines.** Each worker's unanswered hand-offs are kept in the order they were
 //! sent, with the instant of sending, so [`RoundRobinHandle::oldest_unanswered`] tells the
@@ -53,8 +56,8 @@
 //! worker that was at its connection limit and recovered still gets it). To keep a stuck
 //! retried connection from blocking the rest (head-of-line blocking) only the first
 //! `SCAN_LIMIT` retried connections are examined, and a fresh connection can always go to the
-//! front of the ring. Retried connections beyond that prefix wait until the prefix moves or
-//! they expire.
+//! front of the ring (the first worker there that is not stalled, if any). Retried connections
+//! beyond that prefix wait until the prefix moves or they expire.
 //!
 //! **Bounded retries (hazard A13).** Every hand-off counts as an attempt. When a connection comes
 //! back (refused, or its worker was removed) after `max_attempts` hand-offs it is closed with
@@ -94,7 +97,9 @@
 //! O(`window`) bookkeeping of the worker's own unanswered hand-offs, the `out` pushes, and
 //! amortised `HashMap`/`VecDeque` growth, which is reused afterwards. `remove` is
 //! O(`window`); retiring a worker is O(workers); `close_all` is O(connections). A non-empty
-//! retry queue adds at most `SCAN_LIMIT × workers` cheap comparisons to a hand-off.
+//! retry queue adds at most `SCAN_LIMIT × workers` cheap comparisons to a hand-off. The stall
+//! rule adds a worker lookup per hand-off, and one per stalled worker passed over in the ring
+//! (all of them, when every worker is stalled).
 
 use std::collections::VecDeque;
 
@@ -128,9 +133,10 @@ pub struct RoundRobinConfig {
     /// closed with [`CloseReason::QueueTimeout`].
     pub pending_timeout: Duration,
     /// A worker that has left a hand-off unanswered this long is dealt nothing more until it
-    /// answers, whatever room its window has: a worker that stops answering (a blocked event
-    /// loop, a stopped process) takes in what arrives meanwhile, not a whole window. `None`:
-    /// only the window limits it.
+    /// answers while another worker that answers may take the connection, whatever room its
+    /// window has: a worker that stops answering (a blocked event loop, a stopped process)
+    /// takes in what arrives meanwhile, not a whole window. `None`: only the window limits it.
+    /// `Some(Duration::ZERO)` counts every worker with a hand-off in flight as stalled.
     pub stall_after: Option<Duration>,
 }
 
@@ -299,7 +305,8 @@ struct Pick {
 
 /// Node's `RoundRobinHandle` for one server: queues the master's accepted connections and deals
 /// them one at a time, from a ring of the workers that have room in their window, to the
-/// worker at the front. Nothing it holds is lost or delivered twice: it keeps every connection
+/// worker at the front (passing over workers that stopped answering while others answer).
+/// Nothing it holds is lost or delivered twice: it keeps every connection
 /// until a worker accepts it, re-queues what a refusing or removed worker had, and closes
 /// (as [`Action::Close`]) only what times out in the queue, exhausts its attempts, or is
 /// left at [`RoundRobinHandle::close_all`].
@@ -421,7 +428,8 @@ impl<C> RoundRobinHandle<C> {
     }
 
     /// Takes a connection the master accepted, names it `ConnId::new(server, n)` and hands it
-    /// to the worker at the front of the free ring, or queues it.
+    /// to the worker at the front of the free ring (the first there that is not stalled, if
+    /// any), or queues it.
     pub fn distribute(&mut self, conn: C, now: Instant, out: &mut Vec<Action<C>>) -> ConnId {
         let now = self.clamp(now);
         let id = self.next_id();
@@ -525,7 +533,8 @@ impl<C> RoundRobinHandle<C> {
 
     /// Counts `worker`'s unanswered hand-offs as sent no earlier than `now`: the master could
     /// not read its answers for a while (it paused reading that worker), so the time since
-    /// they went out says nothing about the worker.
+    /// they went out says nothing about the worker. This may end a stall without dealing:
+    /// queued connections go to the worker at the next answer or connection.
     pub fn postpone_deadlines(&mut self, worker: WorkerId, now: Instant) {
         let now = self.clamp(now);
         if let Some(slot) = self.workers.get_mut(&worker) {
@@ -763,7 +772,7 @@ impl<C> RoundRobinHandle<C> {
 
     /// The next hand-off: the oldest retried connection among the first `SCAN_LIMIT` that has an
     /// eligible worker in the ring, else the oldest fresh one with the first worker of the ring
-    /// that is not stalled (the front, unless it stopped answering).
+    /// that is not stalled (the front, unless it stopped answering), or the front if all are.
     fn pick(&self, now: Instant) -> Option<Pick> {
         if self.free.is_empty() {
             return None;
@@ -780,7 +789,7 @@ impl<C> RoundRobinHandle<C> {
         if self.fresh.is_empty() {
             return None;
         }
-        let free_at = self.free.iter().position(|w| self.answering(*w, now))?;
+        let free_at = self.first_answering(|_| true, now)?;
         Some(Pick {
             tier: Tier::Fresh,
             queued_at: 0,
@@ -792,9 +801,25 @@ impl<C> RoundRobinHandle<C> {
     fn eligible_worker(&self, id: ConnId, now: Instant) -> Option<usize> {
         let entry = self.conns.get(&id)?;
         let anyone = entry.refused_by.is_empty() || self.refused_by_all(entry);
-        self.free
-            .iter()
-            .position(|w| (anyone || !entry.refused_by.contains(w)) && self.answering(*w, now))
+        self.first_answering(|w| anyone || !entry.refused_by.contains(w), now)
+    }
+
+    /// Position in the ring of the first worker that `fits` and is not stalled, or if every
+    /// one that fits is stalled, of the first that fits: the stall rule only steers
+    /// connections to the workers that answer, and when none does (one worker, or all of them
+    /// blocked) they go into windows as before rather than wait in the queue and expire.
+    fn first_answering(&self, fits: impl Fn(&WorkerId) -> bool, now: Instant) -> Option<usize> {
+        let mut first_fit = None;
+        for (i, w) in self.free.iter().enumerate() {
+            if !fits(w) {
+                continue;
+            }
+            if self.answering(*w, now) {
+                return Some(i);
+            }
+            first_fit.get_or_insert(i);
+        }
+        first_fit
     }
 
     /// Whether `worker` may be dealt a connection at `now` as far as the stall rule goes

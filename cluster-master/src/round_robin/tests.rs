@@ -623,15 +623,20 @@ impl Model {
         self.offering.contains(&worker) && self.in_flight_of(worker).len() < self.cfg.window
     }
 
-    /// The worker the ring rules pick for conn `i`: the first in the ring that is not stalled,
-    /// and for a conn that some offered worker has not refused yet, not a refuser either.
+    /// The worker the ring rules pick for conn `i`: the first in the ring that may take it (for
+    /// a conn that some offered worker has not refused yet, not a refuser) and is not stalled,
+    /// or if all that may take it are stalled, the first of them.
     fn expected_worker(&self, i: usize) -> Option<WorkerId> {
         let refused_by = &self.conns[i].refused_by;
         let anyone = refused_by.is_empty() || self.offering.iter().all(|o| refused_by.contains(o));
-        self.ring
+        let mut fits = self
+            .ring
             .iter()
             .copied()
-            .find(|w| (anyone || !refused_by.contains(w)) && !self.stalled(*w))
+            .filter(|w| anyone || !refused_by.contains(w))
+            .peekable();
+        let first = fits.peek().copied();
+        fits.find(|w| !self.stalled(*w)).or(first)
     }
 
     /// Whether `worker`'s oldest unanswered hand-off went out `stall_after` ago or earlier.
@@ -756,13 +761,11 @@ impl Model {
         assert_eq!(h.accepting(), self.accepting);
 
         // Work conservation: a queued conn may wait beside a free slot only when that
-        // worker stalled, or refused it and some other offered worker has not.
+        // worker refused it and some other offered worker has not.
         if pending <= SCAN_LIMIT {
             for m in self.conns.iter().filter(|m| m.st == St::Queued) {
                 for &worker in &self.offering {
-                    if per_worker.get(&worker).copied().unwrap_or(0) < self.cfg.window
-                        && !self.stalled(worker)
-                    {
+                    if per_worker.get(&worker).copied().unwrap_or(0) < self.cfg.window {
                         assert!(m.refused_by.contains(&worker), "idle worker beside a conn");
                         assert!(!self.offering.iter().all(|o| m.refused_by.contains(o)));
                     }
@@ -1142,23 +1145,22 @@ fn a_worker_that_stops_answering_is_skipped_until_it_answers() {
 }
 
 #[test]
-fn connections_wait_while_every_worker_is_stalled_and_go_with_the_first_answer() {
+fn when_every_worker_is_stalled_the_windows_bound_what_goes_out() {
     let t = Instant::now();
     let ms = Duration::from_millis;
-    let mut h = handle(stalling(16, 2), &[1]);
-    let (first, _) = dist(&mut h, 0, t);
-    assert_eq!(dist(&mut h, 1, t + ms(3)).1, None, "queued beside room");
-    assert_eq!(dist(&mut h, 2, t + ms(3)).1, None);
-    assert_eq!(h.pending_len(), 2);
-    // No timer is needed: time alone never ends a stall, and the answer that does deals.
-    let mut out = Vec::new();
-    h.expire(t + ms(50), &mut out);
-    assert!(out.is_empty());
-    assert_eq!(h.accepted(w(1), first, t + ms(50), &mut out), Ok(0));
-    assert_eq!(
-        out,
-        vec![handoff(1, ConnId::new(S, 1)), handoff(1, ConnId::new(S, 2)),]
-    );
+    // One worker: nobody else could take its connections, and queued they would only expire.
+    let mut h = handle(stalling(3, 2), &[1]);
+    dist(&mut h, 0, t);
+    assert_eq!(dist(&mut h, 1, t + ms(3)).1, Some(w(1)));
+    assert_eq!(dist(&mut h, 2, t + ms(3)).1, Some(w(1)));
+    assert_eq!(dist(&mut h, 3, t + ms(3)).1, None, "window full");
+    // Two stalled workers: the ring's own order again, front first.
+    let mut h = handle(stalling(16, 2), &[1, 2]);
+    assert_eq!(dist(&mut h, 0, t).1, Some(w(1)));
+    assert_eq!(dist(&mut h, 1, t).1, Some(w(2)));
+    for (c, to) in [(2, 1), (3, 2), (4, 1)] {
+        assert_eq!(dist(&mut h, c, t + ms(3)).1, Some(w(to)), "conn {c}");
+    }
 }
 
 #[test]
