@@ -107,9 +107,9 @@ fn a_failed_bind_is_not_kept_so_a_later_listen_binds_afresh() {
 fn sixteen_served_in_fours(mode: &str) -> Cluster {
     let gate = std::env::temp_dir().join(format!("cluster-rs-{mode}-{}", std::process::id()));
     std::fs::write(&gate, b"").expect("gate");
-    // A window of four, and no stall rule: a worker that holds its answers until it has four
-    // is what that rule stops dealing to, and clients connecting over more than its 2 ms
-    // would leave this one waiting for a fourth that never comes.
+    // A window of four, as the frame counts below assume, and no stall rule, so that only the
+    // window decides what goes out (a worker holding its answers until it has four is what
+    // that rule is there to pass over).
     let mut c = Cluster::start(
         rr(1, &format!("{mode}:{}", gate.display()))
             .window(4)

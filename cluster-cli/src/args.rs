@@ -113,8 +113,8 @@ pub struct SpawnArgs {
 
     /// A worker that has left a round-robin hand-off unanswered this long (ms) is dealt no
     /// more while another worker answers, whatever room its window has, so a worker whose
-    /// event loop is blocked takes in what arrives meanwhile, not a whole window (when all are
-    /// stalled, the windows bound it). 0: off, only --window limits.
+    /// event loop is blocked takes in what arrives meanwhile, not a whole window (when no
+    /// worker with room answers, the windows bound it). 0: off, only --window limits.
     #[arg(long, value_name = "MS", default_value_t = millis(cluster_master::DEFAULT_STALL_AFTER))]
     pub stall_after: u64,
 

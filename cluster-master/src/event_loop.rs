@@ -7,7 +7,6 @@
 //! worker processes and reads their output, `lifecycle` feeds supervision and does what it
 //! asks, `commands` takes the owner's commands.
 
-use rustc_hash::FxHashMap;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
@@ -19,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use cluster_core::{BoundAddr, ConnId, ServerId, WorkerId};
 use mio::{Events, Poll, Token, Waker};
+use rustc_hash::FxHashMap;
 
 use crate::activation::Activation;
 use crate::channel::WorkerChannel;

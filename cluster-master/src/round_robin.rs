@@ -37,10 +37,11 @@
 //! wake-up; a worker that stops answering (an event loop blocked by a long request, a stopped
 //! process) beside others that answer takes in only what is dealt in `stall_after`, one
 //! connection at low rates, as Node's one-at-a-time rule would give it, instead of a window's
-//! worth of clients that then wait for it. When every candidate is stalled (one worker, all of
-//! them blocked, a host too loaded to run them) the rule steps aside and the windows bound
-//! what goes out, as without it: queued clients would otherwise wait out `pending_timeout` and
-//! be closed where a recovering worker could serve them. So nothing needs a timer.
+//! worth of clients that then wait for it. When no worker with room in its window answers (one
+//! worker; all of them blocked; the others' windows full, as under saturation; a host too
+//! loaded to run them) the rule steps aside and the windows bound what goes out, as without
+//! it: queued clients would otherwise wait out `pending_timeout` and be closed where a
+//! recovering worker could serve them. So nothing needs a timer.
 //!
 //! **Answer deadlines.** Each worker's unanswered hand-offs are kept in the order they were
 //! sent, with the instant of sending, so [`RoundRobinHandle::oldest_unanswered`] tells the
@@ -102,11 +103,10 @@
 //! (all of them, when every worker is stalled).
 
 use std::collections::VecDeque;
-
-use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
 use cluster_core::{ConnId, RefuseReason, ServerId, WorkerId};
+use rustc_hash::FxHashMap;
 
 /// How many retried connections a hand-off examines before serving a fresh one.
 const SCAN_LIMIT: usize = 16;
@@ -132,10 +132,10 @@ pub struct RoundRobinConfig {
     /// How long a connection may stay queued (since it last entered the queue) before it is
     /// closed with [`CloseReason::QueueTimeout`].
     pub pending_timeout: Duration,
-    /// A worker that has left a hand-off unanswered this long is dealt nothing more until it
-    /// answers while another worker that answers may take the connection, whatever room its
-    /// window has: a worker that stops answering (a blocked event loop, a stopped process)
-    /// takes in what arrives meanwhile, not a whole window. `None`: only the window limits it.
+    /// A worker that has left a hand-off unanswered this long is passed over, whatever room
+    /// its window has, while a worker that is not stalled has room for the connection: a
+    /// worker that stops answering (a blocked event loop, a stopped process) takes in what
+    /// arrives meanwhile, not a whole window. `None`: only the window limits it.
     /// `Some(Duration::ZERO)` counts every worker with a hand-off in flight as stalled.
     pub stall_after: Option<Duration>,
 }

@@ -23,7 +23,6 @@
 //! of the answerer thread, woken by the reactor; futures waiting on the state register their
 //! wakers, which [`Locked`] wakes on release like the others.
 
-use rustc_hash::FxHashMap;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -41,6 +40,7 @@ use cluster_core::{
 use cluster_ipc::{Channel, Received};
 use mio::{Interest, Registry, Token, Waker};
 use parking_lot::{Condvar, Mutex, MutexGuard};
+use rustc_hash::FxHashMap;
 
 use crate::handler::ConnInfo;
 use crate::stream::Stream;
