@@ -21,7 +21,7 @@
 #   --variants: rs-standalone-t1 and rs-rr-t1 (hello with --threads 1 per process); rs-node
 #   and rs-node-wN (the Node anchor's server.js, unmodified, as the 2 workers of
 #   `cluster-cli spawn -- node server.js`, which speaks Node's cluster protocol; -wN sets
-#   --window N). Compare with node-rr: `--variants "rs-node node-rr" --phases "throughput rss"`.
+#   --window N; rs-node-batch adds --sched-batch). Compare with node-rr: `--variants "rs-node node-rr" --phases "throughput rss"`.
 #   axum-rr-t1: axum-rr with one tokio runtime thread per worker (TOKIO_WORKER_THREADS=1).
 #
 # Usage: bench/run.sh [--smoke] [--no-build] [--no-docs] [--variants "A B"] [--phases "P Q"]
@@ -194,6 +194,7 @@ variant_label() {
     rs-rr-t1) echo "cluster-rs rr, workers --threads 1" ;;
     rs-node) echo "cluster-rs master, Node workers" ;;
     rs-node-w*) echo "cluster-rs master, Node workers, --window ${1#rs-node-w}" ;;
+    rs-node-batch) echo "cluster-rs master, Node workers, --sched-batch" ;;
     node-rr) echo "Node cluster rr" ;;
     node-none) echo "Node cluster none" ;;
     node-single) echo "Node single" ;;
@@ -228,6 +229,7 @@ variant_command() {
       # Node's own worker code, unmodified: only the primary differs from node-rr.
       rs-node) CMD+=("$CLI" spawn -n "$workers" --policy rr --env PORT="$PORT" -- node "$SHARED/node/server.js") ;;
       rs-node-w*) CMD+=("$CLI" spawn -n "$workers" --policy rr --window "${variant#rs-node-w}" --env PORT="$PORT" -- node "$SHARED/node/server.js") ;;
+      rs-node-batch) CMD+=("$CLI" spawn -n "$workers" --policy rr --sched-batch --env PORT="$PORT" -- node "$SHARED/node/server.js") ;;
       axum-standalone) SERVER_BIN=$AXUM_BIN CMD+=("$AXUM_BIN" "127.0.0.1:$PORT") READY_RE="" READY_COUNT=1 ;;
       axum-rr) CMD+=("$CLI" spawn -n "$workers" --policy rr -- "$AXUM_BIN" "127.0.0.1:$PORT") ;;
       axum-rr-t1) CMD+=("$CLI" spawn -n "$workers" --policy rr --env TOKIO_WORKER_THREADS=1 -- "$AXUM_BIN" "127.0.0.1:$PORT") ;;

@@ -1,10 +1,9 @@
 //! Misbehaving workers against the master's bounds: whatever one worker does, the others'
 //! clients are served and the master's resources stay bounded (issue 9).
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use cluster_master::{Event, MasterBuilder};
@@ -64,39 +63,6 @@ fn a_hand_off_held_back_while_others_flow_times_out() {
         assert!(line[..n].starts_with(b"worker "), "{:?}", &line[..n]);
     }
     c.stop();
-}
-
-/// Lines of a mini-master's stdout, each with when it was read. Join the thread after the
-/// master is gone, so its pipe is closed before the test's fd lock is released.
-fn master_lines(
-    child: &mut std::process::Child,
-) -> (
-    mpsc::Receiver<(Instant, String)>,
-    std::thread::JoinHandle<()>,
-) {
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().expect("stdout");
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send((Instant::now(), line)).is_err() {
-                break;
-            }
-        }
-    });
-    (rx, reader)
-}
-
-fn next_line(lines: &mpsc::Receiver<(Instant, String)>, prefix: &str) -> (Instant, String) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let (at, line) = lines
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no `{prefix}` line from the master"));
-        if line.starts_with(prefix) {
-            return (at, line);
-        }
-    }
 }
 
 fn rss_kib(pid: u32) -> u64 {

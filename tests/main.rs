@@ -9,6 +9,7 @@ mod hostile_worker;
 mod lifecycle;
 mod node_messages;
 mod round_robin;
+mod scheduling;
 mod shared_handle;
 mod tokio_worker;
 mod util;

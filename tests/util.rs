@@ -1,9 +1,9 @@
 //! The fixture: a master in this process, events awaited against deadlines, children killed
 //! and reaped by the master on drop.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard, mpsc};
 use std::time::{Duration, Instant};
 
 use cluster_core::{BoundAddr, WorkerId};
@@ -222,5 +222,38 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// Lines of a mini-master's stdout, each with when it was read. Join the thread after the
+/// master is gone, so its pipe is closed before the test's fd lock is released.
+pub fn master_lines(
+    child: &mut std::process::Child,
+) -> (
+    mpsc::Receiver<(Instant, String)>,
+    std::thread::JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    (rx, reader)
+}
+
+pub fn next_line(lines: &mpsc::Receiver<(Instant, String)>, prefix: &str) -> (Instant, String) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (at, line) = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no `{prefix}` line from the master"));
+        if line.starts_with(prefix) {
+            return (at, line);
+        }
     }
 }

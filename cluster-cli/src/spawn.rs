@@ -75,6 +75,7 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
         .notify_systemd(true)
         .ready_timeout(Duration::from_millis(a.ready_timeout))
         .defer_accept(a.defer_accept)
+        .batch_scheduling(a.sched_batch)
         .capture_output(true);
     if let Some(ms) = a.ack_timeout {
         builder = builder.ack_timeout(Duration::from_millis(ms));

@@ -44,6 +44,7 @@ pub struct MasterBuilder {
     /// `None`: the default for the protocol ([`MasterBuilder::effective_ack_timeout`]).
     pub(crate) ack_timeout: Option<Duration>,
     pub(crate) defer_accept: bool,
+    pub(crate) batch_scheduling: bool,
     pub(crate) ready_timeout: Duration,
     pub(crate) capture_output: bool,
     pub(crate) max_frame: usize,
@@ -81,6 +82,7 @@ impl MasterBuilder {
             shutdown_timeout: Duration::from_secs(30),
             ack_timeout: None,
             defer_accept: false,
+            batch_scheduling: false,
             ready_timeout: Duration::from_secs(30),
             capture_output: false,
             max_frame: cluster_ipc::frame::DEFAULT_MAX_FRAME,
@@ -191,6 +193,23 @@ impl MasterBuilder {
     /// Never for protocols where the server speaks first. Off by default.
     pub fn defer_accept(mut self, on: bool) -> Self {
         self.defer_accept = on;
+        self
+    }
+
+    /// Runs the event loop thread as `SCHED_BATCH`: a connection arriving while every CPU is
+    /// busy waits for one to free up (or for the next scheduler tick) instead of preempting a
+    /// worker, and the loop then accepts and deals what came meanwhile in one pass. Workers
+    /// still start as `SCHED_OTHER`; a loop started under another policy (`chrt`) keeps it.
+    ///
+    /// For workers that keep the CPUs busy themselves (Node programs): under saturation each
+    /// preemption costs the master and the worker a context switch and cold caches, and
+    /// batching them away raised `Connection: close` throughput of Node workers by about 15 % on
+    /// 2 cores (docs/node.md). The price is paid when *other* CPU-bound processes share the
+    /// machine: the master no longer preempts them either, so each accept may wait up to a
+    /// tick (4 ms at `HZ=250`): beside two busy loops, throughput at 4 concurrent clients fell by
+    /// 27-47 %. Off by default.
+    pub fn batch_scheduling(mut self, on: bool) -> Self {
+        self.batch_scheduling = on;
         self
     }
 

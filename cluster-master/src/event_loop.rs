@@ -241,6 +241,9 @@ pub(crate) struct EventLoop {
     orphans: Option<OrphanReaper>,
     /// What Node workers' `queryServer`s carry per key (see [`crate::node`]).
     node_server_data: crate::node::SharedServerData,
+    /// This thread moved itself to `SCHED_BATCH` ([`MasterBuilder::batch_scheduling`]), which
+    /// a fork would pass on to the workers.
+    workers_need_normal_policy: bool,
 }
 
 /// Something of a worker's that the loop reads: its channel, or a captured output pipe.
@@ -332,6 +335,7 @@ impl EventLoop {
             activation,
             orphans: None,
             node_server_data: Default::default(),
+            workers_need_normal_policy: false,
         };
         if crate::orphans::is_init() || event_loop.cfg.reap_orphans {
             if !crate::orphans::is_init() {
@@ -462,6 +466,16 @@ impl EventLoop {
     }
 
     pub(crate) fn run(mut self) -> Result<(), MasterError> {
+        if self.cfg.batch_scheduling {
+            match crate::sys::batch_this_thread() {
+                Ok(switched) => self.workers_need_normal_policy = switched,
+                Err(e) => {
+                    self.manager_stopping();
+                    self.emit(Event::Stopped { clean: false });
+                    return Err(MasterError::io("sched_setscheduler(SCHED_BATCH)", e));
+                }
+            }
+        }
         self.supervise(Supervision::start);
         let mut events = Events::with_capacity(256);
         let result = loop {

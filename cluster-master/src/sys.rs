@@ -178,6 +178,45 @@ pub(crate) fn term_with_master(cmd: &mut std::process::Command) {
     unsafe { cmd.pre_exec(closure) };
 }
 
+/// Moves the calling thread from `SCHED_OTHER` to `SCHED_BATCH` (its nice value is kept):
+/// its wake-ups no longer preempt a running task, it waits for a free CPU or the next
+/// scheduler tick. `Ok(false)` when the thread had another policy (a `chrt` the user chose),
+/// which is left alone.
+pub(crate) fn batch_this_thread() -> io::Result<bool> {
+    // SAFETY: sched_getscheduler takes a pid (0: the calling thread) and passes no memory.
+    let policy = unsafe { libc::sched_getscheduler(0) };
+    if policy < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if policy != libc::SCHED_OTHER {
+        return Ok(false);
+    }
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param that outlives the call; pid 0 is this thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
+}
+
+/// Has the child `cmd` spawns start as `SCHED_OTHER`, whatever the spawning thread runs as: a
+/// forked process inherits its parent thread's policy, and a master that runs as
+/// `SCHED_BATCH` must not pass that on to its workers. Its nice value is kept.
+pub(crate) fn normal_policy_in_child(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let closure = || {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler is a plain syscall (async-signal-safe); `param` lives on
+        // this stack frame for the whole call.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the closure makes one async-signal-safe syscall and does not allocate.
+    unsafe { cmd.pre_exec(closure) };
+}
+
 /// `CLOCK_MONOTONIC` in microseconds, the clock systemd's `MONOTONIC_USEC` is read against.
 pub(crate) fn monotonic_usec() -> Option<u64> {
     let mut ts = libc::timespec {

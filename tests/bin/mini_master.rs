@@ -1,8 +1,8 @@
 //! A master in its own process, for tests that kill the master or measure it:
-//! `mini-master [--stall-events MS] N PROGRAM [ARGS...]`. Prints `fork <worker> <pid>`,
+//! `mini-master [--stall-events MS] [--sched-batch] N PROGRAM [ARGS...]`. Prints `fork <worker> <pid>`,
 //! `listening <worker> <addr>` and `exit <worker> <code|signal>` lines and runs until killed.
 //! `--stall-events MS` stops reading events for MS ms at the first user message, as an
-//! embedder that falls behind.
+//! embedder that falls behind. `--sched-batch` sets [`MasterBuilder::batch_scheduling`].
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,13 +19,18 @@ fn main() -> ExitCode {
             .map(Duration::from_millis);
         args.drain(..2.min(args.len()));
     }
+    let batch = args.first().map(String::as_str) == Some("--sched-batch");
+    if batch {
+        args.remove(0);
+    }
     let (Some(n), Some(program)) = (args.first().and_then(|n| n.parse().ok()), args.get(1)) else {
-        eprintln!("usage: mini-master N PROGRAM [ARGS...]");
+        eprintln!("usage: mini-master [--stall-events MS] [--sched-batch] N PROGRAM [ARGS...]");
         return ExitCode::from(2);
     };
     let master = match MasterBuilder::new(program)
         .args(&args[2..])
         .workers(n)
+        .batch_scheduling(batch)
         .start()
     {
         Ok(m) => m,

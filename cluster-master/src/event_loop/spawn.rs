@@ -112,6 +112,9 @@ impl EventLoop {
         // master alone, which stops the workers in order instead of having them crash.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         sys::cloexec_from(&mut cmd, channel_fd + 1);
+        if self.workers_need_normal_policy {
+            sys::normal_policy_in_child(&mut cmd);
+        }
         let mut child = cmd.spawn().map_err(|e| MasterError::io("spawn", e))?;
         // Dropping the command closes our copy of the child's channel end, so that the child's
         // exit shows up as EOF here.

@@ -1,0 +1,104 @@
+//! [`cluster_master::MasterBuilder::batch_scheduling`]: the master's event loop thread runs as
+//! `SCHED_BATCH`, while its workers, which a fork would give the forking thread's policy,
+//! start as `SCHED_OTHER`.
+
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use crate::util::*;
+
+/// Threads by name, each with its scheduling policy.
+type Policies = Vec<(String, i32)>;
+
+/// The scheduling policy of each thread of `pid`, with the thread's name.
+fn thread_policies(pid: u32) -> Policies {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir");
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| {
+            let name = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            // The name may hold spaces or parentheses; the fields after its closing
+            // parenthesis start at field 3 (state), and the policy is field 41.
+            let policy = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(41 - 3)?
+                .parse()
+                .ok()?;
+            Some((name.trim().to_owned(), policy))
+        })
+        .collect()
+}
+
+/// Starts a mini-master with two hello workers, waits until both listen, and returns the
+/// policies of the master's threads and of every worker thread.
+fn policies_under_master(batch: bool) -> (Policies, Policies) {
+    let mut cmd = Command::new(mini_master());
+    if batch {
+        cmd.arg("--sched-batch");
+    }
+    let mut master = KillOnDrop(
+        cmd.args(["2", hello_worker(), "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn master"),
+    );
+    let master_pid = master.0.id();
+    let (lines, reader) = master_lines(&mut master.0);
+    let deadline = Instant::now() + WAIT;
+    let mut workers = Vec::new();
+    let mut listening = 0;
+    while workers.len() < 2 || listening < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (_, line) = lines
+            .recv_timeout(left)
+            .expect("two workers forked and listening");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["fork", _, pid] => workers.push(pid.parse::<u32>().expect("pid")),
+            ["listening", ..] => listening += 1,
+            _ => {}
+        }
+    }
+    let master_threads = thread_policies(master_pid);
+    let worker_threads = workers.iter().flat_map(|&w| thread_policies(w)).collect();
+    drop(master);
+    let _ = reader.join();
+    (master_threads, worker_threads)
+}
+
+#[test]
+fn batch_scheduling_moves_the_event_loop_and_not_the_workers() {
+    let _fds = shared_fds();
+    let (master, workers) = policies_under_master(true);
+    let event_loop: Vec<i32> = master
+        .iter()
+        .filter(|(name, _)| name == "cluster-master")
+        .map(|&(_, p)| p)
+        .collect();
+    assert_eq!(event_loop, [libc::SCHED_BATCH], "{master:?}");
+    // Only the loop thread: the embedder's threads are the embedder's business.
+    assert!(
+        master
+            .iter()
+            .any(|(name, p)| name != "cluster-master" && *p == libc::SCHED_OTHER),
+        "{master:?}"
+    );
+    assert!(!workers.is_empty());
+    assert!(
+        workers.iter().all(|&(_, p)| p == libc::SCHED_OTHER),
+        "{workers:?}"
+    );
+}
+
+#[test]
+fn the_event_loop_keeps_the_normal_policy_by_default() {
+    let _fds = shared_fds();
+    let (master, _) = policies_under_master(false);
+    assert!(
+        master.iter().all(|&(_, p)| p == libc::SCHED_OTHER),
+        "{master:?}"
+    );
+}
