@@ -33,7 +33,7 @@
 #   CONNS [64], WARMUP [1] s, CLIENT_SECONDS [5], RSS_SETTLE [2], STARTUP_RUNS [10],
 #   STARTUP_WORKERS ["2 16"], STARTUP_VARIANTS ["rs-rr rs-shared rs-reuseport node-rr"],
 #   SPLIT_WORKERS [4], SPLIT_REQUESTS [20000], SPLIT_VARIANTS ["rs-rr rs-rr-w1 rs-shared
-#   rs-reuseport node-rr"], VARIANTS [all ten], PHASES [all five], SERVER_CPUS / WRK_CPUS
+#   rs-reuseport node-rr"], VARIANTS [all eleven], PHASES [all five], SERVER_CPUS / WRK_CPUS
 #   [unset: no taskset], BINARIES [cli | fallback: target/release/{hello-worker,mini-master},
 #   which only run rs-standalone and rs-rr], SHARED [$(dirname $0)/../../shared/bench],
 #   RESULTS [bench/results/<timestamp>].
@@ -64,7 +64,7 @@ while (($#)); do
   shift
 done
 
-ALL_VARIANTS="rs-standalone rs-rr rs-rr-w1 rs-shared rs-reuseport node-rr node-none node-single axum-standalone axum-rr"
+ALL_VARIANTS="rs-standalone rs-rr rs-rr-w1 rs-shared rs-reuseport rs-node node-rr node-none node-single axum-standalone axum-rr"
 ALL_PHASES="throughput client rss startup split"
 if ((SMOKE)); then
   DOCS=0
@@ -372,7 +372,7 @@ run_client() {
 # ---------------------------------------------------------------------------------------
 # Phases
 
-declare -A RPS=() P99=() CPUUS=() ERRS=() NON2XX=() OTHER=() RSS_M=() RSS_W=() CLIENT=() LEAKS=() RPS_ALL=() CPU_ALL=() P99_ALL=()
+declare -A RPS=() P99=() CPUUS=() PRIMARYUS=() ERRS=() NON2XX=() OTHER=() RSS_M=() RSS_W=() CLIENT=() LEAKS=() RPS_ALL=() CPU_ALL=() P99_ALL=()
 
 phase_throughput() {
   say ""
@@ -417,6 +417,7 @@ phase_throughput() {
         RPS[$key]+="$(field rps "$line") "
         P99[$key]+="$(calc %.2f "$(field p99_us "$line") / 1000") "
         CPUUS[$key]+="$cpuus "
+        PRIMARYUS[$key]+="$(calc %.1f "1e6 * $primary_ticks / $CLK_TCK / $requests") "
         ERRS[$key]=$((${ERRS[$key]:-0} + errs))
         NON2XX[$key]=$((${NON2XX[$key]:-0} + $(field non2xx3xx "$line")))
         OTHER[$key]+="$other "
@@ -631,6 +632,18 @@ write_targets() {
     echo "- axum example under rr, \`Connection: close\` >= 0.85x standalone: ${r}x, $(verdict "$r" 0.85 '>=')"
     r=$(ratio "$(med "${CPUUS[axum-rr/close]:-}")" "$(med "${CPUUS[axum-standalone/close]:-}")")
     echo "- axum example, server CPU per close request <= 1.5x standalone: rr $(med "${CPUUS[axum-rr/close]:-}") vs $(med "${CPUUS[axum-standalone/close]:-}") µs = ${r}x, $(verdict "$r" 1.5 '<=')"
+  fi
+  if [[ -n ${RPS[rs-node/close]:-} ]]; then
+    # Issue 12: the Node app under this master against the same app under Node's primary.
+    r=$(ratio "$(med "${RPS[rs-node/close]:-}")" "$(med "${RPS[node-rr/close]:-}")")
+    echo "- Node workers, \`Connection: close\` >= 1.4x Node's own rr: ${r}x, $(verdict "$r" 1.4 '>=')"
+    r=$(ratio "$(med "${RPS[rs-node/keepalive]:-}")" "$(med "${RPS[node-rr/keepalive]:-}")")
+    echo "- Node workers, keep-alive >= 0.95x Node's own rr: ${r}x, $(verdict "$r" 0.95 '>=')"
+    r=$(ratio "$(med "${PRIMARYUS[rs-node/close]:-}")" "$(med "${PRIMARYUS[node-rr/close]:-}")")
+    echo "- Node workers, primary CPU per close request <= 0.5x Node's primary: $(med "${PRIMARYUS[rs-node/close]:-}") vs $(med "${PRIMARYUS[node-rr/close]:-}") µs = ${r}x, $(verdict "$r" 0.5 '<=')"
+    r=$(calc %.2f "${RSS_M[rs-node]:-0} / 1024")
+    [[ -n ${RSS_M[rs-node]:-} ]] || r=nan
+    echo "- Node workers, master idle RSS < 4 MiB: $r MiB, $(verdict "$r" 4 '<=')"
   fi
   r=$(calc %.2f "${RSS_M[rs-rr]:-0} / 1024")
   [[ -n ${RSS_M[rs-rr]:-} ]] || r=nan
