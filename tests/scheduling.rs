@@ -1,6 +1,6 @@
 //! [`cluster_master::MasterBuilder::batch_scheduling`]: the master's event loop thread runs as
 //! `SCHED_BATCH`, while its workers, which a fork would give the forking thread's policy,
-//! start as `SCHED_OTHER`.
+//! start as `SCHED_OTHER`. Both tests assume they are run under `SCHED_OTHER` themselves.
 
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -32,13 +32,26 @@ fn thread_policies(pid: u32) -> Policies {
         .collect()
 }
 
-/// Starts a mini-master with two hello workers, waits until both listen, and returns the
-/// policies of the master's threads and of every worker thread.
-fn policies_under_master(batch: bool) -> (Policies, Policies) {
-    let mut cmd = Command::new(mini_master());
+/// A mini-master, through `chrt ARGS` when `chrt` is not empty (it execs in place, so the
+/// pid is the master's).
+fn mini_master_under(chrt: &[&str], batch: bool) -> Command {
+    let mut cmd = if chrt.is_empty() {
+        Command::new(mini_master())
+    } else {
+        let mut c = Command::new("chrt");
+        c.args(chrt).arg(mini_master());
+        c
+    };
     if batch {
         cmd.arg("--sched-batch");
     }
+    cmd
+}
+
+/// Starts a mini-master with two hello workers, waits until both listen, and returns the
+/// policies of the master's threads and of every worker thread.
+fn policies_under_master(chrt: &[&str], batch: bool) -> (Policies, Policies) {
+    let mut cmd = mini_master_under(chrt, batch);
     let mut master = KillOnDrop(
         cmd.args(["2", hello_worker(), "127.0.0.1:0"])
             .stdout(Stdio::piped())
@@ -58,13 +71,21 @@ fn policies_under_master(batch: bool) -> (Policies, Policies) {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             ["fork", _, pid] => workers.push(pid.parse::<u32>().expect("pid")),
-            ["listening", ..] => listening += 1,
+            // The master's `listening WORKER ADDR`, not a hello worker's own `listening ADDR`
+            // on the same stdout.
+            ["listening", _, _] => listening += 1,
             _ => {}
         }
     }
     let master_threads = thread_policies(master_pid);
     let worker_threads = workers.iter().flat_map(|&w| thread_policies(w)).collect();
     drop(master);
+    // The workers share the master's stdout: the reader ends only when they are gone too.
+    for w in workers {
+        let _ = Command::new("kill")
+            .args(["-KILL", &w.to_string()])
+            .status();
+    }
     let _ = reader.join();
     (master_threads, worker_threads)
 }
@@ -72,7 +93,7 @@ fn policies_under_master(batch: bool) -> (Policies, Policies) {
 #[test]
 fn batch_scheduling_moves_the_event_loop_and_not_the_workers() {
     let _fds = shared_fds();
-    let (master, workers) = policies_under_master(true);
+    let (master, workers) = policies_under_master(&[], true);
     let event_loop: Vec<i32> = master
         .iter()
         .filter(|(name, _)| name == "cluster-master")
@@ -96,9 +117,50 @@ fn batch_scheduling_moves_the_event_loop_and_not_the_workers() {
 #[test]
 fn the_event_loop_keeps_the_normal_policy_by_default() {
     let _fds = shared_fds();
-    let (master, _) = policies_under_master(false);
+    let (master, _) = policies_under_master(&[], false);
     assert!(
         master.iter().all(|&(_, p)| p == libc::SCHED_OTHER),
         "{master:?}"
     );
+}
+
+#[test]
+fn a_master_started_as_batch_stays_so_and_its_workers_inherit_it() {
+    let _fds = shared_fds();
+    let (master, workers) = policies_under_master(&["--batch", "0"], true);
+    assert!(
+        master.iter().all(|&(_, p)| p == libc::SCHED_BATCH),
+        "{master:?}"
+    );
+    // No reset: the policy is the starter's choice, not the loop's.
+    assert!(
+        workers.iter().all(|&(_, p)| p == libc::SCHED_BATCH),
+        "{workers:?}"
+    );
+}
+
+#[test]
+fn a_master_started_as_idle_refuses_batch_scheduling() {
+    let _fds = shared_fds();
+    let mut master = KillOnDrop(
+        mini_master_under(&["--idle", "0"], true)
+            .args(["1", hello_worker(), "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn master"),
+    );
+    let (lines, reader) = master_lines(&mut master.0);
+    // The start fails before any worker is spawned: stdout ends with no line at all.
+    match lines.recv_timeout(WAIT) {
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {}
+        other => panic!("the master started: {other:?}"),
+    }
+    let _ = reader.join();
+    let status = master.0.wait().expect("wait");
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(master.0.stderr.as_mut().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert!(stderr.contains("scheduling policy 5"), "{stderr}");
 }

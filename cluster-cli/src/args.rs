@@ -178,8 +178,9 @@ pub struct SpawnArgs {
     /// is busy waits for one to free up instead of preempting a worker, and is dealt with
     /// the others that came meanwhile. For workers that keep the CPUs busy (Node programs:
     /// about +15 % `Connection: close` throughput at saturation on 2 cores). Costly beside
-    /// other CPU-bound processes, which the master then no longer preempts either: accepts
-    /// wait up to a scheduler tick (4 ms at HZ=250). Workers keep the normal policy.
+    /// other CPU-bound processes, which the master then no longer preempts either: an accept
+    /// may wait for a scheduler tick (4 ms at HZ=250). Workers start under the master's own
+    /// policy (SCHED_OTHER); a master started under an idle or real-time one refuses.
     #[arg(long)]
     pub sched_batch: bool,
 

@@ -197,16 +197,19 @@ impl MasterBuilder {
     }
 
     /// Runs the event loop thread as `SCHED_BATCH`: a connection arriving while every CPU is
-    /// busy waits for one to free up (or for the next scheduler tick) instead of preempting a
-    /// worker, and the loop then accepts and deals what came meanwhile in one pass. Workers
-    /// still start as `SCHED_OTHER`; a loop started under another policy (`chrt`) keeps it.
+    /// busy waits for a running task to block or for a scheduler tick instead of preempting a
+    /// worker, and the loop then accepts and deals what came meanwhile in one pass. The loop's
+    /// own switch is not passed on: workers start under the policy the master was started
+    /// with. A master started as `SCHED_BATCH` already (`chrt -b`) is left so; one started
+    /// under another policy (idle, real-time) fails to start with
+    /// [`MasterError::SchedulingPolicy`](crate::MasterError::SchedulingPolicy).
     ///
     /// For workers that keep the CPUs busy themselves (Node programs): under saturation each
     /// preemption costs the master and the worker a context switch and cold caches, and
-    /// batching them away raised `Connection: close` throughput of Node workers by about 15 % on
-    /// 2 cores (docs/node.md). The price is paid when *other* CPU-bound processes share the
-    /// machine: the master no longer preempts them either, so each accept may wait up to a
-    /// tick (4 ms at `HZ=250`): beside two busy loops, throughput at 4 concurrent clients fell by
+    /// batching them away raised `Connection: close` throughput of Node workers by about 15 %
+    /// on 2 cores (docs/node.md). The price is paid when *other* CPU-bound processes share the
+    /// machine: the master no longer preempts them either, so an accept may wait for a tick
+    /// (4 ms at `HZ=250`): beside two busy loops, throughput at 4 concurrent clients fell by
     /// 27-47 %. Off by default.
     pub fn batch_scheduling(mut self, on: bool) -> Self {
         self.batch_scheduling = on;

@@ -16,6 +16,16 @@ pub enum MasterError {
     /// A pre-bound listen (`listen_fd`) could not be bound.
     #[error(transparent)]
     Listen(#[from] cluster_core::ListenError),
+    /// [`crate::MasterBuilder::batch_scheduling`] was asked of a master started under a
+    /// scheduling policy other than `SCHED_OTHER` or `SCHED_BATCH` (idle, real-time): the loop
+    /// would have to leave a policy its starter chose.
+    #[error(
+        "batch scheduling asks to move the event loop from SCHED_OTHER, but the master was started under scheduling policy {policy}"
+    )]
+    SchedulingPolicy {
+        /// The policy the master was started under (`SCHED_IDLE` is 5, `SCHED_FIFO` 1, ...).
+        policy: i32,
+    },
     /// The event loop thread is gone (it panicked or already stopped).
     #[error("the master's event loop has stopped")]
     Stopped,

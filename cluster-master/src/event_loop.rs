@@ -241,8 +241,8 @@ pub(crate) struct EventLoop {
     orphans: Option<OrphanReaper>,
     /// What Node workers' `queryServer`s carry per key (see [`crate::node`]).
     node_server_data: crate::node::SharedServerData,
-    /// This thread moved itself to `SCHED_BATCH` ([`MasterBuilder::batch_scheduling`]), which
-    /// a fork would pass on to the workers.
+    /// The loop thread moved itself to `SCHED_BATCH` ([`MasterBuilder::batch_scheduling`]),
+    /// which a fork would pass on to the workers.
     workers_need_normal_policy: bool,
 }
 
@@ -465,17 +465,26 @@ impl EventLoop {
         self.channels_ready = ready;
     }
 
-    pub(crate) fn run(mut self) -> Result<(), MasterError> {
-        if self.cfg.batch_scheduling {
-            match crate::sys::batch_this_thread() {
-                Ok(switched) => self.workers_need_normal_policy = switched,
-                Err(e) => {
-                    self.manager_stopping();
-                    self.emit(Event::Stopped { clean: false });
-                    return Err(MasterError::io("sched_setscheduler(SCHED_BATCH)", e));
-                }
-            }
+    /// Sets the scheduling policy of the calling thread, the one that then runs the loop
+    /// ([`MasterBuilder::batch_scheduling`]); before [`EventLoop::run`], so that a refusal
+    /// fails the start.
+    pub(crate) fn schedule_this_thread(&mut self) -> Result<(), MasterError> {
+        if !self.cfg.batch_scheduling {
+            return Ok(());
         }
+        match sys::batch_this_thread() {
+            Ok(sys::BatchOutcome::Moved) => self.workers_need_normal_policy = true,
+            // The starter's own choice, which workers inherit as they would without the option.
+            Ok(sys::BatchOutcome::AlreadyBatch) => {}
+            Ok(sys::BatchOutcome::Other(policy)) => {
+                return Err(MasterError::SchedulingPolicy { policy });
+            }
+            Err(e) => return Err(MasterError::io("move the event loop to SCHED_BATCH", e)),
+        }
+        Ok(())
+    }
+
+    pub(crate) fn run(mut self) -> Result<(), MasterError> {
         self.supervise(Supervision::start);
         let mut events = Events::with_capacity(256);
         let result = loop {

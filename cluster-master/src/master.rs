@@ -69,10 +69,33 @@ impl Master {
         let waker = event_loop.waker();
         let listen_fds = event_loop.prebound_addrs();
         let inherited = event_loop.inherited_sockets();
+        // The thread's scheduling policy is its own, so it sets it itself; a refusal must fail
+        // the start, not the first `wait`.
+        let (scheduled_tx, scheduled_rx) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("cluster-master".into())
-            .spawn(move || event_loop.run())
+            .spawn(move || {
+                let mut event_loop = event_loop;
+                let scheduled = event_loop.schedule_this_thread();
+                let refused = scheduled.is_err();
+                let _ = scheduled_tx.send(scheduled);
+                if refused {
+                    return Ok(());
+                }
+                event_loop.run()
+            })
             .map_err(|e| MasterError::io("spawn the event loop thread", e))?;
+        match scheduled_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(MasterError::Stopped);
+            }
+        }
         Ok(Master {
             control: MasterControl {
                 commands: cmd_tx,

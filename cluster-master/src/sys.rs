@@ -178,37 +178,69 @@ pub(crate) fn term_with_master(cmd: &mut std::process::Command) {
     unsafe { cmd.pre_exec(closure) };
 }
 
-/// Moves the calling thread from `SCHED_OTHER` to `SCHED_BATCH` (its nice value is kept):
-/// its wake-ups no longer preempt a running task, it waits for a free CPU or the next
-/// scheduler tick. `Ok(false)` when the thread had another policy (a `chrt` the user chose),
-/// which is left alone.
-pub(crate) fn batch_this_thread() -> io::Result<bool> {
+/// What [`batch_this_thread`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BatchOutcome {
+    /// The thread was `SCHED_OTHER` and is now `SCHED_BATCH`.
+    Moved,
+    /// The thread was started as `SCHED_BATCH` already (`chrt -b`).
+    AlreadyBatch,
+    /// The thread runs under this other policy (idle, real-time, deadline), left alone.
+    Other(i32),
+}
+
+/// Moves the calling thread from `SCHED_OTHER` to `SCHED_BATCH`, keeping its nice value and
+/// its reset-on-fork flag (systemd's `CPUSchedulingResetOnFork=`; an unprivileged process may
+/// not clear it): its wake-ups no longer preempt a running task. The raw system calls act on
+/// the calling thread alone, as Linux defines them (pid 0).
+pub(crate) fn batch_this_thread() -> io::Result<BatchOutcome> {
     // SAFETY: sched_getscheduler takes a pid (0: the calling thread) and passes no memory.
-    let policy = unsafe { libc::sched_getscheduler(0) };
-    if policy < 0 {
+    let rc = unsafe { libc::syscall(libc::SYS_sched_getscheduler, 0) };
+    if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    if policy != libc::SCHED_OTHER {
-        return Ok(false);
+    let policy = i32::try_from(rc).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let reset_on_fork = policy & libc::SCHED_RESET_ON_FORK;
+    match policy & !libc::SCHED_RESET_ON_FORK {
+        libc::SCHED_OTHER => {}
+        libc::SCHED_BATCH => return Ok(BatchOutcome::AlreadyBatch),
+        other => return Ok(BatchOutcome::Other(other)),
     }
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: `param` is a valid sched_param that outlives the call; pid 0 is this thread.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } < 0 {
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_sched_setscheduler,
+            0,
+            libc::SCHED_BATCH | reset_on_fork,
+            &param as *const libc::sched_param,
+        )
+    };
+    if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(true)
+    Ok(BatchOutcome::Moved)
 }
 
 /// Has the child `cmd` spawns start as `SCHED_OTHER`, whatever the spawning thread runs as: a
-/// forked process inherits its parent thread's policy, and a master that runs as
-/// `SCHED_BATCH` must not pass that on to its workers. Its nice value is kept.
+/// forked process inherits its parent thread's policy, and a master whose loop moved itself
+/// to `SCHED_BATCH` must not pass that on to its workers. Its nice value is kept.
 pub(crate) fn normal_policy_in_child(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     let closure = || {
         let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: sched_setscheduler is a plain syscall (async-signal-safe); `param` lives on
-        // this stack frame for the whole call.
-        if unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) } < 0 {
+        // SAFETY: a raw system call (no lock, no allocation: safe between fork and exec) with
+        // `param` alive on this stack frame for the whole call; pid 0 is the child's only
+        // thread.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_sched_setscheduler,
+                0,
+                libc::SCHED_OTHER,
+                &param as *const libc::sched_param,
+            )
+        };
+        if rc < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())

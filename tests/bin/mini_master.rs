@@ -68,5 +68,11 @@ fn main() -> ExitCode {
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
     }
-    ExitCode::SUCCESS
+    match master.wait() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mini-master: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
