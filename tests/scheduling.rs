@@ -1,6 +1,6 @@
 //! [`cluster_master::MasterBuilder::batch_scheduling`]: the master's event loop thread runs as
 //! `SCHED_BATCH`, while its workers, which a fork would give the forking thread's policy,
-//! start as `SCHED_OTHER`. Both tests assume they are run under `SCHED_OTHER` themselves.
+//! start as `SCHED_OTHER`. The tests assume they are run under `SCHED_OTHER` themselves.
 
 use std::process::{Command, Stdio};
 use std::time::Instant;

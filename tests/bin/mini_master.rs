@@ -1,6 +1,7 @@
 //! A master in its own process, for tests that kill the master or measure it:
-//! `mini-master [--stall-events MS] [--sched-batch] N PROGRAM [ARGS...]`. Prints `fork <worker> <pid>`,
-//! `listening <worker> <addr>` and `exit <worker> <code|signal>` lines and runs until killed.
+//! `mini-master [--stall-events MS] [--sched-batch] N PROGRAM [ARGS...]`. Prints
+//! `fork <worker> <pid>`, `listening <worker> <addr>` and `exit <worker> <code|signal>` lines
+//! and runs until killed.
 //! `--stall-events MS` stops reading events for MS ms at the first user message, as an
 //! embedder that falls behind. `--sched-batch` sets [`MasterBuilder::batch_scheduling`].
 use std::io::Write;
