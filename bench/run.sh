@@ -616,41 +616,35 @@ split_worst() { tr ';' '\n' <<<"${SPLIT[$1]:-}" | awk -F'|' 'NF == 2 && $2 != "n
 verdict() { awk -v a="$1" -v b="$2" -v op="$3" 'BEGIN { if (a == "nan" || a == "-" || a == "") { print "not measured"; exit }
   ok = (op == ">=") ? a >= b : (op == "<") ? a < b : a <= b; print (ok ? "**met**" : "**missed**") }'; }
 
+# One target line: LABEL, then NUM / DEN judged OP LIMIT (three decimals, see target_ratio).
+ratio_line() { local r; r=$(target_ratio "$2" "$3"); echo "- $1: ${r}x, $(verdict "$r" "$5" "$4")"; }
+# The same for CPU per request, with both figures shown.
+cpu_line() { local r; r=$(target_ratio "$2" "$3"); echo "- $1: $2 vs $3 µs = ${r}x, $(verdict "$r" "$5" "$4")"; }
+# LABEL, then an idle RSS in KiB (empty: not measured) judged OP LIMIT MiB.
+rss_line() { local r=nan; [[ -n ${2:-} ]] && r=$(calc %.2f "$2 / 1024"); echo "- $1: $r MiB, $(verdict "$r" "$4" "$3")"; }
+
 write_targets() {
   local r
   echo "Targets (ratios from this run):"
   echo
-  r=$(target_ratio "$(med "${RPS[rs-rr/close]:-}")" "$(med "${RPS[rs-standalone/close]:-}")")
-  echo "- rr \`Connection: close\` >= 0.9x standalone: $r, $(verdict "$r" 0.9 '>=')"
-  r=$(target_ratio "$(med "${RPS[rs-rr/close]:-}")" "$(med "${RPS[node-rr/close]:-}")")
-  echo "- rr \`Connection: close\` >= 1.9x Node rr: $r, $(verdict "$r" 1.9 '>=')"
-  r=$(target_ratio "$(med "${CPUUS[rs-rr/close]:-}")" "$(med "${CPUUS[rs-standalone/close]:-}")")
-  echo "- server CPU per close request <= 1.15x standalone: rr $(med "${CPUUS[rs-rr/close]:-}") vs $(med "${CPUUS[rs-standalone/close]:-}") µs = ${r}x, $(verdict "$r" 1.15 '<=')"
+  ratio_line "rr \`Connection: close\` >= 0.9x standalone" "$(med "${RPS[rs-rr/close]:-}")" "$(med "${RPS[rs-standalone/close]:-}")" '>=' 0.9
+  ratio_line "rr \`Connection: close\` >= 1.9x Node rr" "$(med "${RPS[rs-rr/close]:-}")" "$(med "${RPS[node-rr/close]:-}")" '>=' 1.9
+  cpu_line "server CPU per close request <= 1.15x standalone, rr" "$(med "${CPUUS[rs-rr/close]:-}")" "$(med "${CPUUS[rs-standalone/close]:-}")" '<=' 1.15
   r=$(target_ratio "$(med "${RPS[rs-rr/keepalive]:-}")" "$(med "${RPS[rs-standalone/keepalive]:-}")")
   echo "- keep-alive equal to standalone within noise (taken as >= 0.9x; keep-alive spreads ~10 % between sets here): rr ${r}x (ranges rr $(fmt_range "${RPS[rs-rr/keepalive]:-}"), standalone $(fmt_range "${RPS[rs-standalone/keepalive]:-}")), $(verdict "$r" 0.9 '>=')"
   if [[ -n ${RPS[axum-rr/close]:-} ]]; then
-    r=$(target_ratio "$(med "${RPS[axum-rr/keepalive]:-}")" "$(med "${RPS[axum-standalone/keepalive]:-}")")
-    echo "- axum example under rr, keep-alive >= 0.95x the same app standalone: ${r}x, $(verdict "$r" 0.95 '>=')"
-    r=$(target_ratio "$(med "${RPS[axum-rr/close]:-}")" "$(med "${RPS[axum-standalone/close]:-}")")
-    echo "- axum example under rr, \`Connection: close\` >= 0.85x standalone: ${r}x, $(verdict "$r" 0.85 '>=')"
-    r=$(target_ratio "$(med "${CPUUS[axum-rr/close]:-}")" "$(med "${CPUUS[axum-standalone/close]:-}")")
-    echo "- axum example, server CPU per close request <= 1.5x standalone: rr $(med "${CPUUS[axum-rr/close]:-}") vs $(med "${CPUUS[axum-standalone/close]:-}") µs = ${r}x, $(verdict "$r" 1.5 '<=')"
+    ratio_line "axum example under rr, keep-alive >= 0.95x the same app standalone" "$(med "${RPS[axum-rr/keepalive]:-}")" "$(med "${RPS[axum-standalone/keepalive]:-}")" '>=' 0.95
+    ratio_line "axum example under rr, \`Connection: close\` >= 0.85x standalone" "$(med "${RPS[axum-rr/close]:-}")" "$(med "${RPS[axum-standalone/close]:-}")" '>=' 0.85
+    cpu_line "axum example, server CPU per close request <= 1.5x standalone, rr" "$(med "${CPUUS[axum-rr/close]:-}")" "$(med "${CPUUS[axum-standalone/close]:-}")" '<=' 1.5
   fi
   if [[ -n ${RPS[rs-node/close]:-} ]]; then
     # Issue 12: the Node app under this master against the same app under Node's primary.
-    r=$(target_ratio "$(med "${RPS[rs-node/close]:-}")" "$(med "${RPS[node-rr/close]:-}")")
-    echo "- Node workers, \`Connection: close\` >= 1.4x Node's own rr: ${r}x, $(verdict "$r" 1.4 '>=')"
-    r=$(target_ratio "$(med "${RPS[rs-node/keepalive]:-}")" "$(med "${RPS[node-rr/keepalive]:-}")")
-    echo "- Node workers, keep-alive >= 0.95x Node's own rr: ${r}x, $(verdict "$r" 0.95 '>=')"
-    r=$(target_ratio "$(med "${PRIMARYUS[rs-node/close]:-}")" "$(med "${PRIMARYUS[node-rr/close]:-}")")
-    echo "- Node workers, primary CPU per close request <= 0.5x Node's primary: $(med "${PRIMARYUS[rs-node/close]:-}") vs $(med "${PRIMARYUS[node-rr/close]:-}") µs = ${r}x, $(verdict "$r" 0.5 '<=')"
-    r=$(calc %.2f "${RSS_M[rs-node]:-0} / 1024")
-    [[ -n ${RSS_M[rs-node]:-} ]] || r=nan
-    echo "- Node workers, master idle RSS < 4 MiB: $r MiB, $(verdict "$r" 4 '<')"
+    ratio_line "Node workers, \`Connection: close\` >= 1.4x Node's own rr" "$(med "${RPS[rs-node/close]:-}")" "$(med "${RPS[node-rr/close]:-}")" '>=' 1.4
+    ratio_line "Node workers, keep-alive >= 0.95x Node's own rr" "$(med "${RPS[rs-node/keepalive]:-}")" "$(med "${RPS[node-rr/keepalive]:-}")" '>=' 0.95
+    cpu_line "Node workers, primary CPU per close request <= 0.5x Node's primary" "$(med "${PRIMARYUS[rs-node/close]:-}")" "$(med "${PRIMARYUS[node-rr/close]:-}")" '<=' 0.5
+    rss_line "Node workers, master idle RSS < 4 MiB" "${RSS_M[rs-node]:-}" '<' 4
   fi
-  r=$(calc %.2f "${RSS_M[rs-rr]:-0} / 1024")
-  [[ -n ${RSS_M[rs-rr]:-} ]] || r=nan
-  echo "- master idle RSS <= 4 MiB: rr master $r MiB, $(verdict "$r" 4 '<=')"
+  rss_line "master idle RSS <= 4 MiB, rr master" "${RSS_M[rs-rr]:-}" '<=' 4
   r=$(sed 's/ .*//' <<<"${STARTUP[rs-rr/16]:-nan}")
   echo "- 16 workers listening within 50 ms of start: rr ${r} ms (median), $(verdict "$r" 50 '<=')"
   r=$(split_worst rs-rr)

@@ -32,6 +32,12 @@ fn thread_policies(pid: u32) -> Policies {
         .collect()
 }
 
+/// Whether there are threads and every one runs under `policy` (an empty list would pass any
+/// check vacuously).
+fn all_under(threads: &Policies, policy: i32) -> bool {
+    !threads.is_empty() && threads.iter().all(|&(_, p)| p == policy)
+}
+
 /// A mini-master, through `chrt ARGS` when `chrt` is not empty (it execs in place, so the
 /// pid is the master's).
 fn mini_master_under(chrt: &[&str], batch: bool) -> Command {
@@ -107,36 +113,23 @@ fn batch_scheduling_moves_the_event_loop_and_not_the_workers() {
             .any(|(name, p)| name != "cluster-master" && *p == libc::SCHED_OTHER),
         "{master:?}"
     );
-    assert!(!workers.is_empty());
-    assert!(
-        workers.iter().all(|&(_, p)| p == libc::SCHED_OTHER),
-        "{workers:?}"
-    );
+    assert!(all_under(&workers, libc::SCHED_OTHER), "{workers:?}");
 }
 
 #[test]
 fn the_event_loop_keeps_the_normal_policy_by_default() {
     let _fds = shared_fds();
     let (master, _) = policies_under_master(&[], false);
-    assert!(
-        master.iter().all(|&(_, p)| p == libc::SCHED_OTHER),
-        "{master:?}"
-    );
+    assert!(all_under(&master, libc::SCHED_OTHER), "{master:?}");
 }
 
 #[test]
 fn a_master_started_as_batch_stays_so_and_its_workers_inherit_it() {
     let _fds = shared_fds();
     let (master, workers) = policies_under_master(&["--batch", "0"], true);
-    assert!(
-        master.iter().all(|&(_, p)| p == libc::SCHED_BATCH),
-        "{master:?}"
-    );
+    assert!(all_under(&master, libc::SCHED_BATCH), "{master:?}");
     // No reset: the policy is the starter's choice, not the loop's.
-    assert!(
-        workers.iter().all(|&(_, p)| p == libc::SCHED_BATCH),
-        "{workers:?}"
-    );
+    assert!(all_under(&workers, libc::SCHED_BATCH), "{workers:?}");
 }
 
 #[test]
