@@ -2,7 +2,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use cluster_core::WorkerId;
-use cluster_master::{Event, MasterBuilder};
+use cluster_master::{Coalesce, Event, MasterBuilder};
 
 use crate::util::*;
 
@@ -104,7 +104,7 @@ fn a_failed_bind_is_not_kept_so_a_later_listen_binds_afresh() {
 /// ones held until a gate file goes), connects 16 clients, opens the gate once the master holds
 /// all of them (four in flight, the rest queued, so every refill finds four waiting), and
 /// checks that every client is served.
-fn sixteen_served_in_fours(mode: &str) -> Cluster {
+fn sixteen_served_in_fours(mode: &str, coalesce: Option<Coalesce>) -> Cluster {
     let gate = std::env::temp_dir().join(format!("cluster-rs-{mode}-{}", std::process::id()));
     std::fs::write(&gate, b"").expect("gate");
     // A window of four, as the frame counts below assume, and no stall rule, so that only the
@@ -113,7 +113,8 @@ fn sixteen_served_in_fours(mode: &str) -> Cluster {
     let mut c = Cluster::start(
         rr(1, &format!("{mode}:{}", gate.display()))
             .window(4)
-            .stall_after(None),
+            .stall_after(None)
+            .coalesce(coalesce),
     );
     let addr = inet(&c.wait_listening(1));
     let clients: Vec<_> = (0..16)
@@ -151,7 +152,7 @@ fn the_connections_that_refill_a_window_leave_in_one_frame() {
     let _fds = shared_fds();
     // One worker with a window of 4 that answers four at a time in one write: after its first
     // four, each refill of its window is one frame of four connections.
-    let c = sixteen_served_in_fours("answer-in-fours");
+    let c = sixteen_served_in_fours("answer-in-fours", Some(Coalesce::default()));
     let stats = c.master().stats().expect("stats");
     assert_eq!(stats.handed_off, 16, "{stats:?}");
     // Four refills of four at most, plus however the first four were accepted (one to four
@@ -159,6 +160,36 @@ fn the_connections_that_refill_a_window_leave_in_one_frame() {
     assert!(stats.handoff_frames <= 7, "{stats:?}");
     assert_eq!(stats.closed_unserved, 0, "{stats:?}");
     c.stop();
+}
+
+#[test]
+fn the_master_pauses_before_waiting_only_while_every_worker_is_behind() {
+    let _fds = shared_fds();
+    // The worker sits on four unanswered hand-offs (at least `min_unanswered`) until the gate
+    // goes: every pass meanwhile ends in a pause, and nothing is lost by it.
+    let c = sixteen_served_in_fours("answer-in-fours", Some(Coalesce::default()));
+    let on = c.master().stats().expect("stats");
+    assert!(on.coalesced_pauses > 0, "{on:?}");
+    assert_eq!((on.handed_off, on.closed_unserved), (16, 0), "{on:?}");
+    c.stop();
+    // Four unanswered are not enough when five are asked for; and off is off.
+    for coalesce in [
+        Some(Coalesce {
+            min_unanswered: 5,
+            ..Coalesce::default()
+        }),
+        None,
+    ] {
+        let c = sixteen_served_in_fours("answer-in-fours", coalesce);
+        let stats = c.master().stats().expect("stats");
+        assert_eq!(stats.coalesced_pauses, 0, "{coalesce:?}: {stats:?}");
+        assert_eq!(
+            (stats.handed_off, stats.closed_unserved),
+            (16, 0),
+            "{stats:?}"
+        );
+        c.stop();
+    }
 }
 
 #[test]
@@ -182,7 +213,7 @@ fn an_answer_for_a_hand_off_not_sent_yet_loses_nothing() {
     // The worker answers its first four and, in the same write, forges an answer for the
     // connection those answers make the master deal it next (not sent yet). Honouring it would
     // close the master's only copy before the hand-off goes out.
-    let c = sixteen_served_in_fours("answer-in-fours-forging");
+    let c = sixteen_served_in_fours("answer-in-fours-forging", Some(Coalesce::default()));
     let stats = c.master().stats().expect("stats");
     assert_eq!(stats.closed_unserved, 0, "{stats:?}");
     assert!(

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use cluster_core::{ListenAddr, ListenSpec, Policy};
-use cluster_master::{Protocol, RestartPolicy, RoundRobinConfig};
+use cluster_master::{Coalesce, Protocol, RestartPolicy, RoundRobinConfig};
 
 /// The stable log formats, shown at the end of `spawn --help`.
 const LOG_FORMATS: &str = "\
@@ -73,7 +73,7 @@ pub struct Cli {
 pub enum Command {
     /// Start a master that runs PROGRAM (default: the built-in hello worker) N times.
     #[command(after_help = LOG_FORMATS)]
-    Spawn(SpawnArgs),
+    Spawn(Box<SpawnArgs>),
     /// Run the built-in hello HTTP worker (standalone, or as a worker of a cluster-rs master).
     Hello(HelloArgs),
 }
@@ -117,6 +117,19 @@ pub struct SpawnArgs {
     /// worker with room answers, the windows bound it). 0: off, only --window limits.
     #[arg(long, value_name = "MS", default_value_t = millis(cluster_master::DEFAULT_STALL_AFTER))]
     pub stall_after: u64,
+
+    /// While every worker has at least --coalesce-min round-robin hand-offs it has not read
+    /// yet, the master pauses up to this long (µs) before it waits again, and deals what
+    /// arrived meanwhile in one pass instead of waking (and preempting a busy worker) for
+    /// each connection. Only under load; a worker with fewer turns it off. 0: off.
+    #[arg(long, value_name = "US", default_value_t = micros(Coalesce::default().delay))]
+    pub coalesce_us: u64,
+
+    /// Unanswered hand-offs every worker must have before the master pauses (see
+    /// --coalesce-us).
+    #[arg(long, value_name = "N", default_value_t = Coalesce::default().min_unanswered,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub coalesce_min: usize,
 
     /// Delay before restarting a crashed worker, in ms (doubles per fast crash).
     #[arg(long, value_name = "MS", default_value_t = millis(RestartPolicy::default().initial_delay))]
@@ -265,6 +278,10 @@ pub fn parse_signal(s: &str) -> Result<i32, String> {
     name.parse::<nix::sys::signal::Signal>()
         .map(|sig| sig as i32)
         .map_err(|_| format!("`{s}` is not a signal name"))
+}
+
+fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 fn millis(d: std::time::Duration) -> u64 {
@@ -457,6 +474,22 @@ mod tests {
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--stop-signal", "BOGUS"]).is_err());
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--policy", "fastest"]).is_err());
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--window", "0"]).is_err());
+        assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--coalesce-min", "0"]).is_err());
+    }
+
+    #[test]
+    fn coalescing_is_on_by_default_and_zero_turns_it_off() {
+        let spawn = |args: &[&str]| {
+            let argv = ["cluster-cli", "spawn"].iter().chain(args);
+            match Cli::try_parse_from(argv).unwrap().command {
+                Command::Spawn(a) => (a.coalesce_us, a.coalesce_min),
+                _ => panic!("not spawn"),
+            }
+        };
+        let default = Coalesce::default();
+        assert_eq!(spawn(&[]), (micros(default.delay), default.min_unanswered));
+        assert_eq!(spawn(&["--coalesce-us", "0"]).0, 0);
+        assert_eq!(spawn(&["--coalesce-min", "7"]).1, 7);
     }
 
     #[test]

@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     // clap prints usage errors itself and exits 2 (help and version exit 0).
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Spawn(a) => spawn::run(a),
+        Command::Spawn(a) => spawn::run(*a),
         Command::Hello(a) => hello::run(a),
     };
     match result {

@@ -15,7 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use cluster_master::{
-    Event, Master, MasterBuilder, MasterControl, MasterError, Protocol, RestartPolicy,
+    Coalesce, Event, Master, MasterBuilder, MasterControl, MasterError, Protocol, RestartPolicy,
 };
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU};
 use signal_hook::iterator::Signals;
@@ -76,6 +76,10 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
         .ready_timeout(Duration::from_millis(a.ready_timeout))
         .defer_accept(a.defer_accept)
         .batch_scheduling(a.sched_batch)
+        .coalesce((a.coalesce_us > 0).then(|| Coalesce {
+            delay: Duration::from_micros(a.coalesce_us),
+            min_unanswered: a.coalesce_min,
+        }))
         .capture_output(true);
     if let Some(ms) = a.ack_timeout {
         builder = builder.ack_timeout(Duration::from_millis(ms));

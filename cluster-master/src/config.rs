@@ -45,6 +45,7 @@ pub struct MasterBuilder {
     pub(crate) ack_timeout: Option<Duration>,
     pub(crate) defer_accept: bool,
     pub(crate) batch_scheduling: bool,
+    pub(crate) coalesce: Option<Coalesce>,
     pub(crate) ready_timeout: Duration,
     pub(crate) capture_output: bool,
     pub(crate) max_frame: usize,
@@ -57,6 +58,37 @@ pub struct MasterBuilder {
     pub(crate) socket_activation: bool,
     pub(crate) reap_orphans: bool,
     pub(crate) protocol: crate::Protocol,
+}
+
+/// When every worker that round-robin connections go to has at least `min_unanswered`
+/// hand-offs it has not answered (it has not even read them: it is busy with earlier ones), a
+/// connection dealt now would only queue behind them. The master's loop then sleeps up to
+/// `delay` before it waits again, so that what arrives meanwhile is accepted and dealt in one
+/// pass, rather than being woken for each connection, each wake-up preempting a busy worker
+/// (a context switch and cold caches for both). Like a NIC's interrupt coalescing, it trades a
+/// bounded delay for fewer wake-ups, and only under load: a worker with fewer unanswered
+/// hand-offs (an idle one, or any at low load) turns it off. Nothing is delayed past a due
+/// timer, and the loop reads whatever arrived during the pause on its next pass (epoll keeps
+/// the readiness). Under `Connection: close` load with Node workers it cut the master's CPU
+/// per request from about 22 µs to 13 µs and raised throughput by about 9 % (docs/node.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Coalesce {
+    /// The longest pause before a wait. Keep it below what a worker spends on
+    /// `min_unanswered` connections, or it may run out of work meanwhile.
+    pub delay: Duration,
+    /// Unanswered hand-offs every worker must have for a pause (at least 1).
+    pub min_unanswered: usize,
+}
+
+impl Default for Coalesce {
+    /// 300 µs and 3: a Node `http` worker spends about 90 µs of CPU per short connection, so
+    /// three unread ones outlast the pause.
+    fn default() -> Self {
+        Coalesce {
+            delay: Duration::from_micros(300),
+            min_unanswered: 3,
+        }
+    }
 }
 
 /// Where a socket passed to the workers as `LISTEN_FDS` comes from.
@@ -83,6 +115,7 @@ impl MasterBuilder {
             ack_timeout: None,
             defer_accept: false,
             batch_scheduling: false,
+            coalesce: Some(Coalesce::default()),
             ready_timeout: Duration::from_secs(30),
             capture_output: false,
             max_frame: cluster_ipc::frame::DEFAULT_MAX_FRAME,
@@ -213,6 +246,13 @@ impl MasterBuilder {
     /// 27-47 %. Off by default.
     pub fn batch_scheduling(mut self, on: bool) -> Self {
         self.batch_scheduling = on;
+        self
+    }
+
+    /// Lets connections gather while every worker is behind (see [`Coalesce`]); `None`: the
+    /// loop waits for the next event at once after every pass. On by default.
+    pub fn coalesce(mut self, coalesce: Option<Coalesce>) -> Self {
+        self.coalesce = coalesce;
         self
     }
 

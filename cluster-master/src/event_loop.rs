@@ -34,6 +34,7 @@ use crate::{MasterBuilder, MasterError, sys};
 
 mod channel_set;
 mod channels;
+mod coalesce;
 mod commands;
 mod inherited;
 mod lifecycle;
@@ -506,6 +507,20 @@ impl EventLoop {
                 let cap = channel_set::LAZY_READ_DELAY;
                 timeout = Some(timeout.map_or(cap, |t| t.min(cap)));
             }
+            let pause = coalesce::pause_before_wait(
+                self.cfg.coalesce,
+                timeout,
+                self.fleet
+                    .workers
+                    .values()
+                    .filter_map(|w| self.unanswered_if_dealt_to(w)),
+            );
+            if !pause.is_zero() {
+                // A plain sleep: epoll keeps what becomes ready meanwhile for the wait below.
+                std::thread::sleep(pause);
+                self.fleet.stats.coalesced_pauses += 1;
+                timeout = timeout.map(|t| t.saturating_sub(pause));
+            }
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
             {
@@ -601,6 +616,25 @@ impl EventLoop {
                 _ => None,
             })
             .sum()
+    }
+
+    /// Hand-offs sent to `w` and not answered, if round-robin connections are dealt to it (it
+    /// holds a round-robin server and is not being dropped).
+    fn unanswered_if_dealt_to(&self, w: &WorkerRec) -> Option<usize> {
+        if w.dropping || w.channel.is_none() {
+            return None;
+        }
+        let mut dealt_to = false;
+        let mut unanswered = 0;
+        for sid in &w.servers {
+            if let Some(ServerKind::RoundRobin { handle, .. }) =
+                self.servers.get(sid).map(|s| &s.kind)
+            {
+                dealt_to = true;
+                unanswered += handle.in_flight_to(w.id);
+            }
+        }
+        dealt_to.then_some(unanswered)
     }
 
     /// The earliest instant at which a timer is due, computed right before each poll.

@@ -324,6 +324,8 @@ pub struct MasterStats {
     pub stray_answers: u64,
     /// Connections waiting in the master.
     pub pending: usize,
+    /// Pauses the loop took before waiting, every worker being behind ([`crate::Coalesce`]).
+    pub coalesced_pauses: u64,
 }
 
 /// A request from a [`crate::MasterControl`] to the event loop.
