@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::path::PathBuf;
 
 use cluster_core::WorkerId;
-use cluster_master::{Event, MasterBuilder, MasterError, Protocol};
+use cluster_master::{Coalesce, Event, MasterBuilder, MasterError, Protocol};
 
 use crate::util::{Cluster, WAIT};
 
@@ -26,11 +26,15 @@ fn json(bytes: &[u8]) -> String {
 
 /// One Node worker running `script`, whose first message is `{"port":N}`.
 fn one_worker_saying_its_port(script: &str) -> (Cluster, u16) {
-    let builder = MasterBuilder::new("node")
-        .arg(node_script(script))
-        .protocol(Protocol::Node)
-        .workers(1);
-    let mut c = Cluster::start(builder);
+    one_worker_saying_its_port_under(
+        MasterBuilder::new("node")
+            .arg(node_script(script))
+            .protocol(Protocol::Node),
+    )
+}
+
+fn one_worker_saying_its_port_under(builder: MasterBuilder) -> (Cluster, u16) {
+    let mut c = Cluster::start(builder.workers(1));
     let Event::Message { payload, .. } = c.wait_for(WAIT, |e| matches!(e, Event::Message { .. }))
     else {
         unreachable!()
@@ -159,4 +163,63 @@ fn a_socket_a_node_worker_sends_is_closed_and_its_server_still_closes() {
         "{end:?}"
     );
     c.stop();
+}
+
+/// A Node worker whose event loop is blocked leaves what it is handed unread: with one worker
+/// that is every worker behind, so the master pauses before its waits ([`Coalesce`]); off, it
+/// never does. Either way every client is served once the worker runs again.
+#[test]
+fn the_master_pauses_while_a_node_worker_leaves_its_hand_offs_unread() {
+    let _fds = crate::util::shared_fds();
+    for coalesce in [Some(Coalesce::default()), None] {
+        let gate = std::env::temp_dir().join(format!(
+            "cluster-rs-blocks-first-{}-{}",
+            std::process::id(),
+            coalesce.is_some()
+        ));
+        std::fs::write(&gate, b"").unwrap();
+        let (mut c, port) = one_worker_saying_its_port_under(
+            MasterBuilder::new("node")
+                .arg(node_script("blocks_first.js"))
+                .arg(&gate)
+                .protocol(Protocol::Node)
+                .coalesce(coalesce),
+        );
+        let connect = || {
+            let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            s
+        };
+        let first = connect();
+        c.wait_for(WAIT, |e| {
+            matches!(e, Event::Message { payload, .. } if payload.as_slice() == b"{\"blocked\":true}")
+        });
+        let more: Vec<TcpStream> = (0..8).map(|_| connect()).collect();
+        // The pause comes at the end of the pass that dealt the ninth, which may be after
+        // that pass answered a stats request: wait for both.
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let s = c.master().stats().unwrap();
+            if s.handed_off == 9 && (coalesce.is_none() || s.coalesced_pauses > 0) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never all handed off (and a pause taken, if on): {s:?}"
+            );
+            std::thread::yield_now();
+        }
+        std::fs::remove_file(&gate).unwrap();
+        for mut s in std::iter::once(first).chain(more) {
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).unwrap();
+            assert_eq!(reply, "bye\n");
+        }
+        let stats = c.master().stats().unwrap();
+        if coalesce.is_none() {
+            assert_eq!(stats.coalesced_pauses, 0, "{stats:?}");
+        }
+        assert_eq!(stats.closed_unserved, 0, "{stats:?}");
+        c.stop();
+    }
 }

@@ -163,33 +163,19 @@ fn the_connections_that_refill_a_window_leave_in_one_frame() {
 }
 
 #[test]
-fn the_master_pauses_before_waiting_only_while_every_worker_is_behind() {
+fn native_workers_never_count_as_behind_so_the_master_never_pauses() {
     let _fds = shared_fds();
-    // The worker sits on four unanswered hand-offs (at least `min_unanswered`) until the gate
-    // goes: every pass meanwhile ends in a pause, and nothing is lost by it.
+    // Four unanswered hand-offs would be behind for a Node worker (tests/node_messages.rs);
+    // a native one answers in batches, which a pause would not gather any better.
     let c = sixteen_served_in_fours("answer-in-fours", Some(Coalesce::default()));
-    let on = c.master().stats().expect("stats");
-    assert!(on.coalesced_pauses > 0, "{on:?}");
-    assert_eq!((on.handed_off, on.closed_unserved), (16, 0), "{on:?}");
+    let stats = c.master().stats().expect("stats");
+    assert_eq!(stats.coalesced_pauses, 0, "{stats:?}");
+    assert_eq!(
+        (stats.handed_off, stats.closed_unserved),
+        (16, 0),
+        "{stats:?}"
+    );
     c.stop();
-    // Four unanswered are not enough when five are asked for; and off is off.
-    for coalesce in [
-        Some(Coalesce {
-            min_unanswered: 5,
-            ..Coalesce::default()
-        }),
-        None,
-    ] {
-        let c = sixteen_served_in_fours("answer-in-fours", coalesce);
-        let stats = c.master().stats().expect("stats");
-        assert_eq!(stats.coalesced_pauses, 0, "{coalesce:?}: {stats:?}");
-        assert_eq!(
-            (stats.handed_off, stats.closed_unserved),
-            (16, 0),
-            "{stats:?}"
-        );
-        c.stop();
-    }
 }
 
 #[test]

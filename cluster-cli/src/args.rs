@@ -118,10 +118,11 @@ pub struct SpawnArgs {
     #[arg(long, value_name = "MS", default_value_t = millis(cluster_master::DEFAULT_STALL_AFTER))]
     pub stall_after: u64,
 
-    /// While every worker has at least --coalesce-min round-robin hand-offs it has not read
-    /// yet, the master pauses up to this long (µs) before it waits again, and deals what
-    /// arrived meanwhile in one pass instead of waking (and preempting a busy worker) for
-    /// each connection. Only under load; a worker with fewer turns it off. 0: off.
+    /// Node workers: while every worker has at least --coalesce-min round-robin hand-offs it
+    /// has not read yet, the master pauses up to this long (µs) before it waits again, and
+    /// deals what arrived meanwhile in one pass instead of waking (and preempting a busy
+    /// worker) for each connection. Only under load; a worker with fewer turns it off. 0: off.
+    /// (Native workers answer in batches; no pause saves them a wake-up.)
     #[arg(long, value_name = "US", default_value_t = micros(Coalesce::default().delay))]
     pub coalesce_us: u64,
 

@@ -619,11 +619,16 @@ impl EventLoop {
     }
 
     /// Hand-offs sent to `w` and not answered, if round-robin connections are dealt to it (it
-    /// holds a round-robin server and is not being dropped).
+    /// holds a round-robin server and is not being dropped), as [`Coalesce`](crate::Coalesce)
+    /// counts them: a worker that answers a whole read's hand-offs in one frame (native) counts
+    /// as never behind. Its answers already come in batches that the loop reads as they arrive,
+    /// so a pause saves no wake-up and adds a timer's: with it, the master's CPU per close
+    /// request of native hello workers rose from 12.9 to 14.3 µs (means of 4 sets).
     fn unanswered_if_dealt_to(&self, w: &WorkerRec) -> Option<usize> {
-        if w.dropping || w.channel.is_none() {
+        if w.dropping {
             return None;
         }
+        let answers_one_by_one = w.channel.as_ref()?.answers_one_by_one();
         let mut dealt_to = false;
         let mut unanswered = 0;
         for sid in &w.servers {
@@ -634,7 +639,7 @@ impl EventLoop {
                 unanswered += handle.in_flight_to(w.id);
             }
         }
-        dealt_to.then_some(unanswered)
+        dealt_to.then_some(if answers_one_by_one { unanswered } else { 0 })
     }
 
     /// The earliest instant at which a timer is due, computed right before each poll.

@@ -1,0 +1,17 @@
+// Says when its first connection arrives, then blocks its event loop (as a long synchronous
+// handler would) until the gate file named by argv[2] is gone, so that whatever the primary
+// hands it meanwhile waits unread in its channel. Then it serves everything: 'bye\n', close.
+const fs = require('fs');
+const net = require('net');
+const gate = process.argv[2];
+let first = true;
+const server = net.createServer((sock) => {
+  if (first) {
+    first = false;
+    process.send({ blocked: true });
+    const deadline = Date.now() + 20000;
+    while (fs.existsSync(gate) && Date.now() < deadline) {}
+  }
+  sock.end('bye\n');
+});
+server.listen(0, '127.0.0.1', () => process.send({ port: server.address().port }));
