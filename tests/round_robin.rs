@@ -2,7 +2,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use cluster_core::WorkerId;
-use cluster_master::{Coalesce, Event, MasterBuilder};
+use cluster_master::{Event, MasterBuilder};
 
 use crate::util::*;
 
@@ -104,7 +104,7 @@ fn a_failed_bind_is_not_kept_so_a_later_listen_binds_afresh() {
 /// ones held until a gate file goes), connects 16 clients, opens the gate once the master holds
 /// all of them (four in flight, the rest queued, so every refill finds four waiting), and
 /// checks that every client is served.
-fn sixteen_served_in_fours(mode: &str, coalesce: Option<Coalesce>) -> Cluster {
+fn sixteen_served_in_fours(mode: &str) -> Cluster {
     let gate = std::env::temp_dir().join(format!("cluster-rs-{mode}-{}", std::process::id()));
     std::fs::write(&gate, b"").expect("gate");
     // A window of four, as the frame counts below assume, and no stall rule, so that only the
@@ -113,8 +113,7 @@ fn sixteen_served_in_fours(mode: &str, coalesce: Option<Coalesce>) -> Cluster {
     let mut c = Cluster::start(
         rr(1, &format!("{mode}:{}", gate.display()))
             .window(4)
-            .stall_after(None)
-            .coalesce(coalesce),
+            .stall_after(None),
     );
     let addr = inet(&c.wait_listening(1));
     let clients: Vec<_> = (0..16)
@@ -152,29 +151,16 @@ fn the_connections_that_refill_a_window_leave_in_one_frame() {
     let _fds = shared_fds();
     // One worker with a window of 4 that answers four at a time in one write: after its first
     // four, each refill of its window is one frame of four connections.
-    let c = sixteen_served_in_fours("answer-in-fours", Some(Coalesce::default()));
+    let c = sixteen_served_in_fours("answer-in-fours");
     let stats = c.master().stats().expect("stats");
     assert_eq!(stats.handed_off, 16, "{stats:?}");
     // Four refills of four at most, plus however the first four were accepted (one to four
     // accept passes).
     assert!(stats.handoff_frames <= 7, "{stats:?}");
     assert_eq!(stats.closed_unserved, 0, "{stats:?}");
-    c.stop();
-}
-
-#[test]
-fn native_workers_never_count_as_behind_so_the_master_never_pauses() {
-    let _fds = shared_fds();
-    // Four unanswered hand-offs would be behind for a Node worker (tests/node_messages.rs);
-    // a native one answers in batches, which a pause would not gather any better.
-    let c = sixteen_served_in_fours("answer-in-fours", Some(Coalesce::default()));
-    let stats = c.master().stats().expect("stats");
+    // Four unanswered would be behind for a Node worker (tests/node_messages.rs); a native
+    // one answers in batches, which a pause would not gather any better: never a pause.
     assert_eq!(stats.coalesced_pauses, 0, "{stats:?}");
-    assert_eq!(
-        (stats.handed_off, stats.closed_unserved),
-        (16, 0),
-        "{stats:?}"
-    );
     c.stop();
 }
 
@@ -199,7 +185,7 @@ fn an_answer_for_a_hand_off_not_sent_yet_loses_nothing() {
     // The worker answers its first four and, in the same write, forges an answer for the
     // connection those answers make the master deal it next (not sent yet). Honouring it would
     // close the master's only copy before the hand-off goes out.
-    let c = sixteen_served_in_fours("answer-in-fours-forging", Some(Coalesce::default()));
+    let c = sixteen_served_in_fours("answer-in-fours-forging");
     let stats = c.master().stats().expect("stats");
     assert_eq!(stats.closed_unserved, 0, "{stats:?}");
     assert!(

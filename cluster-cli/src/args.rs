@@ -118,12 +118,13 @@ pub struct SpawnArgs {
     #[arg(long, value_name = "MS", default_value_t = millis(cluster_master::DEFAULT_STALL_AFTER))]
     pub stall_after: u64,
 
-    /// Node workers: while every worker has at least --coalesce-min round-robin hand-offs it
-    /// has not read yet, the master pauses up to this long (µs) before it waits again, and
-    /// deals what arrived meanwhile in one pass instead of waking (and preempting a busy
-    /// worker) for each connection. Only under load; a worker with fewer turns it off. 0: off.
-    /// (Native workers answer in batches; no pause saves them a wake-up.)
-    #[arg(long, value_name = "US", default_value_t = micros(Coalesce::default().delay))]
+    /// Node workers: while every worker has at least --coalesce-min round-robin hand-offs
+    /// not answered yet, the master pauses up to this long (µs, at most 1000) before it waits
+    /// again, and deals what arrived meanwhile in one pass instead of waking (and preempting
+    /// a busy worker) for each connection. Only under load; a worker with fewer turns it off.
+    /// 0: off. (Native workers answer in batches; no pause saves them a wake-up.)
+    #[arg(long, value_name = "US", default_value_t = micros(Coalesce::default().delay),
+          value_parser = clap::value_parser!(u64).range(..=micros(Coalesce::MAX_DELAY)))]
     pub coalesce_us: u64,
 
     /// Unanswered hand-offs every worker must have before the master pauses (see
@@ -476,6 +477,7 @@ mod tests {
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--policy", "fastest"]).is_err());
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--window", "0"]).is_err());
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--coalesce-min", "0"]).is_err());
+        assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--coalesce-us", "1001"]).is_err());
     }
 
     #[test]

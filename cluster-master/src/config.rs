@@ -62,30 +62,39 @@ pub struct MasterBuilder {
 
 /// For workers that answer hand-offs one at a time (Node workers,
 /// [`Protocol::Node`](crate::Protocol::Node)): when every worker that round-robin connections
-/// go to has at least `min_unanswered` hand-offs it has not answered (it has not even read
-/// them: it is busy with earlier ones), a connection dealt now would only queue behind them. The master's loop then sleeps up to
-/// `delay` before it waits again, so that what arrives meanwhile is accepted and dealt in one
-/// pass, rather than being woken for each connection, each wake-up preempting a busy worker
-/// (a context switch and cold caches for both). Like a NIC's interrupt coalescing, it trades a
-/// bounded delay for fewer wake-ups, and only under load: a worker with fewer unanswered
-/// hand-offs (an idle one, or any at low load) turns it off. Nothing is delayed past a due
-/// timer, and the loop reads whatever arrived during the pause on its next pass (epoll keeps
-/// the readiness). Under `Connection: close` load with Node workers it cut the master's CPU
-/// per request from 21-25 µs to 12-17 µs and raised throughput by 2-7 % (docs/node.md).
-/// Native workers answer a whole read's hand-offs in one frame, which the loop reads as it
-/// comes: a pause saves them no wake-up, so they never count as behind.
+/// go to has at least `min_unanswered` hand-offs whose answers the master has not read (the
+/// worker is busy with earlier connections and has not read these yet, or answered a moment
+/// ago), a connection dealt now would mostly queue behind them. The master's loop then sleeps
+/// up to `delay` before it waits again, so that what arrives meanwhile is accepted and dealt in
+/// one pass, rather than being woken for each connection, each wake-up preempting a busy
+/// worker (a context switch and cold caches for both). Like a NIC's interrupt coalescing, it
+/// trades a bounded delay (at most [`Coalesce::MAX_DELAY`]) for fewer wake-ups, and only under
+/// load: a worker with fewer (an idle one, any at low load, one the stall rule passes over
+/// with fewer) turns it off. Nothing waits past a due timer, and the next pass reads whatever
+/// arrived during the pause (epoll keeps the readiness). Under `Connection: close` load with
+/// Node workers it took the master's CPU per request from 21-25 µs to 12-17 µs and
+/// throughput up 2-7 %, at a p99 within the spread of sets (docs/node.md). Native workers
+/// answer a whole read's hand-offs in one frame, which the loop reads as it comes: a pause
+/// saves them no wake-up, so they never count as behind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Coalesce {
-    /// The longest pause before a wait. Keep it below what a worker spends on
-    /// `min_unanswered` connections, or it may run out of work meanwhile.
+    /// The longest pause before a wait, at most [`Coalesce::MAX_DELAY`] (a longer one is
+    /// taken as that). Keep it below what a worker spends on `min_unanswered` connections, or
+    /// it may run out of work meanwhile.
     pub delay: Duration,
     /// Unanswered hand-offs every worker must have for a pause (at least 1).
     pub min_unanswered: usize,
 }
 
+impl Coalesce {
+    /// The cap on [`Coalesce::delay`]: a pause holds up everything else the loop does
+    /// (commands, stops, worker exits), so it stays as short as the loop's other lazy reads.
+    pub const MAX_DELAY: Duration = Duration::from_millis(1);
+}
+
 impl Default for Coalesce {
-    /// 300 µs and 3: a Node `http` worker spends about 90 µs of CPU per short connection, so
-    /// three unread ones outlast the pause.
+    /// 300 µs and 3: a Node `http` worker spends about 90-95 µs of CPU per short connection,
+    /// so three unread ones outlast the pause.
     fn default() -> Self {
         Coalesce {
             delay: Duration::from_micros(300),

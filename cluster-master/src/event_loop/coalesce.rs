@@ -10,10 +10,11 @@ use crate::Coalesce;
 /// dealt in one pass instead of a wake-up each.
 ///
 /// `unanswered` yields, for each worker that round-robin connections are dealt to, how many
-/// hand-offs it has not answered yet. Only when every such worker has at least
-/// `min_unanswered` is there a pause: each has that many connections it has not even read,
-/// so a connection dealt now would only queue behind them. Never when the coming wait would
-/// not block (`timeout` zero), and never past it (a timer due sooner).
+/// hand-offs it has whose answers the loop has not read. Only when every such worker has at
+/// least `min_unanswered` is there a pause: each is busy with that many connections, so one
+/// dealt now would mostly queue behind them. Never when the coming wait would not block
+/// (`timeout` zero), never past it (a timer due sooner), never past
+/// [`Coalesce::MAX_DELAY`](crate::Coalesce::MAX_DELAY).
 pub(super) fn pause_before_wait(
     coalesce: Option<Coalesce>,
     timeout: Option<Duration>,
@@ -22,7 +23,8 @@ pub(super) fn pause_before_wait(
     let Some(c) = coalesce else {
         return Duration::ZERO;
     };
-    let pause = timeout.map_or(c.delay, |t| t.min(c.delay));
+    let delay = c.delay.min(Coalesce::MAX_DELAY);
+    let pause = timeout.map_or(delay, |t| t.min(delay));
     if pause.is_zero() {
         return Duration::ZERO;
     }
@@ -95,13 +97,13 @@ mod tests {
         fn the_pause_is_bounded_and_needs_all_workers_behind(
             unanswered in proptest::collection::vec(0usize..8, 0..6),
             min in 0usize..5,
-            delay_us in 0u64..2000,
+            delay_us in 0u64..3000,
             timeout_us in proptest::option::of(0u64..2000),
         ) {
             let c = Coalesce { delay: Duration::from_micros(delay_us), min_unanswered: min };
             let timeout = timeout_us.map(Duration::from_micros);
             let pause = pause_before_wait(Some(c), timeout, unanswered.iter().copied());
-            prop_assert!(pause <= c.delay);
+            prop_assert!(pause <= c.delay && pause <= Coalesce::MAX_DELAY);
             if let Some(t) = timeout {
                 prop_assert!(pause <= t);
             }
@@ -110,7 +112,8 @@ mod tests {
             if !behind {
                 prop_assert_eq!(pause, Duration::ZERO);
             } else {
-                prop_assert_eq!(pause, timeout.map_or(c.delay, |t| t.min(c.delay)));
+                let cap = c.delay.min(Coalesce::MAX_DELAY);
+                prop_assert_eq!(pause, timeout.map_or(cap, |t| t.min(cap)));
             }
         }
     }
