@@ -27,7 +27,7 @@ use crate::events::{
 };
 use crate::notify::NotifySocket;
 use crate::orphans::OrphanReaper;
-use crate::round_robin::Action;
+use crate::round_robin::{Action, RoundRobinHandle};
 use crate::server::{AcceptedConn, Server, ServerKind};
 use crate::supervision::{Supervision, SupervisionConfig};
 use crate::{MasterBuilder, MasterError, sys};
@@ -596,25 +596,30 @@ impl EventLoop {
         if w.dropping || w.held_message.is_some() {
             return None;
         }
-        w.servers
-            .iter()
-            .filter_map(|sid| match &self.servers.get(sid)?.kind {
-                ServerKind::RoundRobin { handle, .. } => handle.oldest_unanswered(w.id),
-                _ => None,
-            })
+        self.round_robin_handles(w)
+            .filter_map(|handle| handle.oldest_unanswered(w.id))
             .min()
             .map(|sent| sent + self.cfg.effective_ack_timeout())
     }
 
-    /// Hand-offs sent to `w` and not answered, over all its servers. The handles are the one
-    /// record of them.
-    fn in_flight_to(&self, w: &WorkerRec) -> usize {
+    /// The round-robin handles of the servers `w` holds: they are the one record of what was
+    /// handed to it.
+    fn round_robin_handles<'a>(
+        &'a self,
+        w: &'a WorkerRec,
+    ) -> impl Iterator<Item = &'a RoundRobinHandle<AcceptedConn>> + 'a {
         w.servers
             .iter()
             .filter_map(|sid| match &self.servers.get(sid)?.kind {
-                ServerKind::RoundRobin { handle, .. } => Some(handle.in_flight_to(w.id)),
+                ServerKind::RoundRobin { handle, .. } => Some(&**handle),
                 _ => None,
             })
+    }
+
+    /// Hand-offs sent to `w` and not answered, over all its servers.
+    fn in_flight_to(&self, w: &WorkerRec) -> usize {
+        self.round_robin_handles(w)
+            .map(|handle| handle.in_flight_to(w.id))
             .sum()
     }
 
@@ -629,17 +634,12 @@ impl EventLoop {
             return None;
         }
         let answers_one_by_one = w.channel.as_ref()?.answers_one_by_one();
-        let mut dealt_to = false;
-        let mut unanswered = 0;
-        for sid in &w.servers {
-            if let Some(ServerKind::RoundRobin { handle, .. }) =
-                self.servers.get(sid).map(|s| &s.kind)
-            {
-                dealt_to = true;
-                unanswered += handle.in_flight_to(w.id);
-            }
-        }
-        dealt_to.then_some(if answers_one_by_one { unanswered } else { 0 })
+        self.round_robin_handles(w).next()?;
+        Some(if answers_one_by_one {
+            self.in_flight_to(w)
+        } else {
+            0
+        })
     }
 
     /// The earliest instant at which a timer is due, computed right before each poll.
