@@ -21,9 +21,9 @@
 #   as the 2 workers of `cluster-cli spawn -- node server.js`, which speaks Node's cluster
 #   protocol: issue 12's targets are this against node-rr). Diagnostic variants, selectable
 #   with --variants: rs-standalone-t1 and rs-rr-t1 (hello with --threads 1 per process);
-#   rs-node-wN (rs-node with --window N), rs-node-batch (rs-node with --sched-batch) and
-#   rs-node-nocoalesce (rs-node with --coalesce-us 0). For
-#   the Node comparison alone: `--variants "rs-node node-rr" --phases "throughput rss"`.
+#   rs-node-wN (rs-node with --window N), rs-node-batch (--sched-batch), rs-node-normal
+#   (--sched-normal) and rs-node-nocoalesce (--coalesce-us 0). For the Node comparison
+#   alone: `--variants "rs-node node-rr" --phases "throughput rss"`.
 #   axum-rr-t1: axum-rr with one tokio runtime thread per worker (TOKIO_WORKER_THREADS=1).
 #
 # Usage: bench/run.sh [--smoke] [--no-build] [--no-docs] [--variants "A B"] [--phases "P Q"]
@@ -198,6 +198,7 @@ variant_label() {
     rs-node-w*) echo "cluster-rs master, Node workers, --window ${1#rs-node-w}" ;;
     rs-node-batch) echo "cluster-rs master, Node workers, --sched-batch" ;;
     rs-node-nocoalesce) echo "cluster-rs master, Node workers, --coalesce-us 0" ;;
+    rs-node-normal) echo "cluster-rs master, Node workers, --sched-normal" ;;
     node-rr) echo "Node cluster rr" ;;
     node-none) echo "Node cluster none" ;;
     node-single) echo "Node single" ;;
@@ -234,6 +235,7 @@ variant_command() {
       rs-node-w*) CMD+=("$CLI" spawn -n "$workers" --policy rr --window "${variant#rs-node-w}" --env PORT="$PORT" -- node "$SHARED/node/server.js") ;;
       rs-node-batch) CMD+=("$CLI" spawn -n "$workers" --policy rr --sched-batch --env PORT="$PORT" -- node "$SHARED/node/server.js") ;;
       rs-node-nocoalesce) CMD+=("$CLI" spawn -n "$workers" --policy rr --coalesce-us 0 --env PORT="$PORT" -- node "$SHARED/node/server.js") ;;
+      rs-node-normal) CMD+=("$CLI" spawn -n "$workers" --policy rr --sched-normal --env PORT="$PORT" -- node "$SHARED/node/server.js") ;;
       axum-standalone) SERVER_BIN=$AXUM_BIN CMD+=("$AXUM_BIN" "127.0.0.1:$PORT") READY_RE="" READY_COUNT=1 ;;
       axum-rr) CMD+=("$CLI" spawn -n "$workers" --policy rr -- "$AXUM_BIN" "127.0.0.1:$PORT") ;;
       axum-rr-t1) CMD+=("$CLI" spawn -n "$workers" --policy rr --env TOKIO_WORKER_THREADS=1 -- "$AXUM_BIN" "127.0.0.1:$PORT") ;;

@@ -1,6 +1,7 @@
-//! [`cluster_master::MasterBuilder::batch_scheduling`]: the master's event loop thread runs as
-//! `SCHED_BATCH`, while its workers, which a fork would give the forking thread's policy,
-//! start as `SCHED_OTHER`. The tests assume they are run under `SCHED_OTHER` themselves.
+//! [`cluster_master::MasterBuilder::loop_scheduling`]: the master's event loop thread runs as
+//! `SCHED_BATCH` (always, or while every worker is behind), while its workers, which a fork
+//! would give the forking thread's policy, start as `SCHED_OTHER`. The tests assume they are
+//! run under `SCHED_OTHER` themselves.
 
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -39,7 +40,7 @@ fn all_under(threads: &Policies, policy: i32) -> bool {
 }
 
 /// A mini-master, through `chrt ARGS` when `chrt` is not empty (it execs in place, so the
-/// pid is the master's).
+/// pid is the master's), with `--loop batch` if `batch`.
 fn mini_master_under(chrt: &[&str], batch: bool) -> Command {
     let mut cmd = if chrt.is_empty() {
         Command::new(mini_master())
@@ -49,9 +50,33 @@ fn mini_master_under(chrt: &[&str], batch: bool) -> Command {
         c
     };
     if batch {
-        cmd.arg("--sched-batch");
+        cmd.args(["--loop", "batch"]);
     }
     cmd
+}
+
+/// Reads a mini-master's lines (bounded by [`WAIT`]) until `n` workers have forked and `n`
+/// listen: their pids, and the addresses they listen on.
+fn forked_and_listening(
+    lines: &std::sync::mpsc::Receiver<(Instant, String)>,
+    n: usize,
+) -> (Vec<u32>, Vec<String>) {
+    let deadline = Instant::now() + WAIT;
+    let (mut workers, mut addrs) = (Vec::new(), Vec::new());
+    while workers.len() < n || addrs.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (_, line) = lines
+            .recv_timeout(left)
+            .expect("workers forked and listening");
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["fork", _, pid] => workers.push(pid.parse::<u32>().expect("pid")),
+            // The master's `listening WORKER ADDR`, not a hello worker's own `listening ADDR`
+            // on the same stdout.
+            ["listening", _, addr] => addrs.push((*addr).to_owned()),
+            _ => {}
+        }
+    }
+    (workers, addrs)
 }
 
 /// Starts a mini-master with two hello workers, waits until both listen, and returns the
@@ -66,23 +91,7 @@ fn policies_under_master(chrt: &[&str], batch: bool) -> (Policies, Policies) {
     );
     let master_pid = master.0.id();
     let (lines, reader) = master_lines(&mut master.0);
-    let deadline = Instant::now() + WAIT;
-    let mut workers = Vec::new();
-    let mut listening = 0;
-    while workers.len() < 2 || listening < 2 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let (_, line) = lines
-            .recv_timeout(left)
-            .expect("two workers forked and listening");
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["fork", _, pid] => workers.push(pid.parse::<u32>().expect("pid")),
-            // The master's `listening WORKER ADDR`, not a hello worker's own `listening ADDR`
-            // on the same stdout.
-            ["listening", _, _] => listening += 1,
-            _ => {}
-        }
-    }
+    let (workers, _) = forked_and_listening(&lines, 2);
     let master_threads = thread_policies(master_pid);
     let worker_threads = workers.iter().flat_map(|&w| thread_policies(w)).collect();
     drop(master);
@@ -116,8 +125,84 @@ fn batch_scheduling_moves_the_event_loop_and_not_the_workers() {
     assert!(all_under(&workers, libc::SCHED_OTHER), "{workers:?}");
 }
 
+/// The policy of `pid`'s event loop thread.
+fn loop_policy(pid: u32) -> Option<i32> {
+    thread_policies(pid)
+        .into_iter()
+        .find(|(name, _)| name == "cluster-master")
+        .map(|(_, p)| p)
+}
+
+/// Waits (bounded by [`WAIT`]) until `pid`'s event loop thread runs under `policy`. The kernel
+/// tells nobody of a policy change, so this looks every millisecond.
+fn wait_for_loop_policy(pid: u32, policy: i32, why: &str) {
+    let deadline = Instant::now() + WAIT;
+    while loop_policy(pid) != Some(policy) {
+        assert!(
+            Instant::now() < deadline,
+            "{why}: the loop stayed {:?}",
+            loop_policy(pid)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 #[test]
-fn the_event_loop_keeps_the_normal_policy_by_default() {
+fn the_event_loop_waits_as_batch_only_while_a_node_worker_is_behind() {
+    let _fds = shared_fds();
+    let gate = std::env::temp_dir().join(format!(
+        "cluster-rs-batch-while-behind-{}",
+        std::process::id()
+    ));
+    std::fs::write(&gate, b"").expect("gate");
+    let script: std::path::PathBuf = [env!("CARGO_MANIFEST_DIR"), "node", "blocks_first.js"]
+        .iter()
+        .collect();
+    // Strangers allowed 100 % of the CPU: the rule then never looks at them, whatever else
+    // the machine runs meanwhile (the guard has unit tests of its own).
+    let mut master = KillOnDrop(
+        Command::new(mini_master())
+            .args(["--loop", "behind:100", "1", "node"])
+            .arg(&script)
+            .arg(&gate)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn master"),
+    );
+    let master_pid = master.0.id();
+    let (lines, reader) = master_lines(&mut master.0);
+    let (workers, addrs) = forked_and_listening(&lines, 1);
+    let addr: std::net::SocketAddr = addrs[0].parse().expect("addr");
+    assert_eq!(loop_policy(master_pid), Some(libc::SCHED_OTHER));
+    let connect = || {
+        let s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(WAIT)).expect("timeout");
+        s
+    };
+    // The first blocks the worker; the next eight wait unread in its channel, three or more
+    // being "behind".
+    let clients: Vec<_> = (0..9).map(|_| connect()).collect();
+    wait_for_loop_policy(
+        master_pid,
+        libc::SCHED_BATCH,
+        "nine hand-offs, eight unread",
+    );
+    std::fs::remove_file(&gate).expect("open the gate");
+    for mut c in clients {
+        let mut reply = String::new();
+        std::io::Read::read_to_string(&mut c, &mut reply).expect("reply");
+        assert_eq!(reply, "bye\n");
+    }
+    wait_for_loop_policy(master_pid, libc::SCHED_OTHER, "every hand-off answered");
+    drop(master);
+    let _ = Command::new("kill")
+        .args(["-KILL", &workers[0].to_string()])
+        .status();
+    let _ = reader.join();
+}
+
+#[test]
+fn an_idle_event_loop_keeps_the_normal_policy_by_default() {
     let _fds = shared_fds();
     let (master, _) = policies_under_master(&[], false);
     assert!(all_under(&master, libc::SCHED_OTHER), "{master:?}");

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use cluster_core::{ListenAddr, ListenSpec, Policy};
-use cluster_master::{Coalesce, Protocol, RestartPolicy, RoundRobinConfig};
+use cluster_master::{Coalesce, LoopScheduling, Protocol, RestartPolicy, RoundRobinConfig};
 
 /// The stable log formats, shown at the end of `spawn --help`.
 const LOG_FORMATS: &str = "\
@@ -189,15 +189,21 @@ pub struct SpawnArgs {
     #[arg(long)]
     pub defer_accept: bool,
 
-    /// Run the master's event loop as SCHED_BATCH: a connection that arrives while every CPU
-    /// is busy waits for one to free up instead of preempting a worker, and is dealt with
-    /// the others that came meanwhile. For workers that keep the CPUs busy (Node programs:
-    /// about +15 % `Connection: close` throughput at saturation on 2 cores). Costly beside
-    /// other CPU-bound processes, which the master then no longer preempts either: an accept
-    /// may wait for a scheduler tick (4 ms at HZ=250). Workers start under the master's own
-    /// policy (SCHED_OTHER); a master started under an idle or real-time one refuses.
-    #[arg(long)]
+    /// Run the master's event loop as SCHED_BATCH throughout: a connection that arrives while
+    /// every CPU is busy waits for one to free up instead of preempting a worker, and is
+    /// dealt with the others that came meanwhile. Costly beside other CPU-bound processes,
+    /// which the master then no longer preempts either: an accept may wait for a scheduler
+    /// tick (4 ms at HZ=250). By default the loop is SCHED_BATCH only while every worker has
+    /// at least 3 hand-offs unanswered (Node workers) and processes outside the cluster used
+    /// at most 40 % of the CPU time. Workers start under the master's own policy
+    /// (SCHED_OTHER); a master started under an idle or real-time one refuses this option.
+    #[arg(long, conflicts_with = "sched_normal")]
     pub sched_batch: bool,
+
+    /// Keep the master's event loop SCHED_OTHER throughout (see --sched-batch for the
+    /// default).
+    #[arg(long)]
+    pub sched_normal: bool,
 
     /// Servers (listen calls) one worker may hold at once; a listen past it fails in the
     /// worker with EMFILE.
@@ -255,6 +261,18 @@ pub struct HelloArgs {
 }
 
 impl SpawnArgs {
+    /// How the master's event loop is scheduled: `--sched-batch`, `--sched-normal`, or the
+    /// library's default (batch while every worker is behind).
+    pub fn loop_scheduling(&self) -> LoopScheduling {
+        if self.sched_batch {
+            LoopScheduling::Batch
+        } else if self.sched_normal {
+            LoopScheduling::Normal
+        } else {
+            LoopScheduling::default()
+        }
+    }
+
     /// The program, or `None` for the built-in hello worker.
     pub fn program(&self) -> Option<(PathBuf, &[OsString])> {
         let (first, rest) = self.program.split_first()?;
@@ -478,6 +496,29 @@ mod tests {
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--window", "0"]).is_err());
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--coalesce-min", "0"]).is_err());
         assert!(Cli::try_parse_from(["cluster-cli", "spawn", "--coalesce-us", "1001"]).is_err());
+    }
+
+    #[test]
+    fn the_loop_is_batch_while_behind_unless_told_otherwise() {
+        let scheduling = |args: &[&str]| {
+            let argv = ["cluster-cli", "spawn"].iter().chain(args);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Command::Spawn(a)) => Ok(a.loop_scheduling()),
+                Ok(_) => panic!("not spawn"),
+                Err(e) => Err(e.kind()),
+            }
+        };
+        assert_eq!(scheduling(&[]), Ok(LoopScheduling::default()));
+        assert!(matches!(
+            LoopScheduling::default(),
+            LoopScheduling::BatchWhileBehind(_)
+        ));
+        assert_eq!(scheduling(&["--sched-batch"]), Ok(LoopScheduling::Batch));
+        assert_eq!(scheduling(&["--sched-normal"]), Ok(LoopScheduling::Normal));
+        assert_eq!(
+            scheduling(&["--sched-batch", "--sched-normal"]),
+            Err(clap::error::ErrorKind::ArgumentConflict)
+        );
     }
 
     #[test]

@@ -75,7 +75,7 @@ pub fn run(a: SpawnArgs) -> Result<(), String> {
         .notify_systemd(true)
         .ready_timeout(Duration::from_millis(a.ready_timeout))
         .defer_accept(a.defer_accept)
-        .batch_scheduling(a.sched_batch)
+        .loop_scheduling(a.loop_scheduling())
         .coalesce((a.coalesce_us > 0).then(|| Coalesce {
             delay: Duration::from_micros(a.coalesce_us),
             min_unanswered: a.coalesce_min,

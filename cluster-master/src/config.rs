@@ -44,7 +44,7 @@ pub struct MasterBuilder {
     /// `None`: the default for the protocol ([`MasterBuilder::effective_ack_timeout`]).
     pub(crate) ack_timeout: Option<Duration>,
     pub(crate) defer_accept: bool,
-    pub(crate) batch_scheduling: bool,
+    pub(crate) loop_scheduling: LoopScheduling,
     pub(crate) coalesce: Option<Coalesce>,
     pub(crate) ready_timeout: Duration,
     pub(crate) capture_output: bool,
@@ -103,6 +103,73 @@ impl Default for Coalesce {
     }
 }
 
+/// How the event loop thread is scheduled ([`MasterBuilder::loop_scheduling`]).
+///
+/// The choice matters when every CPU is busy: a connection arriving then wakes the loop, and
+/// under `SCHED_OTHER` the woken loop preempts whatever runs, a worker mostly. Each such
+/// preemption costs the loop and the worker a context switch and cold caches; under
+/// `SCHED_BATCH` the loop waits instead until a running task blocks (a worker that ran out
+/// of work, the one that most needs the next connection) or a scheduler tick comes, then
+/// accepts and deals everything that came meanwhile in one pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoopScheduling {
+    /// `SCHED_OTHER` throughout, as the master was started.
+    Normal,
+    /// `SCHED_BATCH` throughout. The price is paid when *other* CPU-bound processes share the
+    /// machine: the loop no longer preempts them either, so an accept may wait for a tick
+    /// (4 ms at `HZ=250`), and beside two busy loops, throughput at 4 concurrent clients
+    /// fell by 27-47 % (docs/node.md). A master started as `SCHED_BATCH` already (`chrt -b`)
+    /// is left so; one started under another policy (idle, real-time) fails to start with
+    /// [`MasterError::SchedulingPolicy`](crate::MasterError::SchedulingPolicy).
+    Batch,
+    /// `SCHED_BATCH` for the waits where it gains and cannot starve a worker, `SCHED_OTHER`
+    /// for the others (the default; see [`BatchWhileBehind`]). A master started under any
+    /// policy but `SCHED_OTHER` is left under it.
+    BatchWhileBehind(BatchWhileBehind),
+}
+
+impl Default for LoopScheduling {
+    fn default() -> Self {
+        LoopScheduling::BatchWhileBehind(BatchWhileBehind::default())
+    }
+}
+
+/// When [`LoopScheduling::BatchWhileBehind`] waits as `SCHED_BATCH`: only while both hold.
+///
+/// - Every worker that round-robin connections are dealt to has at least `min_unanswered`
+///   hand-offs it has not answered (as for [`Coalesce`], native workers never count as
+///   behind): each has that much work queued, so a loop that runs a little later starves
+///   none of them, and one that preempts a worker only slows it.
+/// - Processes outside the cluster used at most `max_foreign_cpu_percent` of the machine's
+///   CPU time (from `/proc/stat` and the cluster's own `/proc/PID/stat`) in the last
+///   measured window (250 ms to 2 s, sampled only while the workers are behind). A loop that
+///   does not preempt a busy stranger waits a tick for it, while its workers, out of
+///   connections, idle: that is the loss [`LoopScheduling::Batch`] has beside busy loops.
+///
+/// Measured with Node `http` workers on 2 cores (docs/node.md): about +10 % `Connection:
+/// close` throughput at saturation, and beside two busy loops the same as
+/// [`LoopScheduling::Normal`] at every concurrency.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchWhileBehind {
+    /// Unanswered hand-offs every worker must have (at least 1).
+    pub min_unanswered: usize,
+    /// The most CPU time, in percent of the whole machine's, that processes outside the
+    /// cluster may have used (0-100; 100: never looked at). A load generator on the same
+    /// machine counts: `wrk` driving the cluster to saturation on 2 cores used 22-29 %.
+    pub max_foreign_cpu_percent: u8,
+}
+
+impl Default for BatchWhileBehind {
+    /// 3, as for [`Coalesce`], and 40 %: busy strangers beside a saturated cluster on 2 cores
+    /// used 46-70 %.
+    fn default() -> Self {
+        BatchWhileBehind {
+            min_unanswered: 3,
+            max_foreign_cpu_percent: 40,
+        }
+    }
+}
+
 /// Where a socket passed to the workers as `LISTEN_FDS` comes from.
 #[derive(Clone, Debug)]
 pub(crate) enum ListenSource {
@@ -126,7 +193,7 @@ impl MasterBuilder {
             shutdown_timeout: Duration::from_secs(30),
             ack_timeout: None,
             defer_accept: false,
-            batch_scheduling: false,
+            loop_scheduling: LoopScheduling::default(),
             coalesce: Some(Coalesce::default()),
             ready_timeout: Duration::from_secs(30),
             capture_output: false,
@@ -241,24 +308,22 @@ impl MasterBuilder {
         self
     }
 
-    /// Runs the event loop thread as `SCHED_BATCH`: a connection arriving while every CPU is
-    /// busy waits for a running task to block or for a scheduler tick instead of preempting a
-    /// worker, and the loop then accepts and deals what came meanwhile in one pass. The loop's
-    /// own switch is not passed on: workers start under the policy the master was started
-    /// with. A master started as `SCHED_BATCH` already (`chrt -b`) is left so; one started
-    /// under another policy (idle, real-time) fails to start with
-    /// [`MasterError::SchedulingPolicy`](crate::MasterError::SchedulingPolicy).
-    ///
-    /// For workers that keep the CPUs busy themselves (Node programs): under saturation each
-    /// preemption costs the master and the worker a context switch and cold caches, and
-    /// batching them away raised `Connection: close` throughput of Node workers by about 15 %
-    /// on 2 cores (docs/node.md). The price is paid when *other* CPU-bound processes share the
-    /// machine: the master no longer preempts them either, so an accept may wait for a tick
-    /// (4 ms at `HZ=250`): beside two busy loops, throughput at 4 concurrent clients fell by
-    /// 27-47 %. Off by default.
-    pub fn batch_scheduling(mut self, on: bool) -> Self {
-        self.batch_scheduling = on;
+    /// How the event loop thread is scheduled (see [`LoopScheduling`]); by default
+    /// `SCHED_BATCH` while every worker is behind and the machine serves mostly this cluster
+    /// ([`BatchWhileBehind`]). The loop's own policy is not passed on: workers start under
+    /// the policy the master was started with.
+    pub fn loop_scheduling(mut self, scheduling: LoopScheduling) -> Self {
+        self.loop_scheduling = scheduling;
         self
+    }
+
+    /// `true`: [`LoopScheduling::Batch`]; `false`: [`LoopScheduling::Normal`].
+    pub fn batch_scheduling(self, on: bool) -> Self {
+        self.loop_scheduling(if on {
+            LoopScheduling::Batch
+        } else {
+            LoopScheduling::Normal
+        })
     }
 
     /// Lets connections gather while every worker is behind (see [`Coalesce`]); `None`: the

@@ -16,7 +16,7 @@ pub enum MasterError {
     /// A pre-bound listen (`listen_fd`) could not be bound.
     #[error(transparent)]
     Listen(#[from] cluster_core::ListenError),
-    /// [`crate::MasterBuilder::batch_scheduling`] was asked of a master started under a
+    /// [`crate::LoopScheduling::Batch`] was asked of a master started under a
     /// scheduling policy other than `SCHED_OTHER` or `SCHED_BATCH` (idle, real-time): the loop
     /// would have to leave a policy its starter chose.
     #[error(

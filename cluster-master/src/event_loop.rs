@@ -30,12 +30,15 @@ use crate::orphans::OrphanReaper;
 use crate::round_robin::{Action, RoundRobinHandle};
 use crate::server::{AcceptedConn, Server, ServerKind};
 use crate::supervision::{Supervision, SupervisionConfig};
-use crate::{MasterBuilder, MasterError, sys};
+use crate::{BatchWhileBehind, LoopScheduling, MasterBuilder, MasterError, sys};
+use batch_guard::ForeignCpuGuard;
 
+mod batch_guard;
 mod channel_set;
 mod channels;
 mod coalesce;
 mod commands;
+mod cpu_times;
 mod inherited;
 mod lifecycle;
 mod manager;
@@ -184,6 +187,16 @@ impl Fleet {
     }
 }
 
+/// [`LoopScheduling::BatchWhileBehind`] at work.
+struct BatchWhileBehindState {
+    rule: BatchWhileBehind,
+    guard: ForeignCpuGuard,
+    /// The loop thread's policy at the start (`SCHED_OTHER`, with its reset-on-fork flag).
+    normal: sys::ThreadPolicy,
+    /// Whether the thread is `SCHED_BATCH` now.
+    waits_as_batch: bool,
+}
+
 pub(crate) struct EventLoop {
     poll: Poll,
     /// The channels of workers that answer hand-offs one by one, watched from `poll` only
@@ -242,9 +255,12 @@ pub(crate) struct EventLoop {
     orphans: Option<OrphanReaper>,
     /// What Node workers' `queryServer`s carry per key (see [`crate::node`]).
     node_server_data: crate::node::SharedServerData,
-    /// The loop thread moved itself to `SCHED_BATCH` ([`MasterBuilder::batch_scheduling`]),
+    /// The loop thread moves itself to `SCHED_BATCH` ([`MasterBuilder::loop_scheduling`]),
     /// which a fork would pass on to the workers.
     workers_need_normal_policy: bool,
+    /// The rule's state under [`LoopScheduling::BatchWhileBehind`] for a loop started as
+    /// `SCHED_OTHER`; `None` otherwise.
+    batch_while_behind: Option<BatchWhileBehindState>,
 }
 
 /// Something of a worker's that the loop reads: its channel, or a captured output pipe.
@@ -337,6 +353,7 @@ impl EventLoop {
             orphans: None,
             node_server_data: Default::default(),
             workers_need_normal_policy: false,
+            batch_while_behind: None,
         };
         if crate::orphans::is_init() || event_loop.cfg.reap_orphans {
             if !crate::orphans::is_init() {
@@ -467,22 +484,77 @@ impl EventLoop {
     }
 
     /// Sets the scheduling policy of the calling thread, the one that then runs the loop
-    /// ([`MasterBuilder::batch_scheduling`]); before [`EventLoop::run`], so that a refusal
+    /// ([`MasterBuilder::loop_scheduling`]); before [`EventLoop::run`], so that a refusal
     /// fails the start.
     pub(crate) fn schedule_this_thread(&mut self) -> Result<(), MasterError> {
-        if !self.cfg.batch_scheduling {
-            return Ok(());
-        }
-        match sys::batch_this_thread() {
-            Ok(sys::BatchOutcome::Moved) => self.workers_need_normal_policy = true,
-            // The starter's own choice, which workers inherit as they would without the option.
-            Ok(sys::BatchOutcome::AlreadyBatch) => {}
-            Ok(sys::BatchOutcome::Other(policy)) => {
-                return Err(MasterError::SchedulingPolicy { policy });
-            }
-            Err(e) => return Err(MasterError::io("move the event loop to SCHED_BATCH", e)),
+        let rule = match self.cfg.loop_scheduling {
+            LoopScheduling::Normal => return Ok(()),
+            LoopScheduling::Batch => return self.batch_this_thread(),
+            LoopScheduling::BatchWhileBehind(rule) => rule,
+        };
+        // Only from SCHED_OTHER, the policy it comes back to; any other was the starter's
+        // choice. Where the policy cannot be read, the loop stays as it is.
+        if let Ok(normal) = sys::ThreadPolicy::of_this_thread()
+            && normal.policy == libc::SCHED_OTHER
+        {
+            self.batch_while_behind = Some(BatchWhileBehindState {
+                rule,
+                guard: ForeignCpuGuard::new(rule.max_foreign_cpu_percent),
+                normal,
+                waits_as_batch: false,
+            });
+            self.workers_need_normal_policy = true;
         }
         Ok(())
+    }
+
+    fn batch_this_thread(&mut self) -> Result<(), MasterError> {
+        let moving = |e| MasterError::io("move the event loop to SCHED_BATCH", e);
+        let mut policy = sys::ThreadPolicy::of_this_thread().map_err(moving)?;
+        match policy.policy {
+            libc::SCHED_OTHER => {}
+            // The starter's own choice, which workers inherit as they would without the option.
+            libc::SCHED_BATCH => return Ok(()),
+            other => return Err(MasterError::SchedulingPolicy { policy: other }),
+        }
+        policy.policy = libc::SCHED_BATCH;
+        policy.apply_to_this_thread().map_err(moving)?;
+        self.workers_need_normal_policy = true;
+        Ok(())
+    }
+
+    /// Under [`LoopScheduling::BatchWhileBehind`], moves the loop thread to the policy the
+    /// coming wait should be made under, given the fewest hand-offs a worker has unanswered.
+    fn schedule_the_wait(&mut self, fewest_unanswered: Option<usize>) {
+        let Some(state) = self.batch_while_behind.as_mut() else {
+            return;
+        };
+        let behind = coalesce::every_worker_behind(fewest_unanswered, state.rule.min_unanswered);
+        if behind && state.guard.wants_sample(self.now) {
+            // Unreadable counters leave the last verdict to age out: the loop then stays
+            // SCHED_OTHER.
+            let pids = self.fleet.workers.values().map(|w| w.pid);
+            if let Ok(times) = cpu_times::read(pids) {
+                state.guard.record(self.now, times);
+            }
+        }
+        let batch = behind && state.guard.allows_batch(self.now);
+        if batch != state.waits_as_batch {
+            let mut policy = state.normal;
+            if batch {
+                policy.policy = libc::SCHED_BATCH;
+            }
+            if policy.apply_to_this_thread().is_err() {
+                // Refused (a seccomp filter, an LSM): give the rule up, back where it started.
+                let _ = state.normal.apply_to_this_thread();
+                self.batch_while_behind = None;
+                return;
+            }
+            state.waits_as_batch = batch;
+        }
+        if batch {
+            self.fleet.stats.batch_waits += 1;
+        }
     }
 
     pub(crate) fn run(mut self) -> Result<(), MasterError> {
@@ -507,14 +579,22 @@ impl EventLoop {
                 let cap = channel_set::LAZY_READ_DELAY;
                 timeout = Some(timeout.map_or(cap, |t| t.min(cap)));
             }
-            let pause = coalesce::pause_before_wait(
-                self.cfg.coalesce,
-                timeout,
-                self.fleet
-                    .workers
-                    .values()
-                    .filter_map(|w| self.unanswered_if_dealt_to(w)),
-            );
+            let blocks = timeout.is_none_or(|t| !t.is_zero());
+            let fewest_unanswered =
+                if blocks && (self.cfg.coalesce.is_some() || self.batch_while_behind.is_some()) {
+                    coalesce::fewest_unanswered(
+                        self.fleet
+                            .workers
+                            .values()
+                            .filter_map(|w| self.unanswered_if_dealt_to(w)),
+                    )
+                } else {
+                    None
+                };
+            if blocks {
+                self.schedule_the_wait(fewest_unanswered);
+            }
+            let pause = coalesce::pause_before_wait(self.cfg.coalesce, timeout, fewest_unanswered);
             if !pause.is_zero() {
                 // A plain sleep: epoll keeps what becomes ready meanwhile for the wait below.
                 std::thread::sleep(pause);

@@ -326,6 +326,9 @@ pub struct MasterStats {
     pub pending: usize,
     /// Pauses the loop took before waiting, every worker being behind ([`crate::Coalesce`]).
     pub coalesced_pauses: u64,
+    /// Waits the loop made as `SCHED_BATCH` because every worker was behind and the machine
+    /// served mostly this cluster ([`crate::BatchWhileBehind`]).
+    pub batch_waits: u64,
 }
 
 /// A request from a [`crate::MasterControl`] to the event loop.

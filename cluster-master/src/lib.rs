@@ -46,7 +46,10 @@ mod supervisor;
 mod sys;
 
 pub use channel::WorkerChannel;
-pub use config::{Coalesce, DEFAULT_MAX_SERVERS_PER_WORKER, DEFAULT_READY_DELAY, MasterBuilder};
+pub use config::{
+    BatchWhileBehind, Coalesce, DEFAULT_MAX_SERVERS_PER_WORKER, DEFAULT_READY_DELAY,
+    LoopScheduling, MasterBuilder,
+};
 pub use error::MasterError;
 pub use events::{Event, MasterStats, WorkerInfo, WorkerState};
 pub use master::{Master, MasterControl};

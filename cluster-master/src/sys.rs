@@ -178,48 +178,53 @@ pub(crate) fn term_with_master(cmd: &mut std::process::Command) {
     unsafe { cmd.pre_exec(closure) };
 }
 
-/// What [`batch_this_thread`] found.
+/// The calling thread's scheduling policy, split into the policy and its reset-on-fork flag
+/// (systemd's `CPUSchedulingResetOnFork=`, which an unprivileged process may not clear and
+/// so must pass back on every change). The raw system calls act on the calling thread alone,
+/// as Linux defines them (pid 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum BatchOutcome {
-    /// The thread was `SCHED_OTHER` and is now `SCHED_BATCH`.
-    Moved,
-    /// The thread was started as `SCHED_BATCH` already (`chrt -b`).
-    AlreadyBatch,
-    /// The thread runs under this other policy (idle, real-time, deadline), left alone.
-    Other(i32),
+pub(crate) struct ThreadPolicy {
+    pub(crate) policy: i32,
+    pub(crate) reset_on_fork: bool,
 }
 
-/// Moves the calling thread from `SCHED_OTHER` to `SCHED_BATCH`, keeping its nice value and
-/// its reset-on-fork flag (systemd's `CPUSchedulingResetOnFork=`; an unprivileged process may
-/// not clear it): its wake-ups no longer preempt a running task. The raw system calls act on
-/// the calling thread alone, as Linux defines them (pid 0).
-pub(crate) fn batch_this_thread() -> io::Result<BatchOutcome> {
-    // SAFETY: sched_getscheduler takes a pid (0: the calling thread) and passes no memory.
-    let rc = unsafe { libc::syscall(libc::SYS_sched_getscheduler, 0) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
+impl ThreadPolicy {
+    pub(crate) fn of_this_thread() -> io::Result<Self> {
+        // SAFETY: sched_getscheduler takes a pid (0: the calling thread) and passes no memory.
+        let rc = unsafe { libc::syscall(libc::SYS_sched_getscheduler, 0) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let raw = i32::try_from(rc).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        Ok(ThreadPolicy {
+            policy: raw & !libc::SCHED_RESET_ON_FORK,
+            reset_on_fork: raw & libc::SCHED_RESET_ON_FORK != 0,
+        })
     }
-    let policy = i32::try_from(rc).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let reset_on_fork = policy & libc::SCHED_RESET_ON_FORK;
-    match policy & !libc::SCHED_RESET_ON_FORK {
-        libc::SCHED_OTHER => {}
-        libc::SCHED_BATCH => return Ok(BatchOutcome::AlreadyBatch),
-        other => return Ok(BatchOutcome::Other(other)),
+
+    /// Moves the calling thread to `policy` (`SCHED_OTHER` or `SCHED_BATCH`: priority 0),
+    /// keeping its nice value and this reset-on-fork flag.
+    pub(crate) fn apply_to_this_thread(self) -> io::Result<()> {
+        let flag = if self.reset_on_fork {
+            libc::SCHED_RESET_ON_FORK
+        } else {
+            0
+        };
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `param` is a valid sched_param that outlives the call; pid 0 is this thread.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_sched_setscheduler,
+                0,
+                self.policy | flag,
+                &param as *const libc::sched_param,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: `param` is a valid sched_param that outlives the call; pid 0 is this thread.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_sched_setscheduler,
-            0,
-            libc::SCHED_BATCH | reset_on_fork,
-            &param as *const libc::sched_param,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(BatchOutcome::Moved)
 }
 
 /// Has the child `cmd` spawns start as `SCHED_OTHER`, whatever the spawning thread runs as: a

@@ -1,14 +1,16 @@
 //! A master in its own process, for tests that kill the master or measure it:
-//! `mini-master [--stall-events MS] [--sched-batch] N PROGRAM [ARGS...]`. Prints
-//! `fork <worker> <pid>`, `listening <worker> <addr>` and `exit <worker> <code|signal>` lines
-//! and runs until killed.
+//! `mini-master [--stall-events MS] [--loop normal|batch|behind:PERCENT] N PROGRAM [ARGS...]`.
+//! Prints `fork <worker> <pid>`, `listening <worker> <addr>` and `exit <worker> <code|signal>`
+//! lines and runs until killed.
 //! `--stall-events MS` stops reading events for MS ms at the first user message, as an
-//! embedder that falls behind. `--sched-batch` sets [`MasterBuilder::batch_scheduling`].
+//! embedder that falls behind. `--loop` sets [`MasterBuilder::loop_scheduling`] (`behind:P`:
+//! [`LoopScheduling::BatchWhileBehind`] with strangers allowed P % of the CPU); without it the
+//! default holds. The protocol is detected as `cluster-cli` does (`node ...` speaks Node's).
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use cluster_master::{Event, MasterBuilder};
+use cluster_master::{BatchWhileBehind, Event, LoopScheduling, MasterBuilder, Protocol};
 
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -20,18 +22,39 @@ fn main() -> ExitCode {
             .map(Duration::from_millis);
         args.drain(..2.min(args.len()));
     }
-    let batch = args.first().map(String::as_str) == Some("--sched-batch");
-    if batch {
-        args.remove(0);
+    let mut scheduling = Some(LoopScheduling::default());
+    if args.first().map(String::as_str) == Some("--loop") {
+        scheduling = match args.get(1).map(String::as_str) {
+            Some("normal") => Some(LoopScheduling::Normal),
+            Some("batch") => Some(LoopScheduling::Batch),
+            Some(behind) => behind
+                .strip_prefix("behind:")
+                .and_then(|p| p.parse().ok())
+                .map(|max_foreign_cpu_percent| {
+                    LoopScheduling::BatchWhileBehind(BatchWhileBehind {
+                        max_foreign_cpu_percent,
+                        ..BatchWhileBehind::default()
+                    })
+                }),
+            None => None,
+        };
+        args.drain(..2.min(args.len()));
     }
-    let (Some(n), Some(program)) = (args.first().and_then(|n| n.parse().ok()), args.get(1)) else {
-        eprintln!("usage: mini-master [--stall-events MS] [--sched-batch] N PROGRAM [ARGS...]");
+    let (Some(n), Some(program), Some(scheduling)) = (
+        args.first().and_then(|n| n.parse().ok()),
+        args.get(1),
+        scheduling,
+    ) else {
+        eprintln!(
+            "usage: mini-master [--stall-events MS] [--loop normal|batch|behind:PERCENT] N PROGRAM [ARGS...]"
+        );
         return ExitCode::from(2);
     };
     let master = match MasterBuilder::new(program)
+        .protocol(Protocol::detect(program.as_ref(), &args[2..]))
         .args(&args[2..])
         .workers(n)
-        .batch_scheduling(batch)
+        .loop_scheduling(scheduling)
         .start()
     {
         Ok(m) => m,

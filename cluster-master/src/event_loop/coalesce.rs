@@ -9,16 +9,15 @@ use crate::Coalesce;
 /// How long to pause before the next wait, so that what arrives meanwhile is accepted and
 /// dealt in one pass instead of a wake-up each.
 ///
-/// `unanswered` yields, for each worker that round-robin connections are dealt to, how many
-/// hand-offs it has whose answers the loop has not read. Only when every such worker has at
-/// least `min_unanswered` is there a pause: each is busy with that many connections, so one
+/// `fewest_unanswered` is the [`fewest_unanswered`] of the workers. Only when every worker
+/// that round-robin connections are dealt to has at least `min_unanswered` is there a pause: each is busy with that many connections, so one
 /// dealt now would mostly queue behind them. Never when the coming wait would not block
 /// (`timeout` zero), never past it (a timer due sooner), never past
 /// [`Coalesce::MAX_DELAY`](crate::Coalesce::MAX_DELAY).
 pub(super) fn pause_before_wait(
     coalesce: Option<Coalesce>,
     timeout: Option<Duration>,
-    mut unanswered: impl Iterator<Item = usize>,
+    fewest_unanswered: Option<usize>,
 ) -> Duration {
     let Some(c) = coalesce else {
         return Duration::ZERO;
@@ -28,16 +27,31 @@ pub(super) fn pause_before_wait(
     if pause.is_zero() {
         return Duration::ZERO;
     }
-    let mut any = false;
-    let all_behind = unanswered.all(|n| {
-        any = true;
-        n >= c.min_unanswered.max(1)
-    });
-    if any && all_behind {
+    if every_worker_behind(fewest_unanswered, c.min_unanswered) {
         pause
     } else {
         Duration::ZERO
     }
+}
+
+/// The fewest hand-offs any worker has unanswered, given how many each has (for each worker
+/// that round-robin connections are dealt to); `None` without such a worker. Stops at the
+/// first that has none, as a native master's first worker does.
+pub(super) fn fewest_unanswered(unanswered: impl Iterator<Item = usize>) -> Option<usize> {
+    let mut fewest: Option<usize> = None;
+    for n in unanswered {
+        fewest = Some(fewest.map_or(n, |f| f.min(n)));
+        if n == 0 {
+            break;
+        }
+    }
+    fewest
+}
+
+/// Whether every worker dealt to has at least `min_unanswered` (taken as 1 at least: a worker
+/// with nothing in flight is never behind) unanswered hand-offs, and there is one.
+pub(super) fn every_worker_behind(fewest_unanswered: Option<usize>, min_unanswered: usize) -> bool {
+    fewest_unanswered.is_some_and(|n| n >= min_unanswered.max(1))
 }
 
 #[cfg(test)]
@@ -52,12 +66,12 @@ mod tests {
 
     #[test]
     fn pauses_only_when_every_worker_is_behind() {
-        let p = |u: &[usize]| pause_before_wait(ON, None, u.iter().copied());
+        let p = |u: &[usize]| pause_before_wait(ON, None, fewest_unanswered(u.iter().copied()));
         assert_eq!(p(&[3, 5]), Duration::from_micros(300));
         assert_eq!(p(&[3, 2]), Duration::ZERO, "one worker could take it now");
         assert_eq!(p(&[]), Duration::ZERO, "no worker is dealt to");
         assert_eq!(
-            pause_before_wait(None, None, [9, 9].into_iter()),
+            pause_before_wait(None, None, Some(9)),
             Duration::ZERO,
             "off"
         );
@@ -65,7 +79,7 @@ mod tests {
 
     #[test]
     fn never_delays_a_due_timer_or_a_wait_that_would_not_block() {
-        let behind = || [4usize, 4].into_iter();
+        let behind = || fewest_unanswered([4usize, 4].into_iter());
         assert_eq!(
             pause_before_wait(ON, Some(Duration::from_micros(120)), behind()),
             Duration::from_micros(120)
@@ -82,14 +96,21 @@ mod tests {
             delay: Duration::from_micros(300),
             min_unanswered: 0,
         });
+        assert_eq!(pause_before_wait(c, None, Some(0)), Duration::ZERO);
         assert_eq!(
-            pause_before_wait(c, None, [0usize].into_iter()),
-            Duration::ZERO
-        );
-        assert_eq!(
-            pause_before_wait(c, None, [1usize].into_iter()),
+            pause_before_wait(c, None, Some(1)),
             Duration::from_micros(300)
         );
+    }
+
+    #[test]
+    fn the_fewest_unanswered_stops_at_an_idle_worker() {
+        let mut seen = 0;
+        let fewest = fewest_unanswered([4usize, 0, 7].into_iter().inspect(|_| seen += 1));
+        assert_eq!(fewest, Some(0));
+        assert_eq!(seen, 2, "the walk stops at the idle worker");
+        assert_eq!(fewest_unanswered([5usize, 3, 8].into_iter()), Some(3));
+        assert_eq!(fewest_unanswered(std::iter::empty()), None);
     }
 
     proptest! {
@@ -102,7 +123,7 @@ mod tests {
         ) {
             let c = Coalesce { delay: Duration::from_micros(delay_us), min_unanswered: min };
             let timeout = timeout_us.map(Duration::from_micros);
-            let pause = pause_before_wait(Some(c), timeout, unanswered.iter().copied());
+            let pause = pause_before_wait(Some(c), timeout, fewest_unanswered(unanswered.iter().copied()));
             prop_assert!(pause <= c.delay && pause <= Coalesce::MAX_DELAY);
             if let Some(t) = timeout {
                 prop_assert!(pause <= t);
