@@ -320,12 +320,12 @@ fn a_reload_revives_an_errored_slot() {
 #[test]
 fn an_old_worker_crashing_during_its_reload_leaves_exactly_its_replacement() {
     let _fds = shared_fds();
-    let gate = std::env::temp_dir().join(format!("cluster-rs-reload-gate-{}", std::process::id()));
-    let mode = format!("wait-for-absent:{}", gate.display());
+    let gate = Gate::new("reload-gate");
+    let mode = format!("wait-for-absent:{}", gate.path().display());
     let mut c =
         Cluster::start(MasterBuilder::new(raw_worker()).args(["tcp:127.0.0.1:0", mode.as_str()]));
     let addr = inet(&c.wait_listening(1));
-    std::fs::write(&gate, b"x").expect("gate");
+    gate.close();
     c.master().reload().expect("reload");
     c.wait_for(WAIT, |e| {
         matches!(
@@ -347,7 +347,7 @@ fn an_old_worker_crashing_during_its_reload_leaves_exactly_its_replacement() {
             }
         )
     });
-    std::fs::remove_file(&gate).expect("open the gate");
+    gate.open();
     c.wait_for(WAIT, |e| matches!(e, Event::ReloadDone));
     assert!(
         !c.seen.iter().any(|e| matches!(e, Event::Restarting { .. })),
@@ -388,13 +388,12 @@ fn a_burst_larger_than_one_drain_is_read_to_the_end() {
 #[test]
 fn messages_beyond_the_socket_buffer_reach_a_worker_that_reads_late() {
     let _fds = shared_fds();
-    let gate = std::env::temp_dir().join(format!("cluster-rs-late-reader-{}", std::process::id()));
-    std::fs::write(&gate, b"").expect("gate");
+    let gate = Gate::closed("late-reader");
     let mut c = Cluster::start(
         MasterBuilder::new(raw_worker())
             .args([
                 "tcp:127.0.0.1:0".to_owned(),
-                format!("hold-then-echo:{}", gate.display()),
+                format!("hold-then-echo:{}", gate.path().display()),
             ])
             .workers(1),
     );
@@ -407,7 +406,7 @@ fn messages_beyond_the_socket_buffer_reach_a_worker_that_reads_late() {
             .send(WorkerId(1), vec![b'a' + (i % 26) as u8; SIZE])
             .expect("queued for the worker");
     }
-    std::fs::remove_file(&gate).expect("open the gate");
+    gate.open();
     for _ in 0..MESSAGES {
         let Event::Message { payload, .. } = c.wait_for(Duration::from_secs(10), |e| {
             matches!(e, Event::Message { .. })

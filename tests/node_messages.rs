@@ -172,16 +172,11 @@ fn a_socket_a_node_worker_sends_is_closed_and_its_server_still_closes() {
 fn the_master_pauses_while_a_node_worker_leaves_its_hand_offs_unread() {
     let _fds = crate::util::shared_fds();
     for coalesce in [Some(Coalesce::default()), None] {
-        let gate = std::env::temp_dir().join(format!(
-            "cluster-rs-blocks-first-{}-{}",
-            std::process::id(),
-            coalesce.is_some()
-        ));
-        std::fs::write(&gate, b"").unwrap();
+        let gate = crate::util::Gate::closed(&format!("blocks-first-{}", coalesce.is_some()));
         let (mut c, port) = one_worker_saying_its_port_under(
             MasterBuilder::new("node")
                 .arg(node_script("blocks_first.js"))
-                .arg(&gate)
+                .arg(gate.path())
                 .protocol(Protocol::Node)
                 .coalesce(coalesce),
         );
@@ -209,7 +204,7 @@ fn the_master_pauses_while_a_node_worker_leaves_its_hand_offs_unread() {
             );
             std::thread::yield_now();
         }
-        std::fs::remove_file(&gate).unwrap();
+        gate.open();
         for mut s in std::iter::once(first).chain(more) {
             let mut reply = String::new();
             s.read_to_string(&mut reply).unwrap();

@@ -105,13 +105,12 @@ fn a_failed_bind_is_not_kept_so_a_later_listen_binds_afresh() {
 /// all of them (four in flight, the rest queued, so every refill finds four waiting), and
 /// checks that every client is served.
 fn sixteen_served_in_fours(mode: &str) -> Cluster {
-    let gate = std::env::temp_dir().join(format!("cluster-rs-{mode}-{}", std::process::id()));
-    std::fs::write(&gate, b"").expect("gate");
+    let gate = Gate::closed(mode);
     // A window of four, as the frame counts below assume, and no stall rule, so that only the
     // window decides what goes out (a worker holding its answers until it has four is what
     // that rule is there to pass over).
     let mut c = Cluster::start(
-        rr(1, &format!("{mode}:{}", gate.display()))
+        rr(1, &format!("{mode}:{}", gate.path().display()))
             .window(4)
             .stall_after(None),
     );
@@ -137,7 +136,7 @@ fn sixteen_served_in_fours(mode: &str) -> Cluster {
         );
         std::thread::yield_now();
     }
-    std::fs::remove_file(&gate).expect("open the gate");
+    gate.open();
     for mut s in clients {
         let mut greeting = [0u8; 16];
         let n = std::io::Read::read(&mut s, &mut greeting).expect("every client is served");
@@ -161,6 +160,9 @@ fn the_connections_that_refill_a_window_leave_in_one_frame() {
     // Four unanswered would be behind for a Node worker (tests/node_messages.rs); a native
     // one answers in batches, which a pause would not gather any better: never a pause.
     assert_eq!(stats.coalesced_pauses, 0, "{stats:?}");
+    // Nor a wait as SCHED_BATCH, for the same reason.
+    assert_eq!(stats.batch_waits, 0, "{stats:?}");
+    assert_eq!(stats.loop_policy_switches, 0, "{stats:?}");
     c.stop();
 }
 

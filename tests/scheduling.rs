@@ -94,15 +94,21 @@ fn policies_under_master(chrt: &[&str], batch: bool) -> (Policies, Policies) {
     let (workers, _) = forked_and_listening(&lines, 2);
     let master_threads = thread_policies(master_pid);
     let worker_threads = workers.iter().flat_map(|&w| thread_policies(w)).collect();
-    drop(master);
-    // The workers share the master's stdout: the reader ends only when they are gone too.
+    end_mini_master(master, &workers, reader);
+    (master_threads, worker_threads)
+}
+
+/// Kills the workers while the master lives (unreaped, their pids are still theirs), then the
+/// master; a replacement it may spawn meanwhile leaves when its channel closes. The workers
+/// share the master's stdout: its reader ends only when they are gone too.
+fn end_mini_master(master: KillOnDrop, workers: &[u32], reader: std::thread::JoinHandle<()>) {
     for w in workers {
         let _ = Command::new("kill")
             .args(["-KILL", &w.to_string()])
             .status();
     }
+    drop(master);
     let _ = reader.join();
-    (master_threads, worker_threads)
 }
 
 #[test]
@@ -150,11 +156,7 @@ fn wait_for_loop_policy(pid: u32, policy: i32, why: &str) {
 #[test]
 fn the_event_loop_waits_as_batch_only_while_a_node_worker_is_behind() {
     let _fds = shared_fds();
-    let gate = std::env::temp_dir().join(format!(
-        "cluster-rs-batch-while-behind-{}",
-        std::process::id()
-    ));
-    std::fs::write(&gate, b"").expect("gate");
+    let gate = Gate::closed("batch-while-behind");
     let script: std::path::PathBuf = [env!("CARGO_MANIFEST_DIR"), "node", "blocks_first.js"]
         .iter()
         .collect();
@@ -164,7 +166,7 @@ fn the_event_loop_waits_as_batch_only_while_a_node_worker_is_behind() {
         Command::new(mini_master())
             .args(["--loop", "behind:100", "1", "node"])
             .arg(&script)
-            .arg(&gate)
+            .arg(gate.path())
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn master"),
@@ -187,18 +189,30 @@ fn the_event_loop_waits_as_batch_only_while_a_node_worker_is_behind() {
         libc::SCHED_BATCH,
         "nine hand-offs, eight unread",
     );
-    std::fs::remove_file(&gate).expect("open the gate");
+    gate.open();
     for mut c in clients {
         let mut reply = String::new();
         std::io::Read::read_to_string(&mut c, &mut reply).expect("reply");
         assert_eq!(reply, "bye\n");
     }
     wait_for_loop_policy(master_pid, libc::SCHED_OTHER, "every hand-off answered");
-    drop(master);
-    let _ = Command::new("kill")
-        .args(["-KILL", &workers[0].to_string()])
-        .status();
-    let _ = reader.join();
+    end_mini_master(master, &workers, reader);
+}
+
+#[test]
+fn the_default_leaves_a_master_started_as_idle_and_its_workers_so() {
+    let _fds = shared_fds();
+    // Unlike --loop batch (below), the default does not refuse: it never touches a policy
+    // other than SCHED_OTHER.
+    let (master_threads, worker_threads) = policies_under_master(&["--idle", "0"], false);
+    assert!(
+        all_under(&master_threads, libc::SCHED_IDLE),
+        "{master_threads:?}"
+    );
+    assert!(
+        all_under(&worker_threads, libc::SCHED_IDLE),
+        "{worker_threads:?}"
+    );
 }
 
 #[test]

@@ -218,6 +218,42 @@ pub fn ask_worker(addr: SocketAddr) -> std::io::Result<WorkerId> {
 /// ends, so a failing test leaves no process behind holding its pipes.
 pub struct KillOnDrop(pub std::process::Child);
 
+/// A file in the temp dir whose presence holds a test worker back; removed when dropped, so
+/// that a failing test leaves none behind.
+pub struct Gate(std::path::PathBuf);
+
+impl Gate {
+    /// Named after `name` and this test process; not there yet (open).
+    pub fn new(name: &str) -> Gate {
+        Gate(std::env::temp_dir().join(format!("cluster-rs-{name}-{}", std::process::id())))
+    }
+
+    /// [`Gate::new`], closed.
+    pub fn closed(name: &str) -> Gate {
+        let gate = Gate::new(name);
+        gate.close();
+        gate
+    }
+
+    pub fn close(&self) {
+        std::fs::write(&self.0, b"").expect("close the gate");
+    }
+
+    pub fn open(&self) {
+        std::fs::remove_file(&self.0).expect("open the gate");
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();

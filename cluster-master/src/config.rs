@@ -122,7 +122,7 @@ pub enum LoopScheduling {
     /// is left so; one started under another policy (idle, real-time) fails to start with
     /// [`MasterError::SchedulingPolicy`](crate::MasterError::SchedulingPolicy).
     Batch,
-    /// `SCHED_BATCH` for the waits where it gains and cannot starve a worker, `SCHED_OTHER`
+    /// `SCHED_BATCH` for the waits where it gains and should starve no worker, `SCHED_OTHER`
     /// for the others (the default; see [`BatchWhileBehind`]). A master started under any
     /// policy but `SCHED_OTHER` is left under it.
     BatchWhileBehind(BatchWhileBehind),
@@ -140,9 +140,9 @@ impl Default for LoopScheduling {
 ///   hand-offs it has not answered (as for [`Coalesce`], native workers never count as
 ///   behind): each has that much work queued, so a loop that runs a little later starves
 ///   none of them, and one that preempts a worker only slows it.
-/// - Processes outside the cluster used at most `max_foreign_cpu_percent` of the machine's
-///   CPU time (from `/proc/stat` and the cluster's own `/proc/PID/stat`) in the last
-///   measured window (250 ms to 2 s, sampled only while the workers are behind). A loop that
+/// - Processes outside the cluster used at most `max_foreign_cpu_percent` of the CPU time
+///   of the CPUs the loop may run on (from `/proc/stat` and the cluster's own
+///   `/proc/PID/stat`; steal time left out) in the last measured window (250 ms to 2 s, sampled only while the workers are behind). A loop that
 ///   does not preempt a busy stranger waits a tick for it, while its workers, out of
 ///   connections, idle: that is the loss [`LoopScheduling::Batch`] has beside busy loops.
 ///

@@ -195,6 +195,7 @@ struct BatchWhileBehindState {
     normal: sys::ThreadPolicy,
     /// Whether the thread is `SCHED_BATCH` now.
     waits_as_batch: bool,
+    reader: cpu_times::CpuTimesReader,
 }
 
 pub(crate) struct EventLoop {
@@ -502,6 +503,7 @@ impl EventLoop {
                 guard: ForeignCpuGuard::new(rule.max_foreign_cpu_percent),
                 normal,
                 waits_as_batch: false,
+                reader: cpu_times::CpuTimesReader::default(),
             });
             self.workers_need_normal_policy = true;
         }
@@ -531,10 +533,10 @@ impl EventLoop {
         };
         let behind = coalesce::every_worker_behind(fewest_unanswered, state.rule.min_unanswered);
         if behind && state.guard.wants_sample(self.now) {
-            // Unreadable counters leave the last verdict to age out: the loop then stays
-            // SCHED_OTHER.
+            // Unreadable counters leave the last verdict to age out (2 s at most): the loop
+            // then stays SCHED_OTHER.
             let pids = self.fleet.workers.values().map(|w| w.pid);
-            if let Ok(times) = cpu_times::read(pids) {
+            if let Ok(times) = state.reader.read(pids) {
                 state.guard.record(self.now, times);
             }
         }
@@ -544,15 +546,22 @@ impl EventLoop {
             if batch {
                 policy.policy = libc::SCHED_BATCH;
             }
-            if policy.apply_to_this_thread().is_err() {
-                // Refused (a seccomp filter, an LSM): give the rule up, back where it started.
-                let _ = state.normal.apply_to_this_thread();
-                self.batch_while_behind = None;
-                return;
+            match policy.apply_to_this_thread() {
+                Ok(()) => {
+                    state.waits_as_batch = batch;
+                    self.fleet.stats.loop_policy_switches += 1;
+                }
+                // Refused on the way to SCHED_BATCH (a seccomp filter, an LSM): the thread is
+                // still SCHED_OTHER, and the rule is given up.
+                Err(_) if batch => {
+                    self.batch_while_behind = None;
+                    return;
+                }
+                // Refused on the way back: tried again before the next wait that may block.
+                Err(_) => {}
             }
-            state.waits_as_batch = batch;
         }
-        if batch {
+        if state.waits_as_batch {
             self.fleet.stats.batch_waits += 1;
         }
     }

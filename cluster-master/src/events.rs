@@ -329,6 +329,9 @@ pub struct MasterStats {
     /// Waits the loop made as `SCHED_BATCH` because every worker was behind and the machine
     /// served mostly this cluster ([`crate::BatchWhileBehind`]).
     pub batch_waits: u64,
+    /// Times the loop moved its thread between `SCHED_OTHER` and `SCHED_BATCH` (each a
+    /// system call) under [`crate::BatchWhileBehind`].
+    pub loop_policy_switches: u64,
 }
 
 /// A request from a [`crate::MasterControl`] to the event loop.

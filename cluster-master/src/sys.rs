@@ -233,6 +233,16 @@ impl ThreadPolicy {
 pub(crate) fn normal_policy_in_child(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     let closure = || {
+        // SAFETY: a raw system call that passes no memory (safe between fork and exec); pid 0
+        // is the child's only thread.
+        let current = unsafe { libc::syscall(libc::SYS_sched_getscheduler, 0) };
+        // Already normal (the loop was when it forked): no call a seccomp filter (systemd's
+        // `SystemCallFilter=~@resources`) could refuse.
+        if current >= 0
+            && current & !i64::from(libc::SCHED_RESET_ON_FORK) == i64::from(libc::SCHED_OTHER)
+        {
+            return Ok(());
+        }
         let param = libc::sched_param { sched_priority: 0 };
         // SAFETY: a raw system call (no lock, no allocation: safe between fork and exec) with
         // `param` alive on this stack frame for the whole call; pid 0 is the child's only
@@ -250,7 +260,7 @@ pub(crate) fn normal_policy_in_child(cmd: &mut std::process::Command) {
         }
         Ok(())
     };
-    // SAFETY: the closure makes one async-signal-safe syscall and does not allocate.
+    // SAFETY: the closure makes at most two async-signal-safe syscalls and does not allocate.
     unsafe { cmd.pre_exec(closure) };
 }
 

@@ -10,8 +10,9 @@ use crate::Coalesce;
 /// dealt in one pass instead of a wake-up each.
 ///
 /// `fewest_unanswered` is the [`fewest_unanswered`] of the workers. Only when every worker
-/// that round-robin connections are dealt to has at least `min_unanswered` is there a pause: each is busy with that many connections, so one
-/// dealt now would mostly queue behind them. Never when the coming wait would not block
+/// that round-robin connections are dealt to has at least `min_unanswered` is there a
+/// pause: each is busy with that many connections, so one dealt now would mostly queue
+/// behind them. Never when the coming wait would not block
 /// (`timeout` zero), never past it (a timer due sooner), never past
 /// [`Coalesce::MAX_DELAY`](crate::Coalesce::MAX_DELAY).
 pub(super) fn pause_before_wait(
