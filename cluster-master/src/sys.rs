@@ -239,7 +239,8 @@ pub(crate) fn normal_policy_in_child(cmd: &mut std::process::Command) {
         // Already normal (the loop was when it forked): no call a seccomp filter (systemd's
         // `SystemCallFilter=~@resources`) could refuse.
         if current >= 0
-            && current & !i64::from(libc::SCHED_RESET_ON_FORK) == i64::from(libc::SCHED_OTHER)
+            && current & !libc::c_long::from(libc::SCHED_RESET_ON_FORK)
+                == libc::c_long::from(libc::SCHED_OTHER)
         {
             return Ok(());
         }
