@@ -741,18 +741,30 @@ impl<C> RoundRobinHandle<C> {
                 Tier::Retry => &mut self.retry,
                 Tier::Fresh => &mut self.fresh,
             };
-            let (Some(waiting), Some(worker)) =
-                (queue.remove(pick.queued_at), self.free.remove(pick.free_at))
-            else {
+            // The branches that follow are unreachable while the invariants hold (`pick` returns
+            // positions in both, and queues and ring hold only registered connections and
+            // workers); each keeps whatever is real where it was rather than lose it.
+            let (waiting, worker) = (queue.remove(pick.queued_at), self.free.remove(pick.free_at));
+            let (Some(waiting), Some(worker)) = (waiting, worker) else {
+                if let Some(waiting) = waiting {
+                    queue.insert(pick.queued_at, waiting);
+                }
+                if let Some(worker) = worker {
+                    self.free.insert(pick.free_at, worker);
+                }
                 break;
             };
+            if !self.workers.contains_key(&worker) {
+                // A ring entry for no worker: dropped; the connection keeps its place.
+                queue.insert(pick.queued_at, waiting);
+                continue;
+            }
             let (Some(entry), Some(slot)) = (
                 self.conns.get_mut(&waiting.id),
                 self.workers.get_mut(&worker),
             ) else {
-                // Unreachable while the invariants hold; keep the worker in the ring rather
-                // than lose it.
-                self.free.push_front(worker);
+                // A queue entry for no connection: dropped; the worker keeps its place.
+                self.free.insert(pick.free_at, worker);
                 continue;
             };
             entry.place = Place::InFlight(worker);
