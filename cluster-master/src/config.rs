@@ -142,9 +142,10 @@ impl Default for LoopScheduling {
 ///   none of them, and one that preempts a worker only slows it.
 /// - Processes outside the cluster used at most `max_foreign_cpu_percent` of the CPU time
 ///   of the CPUs the loop may run on (from `/proc/stat` and the cluster's own
-///   `/proc/PID/stat`; steal time left out) in the last measured window (250 ms to 2 s, sampled only while the workers are behind). A loop that
-///   does not preempt a busy stranger waits a tick for it, while its workers, out of
-///   connections, idle: that is the loss [`LoopScheduling::Batch`] has beside busy loops.
+///   `/proc/PID/stat`; steal time left out) in the last measured window (250 ms to 2 s,
+///   sampled only while the workers are behind). A loop that does not preempt a busy
+///   stranger waits a tick for it, while its workers, out of connections, idle: that is the
+///   loss [`LoopScheduling::Batch`] has beside busy loops.
 ///
 /// Measured with Node `http` workers on 2 cores (docs/node.md): about +10 % `Connection:
 /// close` throughput at saturation, and beside two busy loops the same as
@@ -153,8 +154,8 @@ impl Default for LoopScheduling {
 pub struct BatchWhileBehind {
     /// Unanswered hand-offs every worker must have (at least 1).
     pub min_unanswered: usize,
-    /// The most CPU time, in percent of the whole machine's, that processes outside the
-    /// cluster may have used (0-100; 100: never looked at). A load generator on the same
+    /// The most CPU time, in percent of that of the CPUs the loop may run on, that processes
+    /// outside the cluster may have used (100 or more: never looked at). A load generator on the same
     /// machine counts: `wrk` driving the cluster to saturation on 2 cores used 22-29 %.
     pub max_foreign_cpu_percent: u8,
 }
