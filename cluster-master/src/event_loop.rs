@@ -723,9 +723,10 @@ impl EventLoop {
             return None;
         }
         let answers_one_by_one = w.channel.as_ref()?.answers_one_by_one();
-        self.round_robin_handles(w).next()?;
+        let mut handles = self.round_robin_handles(w).peekable();
+        handles.peek()?;
         Some(if answers_one_by_one {
-            self.in_flight_to(w)
+            handles.map(|handle| handle.in_flight_to(w.id)).sum()
         } else {
             0
         })

@@ -754,17 +754,19 @@ impl<C> RoundRobinHandle<C> {
                 }
                 break;
             };
-            if !self.workers.contains_key(&worker) {
-                // A ring entry for no worker: dropped; the connection keeps its place.
-                queue.insert(pick.queued_at, waiting);
-                continue;
-            }
             let (Some(entry), Some(slot)) = (
                 self.conns.get_mut(&waiting.id),
                 self.workers.get_mut(&worker),
             ) else {
-                // A queue entry for no connection: dropped; the worker keeps its place.
-                self.free.insert(pick.free_at, worker);
+                // A ring entry for no worker, or a queue entry for no connection: that one is
+                // dropped, the other keeps its place.
+                if !self.workers.contains_key(&worker) {
+                    if self.conns.contains_key(&waiting.id) {
+                        queue.insert(pick.queued_at, waiting);
+                    }
+                } else {
+                    self.free.insert(pick.free_at, worker);
+                }
                 continue;
             };
             entry.place = Place::InFlight(worker);

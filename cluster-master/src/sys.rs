@@ -233,35 +233,21 @@ impl ThreadPolicy {
 pub(crate) fn normal_policy_in_child(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     let closure = || {
-        // SAFETY: a raw system call that passes no memory (safe between fork and exec); pid 0
-        // is the child's only thread.
-        let current = unsafe { libc::syscall(libc::SYS_sched_getscheduler, 0) };
         // Already normal (the loop was when it forked): no call a seccomp filter (systemd's
-        // `SystemCallFilter=~@resources`) could refuse.
-        if current >= 0
-            && current & !libc::c_long::from(libc::SCHED_RESET_ON_FORK)
-                == libc::c_long::from(libc::SCHED_OTHER)
-        {
+        // `SystemCallFilter=~@resources`) could refuse. The kernel cleared any reset-on-fork
+        // flag in the child.
+        if ThreadPolicy::of_this_thread().is_ok_and(|p| p.policy == libc::SCHED_OTHER) {
             return Ok(());
         }
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: a raw system call (no lock, no allocation: safe between fork and exec) with
-        // `param` alive on this stack frame for the whole call; pid 0 is the child's only
-        // thread.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_sched_setscheduler,
-                0,
-                libc::SCHED_OTHER,
-                &param as *const libc::sched_param,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
+        ThreadPolicy {
+            policy: libc::SCHED_OTHER,
+            reset_on_fork: false,
         }
-        Ok(())
+        .apply_to_this_thread()
     };
-    // SAFETY: the closure makes at most two async-signal-safe syscalls and does not allocate.
+    // SAFETY: the closure makes at most two raw system calls through `ThreadPolicy` (no lock,
+    // no allocation: an `io::Error` from errno allocates nothing), safe between fork and exec;
+    // pid 0 is the child's only thread.
     unsafe { cmd.pre_exec(closure) };
 }
 
